@@ -1,0 +1,183 @@
+//! [`Batch`]: the collated tensors on the host, their statistics, and their safetensors form.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::Path;
+
+use safetensors::tensor::{Dtype, TensorView};
+
+use crate::{Error, IdDtype, Result};
+
+/// A row-major `rows × width` tensor of token ids, in the dtype the spec asked for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum IdTensor {
+    I32(Vec<i32>),
+    I64(Vec<i64>),
+}
+
+impl IdTensor {
+    /// The dtype of the elements.
+    pub fn dtype(&self) -> IdDtype {
+        match self {
+            IdTensor::I32(_) => IdDtype::I32,
+            IdTensor::I64(_) => IdDtype::I64,
+        }
+    }
+
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        match self {
+            IdTensor::I32(v) => v.len(),
+            IdTensor::I64(v) => v.len(),
+        }
+    }
+
+    /// Whether there are no elements.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Element `i`, widened to `i64`.
+    pub fn get(&self, i: usize) -> i64 {
+        match self {
+            IdTensor::I32(v) => i64::from(v[i]),
+            IdTensor::I64(v) => v[i],
+        }
+    }
+
+    /// All elements widened to `i64` (for tests and display; costs a copy).
+    pub fn to_i64(&self) -> Vec<i64> {
+        match self {
+            IdTensor::I32(v) => v.iter().map(|&x| i64::from(x)).collect(),
+            IdTensor::I64(v) => v.clone(),
+        }
+    }
+
+    /// The little-endian bytes of the elements, as safetensors stores them.
+    pub fn as_bytes(&self) -> &[u8] {
+        match self {
+            IdTensor::I32(v) => bytemuck::cast_slice(v),
+            IdTensor::I64(v) => bytemuck::cast_slice(v),
+        }
+    }
+
+    fn safetensors_dtype(&self) -> Dtype {
+        match self {
+            IdTensor::I32(_) => Dtype::I32,
+            IdTensor::I64(_) => Dtype::I64,
+        }
+    }
+}
+
+/// Numbers about a batch, so a trainer can log them and drop rows with nothing to train on.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
+pub struct BatchStats {
+    /// Number of rows.
+    pub rows: usize,
+    /// The tensors' width (`L - 1`, rounded up to `pad_to_multiple_of`).
+    pub width: usize,
+    /// Tokens in the sequences (prompt + output, after truncation), padding not counted.
+    pub tokens: usize,
+    /// Positions whose label is an output token (the number of true entries of `response_mask`).
+    pub response_tokens: usize,
+    /// Label positions that are padding, as a fraction of `rows × width`: `1 - Σ max(len_i - 1, 0) /
+    /// (rows × width)`, 0 for an empty tensor.
+    pub padding_fraction: f64,
+    /// Rows whose `response_mask` is all false (empty output, or an output cut away by truncation). A
+    /// per-row mean over them would divide by zero.
+    pub empty_response_rows: Vec<usize>,
+}
+
+/// The collated tensors of one batch, row-major, all `rows × width`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Batch {
+    /// `padded[:, :L-1]`: what the model sees.
+    pub input_ids: IdTensor,
+    /// `padded[:, 1:]`: what it should predict (`pad_id` or the ignore index where nothing is to be
+    /// learned, per [`crate::LabelFormat`]).
+    pub labels: IdTensor,
+    /// True where the label is an output token.
+    pub response_mask: Vec<bool>,
+    /// Shape and counts.
+    pub stats: BatchStats,
+}
+
+impl Batch {
+    /// `(rows, width)`.
+    pub fn shape(&self) -> (usize, usize) {
+        (self.stats.rows, self.stats.width)
+    }
+
+    /// Serialize to the safetensors format: tensors `input_ids`, `labels` (I32 or I64) and
+    /// `response_mask` (BOOL), each of shape `[rows, width]`, plus the given metadata.
+    pub fn to_safetensors(&self, metadata: Option<HashMap<String, String>>) -> Result<Vec<u8>> {
+        let (rows, width) = self.shape();
+        let shape = vec![rows, width];
+        // BOOL in safetensors is one byte per element, 0 or 1, which is exactly Rust's `bool` repr.
+        let mask = bool_bytes(&self.response_mask);
+        fn view<'a>(dtype: Dtype, shape: &[usize], data: &'a [u8]) -> Result<TensorView<'a>> {
+            TensorView::new(dtype, shape.to_vec(), data)
+                .map_err(|e| Error::Safetensors(e.to_string()))
+        }
+        let tensors = vec![
+            (
+                "input_ids",
+                view(
+                    self.input_ids.safetensors_dtype(),
+                    &shape,
+                    self.input_ids.as_bytes(),
+                )?,
+            ),
+            (
+                "labels",
+                view(
+                    self.labels.safetensors_dtype(),
+                    &shape,
+                    self.labels.as_bytes(),
+                )?,
+            ),
+            ("response_mask", view(Dtype::BOOL, &shape, mask)?),
+        ];
+        safetensors::serialize(tensors, metadata).map_err(|e| Error::Safetensors(e.to_string()))
+    }
+
+    /// Write [`Batch::to_safetensors`] to `path` without ever leaving a partial file there: the bytes go to
+    /// a temporary file beside it, which is renamed over `path` once complete.
+    pub fn write_safetensors(
+        &self,
+        path: &Path,
+        metadata: Option<HashMap<String, String>>,
+    ) -> Result<()> {
+        let bytes = self.to_safetensors(metadata)?;
+        write_atomically(path, &bytes)
+    }
+}
+
+/// View a `bool` slice as bytes (each `bool` is one byte holding 0 or 1).
+fn bool_bytes(v: &[bool]) -> &[u8] {
+    // SAFETY: `bool` has size 1, alignment 1, and only the values 0 and 1, so every bool is a valid u8.
+    unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), v.len()) }
+}
+
+/// Write `bytes` to `path` through a temporary file in the same directory and a rename, so that readers
+/// see either the old file or the complete new one, never a prefix.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    let file_name = path
+        .file_name()
+        .ok_or_else(|| Error::io(path, std::io::Error::other("not a file path")))?;
+    let tmp = path.with_file_name(format!(
+        ".{}.{}.tmp",
+        file_name.to_string_lossy(),
+        std::process::id()
+    ));
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        std::fs::rename(&tmp, path)
+    })();
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(Error::io(path, e));
+    }
+    Ok(())
+}

@@ -1,0 +1,292 @@
+//! The CS336 companions of `tokenize_prompt_and_output`, on the CPU with f64 accumulation. They define the
+//! numbers the fused masked cross-entropy kernel must reproduce.
+//!
+//! Logits come as `[N, V]` row-major slices (any leading batch dimensions flattened into `N`); the generic
+//! tensors of `masked_normalize` / `masked_mean` come with an explicit shape. Every element type that
+//! implements [`Float`] (f32, f64, `half::f16`, `half::bf16`) is widened to f64 before any arithmetic.
+
+use crate::{Error, Result};
+
+/// An element type the loss functions read: widened to f64 before use.
+pub trait Float: Copy + Send + Sync + 'static {
+    fn to_f64(self) -> f64;
+}
+
+macro_rules! float_elem {
+    ($($t:ty => $conv:expr),* $(,)?) => {$(
+        impl Float for $t {
+            #[inline]
+            fn to_f64(self) -> f64 { ($conv)(self) }
+        }
+    )*};
+}
+float_elem!(
+    f32 => f64::from,
+    f64 => |x| x,
+    half::f16 => half::f16::to_f64,
+    half::bf16 => half::bf16::to_f64,
+);
+
+/// Split a `[N, V]` buffer into rows, refusing a length that is not a multiple of `vocab`.
+fn rows<T>(logits: &[T], vocab: usize) -> Result<std::slice::Chunks<'_, T>> {
+    if vocab == 0 || logits.len() % vocab != 0 {
+        return Err(Error::Shape(format!(
+            "{} logits is not a whole number of rows of vocab {vocab}",
+            logits.len()
+        )));
+    }
+    Ok(logits.chunks(vocab))
+}
+
+/// `logsumexp` of one row, shifted by the max so that no `exp` overflows.
+pub fn logsumexp<T: Float>(row: &[T]) -> f64 {
+    let max = row
+        .iter()
+        .map(|x| x.to_f64())
+        .fold(f64::NEG_INFINITY, f64::max);
+    if max == f64::NEG_INFINITY || max.is_nan() {
+        // All -inf (or a NaN): nothing to shift by; the result is -inf (or NaN), as torch gives.
+        return max;
+    }
+    let sum: f64 = row.iter().map(|x| (x.to_f64() - max).exp()).sum();
+    max + sum.ln()
+}
+
+/// Entropy of the softmax of one row: `H = lse - Σ p·x`. Terms with `p = 0` (entries at -inf, or far below
+/// the max) contribute 0, where a naive `0 · -inf` would give NaN.
+pub fn entropy_of_row<T: Float>(row: &[T]) -> f64 {
+    let lse = logsumexp(row);
+    let expected_logit: f64 = row
+        .iter()
+        .map(|x| x.to_f64())
+        .map(|x| {
+            let p = (x - lse).exp();
+            if p == 0.0 {
+                0.0
+            } else {
+                p * x
+            }
+        })
+        .sum();
+    lse - expected_logit
+}
+
+/// CS336 `compute_entropy`: the entropy of the next-token distribution at each of the `N` positions of
+/// `logits [N, V]`.
+pub fn compute_entropy<T: Float>(logits: &[T], vocab: usize) -> Result<Vec<f64>> {
+    Ok(rows(logits, vocab)?.map(entropy_of_row).collect())
+}
+
+/// `log_softmax(logits)[label]` at each of the `N` positions: the per-token log-probability of the label
+/// (what CS336's `get_response_log_probs` returns, computed from logits instead of a model). A label outside
+/// `[0, V)` is an error, never an out-of-bounds read.
+pub fn log_probs<T: Float, L: Copy + Into<i64>>(
+    logits: &[T],
+    vocab: usize,
+    labels: &[L],
+) -> Result<Vec<f64>> {
+    let rows = rows(logits, vocab)?;
+    if rows.len() != labels.len() {
+        return Err(Error::LengthMismatch {
+            what: "logits rows vs labels",
+            left: rows.len(),
+            right: labels.len(),
+        });
+    }
+    rows.zip(labels)
+        .enumerate()
+        .map(|(row_index, (row, &label))| {
+            let label: i64 = label.into();
+            let at = usize::try_from(label).ok().filter(|&at| at < vocab).ok_or(
+                Error::LabelOutOfRange {
+                    row: row_index,
+                    label,
+                    vocab,
+                },
+            )?;
+            Ok(row[at].to_f64() - logsumexp(row))
+        })
+        .collect()
+}
+
+/// Masked sum along `dim` (negative counts from the end, `None` sums everything), with the number of
+/// masked elements in each output slot. Returns (sums, counts, output shape).
+fn masked_reduce<T: Float>(
+    x: &[T],
+    mask: &[bool],
+    shape: &[usize],
+    dim: Option<isize>,
+) -> Result<(Vec<f64>, Vec<usize>, Vec<usize>)> {
+    let numel: usize = shape.iter().product();
+    if x.len() != numel || mask.len() != numel {
+        return Err(Error::Shape(format!(
+            "shape {shape:?} has {numel} elements, tensor {} and mask {}",
+            x.len(),
+            mask.len()
+        )));
+    }
+    let Some(dim) = dim else {
+        let (sum, count) = x
+            .iter()
+            .zip(mask)
+            .filter(|(_, &m)| m)
+            .fold((0.0, 0), |(s, c), (v, _)| (s + v.to_f64(), c + 1));
+        return Ok((vec![sum], vec![count], vec![]));
+    };
+    let ndim = shape.len() as isize;
+    let d = if dim < 0 { dim + ndim } else { dim };
+    if !(0..ndim).contains(&d) {
+        return Err(Error::Shape(format!(
+            "dim {dim} out of range for shape {shape:?}"
+        )));
+    }
+    let d = d as usize;
+    // View the tensor as [outer, n, inner] and sum over the middle axis.
+    let outer: usize = shape[..d].iter().product();
+    let n = shape[d];
+    let inner: usize = shape[d + 1..].iter().product();
+    let mut sums = vec![0.0; outer * inner];
+    let mut counts = vec![0; outer * inner];
+    for o in 0..outer {
+        for k in 0..n {
+            for i in 0..inner {
+                let at = (o * n + k) * inner + i;
+                if mask[at] {
+                    sums[o * inner + i] += x[at].to_f64();
+                    counts[o * inner + i] += 1;
+                }
+            }
+        }
+    }
+    let mut out_shape = shape.to_vec();
+    out_shape.remove(d);
+    Ok((sums, counts, out_shape))
+}
+
+/// CS336 `masked_normalize(tensor, mask, dim, normalize_constant)`: `sum(tensor * mask, dim) /
+/// normalize_constant`. Returns the values and their shape (`[]` when `dim` is `None`).
+pub fn masked_normalize<T: Float>(
+    x: &[T],
+    mask: &[bool],
+    shape: &[usize],
+    dim: Option<isize>,
+    normalize_constant: f64,
+) -> Result<(Vec<f64>, Vec<usize>)> {
+    let (sums, _, out_shape) = masked_reduce(x, mask, shape, dim)?;
+    Ok((
+        sums.into_iter().map(|s| s / normalize_constant).collect(),
+        out_shape,
+    ))
+}
+
+/// CS336 `masked_mean(tensor, mask, dim)`: the mean over masked elements. A slot with no masked element is
+/// NaN (0/0), as upstream; use [`crate::BatchStats::empty_response_rows`] to drop such rows first.
+pub fn masked_mean<T: Float>(
+    x: &[T],
+    mask: &[bool],
+    shape: &[usize],
+    dim: Option<isize>,
+) -> Result<(Vec<f64>, Vec<usize>)> {
+    let (sums, counts, out_shape) = masked_reduce(x, mask, shape, dim)?;
+    Ok((
+        sums.iter()
+            .zip(&counts)
+            .map(|(&s, &c)| s / c as f64)
+            .collect(),
+        out_shape,
+    ))
+}
+
+/// The loss of CS336 `sft_microbatch_train_step` and its gradient with respect to `log_probs`, for
+/// `log_probs` and `mask` of shape `[batch_size, T]`:
+///
+/// `loss = -Σ(log_probs · mask) / (normalize_constant · batch_size · gradient_accumulation_steps)`, and
+/// `d loss / d log_probs = -mask / (normalize_constant · batch_size · gradient_accumulation_steps)`.
+pub fn sft_microbatch_loss<T: Float>(
+    log_probs: &[T],
+    mask: &[bool],
+    batch_size: usize,
+    gradient_accumulation_steps: usize,
+    normalize_constant: f64,
+) -> Result<(f64, Vec<f64>)> {
+    if batch_size == 0 || log_probs.len() % batch_size != 0 {
+        return Err(Error::Shape(format!(
+            "{} log-probs is not a whole number of rows of a batch of {batch_size}",
+            log_probs.len()
+        )));
+    }
+    if gradient_accumulation_steps == 0 {
+        return Err(Error::InvalidOption {
+            name: "gradient_accumulation_steps",
+            reason: "must be at least 1".into(),
+        });
+    }
+    let shape = [log_probs.len()];
+    let (sum, _) = masked_normalize(log_probs, mask, &shape, None, 1.0)?;
+    let denominator = normalize_constant * batch_size as f64 * gradient_accumulation_steps as f64;
+    let grad = mask
+        .iter()
+        .map(|&m| if m { -1.0 / denominator } else { 0.0 })
+        .collect();
+    Ok((-sum[0] / denominator, grad))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uniform_row_has_log_vocab_entropy() {
+        let row = [0.5f32; 7];
+        assert!((entropy_of_row(&row) - 7f64.ln()).abs() < 1e-12);
+    }
+
+    #[test]
+    fn minus_infinity_entries_do_not_poison_the_entropy() {
+        let row = [0.0f32, f32::NEG_INFINITY, 0.0];
+        assert!((entropy_of_row(&row) - 2f64.ln()).abs() < 1e-12);
+    }
+
+    #[test]
+    fn extreme_logits_stay_finite() {
+        let row = [1e4f32, -1e4, 0.0];
+        assert!(entropy_of_row(&row).abs() < 1e-12);
+        let lp = log_probs(&row, 3, &[1i64]).unwrap();
+        assert!((lp[0] + 2e4).abs() < 1e-6);
+    }
+
+    #[test]
+    fn dtypes_agree_on_representable_values() {
+        let f: Vec<f32> = vec![0.5, -1.0, 2.0, 0.25];
+        let h: Vec<half::f16> = f.iter().map(|&x| half::f16::from_f32(x)).collect();
+        let b: Vec<half::bf16> = f.iter().map(|&x| half::bf16::from_f32(x)).collect();
+        let e = compute_entropy(&f, 4).unwrap();
+        assert_eq!(e, compute_entropy(&h, 4).unwrap());
+        assert_eq!(e, compute_entropy(&b, 4).unwrap());
+    }
+
+    #[test]
+    fn bad_labels_and_shapes_are_errors() {
+        let row = [0f32; 4];
+        assert!(matches!(
+            log_probs(&row, 4, &[4i64]),
+            Err(Error::LabelOutOfRange { label: 4, .. })
+        ));
+        assert!(matches!(
+            log_probs(&row, 4, &[-1i32]),
+            Err(Error::LabelOutOfRange { label: -1, .. })
+        ));
+        assert!(matches!(compute_entropy(&row, 3), Err(Error::Shape(_))));
+        assert!(matches!(
+            masked_mean(&row, &[true; 4], &[2, 2], Some(2)),
+            Err(Error::Shape(_))
+        ));
+    }
+
+    #[test]
+    fn masked_mean_of_nothing_is_nan() {
+        let (m, shape) = masked_mean(&[1f32, 2.0], &[false, false], &[2], Some(0)).unwrap();
+        assert!(m[0].is_nan());
+        assert!(shape.is_empty());
+    }
+}

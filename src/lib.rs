@@ -1,0 +1,56 @@
+//! # sft-collate
+//!
+//! Turn (prompt, output) text pairs into the three tensors supervised fine-tuning trains on:
+//!
+//! ```text
+//! prompt  "What is 2+2?"    → [10, 20, 30, 40]   tokenized separately,
+//! output  "The answer is 4" → [50, 60, 70, 80]   no special tokens
+//!
+//! position        0   1   2   3   4   5   6
+//! input_ids      10  20  30  40  50  60  70      padded[:, :L-1]
+//! labels         20  30  40  50  60  70  80      padded[:, 1:]
+//! response_mask   F   F   F   T   T   T   T      label is an output token (from prompt_len - 1)
+//! ```
+//!
+//! The semantics are those of Stanford CS336's `tokenize_prompt_and_output`; shorter rows are right-padded
+//! with `pad_id` and their padded positions are masked out.
+//!
+//! ## Walkthrough
+//! 1. A [`Tokenizer`]: a `tokenizer.json` path or a built-in name (`o200k_base`, `cl100k_base`).
+//! 2. A [`CollateSpec`]: pad id, `max_len` and [`Truncation`], `pad_to_multiple_of`, [`LabelFormat`],
+//!    [`IdDtype`].
+//! 3. [`tokenize_and_pack`] gives a [`PackedBatch`] (tokens row after row, `row_offsets`, `prompt_lens`):
+//!    the compact form a backend takes.
+//! 4. [`cpu::collate`] turns it into a [`Batch`] (row-major tensors and [`BatchStats`]); it is the oracle
+//!    other backends are tested against. [`tokenize_prompt_and_output`] does 1–4 in one call.
+//! 5. [`cpu::loss`] holds the CS336 companions (entropy, log-probs, `masked_normalize`, `masked_mean`,
+//!    the SFT microbatch loss and its gradient), in f64.
+//!
+//! ```
+//! use sft_collate::{tokenize_prompt_and_output, CollateSpec, LabelFormat, Tokenizer};
+//! let tokenizer = Tokenizer::load("o200k_base")?;
+//! let spec = CollateSpec { label_format: LabelFormat::IGNORE_INDEX, ..Default::default() };
+//! let batch = tokenize_prompt_and_output(&["Hello,"], &[" world!"], &tokenizer, &spec)?;
+//! let labels = batch.labels.to_i64();
+//! // Only the response is trained on; every other label is -100.
+//! for (label, trained) in labels.iter().zip(&batch.response_mask) {
+//!     assert_eq!(*trained, *label != -100);
+//! }
+//! # Ok::<(), sft_collate::Error>(())
+//! ```
+
+pub mod batch;
+pub mod cpu;
+pub mod error;
+pub mod input;
+pub mod packed;
+pub mod pipeline;
+pub mod spec;
+pub mod tokenize;
+
+pub use batch::{Batch, BatchStats, IdTensor};
+pub use error::{Error, Result};
+pub use packed::PackedBatch;
+pub use pipeline::{tokenize_and_pack, tokenize_prompt_and_output};
+pub use spec::{CollateSpec, IdDtype, LabelFormat, Truncation};
+pub use tokenize::{Tokenizer, BUILTIN_TOKENIZERS};

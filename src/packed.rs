@@ -1,0 +1,207 @@
+//! [`PackedBatch`]: the tokens of a batch, row after row with no padding, plus where each row starts and
+//! how much of it is prompt. This is what travels from the tokenizer to a backend (and, for the GPU, the
+//! only thing copied to the device): its size is the number of real tokens, not `rows × width`.
+
+use crate::{CollateSpec, Error, Result};
+
+/// The packed form of a batch: `tokens[row_offsets[i]..row_offsets[i + 1]]` is row `i`, whose first
+/// `prompt_lens[i]` tokens are prompt (not trained on) and whose remaining tokens are output.
+///
+/// The fields are private so that every `PackedBatch` a backend sees has passed [`PackedBatch::validate`]
+/// (or was built by the methods here, which keep it valid); a row is kept general so that later it can
+/// carry several trainable and untrainable segments.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PackedBatch {
+    tokens: Vec<u32>,
+    row_offsets: Vec<u64>,
+    prompt_lens: Vec<u32>,
+}
+
+impl PackedBatch {
+    /// An empty batch (0 rows).
+    pub fn new() -> Self {
+        PackedBatch {
+            tokens: Vec::new(),
+            row_offsets: vec![0],
+            prompt_lens: Vec::new(),
+        }
+    }
+
+    /// An empty batch with room for `rows` rows and `tokens` tokens.
+    pub fn with_capacity(rows: usize, tokens: usize) -> Self {
+        let mut row_offsets = Vec::with_capacity(rows + 1);
+        row_offsets.push(0);
+        PackedBatch {
+            tokens: Vec::with_capacity(tokens),
+            row_offsets,
+            prompt_lens: Vec::with_capacity(rows),
+        }
+    }
+
+    /// Build from raw parts, checking them (see [`PackedBatch::validate`]).
+    pub fn from_parts(
+        tokens: Vec<u32>,
+        row_offsets: Vec<u64>,
+        prompt_lens: Vec<u32>,
+    ) -> Result<Self> {
+        let batch = PackedBatch {
+            tokens,
+            row_offsets,
+            prompt_lens,
+        };
+        batch.validate()?;
+        Ok(batch)
+    }
+
+    /// Pack (prompt ids, output ids) pairs as they are, with no length limit.
+    pub fn from_pairs<P, O>(pairs: impl IntoIterator<Item = (P, O)>) -> Self
+    where
+        P: AsRef<[u32]>,
+        O: AsRef<[u32]>,
+    {
+        let mut batch = PackedBatch::new();
+        for (prompt, output) in pairs {
+            batch.push_row(prompt.as_ref(), output.as_ref());
+        }
+        batch
+    }
+
+    /// Pack pairs after applying `spec.max_len` and its truncation policy.
+    pub fn from_pairs_truncated<P, O>(
+        pairs: impl IntoIterator<Item = (P, O)>,
+        spec: &CollateSpec,
+    ) -> Result<Self>
+    where
+        P: AsRef<[u32]>,
+        O: AsRef<[u32]>,
+    {
+        let mut batch = PackedBatch::new();
+        for (row, (prompt, output)) in pairs.into_iter().enumerate() {
+            let (prompt, output) = spec.truncate(row, prompt.as_ref(), output.as_ref())?;
+            batch.push_row(prompt, output);
+        }
+        Ok(batch)
+    }
+
+    /// Append one row.
+    ///
+    /// # Panics
+    /// If the prompt has more than `u32::MAX` tokens (4 billion; no tokenizer output comes near).
+    pub fn push_row(&mut self, prompt: &[u32], output: &[u32]) {
+        let prompt_len = u32::try_from(prompt.len()).expect("a prompt of over 4G tokens");
+        self.tokens.extend_from_slice(prompt);
+        self.tokens.extend_from_slice(output);
+        self.row_offsets.push(self.tokens.len() as u64);
+        self.prompt_lens.push(prompt_len);
+    }
+
+    /// Number of rows.
+    pub fn rows(&self) -> usize {
+        self.prompt_lens.len()
+    }
+
+    /// Whether there are no rows.
+    pub fn is_empty(&self) -> bool {
+        self.prompt_lens.is_empty()
+    }
+
+    /// All tokens, row after row.
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
+    /// `rows + 1` offsets into [`PackedBatch::tokens`]; row `i` is `row_offsets[i]..row_offsets[i + 1]`.
+    pub fn row_offsets(&self) -> &[u64] {
+        &self.row_offsets
+    }
+
+    /// How many tokens at the start of each row are prompt.
+    pub fn prompt_lens(&self) -> &[u32] {
+        &self.prompt_lens
+    }
+
+    /// The tokens of row `i`.
+    pub fn row(&self, i: usize) -> &[u32] {
+        &self.tokens[self.row_offsets[i] as usize..self.row_offsets[i + 1] as usize]
+    }
+
+    /// Length (prompt + output tokens) of row `i`.
+    pub fn row_len(&self, i: usize) -> usize {
+        (self.row_offsets[i + 1] - self.row_offsets[i]) as usize
+    }
+
+    /// The longest row's length (0 for an empty batch).
+    pub fn max_row_len(&self) -> usize {
+        (0..self.rows()).map(|i| self.row_len(i)).max().unwrap_or(0)
+    }
+
+    /// Check the invariants every backend relies on, so that a corrupted batch is a typed error and never
+    /// an out-of-bounds access: `rows + 1` offsets starting at 0, non-decreasing, ending at the token
+    /// count, and each prompt no longer than its row.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |msg: String| Err(Error::InvalidPackedBatch(msg));
+        if self.row_offsets.len() != self.prompt_lens.len() + 1 {
+            return bad(format!(
+                "{} row offsets for {} rows (want rows + 1)",
+                self.row_offsets.len(),
+                self.prompt_lens.len()
+            ));
+        }
+        if self.row_offsets[0] != 0 {
+            return bad(format!(
+                "first row offset is {}, not 0",
+                self.row_offsets[0]
+            ));
+        }
+        let last = *self.row_offsets.last().expect("at least one offset");
+        if last != self.tokens.len() as u64 {
+            return bad(format!(
+                "last row offset {last} != token count {}",
+                self.tokens.len()
+            ));
+        }
+        for (i, w) in self.row_offsets.windows(2).enumerate() {
+            if w[1] < w[0] {
+                return bad(format!(
+                    "row offsets decrease at row {i}: {} > {}",
+                    w[0], w[1]
+                ));
+            }
+            if u64::from(self.prompt_lens[i]) > w[1] - w[0] {
+                return bad(format!(
+                    "row {i}: prompt_len {} > row length {}",
+                    self.prompt_lens[i],
+                    w[1] - w[0]
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validate_catches_every_inconsistency() {
+        assert!(PackedBatch::from_parts(vec![1, 2], vec![0, 2], vec![1]).is_ok());
+        assert!(PackedBatch::from_parts(vec![], vec![0], vec![]).is_ok());
+        for (tokens, offsets, prompts) in [
+            (vec![1, 2], vec![0, 2], vec![]),              // offsets vs rows
+            (vec![1, 2], vec![1, 2], vec![0]),             // not starting at 0
+            (vec![1, 2], vec![0, 1], vec![0]),             // not ending at the token count
+            (vec![1, 2], vec![0, 2, 1, 2], vec![0, 0, 0]), // decreasing
+            (vec![1, 2], vec![0, 2], vec![3]),             // prompt longer than the row
+            (vec![], vec![], vec![]),                      // no offsets at all
+        ] {
+            assert!(
+                matches!(
+                    PackedBatch::from_parts(tokens.clone(), offsets.clone(), prompts.clone()),
+                    Err(Error::InvalidPackedBatch(_))
+                ),
+                "{tokens:?} {offsets:?} {prompts:?}"
+            );
+        }
+    }
+}

@@ -1,0 +1,191 @@
+//! Built-in tokenizers: OpenAI's `o200k_base` and `cl100k_base`, converted from the BPE ranks that the
+//! `tiktoken-rs` crate ships into a `tokenizers::Tokenizer` (byte-level BPE, the tiktoken split regex), so
+//! that the whole crate runs on one tokenizer type and nothing is downloaded.
+//!
+//! The conversion is the one `transformers` uses for tiktoken models: the vocabulary is the rank table
+//! with bytes written in GPT-2's byte-to-unicode alphabet, and each multi-byte token gets the one merge
+//! that tiktoken's own algorithm performs last when encoding that token (replaying lower ranks only).
+//! `ignore_merges` is on because tiktoken looks a whole pre-token up in the ranks before merging.
+
+use std::collections::HashMap;
+use std::sync::OnceLock;
+
+use rayon::prelude::*;
+use tokenizers::models::bpe::BPE;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::{AddedToken, SplitDelimiterBehavior};
+
+use crate::{Error, Result};
+
+/// Names accepted by [`builtin_tokenizer`] and wherever a tokenizer is taken.
+pub const BUILTIN_TOKENIZERS: &[&str] = &["o200k_base", "cl100k_base"];
+
+/// tiktoken's split pattern for cl100k_base. One change for Oniguruma: `\p{N}{1,3}+` (possessive in
+/// tiktoken's regex engine) means `(\p{N}{1,3})+` in Oniguruma's Ruby syntax, so it is written `\p{N}{1,3}`,
+/// which matches the same since nothing follows it in its alternative.
+const CL100K_PATTERN: &str = r"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s";
+
+/// A built-in tokenizer by name. The conversion takes a moment, so each is built once per process and
+/// cloned after.
+pub fn builtin_tokenizer(name: &str) -> Result<tokenizers::Tokenizer> {
+    static O200K: OnceLock<Built> = OnceLock::new();
+    static CL100K: OnceLock<Built> = OnceLock::new();
+    let built = match name {
+        "o200k_base" => O200K
+            .get_or_init(|| convert(tiktoken_rs::o200k_base(), tiktoken_rs::O200K_BASE_PAT_STR)),
+        "cl100k_base" => CL100K.get_or_init(|| convert(tiktoken_rs::cl100k_base(), CL100K_PATTERN)),
+        _ => {
+            return Err(Error::Tokenizer {
+                name: name.to_string(),
+                reason: format!(
+                    "not a built-in tokenizer ({})",
+                    BUILTIN_TOKENIZERS.join(", ")
+                ),
+            })
+        }
+    };
+    built.clone().map_err(|reason| Error::Tokenizer {
+        name: name.to_string(),
+        reason,
+    })
+}
+
+/// A conversion's outcome; the error is a plain message so that a failure can be cached and cloned.
+type Built = std::result::Result<tokenizers::Tokenizer, String>;
+
+fn convert(
+    core: std::result::Result<tiktoken_rs::CoreBPE, impl std::fmt::Display>,
+    pattern: &str,
+) -> Built {
+    let core = core.map_err(|e| e.to_string())?;
+
+    // The rank table: token bytes for ranks 0, 1, 2, ... up to the first rank that does not decode (the
+    // special tokens sit past a gap and are handled below).
+    let mut ranks: HashMap<Vec<u8>, u32> = HashMap::new();
+    let mut by_rank: Vec<Vec<u8>> = Vec::new();
+    let specials: Vec<(String, u32)> = {
+        let mut s: Vec<(String, u32)> = core
+            .special_tokens()
+            .into_iter()
+            .map(|t| (t.to_string(), core.encode_with_special_tokens(t)[0]))
+            .collect();
+        s.sort_by_key(|&(_, id)| id);
+        s
+    };
+    for rank in 0u32.. {
+        if specials.iter().any(|&(_, id)| id == rank) {
+            break;
+        }
+        match core.decode_bytes(&[rank]) {
+            Ok(bytes) => {
+                ranks.insert(bytes.clone(), rank);
+                by_rank.push(bytes);
+            }
+            Err(_) => break,
+        }
+    }
+
+    let alphabet = byte_to_unicode();
+    let to_str = |bytes: &[u8]| -> String { bytes.iter().map(|&b| alphabet[b as usize]).collect() };
+
+    let mut merges: Vec<(u32, String, String)> = by_rank
+        .par_iter()
+        .enumerate()
+        .filter(|(_, token)| token.len() > 1)
+        .filter_map(|(rank, token)| {
+            let parts = replay_merges(&ranks, token, rank as u32);
+            (parts.len() == 2).then(|| (rank as u32, to_str(parts[0]), to_str(parts[1])))
+        })
+        .collect();
+    merges.sort_by_key(|m| m.0);
+
+    let mut vocab: tokenizers::models::bpe::Vocab = by_rank
+        .iter()
+        .enumerate()
+        .map(|(rank, bytes)| (to_str(bytes), rank as u32))
+        .collect();
+    // Special tokens go into the model's vocabulary with their own ids, so that `add_special_tokens` below
+    // finds them there instead of numbering them after the last rank.
+    for (text, id) in &specials {
+        vocab.insert(text.clone(), *id);
+    }
+
+    let bpe = BPE::builder()
+        .vocab_and_merges(vocab, merges.into_iter().map(|(_, a, b)| (a, b)).collect())
+        .ignore_merges(true)
+        .build()
+        .map_err(|e| e.to_string())?;
+    let mut tokenizer = tokenizers::Tokenizer::new(bpe);
+    let split = Split::new(
+        SplitPattern::Regex(pattern.to_string()),
+        SplitDelimiterBehavior::Isolated,
+        false,
+    )
+    .map_err(|e| e.to_string())?;
+    tokenizer.with_pre_tokenizer(Some(Sequence::new(vec![
+        split.into(),
+        ByteLevel::new(false, false, false).into(),
+    ])));
+    tokenizer.with_decoder(Some(ByteLevel::new(false, false, false)));
+    let added: Vec<AddedToken> = specials
+        .iter()
+        .map(|(text, _)| AddedToken::from(text.clone(), true))
+        .collect();
+    tokenizer
+        .add_special_tokens(added)
+        .map_err(|e| e.to_string())?;
+    for (text, id) in &specials {
+        if tokenizer.token_to_id(text) != Some(*id) {
+            return Err(format!("special token {text} did not keep id {id}"));
+        }
+    }
+    Ok(tokenizer)
+}
+
+/// tiktoken's merge loop on `token`'s bytes, using only ranks below `max_rank`: what is left is the pair
+/// that the final merge (the one producing `token`) joins.
+fn replay_merges<'a>(
+    ranks: &HashMap<Vec<u8>, u32>,
+    token: &'a [u8],
+    max_rank: u32,
+) -> Vec<&'a [u8]> {
+    // Parts are (start, end) byte ranges of `token`.
+    let mut parts: Vec<(usize, usize)> = (0..token.len()).map(|i| (i, i + 1)).collect();
+    loop {
+        let best = parts
+            .windows(2)
+            .enumerate()
+            .filter_map(|(i, w)| {
+                ranks
+                    .get(&token[w[0].0..w[1].1])
+                    .filter(|&&r| r < max_rank)
+                    .map(|&r| (r, i))
+            })
+            .min();
+        let Some((_, i)) = best else { break };
+        parts[i].1 = parts[i + 1].1;
+        parts.remove(i + 1);
+    }
+    parts.iter().map(|&(s, e)| &token[s..e]).collect()
+}
+
+/// GPT-2's reversible mapping from bytes to printable unicode characters, which byte-level BPE
+/// vocabularies are written in.
+fn byte_to_unicode() -> [char; 256] {
+    let mut table = ['\0'; 256];
+    let printable = |b: u32| {
+        (0x21..=0x7E).contains(&b) || (0xA1..=0xAC).contains(&b) || (0xAE..=0xFF).contains(&b)
+    };
+    let mut next = 256u32;
+    for b in 0..256u32 {
+        table[b as usize] = if printable(b) {
+            char::from_u32(b).expect("Latin-1 is valid")
+        } else {
+            next += 1;
+            char::from_u32(next - 1).expect("below the surrogates")
+        };
+    }
+    table
+}

@@ -1,0 +1,40 @@
+//! Helpers shared by the integration tests: where the shared fixtures are, and how a test that needs them
+//! skips (visibly) or fails (under CI).
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+/// `$SFT_COLLATE_SHARED`, else `../shared` beside the crate. `None` (after saying so on stderr) when it is
+/// absent on a user's machine; a panic under `CI=true`, where the fixtures must be present.
+pub fn shared_dir(test: &str) -> Option<PathBuf> {
+    let dir = std::env::var_os("SFT_COLLATE_SHARED")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared"));
+    if dir.join("fixtures").is_dir() {
+        return Some(dir);
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!(
+            "{test}: shared fixtures not found at {} (CI=true requires them; set SFT_COLLATE_SHARED)",
+            dir.display()
+        );
+    }
+    eprintln!(
+        "SKIPPED {test}: shared fixtures not found at {} (set SFT_COLLATE_SHARED to run it)",
+        dir.display()
+    );
+    None
+}
+
+/// Read and parse a JSON fixture under `fixtures/`.
+pub fn fixture_json(shared: &std::path::Path, rel: &str) -> serde_json::Value {
+    let path = shared.join("fixtures").join(rel);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// The Qwen2 tokenizer of the fixtures.
+pub fn qwen2(shared: &std::path::Path) -> sft_collate::Tokenizer {
+    sft_collate::Tokenizer::from_file(shared.join("fixtures/qwen2/tokenizer.json"))
+        .expect("qwen2 tokenizer")
+}
