@@ -1,0 +1,161 @@
+//! Argument parsing and dispatch. Each subcommand lives in its own file.
+
+mod collate;
+mod show;
+
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use sft_collate::input::{RowFormat, Template};
+use sft_collate::{CollateSpec, IdDtype, LabelFormat, Tokenizer, Truncation};
+
+/// Turn (prompt, output) text pairs into input_ids, labels and response_mask for supervised fine-tuning.
+///
+/// Prompts and outputs are tokenized separately (no special tokens), concatenated, right-padded, shifted
+/// by one, and masked so that only labels that are output tokens are trained on (CS336's
+/// tokenize_prompt_and_output).
+#[derive(Parser, Debug)]
+#[command(name = "sft-collate", version, max_term_width = 100)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Collate a JSONL file into safetensors batches (input_ids, labels, response_mask) and a manifest.
+    Collate(collate::CollateArgs),
+    /// Show one row position by position: input token, label, mask. Checks the off-by-one by eye.
+    Show(show::ShowArgs),
+}
+
+/// Where the tokenizer comes from.
+#[derive(Args, Debug, Clone)]
+struct TokenizerArgs {
+    /// A tokenizer.json (or a directory holding one), or a built-in: o200k_base, cl100k_base.
+    #[arg(long, default_value = "o200k_base")]
+    tokenizer: String,
+}
+
+impl TokenizerArgs {
+    fn load(&self) -> sft_collate::Result<Tokenizer> {
+        Tokenizer::load(&self.tokenizer)
+    }
+}
+
+/// How JSONL rows become (prompt, output) pairs.
+#[derive(Args, Debug, Clone)]
+struct RowArgs {
+    /// The key holding the prompt (ignored with --template).
+    #[arg(long, default_value = "prompt")]
+    prompt_key: String,
+    /// The key holding the output.
+    #[arg(long, default_value = "output")]
+    output_key: String,
+    /// A template file; its {name} placeholders are filled from the row's fields and the result is the
+    /// prompt (write {{ and }} for literal braces).
+    #[arg(long, value_name = "FILE")]
+    template: Option<std::path::PathBuf>,
+}
+
+impl RowArgs {
+    fn row_format(&self) -> sft_collate::Result<RowFormat> {
+        let template = match &self.template {
+            Some(path) => {
+                let text =
+                    std::fs::read_to_string(path).map_err(|e| sft_collate::Error::io(path, e))?;
+                Some(Template::parse(&text)?)
+            }
+            None => None,
+        };
+        Ok(RowFormat {
+            prompt_key: self.prompt_key.clone(),
+            output_key: self.output_key.clone(),
+            template,
+        })
+    }
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+enum TruncateArg {
+    Error,
+    PromptLeft,
+    OutputRight,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+enum LabelsArg {
+    /// Labels hold pad_id past the end of the sequence (CS336); use the mask in the loss.
+    Pad,
+    /// Labels are -100 wherever the mask is false (PyTorch's ignore_index).
+    IgnoreIndex,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+enum IdDtypeArg {
+    I32,
+    I64,
+}
+
+/// Everything that shapes the tensors.
+#[derive(Args, Debug, Clone)]
+struct SpecArgs {
+    /// The longest sequence (prompt + output tokens) allowed.
+    #[arg(long, value_name = "N")]
+    max_len: Option<usize>,
+    /// What to do with a sequence over --max-len.
+    #[arg(long, value_enum, default_value = "error")]
+    truncate: TruncateArg,
+    /// Round the tensors' width up to a multiple of M.
+    #[arg(long, value_name = "M")]
+    pad_to_multiple_of: Option<usize>,
+    /// How labels are written where the mask is false.
+    #[arg(long, value_enum, default_value = "pad")]
+    labels: LabelsArg,
+    /// Integer type of input_ids and labels.
+    #[arg(long, value_enum, default_value = "i32")]
+    id_dtype: IdDtypeArg,
+    /// The pad id (default: the tokenizer's pad token, else <|endoftext|>).
+    #[arg(long, value_name = "ID")]
+    pad_id: Option<u32>,
+}
+
+impl SpecArgs {
+    fn spec(&self, tokenizer: &Tokenizer) -> sft_collate::Result<CollateSpec> {
+        let spec = CollateSpec {
+            pad_id: Some(tokenizer.resolve_pad_id(self.pad_id)?),
+            max_len: self.max_len,
+            truncation: match self.truncate {
+                TruncateArg::Error => Truncation::Error,
+                TruncateArg::PromptLeft => Truncation::PromptLeft,
+                TruncateArg::OutputRight => Truncation::OutputRight,
+            },
+            pad_to_multiple_of: self.pad_to_multiple_of,
+            label_format: match self.labels {
+                LabelsArg::Pad => LabelFormat::Pad,
+                LabelsArg::IgnoreIndex => LabelFormat::IGNORE_INDEX,
+            },
+            id_dtype: match self.id_dtype {
+                IdDtypeArg::I32 => IdDtype::I32,
+                IdDtypeArg::I64 => IdDtype::I64,
+            },
+        };
+        spec.validate()?;
+        Ok(spec)
+    }
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Collate(args) => collate::run(args),
+        Command::Show(args) => show::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,198 @@
+//! `sft-collate show`: the visual guide's position-by-position table for one row, from the real tokenizer.
+
+use std::io::{BufRead, BufReader, IsTerminal, Write};
+use std::path::PathBuf;
+
+use clap::{Args, ValueEnum};
+use sft_collate::{cpu, CollateSpec, Error, PackedBatch, Result, Tokenizer};
+
+use super::{RowArgs, SpecArgs, TokenizerArgs};
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Color {
+    Auto,
+    Always,
+    Never,
+}
+
+#[derive(Args, Debug)]
+pub struct ShowArgs {
+    /// The prompt text.
+    #[arg(long, required_unless_present = "input", conflicts_with = "input")]
+    prompt: Option<String>,
+    /// The output (response) text.
+    #[arg(long, required_unless_present = "input", conflicts_with = "input")]
+    output: Option<String>,
+    /// Take the row from this JSONL file instead.
+    #[arg(long, value_name = "FILE", requires = "row")]
+    input: Option<PathBuf>,
+    /// Which row of --input (counting non-blank lines from 0).
+    #[arg(long, value_name = "N")]
+    row: Option<usize>,
+    #[command(flatten)]
+    tokenizer: TokenizerArgs,
+    #[command(flatten)]
+    rows: RowArgs,
+    #[command(flatten)]
+    spec: SpecArgs,
+    /// Colour the prompt, output and padding.
+    #[arg(long, value_enum, default_value = "auto")]
+    color: Color,
+}
+
+/// Which part of the padded sequence a position holds.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Part {
+    Prompt,
+    Output,
+    Pad,
+}
+
+impl Part {
+    fn of(position: usize, prompt_len: usize, len: usize) -> Part {
+        if position < prompt_len {
+            Part::Prompt
+        } else if position < len {
+            Part::Output
+        } else {
+            Part::Pad
+        }
+    }
+
+    fn tag(self) -> &'static str {
+        match self {
+            Part::Prompt => "prompt",
+            Part::Output => "output",
+            Part::Pad => "pad",
+        }
+    }
+
+    /// ANSI colour: prompt blue, output green, padding dim.
+    fn ansi(self) -> &'static str {
+        match self {
+            Part::Prompt => "\x1b[34m",
+            Part::Output => "\x1b[32m",
+            Part::Pad => "\x1b[2m",
+        }
+    }
+}
+
+pub fn run(args: ShowArgs) -> Result<()> {
+    let tokenizer = args.tokenizer.load()?;
+    let spec = args.spec.spec(&tokenizer)?;
+    let (prompt, output) = match (&args.input, args.row) {
+        (Some(path), Some(row)) => read_row(path, row, &args.rows)?,
+        _ => (
+            args.prompt.clone().unwrap_or_default(),
+            args.output.clone().unwrap_or_default(),
+        ),
+    };
+    let color = match args.color {
+        Color::Always => true,
+        Color::Never => false,
+        Color::Auto => std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none(),
+    };
+    let table = render(&tokenizer, &spec, &prompt, &output, color)?;
+    let mut stdout = std::io::stdout().lock();
+    // A closed pipe (`| head`) is not an error worth reporting.
+    let _ = stdout.write_all(table.as_bytes());
+    Ok(())
+}
+
+fn read_row(path: &PathBuf, row: usize, rows: &super::RowArgs) -> Result<(String, String)> {
+    let format = rows.row_format()?;
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let name = path.display().to_string();
+    let mut seen = 0;
+    for (i, line) in BufReader::new(file).lines().enumerate() {
+        let line = line.map_err(|e| Error::io(path, e))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        if seen == row {
+            return format.parse_numbered(&name, i + 1, &line);
+        }
+        seen += 1;
+    }
+    Err(Error::InvalidOption {
+        name: "row",
+        reason: format!("{name} has {seen} rows; row {row} does not exist"),
+    })
+}
+
+/// Token text for a table cell: escaped (newlines visible), cut to a readable width.
+fn cell(tokenizer: &Tokenizer, id: i64) -> String {
+    let text = u32::try_from(id)
+        .map(|id| tokenizer.token_text(id))
+        .unwrap_or_default();
+    let mut shown = format!("{text:?}");
+    if shown.chars().count() > 22 {
+        shown = shown.chars().take(20).collect::<String>() + "…\"";
+    }
+    shown
+}
+
+fn render(
+    tokenizer: &Tokenizer,
+    spec: &CollateSpec,
+    prompt: &str,
+    output: &str,
+    color: bool,
+) -> Result<String> {
+    let prompt_ids = tokenizer.encode(prompt)?;
+    let output_ids = tokenizer.encode(output)?;
+    let packed = PackedBatch::from_pairs_truncated([(&prompt_ids, &output_ids)], spec)?;
+    let batch = cpu::collate(&packed, spec)?;
+    let (prompt_len, len) = (packed.prompt_lens()[0] as usize, packed.row_len(0));
+    let width = batch.stats.width;
+    let paint = |part: Part, s: String| {
+        if color {
+            format!("{}{s}\x1b[0m", part.ansi())
+        } else {
+            s
+        }
+    };
+
+    let mut out = String::new();
+    out.push_str(&format!(
+        "tokenizer {}  pad_id {}  prompt {} tokens  output {} tokens  shape (1, {width})\n",
+        tokenizer.name(),
+        spec.pad_id.unwrap_or_default(),
+        prompt_len,
+        len - prompt_len,
+    ));
+    out.push_str(&format!(
+        "{:>5}  {:<32} {:<32} {}\n",
+        "pos", "input_ids", "labels", "response_mask"
+    ));
+    for j in 0..width {
+        let (input, label) = (batch.input_ids.get(j), batch.labels.get(j));
+        let in_part = Part::of(j, prompt_len, len);
+        let label_part = Part::of(j + 1, prompt_len, len);
+        let input_cell = format!("{:<24}{:>8}", cell(tokenizer, input), input);
+        // An ignore-index label has no token text.
+        let label_text = if label < 0 {
+            String::new()
+        } else {
+            cell(tokenizer, label)
+        };
+        let label_cell = format!("{label_text:<24}{label:>8}");
+        let mask = batch.response_mask[j];
+        let mask_cell = if mask { "T  (trained)" } else { "F" };
+        out.push_str(&format!(
+            "{j:>5}  {} {} {:<13} {}→{}\n",
+            paint(in_part, input_cell),
+            paint(label_part, label_cell),
+            paint(
+                if mask { Part::Output } else { Part::Pad },
+                mask_cell.to_string()
+            ),
+            in_part.tag(),
+            label_part.tag(),
+        ));
+    }
+    if width == 0 {
+        out.push_str("(no positions: the sequence has at most one token)\n");
+    }
+    Ok(out)
+}

@@ -1,0 +1,238 @@
+//! The `sft-collate` binary, run as a user would.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use safetensors::SafeTensors;
+use sft_collate::{tokenize_prompt_and_output, CollateSpec, IdDtype, LabelFormat, Tokenizer};
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_sft-collate"))
+}
+
+fn sample() -> &'static Path {
+    Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/examples/sample.jsonl"
+    ))
+}
+
+fn run(cmd: &mut Command) -> Output {
+    let out = cmd.output().expect("run sft-collate");
+    eprintln!("stderr: {}", String::from_utf8_lossy(&out.stderr));
+    out
+}
+
+fn dir_names(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn collate_writes_batches_equal_to_the_library() {
+    let out_dir = tempfile::tempdir().unwrap();
+    let out = run(bin()
+        .args([
+            "collate",
+            "--quiet",
+            "--batch-size",
+            "5",
+            "--labels",
+            "ignore-index",
+        ])
+        .args(["--id-dtype", "i64", "--pad-to-multiple-of", "8", "--input"])
+        .arg(sample())
+        .arg("--output")
+        .arg(out_dir.path()));
+    assert!(out.status.success());
+    assert_eq!(
+        dir_names(out_dir.path()),
+        [
+            "batch-00000.safetensors",
+            "batch-00001.safetensors",
+            "batch-00002.safetensors",
+            "manifest.json"
+        ]
+    );
+
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out_dir.path().join("manifest.json")).unwrap())
+            .unwrap();
+    assert_eq!(manifest["rows"], 12);
+    assert_eq!(manifest["batches"], 3);
+    assert_eq!(manifest["empty_response_rows"], 1);
+    assert_eq!(manifest["tokenizer"], "o200k_base");
+
+    // Every batch equals what the library gives for the same rows.
+    let text = std::fs::read_to_string(sample()).unwrap();
+    let rows: Vec<(String, String)> = text
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (
+                v["prompt"].as_str().unwrap().into(),
+                v["output"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    let tokenizer = Tokenizer::load("o200k_base").unwrap();
+    let spec = CollateSpec {
+        pad_to_multiple_of: Some(8),
+        label_format: LabelFormat::IGNORE_INDEX,
+        id_dtype: IdDtype::I64,
+        ..Default::default()
+    };
+    for (b, chunk) in rows.chunks(5).enumerate() {
+        let (prompts, outputs): (Vec<_>, Vec<_>) = chunk.iter().cloned().unzip();
+        let want = tokenize_prompt_and_output(&prompts, &outputs, &tokenizer, &spec).unwrap();
+        let bytes =
+            std::fs::read(out_dir.path().join(format!("batch-{b:05}.safetensors"))).unwrap();
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        let (r, w) = want.shape();
+        for (name, data) in [
+            ("input_ids", want.input_ids.as_bytes()),
+            ("labels", want.labels.as_bytes()),
+        ] {
+            let t = st.tensor(name).unwrap();
+            assert_eq!(t.dtype(), safetensors::Dtype::I64);
+            assert_eq!(t.shape(), [r, w]);
+            assert_eq!(t.data(), data, "{name} of batch {b}");
+        }
+        let mask = st.tensor("response_mask").unwrap();
+        assert_eq!(mask.dtype(), safetensors::Dtype::BOOL);
+        let want_mask: Vec<u8> = want.response_mask.iter().map(|&m| m as u8).collect();
+        assert_eq!(mask.data(), want_mask.as_slice());
+        assert_eq!(w % 8, 0);
+    }
+}
+
+#[test]
+fn a_bad_line_fails_naming_it_and_leaves_nothing_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.jsonl");
+    let good = r#"{"prompt": "a", "output": "b"}"#;
+    let mut lines = vec![good; 150];
+    lines[130] = r#"{"prompt": "a", "output": 7}"#;
+    std::fs::write(&input, lines.join("\n")).unwrap();
+    let out_dir = dir.path().join("out");
+    let out = run(bin()
+        .args(["collate", "--quiet", "--batch-size", "16", "--input"])
+        .arg(&input)
+        .arg("--output")
+        .arg(&out_dir));
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("in.jsonl:131"), "{stderr}");
+    assert!(stderr.contains("not a string"), "{stderr}");
+    // Earlier batches were written to staging and then removed: the directory is empty.
+    assert!(dir_names(&out_dir).is_empty(), "{:?}", dir_names(&out_dir));
+
+    // With --skip-bad-lines the run succeeds and counts the line.
+    let out = run(bin()
+        .args(["collate", "--quiet", "--skip-bad-lines", "--input"])
+        .arg(&input)
+        .arg("--output")
+        .arg(&out_dir));
+    assert!(out.status.success());
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out_dir.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["rows"], 149);
+    assert_eq!(manifest["skipped_lines"], 1);
+    assert_eq!(manifest["bad_lines"][0]["line"], 131);
+
+    // A second run into the same directory is refused without --overwrite, and nothing is touched.
+    let before = dir_names(&out_dir);
+    let out = run(bin()
+        .args(["collate", "--quiet", "--input"])
+        .arg(sample())
+        .arg("--output")
+        .arg(&out_dir));
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--overwrite"));
+    assert_eq!(dir_names(&out_dir), before);
+    let out = run(bin()
+        .args(["collate", "--quiet", "--overwrite", "--input"])
+        .arg(sample())
+        .arg("--output")
+        .arg(&out_dir));
+    assert!(out.status.success());
+    assert_eq!(dir_names(&out_dir).len(), 1 + 1); // 12 rows in one batch of 64, and the manifest.
+}
+
+#[test]
+fn too_long_sequences_fail_or_truncate() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = run(bin()
+        .args(["collate", "--quiet", "--max-len", "8", "--input"])
+        .arg(sample())
+        .arg("--output")
+        .arg(dir.path()));
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("exceed max_len 8"));
+    let out = run(bin()
+        .args([
+            "collate",
+            "--quiet",
+            "--max-len",
+            "8",
+            "--truncate",
+            "prompt-left",
+            "--input",
+        ])
+        .arg(sample())
+        .arg("--output")
+        .arg(dir.path()));
+    assert!(out.status.success());
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["files"][0]["width"], 7);
+}
+
+#[test]
+fn show_draws_the_position_table() {
+    let out = run(bin().args([
+        "show",
+        "--prompt",
+        "What is 2+2?",
+        "--output",
+        "The answer is 4",
+        "--color",
+        "never",
+    ]));
+    assert!(out.status.success());
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let tokenizer = Tokenizer::load("o200k_base").unwrap();
+    let prompt_len = tokenizer.encode("What is 2+2?").unwrap().len();
+    let output_len = tokenizer.encode("The answer is 4").unwrap().len();
+    let rows: Vec<&str> = stdout.lines().skip(2).collect();
+    assert_eq!(rows.len(), prompt_len + output_len - 1);
+    for (j, row) in rows.iter().enumerate() {
+        // The first trained position is prompt_len - 1: its input is the last prompt token.
+        let trained = j + 1 >= prompt_len;
+        assert_eq!(row.contains("T  (trained)"), trained, "{row}");
+    }
+    assert!(rows[prompt_len - 1].ends_with("prompt→output"));
+
+    let out = run(bin().args(["show", "--prompt", "x"]));
+    assert!(!out.status.success(), "--output is required with --prompt");
+}
+
+#[test]
+fn help_reads_well() {
+    let out = run(bin().args(["collate", "--help"]));
+    assert!(out.status.success());
+    let help = String::from_utf8(out.stdout).unwrap();
+    for flag in [
+        "--pad-to-multiple-of",
+        "--skip-bad-lines",
+        "--template",
+        "--truncate",
+        "--labels",
+    ] {
+        assert!(help.contains(flag), "{flag} missing from help");
+    }
+}
