@@ -49,7 +49,9 @@ where
 /// assert_eq!(rows, 2);
 /// // Row 1 is shorter: its labels end in padding, which the mask leaves out.
 /// assert!(!batch.response_mask[2 * width - 1]);
-/// assert_eq!(batch.stats.response_tokens, 4 + 1);
+/// // Every output token is a label (both prompts are non-empty), so each one is trained on once.
+/// let output_tokens = tokenizer.encode("The answer is 4")?.len() + tokenizer.encode("7")?.len();
+/// assert_eq!(batch.stats.response_tokens, output_tokens);
 /// # Ok::<(), sft_collate::Error>(())
 /// ```
 pub fn tokenize_prompt_and_output<P, O>(
