@@ -54,3 +54,8 @@ pub use packed::PackedBatch;
 pub use pipeline::{tokenize_and_pack, tokenize_prompt_and_output};
 pub use spec::{CollateSpec, IdDtype, LabelFormat, Truncation};
 pub use tokenize::{Tokenizer, BUILTIN_TOKENIZERS};
+
+/// The README's Rust examples run as doc tests, so they cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
