@@ -98,6 +98,8 @@ pub struct Batch {
     pub labels: IdTensor,
     /// True where the label is an output token.
     pub response_mask: Vec<bool>,
+    /// True where `input_ids` holds a real token (only when the spec asks for it).
+    pub attention_mask: Option<Vec<bool>>,
     /// Shape and counts.
     pub stats: BatchStats,
 }
@@ -108,8 +110,8 @@ impl Batch {
         (self.stats.rows, self.stats.width)
     }
 
-    /// Serialize to the safetensors format: tensors `input_ids`, `labels` (I32 or I64) and
-    /// `response_mask` (BOOL), each of shape `[rows, width]`, plus the given metadata.
+    /// Serialize to the safetensors format: tensors `input_ids`, `labels` (I32 or I64), `response_mask`
+    /// and, when present, `attention_mask` (BOOL), each of shape `[rows, width]`, plus the given metadata.
     pub fn to_safetensors(&self, metadata: Option<HashMap<String, String>>) -> Result<Vec<u8>> {
         let (rows, width) = self.shape();
         let shape = vec![rows, width];
@@ -119,7 +121,7 @@ impl Batch {
             TensorView::new(dtype, shape.to_vec(), data)
                 .map_err(|e| Error::Safetensors(e.to_string()))
         }
-        let tensors = vec![
+        let mut tensors = vec![
             (
                 "input_ids",
                 view(
@@ -138,6 +140,12 @@ impl Batch {
             ),
             ("response_mask", view(Dtype::BOOL, &shape, mask)?),
         ];
+        if let Some(attention_mask) = &self.attention_mask {
+            tensors.push((
+                "attention_mask",
+                view(Dtype::BOOL, &shape, bool_bytes(attention_mask))?,
+            ));
+        }
         safetensors::serialize(tensors, metadata).map_err(|e| Error::Safetensors(e.to_string()))
     }
 

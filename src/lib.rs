@@ -43,8 +43,10 @@ pub mod batch;
 pub mod cpu;
 pub mod error;
 pub mod input;
+pub mod kernels;
 pub mod packed;
 pub mod pipeline;
+pub mod plan;
 pub mod spec;
 pub mod tokenize;
 

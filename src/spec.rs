@@ -87,6 +87,7 @@ impl fmt::Display for IdDtype {
 ///     pad_to_multiple_of: Some(64),
 ///     label_format: LabelFormat::IGNORE_INDEX,
 ///     id_dtype: IdDtype::I64,
+///     attention_mask: false,
 /// };
 /// spec.validate().unwrap();
 /// ```
@@ -107,6 +108,8 @@ pub struct CollateSpec {
     pub label_format: LabelFormat,
     /// The integer type of `input_ids` and `labels`.
     pub id_dtype: IdDtype,
+    /// Also produce `attention_mask` (true where `input_ids` holds a real token, false on padding).
+    pub attention_mask: bool,
 }
 
 impl CollateSpec {

@@ -32,15 +32,25 @@ fn case() -> impl Strategy<Value = Case> {
         prop_oneof![Just(LabelFormat::Pad), Just(LabelFormat::IGNORE_INDEX)],
         prop_oneof![Just(IdDtype::I32), Just(IdDtype::I64)],
         0u32..2000,
+        any::<bool>(),
     )
         .prop_map(
-            |(pad_to_multiple_of, max_len, truncation, label_format, id_dtype, pad)| CollateSpec {
+            |(
+                pad_to_multiple_of,
+                max_len,
+                truncation,
+                label_format,
+                id_dtype,
+                pad,
+                attention_mask,
+            )| CollateSpec {
                 pad_id: Some(pad),
                 max_len,
                 truncation,
                 pad_to_multiple_of,
                 label_format,
                 id_dtype,
+                attention_mask,
             },
         );
     (prop::collection::vec(row, 0..7), spec).prop_map(|(rows, spec)| Case { rows, spec })
@@ -77,6 +87,7 @@ struct Expected {
     input_ids: Vec<i64>,
     labels: Vec<i64>,
     mask: Vec<bool>,
+    attention: Vec<bool>,
 }
 
 fn expected(rows: &[(Vec<u32>, Vec<u32>)], spec: &CollateSpec) -> Expected {
@@ -106,6 +117,7 @@ fn expected(rows: &[(Vec<u32>, Vec<u32>)], spec: &CollateSpec) -> Expected {
         input_ids: vec![],
         labels: vec![],
         mask: vec![],
+        attention: vec![],
     };
     for ((p, o), row) in rows.iter().zip(&padded) {
         let mut mask = vec![false; width];
@@ -122,6 +134,8 @@ fn expected(rows: &[(Vec<u32>, Vec<u32>)], spec: &CollateSpec) -> Expected {
             });
         }
         e.mask.extend(mask);
+        e.attention
+            .extend((0..width).map(|j| j < p.len() + o.len()));
     }
     e
 }
@@ -154,6 +168,7 @@ proptest! {
         prop_assert_eq!(batch.labels.to_i64(), want.labels);
         prop_assert_eq!(&batch.response_mask, &want.mask);
         prop_assert_eq!(batch.input_ids.dtype(), case.spec.id_dtype);
+        prop_assert_eq!(batch.attention_mask.as_ref(), case.spec.attention_mask.then_some(&want.attention));
 
         // Statistics agree with the tensors.
         let s = &batch.stats;

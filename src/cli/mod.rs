@@ -118,6 +118,9 @@ struct SpecArgs {
     /// The pad id (default: the tokenizer's pad token, else <|endoftext|>).
     #[arg(long, value_name = "ID")]
     pad_id: Option<u32>,
+    /// Also write attention_mask (true on real tokens, false on padding).
+    #[arg(long)]
+    attention_mask: bool,
 }
 
 impl SpecArgs {
@@ -139,6 +142,7 @@ impl SpecArgs {
                 IdDtypeArg::I32 => IdDtype::I32,
                 IdDtypeArg::I64 => IdDtype::I64,
             },
+            attention_mask: self.attention_mask,
         };
         spec.validate()?;
         Ok(spec)

@@ -1,0 +1,251 @@
+// CPU emulation of the CUDA built-ins our kernels use, so that kernels/*.cu compile as C++ and run on CPU
+// threads. A launch runs the grid's blocks one after another; each block's threads are real OS threads, so
+// __syncthreads is a real barrier, shared memory is really shared and warp shuffles really exchange values
+// between threads. Launches are serialized (one at a time per process), which is what lets __shared__
+// variables be plain statics.
+//
+// Faithfulness notes: blocks do not run concurrently (kernels must not rely on inter-block progress,
+// which CUDA does not promise either); warps do not run in lock-step, so warp-synchronous code without
+// *_sync primitives would be caught as a race rather than silently working.
+#pragma once
+
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __noinline__
+#define __launch_bounds__(...)
+#define __restrict__ __restrict
+// One block runs at a time and launches are serialized, so a static is exactly one block's shared memory.
+#define __shared__ static
+
+struct uint3 {
+    unsigned x, y, z;
+};
+struct dim3 {
+    unsigned x = 1, y = 1, z = 1;
+};
+
+namespace emu {
+
+// A reusable barrier whose participants may leave (a thread that returns from the kernel no longer takes
+// part in __syncthreads, as on the GPU).
+class Barrier {
+  public:
+    void reset(int n) {
+        expected_ = n;
+        count_ = n;
+    }
+    void wait() {
+        std::unique_lock<std::mutex> lock(mutex_);
+        const unsigned long generation = generation_;
+        if (--count_ == 0) {
+            next_generation();
+        } else {
+            cv_.wait(lock, [&] { return generation != generation_; });
+        }
+    }
+    void drop() {
+        std::unique_lock<std::mutex> lock(mutex_);
+        --expected_;
+        if (--count_ == 0) next_generation();
+    }
+
+  private:
+    void next_generation() {
+        ++generation_;
+        count_ = expected_;
+        cv_.notify_all();
+    }
+    std::mutex mutex_;
+    std::condition_variable cv_;
+    int expected_ = 0;
+    int count_ = 0;
+    unsigned long generation_ = 0;
+};
+
+struct Warp {
+    Barrier barrier;
+    uint64_t slots[32];
+};
+
+struct Block {
+    Barrier barrier;
+    std::unique_ptr<Warp[]> warps;
+};
+
+inline thread_local Block *current_block = nullptr;
+inline thread_local unsigned lane = 0;
+inline thread_local unsigned warp_index = 0;
+
+// Every lane publishes a 64-bit word, the warp meets, each lane reads the word of `source(lane)`, and the
+// warp meets again so that no lane overwrites a slot another has not read yet.
+template <typename Source>
+inline uint64_t exchange(uint64_t bits, Source source) {
+    Warp &w = current_block->warps[warp_index];
+    w.slots[lane] = bits;
+    w.barrier.wait();
+    const uint64_t got = w.slots[source(lane)];
+    w.barrier.wait();
+    return got;
+}
+
+template <typename T>
+inline uint64_t to_bits(T v) {
+    static_assert(sizeof(T) <= 8, "shuffles move at most 64 bits");
+    uint64_t bits = 0;
+    std::memcpy(&bits, &v, sizeof(T));
+    return bits;
+}
+
+template <typename T>
+inline T from_bits(uint64_t bits) {
+    T v;
+    std::memcpy(&v, &bits, sizeof(T));
+    return v;
+}
+
+}  // namespace emu
+
+inline thread_local uint3 threadIdx;
+inline thread_local uint3 blockIdx;
+inline thread_local dim3 blockDim;
+inline thread_local dim3 gridDim;
+
+inline void __syncthreads() { emu::current_block->barrier.wait(); }
+
+// Shuffles within groups of `width` lanes (a power of two, at most 32), as CUDA defines them. The mask is
+// not checked: our kernels always shuffle with the whole warp.
+template <typename T>
+inline T __shfl_xor_sync(unsigned, T v, int lane_mask, int width = 32) {
+    return emu::from_bits<T>(emu::exchange(emu::to_bits(v), [&](unsigned l) {
+        const unsigned src = l ^ (unsigned)lane_mask;
+        return (src / width == l / width) ? src : l;
+    }));
+}
+template <typename T>
+inline T __shfl_down_sync(unsigned, T v, unsigned delta, int width = 32) {
+    return emu::from_bits<T>(emu::exchange(emu::to_bits(v), [&](unsigned l) {
+        const unsigned src = l + delta;
+        return (src / width == l / width) ? src : l;
+    }));
+}
+template <typename T>
+inline T __shfl_up_sync(unsigned, T v, unsigned delta, int width = 32) {
+    return emu::from_bits<T>(emu::exchange(emu::to_bits(v), [&](unsigned l) {
+        return (l % width >= delta) ? l - delta : l;
+    }));
+}
+template <typename T>
+inline T __shfl_sync(unsigned, T v, int src_lane, int width = 32) {
+    return emu::from_bits<T>(emu::exchange(emu::to_bits(v), [&](unsigned l) {
+        return (l / width) * width + ((unsigned)src_lane % width);
+    }));
+}
+inline unsigned __ballot_sync(unsigned mask, int predicate) {
+    emu::Warp &w = emu::current_block->warps[emu::warp_index];
+    w.slots[emu::lane] = predicate != 0;
+    w.barrier.wait();
+    unsigned ballot = 0;
+    for (unsigned l = 0; l < 32; ++l)
+        if ((mask >> l & 1u) && w.slots[l]) ballot |= 1u << l;
+    w.barrier.wait();
+    return ballot;
+}
+inline int __any_sync(unsigned mask, int predicate) { return __ballot_sync(mask, predicate) != 0; }
+inline int __all_sync(unsigned mask, int predicate) {
+    return __ballot_sync(mask, predicate) == __ballot_sync(mask, 1);
+}
+
+template <typename T>
+inline T atomicAdd(T *address, T value) {
+    return std::atomic_ref<T>(*address).fetch_add(value);
+}
+template <typename T>
+inline T atomicMax(T *address, T value) {
+    std::atomic_ref<T> a(*address);
+    T old = a.load();
+    while (old < value && !a.compare_exchange_weak(old, value)) {
+    }
+    return old;
+}
+template <typename T>
+inline T atomicOr(T *address, T value) {
+    return std::atomic_ref<T>(*address).fetch_or(value);
+}
+template <typename T>
+inline T atomicCAS(T *address, T compare, T value) {
+    std::atomic_ref<T>(*address).compare_exchange_strong(compare, value);
+    return compare;
+}
+
+inline float __int_as_float(int v) { return emu::from_bits<float>(emu::to_bits(v)); }
+inline int __float_as_int(float v) { return emu::from_bits<int>(emu::to_bits(v)); }
+inline float __uint_as_float(unsigned v) { return emu::from_bits<float>(emu::to_bits(v)); }
+inline unsigned __float_as_uint(float v) { return emu::from_bits<unsigned>(emu::to_bits(v)); }
+
+// The launch shape, as the Rust side passes it.
+struct EmuLaunch {
+    unsigned grid[3];
+    unsigned block[3];
+};
+
+namespace emu {
+
+// Run `body` (one kernel invocation) for every thread of every block of the grid.
+template <typename Body>
+void launch(const EmuLaunch &cfg, Body &&body) {
+    static std::mutex launch_mutex;
+    std::lock_guard<std::mutex> serialized(launch_mutex);
+    const dim3 block_dim{cfg.block[0], cfg.block[1], cfg.block[2]};
+    const dim3 grid_dim{cfg.grid[0], cfg.grid[1], cfg.grid[2]};
+    const unsigned threads = block_dim.x * block_dim.y * block_dim.z;
+    const unsigned warps = (threads + 31) / 32;
+    const unsigned long long blocks = (unsigned long long)grid_dim.x * grid_dim.y * grid_dim.z;
+    if (threads == 0 || blocks == 0) return;
+
+    Block block;
+    block.warps.reset(new Warp[warps]);
+    Barrier between_blocks;
+    between_blocks.reset((int)threads);
+
+    auto run_thread = [&](unsigned t) {
+        current_block = &block;
+        lane = t % 32;
+        warp_index = t / 32;
+        threadIdx = {t % block_dim.x, t / block_dim.x % block_dim.y, t / (block_dim.x * block_dim.y)};
+        blockDim = block_dim;
+        gridDim = grid_dim;
+        for (unsigned long long b = 0; b < blocks; ++b) {
+            // Everyone has left the previous block; one thread re-arms the block's barriers.
+            between_blocks.wait();
+            if (t == 0) {
+                block.barrier.reset((int)threads);
+                for (unsigned w = 0; w < warps; ++w)
+                    block.warps[w].barrier.reset((int)std::min(32u, threads - 32 * w));
+            }
+            between_blocks.wait();
+            blockIdx = {(unsigned)(b % grid_dim.x), (unsigned)(b / grid_dim.x % grid_dim.y),
+                        (unsigned)(b / ((unsigned long long)grid_dim.x * grid_dim.y))};
+            body();
+            block.barrier.drop();
+            block.warps[warp_index].barrier.drop();
+        }
+    };
+    std::vector<std::thread> pool;
+    pool.reserve(threads);
+    for (unsigned t = 0; t < threads; ++t) pool.emplace_back(run_thread, t);
+    for (auto &th : pool) th.join();
+}
+
+}  // namespace emu

@@ -1,0 +1,104 @@
+//! What every backend checks and computes before it writes a single element: the shared front half of
+//! collation. A [`CollatePlan`] exists only for a valid batch and spec, so a corrupted batch is a typed
+//! error here and never an out-of-bounds access in a kernel.
+
+use crate::{BatchStats, CollateSpec, Error, LabelFormat, PackedBatch, Result};
+
+/// Threads per block of the collation kernel (`COLLATE_BLOCK` in kernels/collate.cu).
+pub const COLLATE_BLOCK: u32 = 256;
+/// Positions written per thread (`COLLATE_VEC` in kernels/collate.cu).
+pub const COLLATE_VEC: u64 = 4;
+/// The largest `gridDim.y`; the kernel walks rows grid-stride beyond it.
+const MAX_GRID_Y: u64 = 65_535;
+
+/// A checked collation: the resolved pad id, the tensors' shape and the kernel's scalar arguments.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CollatePlan {
+    pub rows: usize,
+    pub width: usize,
+    pub pad_id: u32,
+    /// The value written where the mask is false, when labels use an ignore index.
+    pub ignore_index: Option<i64>,
+}
+
+impl CollatePlan {
+    /// Validate `packed` and `spec` together: offsets and lengths consistent, a pad id, every id within the
+    /// id dtype, and `rows × width` elements of every output addressable.
+    pub fn new(packed: &PackedBatch, spec: &CollateSpec) -> Result<Self> {
+        packed.validate()?;
+        spec.validate()?;
+        let pad_id = spec.pad_id.ok_or(Error::NoPadToken)?;
+        let max_token = packed.tokens().iter().copied().max().unwrap_or(0);
+        for id in [max_token, pad_id] {
+            if !spec.id_dtype.fits(i64::from(id)) {
+                return Err(Error::IdOverflow {
+                    id: i64::from(id),
+                    dtype: spec.id_dtype,
+                });
+            }
+        }
+        let rows = packed.rows();
+        let width = spec.width_for(packed.max_row_len());
+        rows.checked_mul(width)
+            .and_then(|n| n.checked_mul(spec.id_dtype.size()))
+            .filter(|&bytes| bytes <= isize::MAX as usize)
+            .ok_or_else(|| {
+                Error::InvalidPackedBatch(format!("{rows} x {width} elements do not fit memory"))
+            })?;
+        Ok(CollatePlan {
+            rows,
+            width,
+            pad_id,
+            ignore_index: match spec.label_format {
+                LabelFormat::Pad => None,
+                LabelFormat::IgnoreIndex(v) => Some(v),
+            },
+        })
+    }
+
+    /// Elements in each output tensor.
+    pub fn len(&self) -> usize {
+        self.rows * self.width
+    }
+
+    /// Whether the tensors are empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// `(grid, block)` of the collation kernel: `blockIdx.x` tiles a row in `COLLATE_BLOCK × COLLATE_VEC`
+    /// positions, `blockIdx.y` walks rows.
+    pub fn launch_shape(&self) -> ([u32; 3], [u32; 3]) {
+        let per_block = u64::from(COLLATE_BLOCK) * COLLATE_VEC;
+        let grid_x = (self.width as u64).div_ceil(per_block).max(1);
+        let grid_y = (self.rows as u64).clamp(1, MAX_GRID_Y);
+        let grid_x =
+            u32::try_from(grid_x).expect("width / 1024 fits u32 for any addressable batch");
+        ([grid_x, grid_y as u32, 1], [COLLATE_BLOCK, 1, 1])
+    }
+
+    /// The statistics of the batch, from the packed rows alone (so a device backend needs no copy back):
+    /// row `i` has `len - max(prompt_len, 1)` response labels when that is positive.
+    pub fn stats(&self, packed: &PackedBatch) -> BatchStats {
+        let response = |i: usize| {
+            let first_label = (packed.prompt_lens()[i] as usize).max(1);
+            packed.row_len(i).saturating_sub(first_label)
+        };
+        let real_labels: usize = (0..self.rows)
+            .map(|i| packed.row_len(i).saturating_sub(1))
+            .sum();
+        let slots = self.len();
+        BatchStats {
+            rows: self.rows,
+            width: self.width,
+            tokens: packed.tokens().len(),
+            response_tokens: (0..self.rows).map(response).sum(),
+            padding_fraction: if slots == 0 {
+                0.0
+            } else {
+                1.0 - real_labels as f64 / slots as f64
+            },
+            empty_response_rows: (0..self.rows).filter(|&i| response(i) == 0).collect(),
+        }
+    }
+}
