@@ -161,6 +161,19 @@ impl Batch {
     }
 }
 
+/// Booleans from a device mask (one byte per element), refusing any byte other than 0 or 1 instead of
+/// making an invalid `bool`.
+pub fn bools_from_bytes(bytes: &[u8]) -> Result<Vec<bool>> {
+    bytes
+        .iter()
+        .map(|&b| match b {
+            0 => Ok(false),
+            1 => Ok(true),
+            other => Err(Error::Cuda(format!("a mask byte is {other}, not 0 or 1"))),
+        })
+        .collect()
+}
+
 /// View a `bool` slice as bytes (each `bool` is one byte holding 0 or 1).
 fn bool_bytes(v: &[bool]) -> &[u8] {
     // SAFETY: `bool` has size 1, alignment 1, and only the values 0 and 1, so every bool is a valid u8.

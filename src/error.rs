@@ -78,6 +78,18 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// No usable CUDA device: no driver library, no device, or the driver refused to initialize.
+    #[error("no CUDA device: {0}")]
+    NoDevice(String),
+
+    /// A CUDA driver call failed, or the device returned something impossible.
+    #[error("CUDA: {0}")]
+    Cuda(String),
+
+    /// A kernel failed to compile with NVRTC at run time; `log` is the compiler's.
+    #[error("kernel {kernel} failed to compile: {log}")]
+    KernelCompile { kernel: String, log: String },
+
     /// Serializing a batch to safetensors failed.
     #[error("safetensors: {0}")]
     Safetensors(String),

@@ -41,6 +41,8 @@
 
 pub mod batch;
 pub mod cpu;
+#[cfg(feature = "emulation")]
+pub mod emulation;
 pub mod error;
 pub mod input;
 pub mod kernels;
