@@ -41,6 +41,8 @@
 
 pub mod batch;
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 #[cfg(feature = "emulation")]
 pub mod emulation;
 pub mod error;

@@ -12,12 +12,13 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::time::Instant;
 
-use clap::{Args, ValueEnum};
+use clap::Args;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use sft_collate::batch::write_atomically;
 use sft_collate::input::RowFormat;
-use sft_collate::{cpu, tokenize_and_pack, Batch, CollateSpec, Error, Result, Tokenizer};
+use sft_collate::{tokenize_and_pack, Batch, CollateSpec, Error, Result, Tokenizer};
 
+use super::backend::{Backend, Device};
 use super::{RowArgs, SpecArgs, TokenizerArgs};
 
 /// How many raw batches the reader may run ahead, and how many collated batches may wait for the writer.
@@ -25,14 +26,6 @@ const READ_AHEAD: usize = 4;
 const WRITE_AHEAD: usize = 2;
 /// Bad lines recorded in the manifest with their reasons (all are counted).
 const MAX_RECORDED_BAD_LINES: usize = 100;
-
-#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Device {
-    /// The best backend this build has (here: the CPU).
-    Auto,
-    /// The CPU path (the oracle).
-    Cpu,
-}
 
 #[derive(Args, Debug)]
 pub struct CollateArgs {
@@ -102,7 +95,11 @@ pub fn run(args: CollateArgs) -> Result<()> {
     let tokenizer = args.tokenizer.load()?;
     let spec = args.spec.spec(&tokenizer)?;
     let format = args.rows.row_format()?;
-    let device = "cpu"; // The only backend of this build; `auto` resolves to it.
+    let (backend, device_line) = Backend::select(args.device)?;
+    if !args.quiet {
+        eprintln!("device: {device_line}");
+    }
+    let device = backend.name();
 
     prepare_output_dir(&args.output, args.overwrite)?;
     let staging = Staging::create(&args.output)?;
@@ -134,7 +131,7 @@ pub fn run(args: CollateArgs) -> Result<()> {
             )
         });
         let writer = scope.spawn(|| write_batches(batch_rx, staging.path(), &progress));
-        let collate_result = collate_batches(raw_rx, batch_tx, &tokenizer, &spec);
+        let collate_result = collate_batches(raw_rx, batch_tx, &tokenizer, &spec, &backend);
         (
             reader.join().expect("reader thread panicked"),
             writer.join().expect("writer thread panicked"),
@@ -154,7 +151,7 @@ pub fn run(args: CollateArgs) -> Result<()> {
         let tokens: usize = files.iter().map(|f| f.tokens).sum();
         let secs = started.elapsed().as_secs_f64();
         eprintln!(
-            "wrote {} batches ({} rows, {} tokens, {:.1}% padding) to {} in {:.2} s ({:.0} tokens/s, device {device}{})",
+            "wrote {} batches ({} rows, {} tokens, {:.1}% padding) to {} in {:.2} s ({:.0} tokens/s{})",
             files.len(),
             manifest["rows"],
             tokens,
@@ -266,6 +263,7 @@ fn collate_batches(
     tx: SyncSender<(Batch, u64)>,
     tokenizer: &Tokenizer,
     spec: &CollateSpec,
+    backend: &Backend,
 ) -> Result<()> {
     let mut row_base = 0usize;
     for raw in rx {
@@ -290,7 +288,7 @@ fn collate_batches(
             },
         )?;
         row_base += raw.prompts.len();
-        let batch = cpu::collate(&packed, spec)?;
+        let batch = backend.collate(&packed, spec)?;
         if tx.send((batch, raw.bytes_read)).is_err() {
             break; // The writer failed; its error is reported from there.
         }

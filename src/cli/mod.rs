@@ -1,6 +1,8 @@
 //! Argument parsing and dispatch. Each subcommand lives in its own file.
 
+mod backend;
 mod collate;
+mod doctor;
 mod show;
 
 use std::process::ExitCode;
@@ -27,6 +29,8 @@ enum Command {
     Collate(collate::CollateArgs),
     /// Show one row position by position: input token, label, mask. Checks the off-by-one by eye.
     Show(show::ShowArgs),
+    /// Report the CUDA driver, NVRTC, device and kernels, and check the kernels against the CPU path.
+    Doctor(doctor::DoctorArgs),
 }
 
 /// Where the tokenizer comes from.
@@ -154,6 +158,7 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Collate(args) => collate::run(args),
         Command::Show(args) => show::run(args),
+        Command::Doctor(args) => doctor::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,286 @@
+//! [`CudaCollator`]: the collation kernel on the caller's stream.
+
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::{
+    CudaEvent, CudaFunction, CudaSlice, CudaStream, DevicePtrMut, LaunchConfig, PinnedHostSlice,
+    PushKernelArg,
+};
+
+use super::cuda_err;
+use super::module::{self, ModuleOrigin};
+use crate::batch::bools_from_bytes;
+use crate::plan::CollatePlan;
+use crate::{Batch, BatchStats, CollateSpec, Error, IdDtype, IdTensor, PackedBatch, Result};
+
+/// `input_ids` or `labels` on the device, in the spec's dtype.
+#[derive(Debug)]
+pub enum DeviceIds {
+    I32(CudaSlice<i32>),
+    I64(CudaSlice<i64>),
+}
+
+/// The collated tensors on the device (row-major `rows × width`, on the collator's stream), and the
+/// batch's statistics (computed on the host from the packed batch: reading them needs no sync).
+#[derive(Debug)]
+pub struct DeviceBatch {
+    pub input_ids: DeviceIds,
+    pub labels: DeviceIds,
+    /// One byte per element, 0 or 1 (torch.bool's layout).
+    pub response_mask: CudaSlice<u8>,
+    pub attention_mask: Option<CudaSlice<u8>>,
+    pub stats: BatchStats,
+    stream: Arc<CudaStream>,
+}
+
+impl DeviceBatch {
+    /// `(rows, width)`.
+    pub fn shape(&self) -> (usize, usize) {
+        (self.stats.rows, self.stats.width)
+    }
+
+    /// Copy back to the host as the same [`Batch`] the CPU path makes (this synchronizes the stream).
+    pub fn to_host(&self) -> Result<Batch> {
+        let s = &self.stream;
+        let ids = |d: &DeviceIds| -> Result<IdTensor> {
+            Ok(match d {
+                DeviceIds::I32(v) => IdTensor::I32(s.clone_dtoh(v).map_err(cuda_err)?),
+                DeviceIds::I64(v) => IdTensor::I64(s.clone_dtoh(v).map_err(cuda_err)?),
+            })
+        };
+        let input_ids = ids(&self.input_ids)?;
+        let labels = ids(&self.labels)?;
+        let response_mask =
+            bools_from_bytes(&s.clone_dtoh(&self.response_mask).map_err(cuda_err)?)?;
+        let attention_mask = match &self.attention_mask {
+            Some(m) => Some(bools_from_bytes(&s.clone_dtoh(m).map_err(cuda_err)?)?),
+            None => None,
+        };
+        Ok(Batch {
+            input_ids,
+            labels,
+            response_mask,
+            attention_mask,
+            stats: self.stats.clone(),
+        })
+    }
+}
+
+/// A pinned host buffer for the packed batch, and the event of the copy that last read it.
+struct Staging {
+    buffer: PinnedHostSlice<u8>,
+    copied: CudaEvent,
+}
+
+/// The collation kernel, loaded on the caller's stream.
+pub struct CudaCollator {
+    stream: Arc<CudaStream>,
+    collate_i32: CudaFunction,
+    collate_i64: CudaFunction,
+    origin: ModuleOrigin,
+    /// Two staging buffers used in turn, so that filling one never waits for the copy of the batch just
+    /// submitted (only, rarely, for the one before it).
+    staging: Mutex<([Option<Staging>; 2], usize)>,
+}
+
+impl std::fmt::Debug for CudaCollator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CudaCollator")
+            .field("origin", &self.origin)
+            .finish()
+    }
+}
+
+/// Byte offsets of the three arrays inside the one buffer copied per batch: row offsets first (8-byte
+/// aligned at 0), then tokens, then prompt lengths.
+struct InputLayout {
+    tokens_at: usize,
+    prompt_lens_at: usize,
+    bytes: usize,
+}
+
+impl InputLayout {
+    fn of(packed: &PackedBatch) -> Self {
+        let tokens_at = packed.row_offsets().len() * 8;
+        let prompt_lens_at = tokens_at + packed.tokens().len() * 4;
+        InputLayout {
+            tokens_at,
+            prompt_lens_at,
+            bytes: prompt_lens_at + packed.prompt_lens().len() * 4,
+        }
+    }
+}
+
+impl CudaCollator {
+    /// Load the collation kernels into the stream's context. Trainers that own a context and stream pass
+    /// theirs; every launch and copy goes on it.
+    pub fn new(stream: Arc<CudaStream>) -> Result<Self> {
+        let kernel = crate::kernels::kernel("collate").expect("collate.cu is embedded");
+        let (module, origin) = module::load(stream.context(), kernel)?;
+        let load = |name: &str| module.load_function(name).map_err(cuda_err);
+        Ok(CudaCollator {
+            collate_i32: load("collate_i32")?,
+            collate_i64: load("collate_i64")?,
+            stream,
+            origin,
+            staging: Mutex::new(([None, None], 0)),
+        })
+    }
+
+    /// Whether the module came from the prebuilt PTX or a run-time compile.
+    pub fn origin(&self) -> &ModuleOrigin {
+        &self.origin
+    }
+
+    /// The stream everything runs on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// Collate on the device: validate on the host, one copy of the packed batch through pinned memory,
+    /// one kernel launch, no host synchronization. Bit-identical to [`crate::cpu::collate`].
+    pub fn collate(&self, packed: &PackedBatch, spec: &CollateSpec) -> Result<DeviceBatch> {
+        let plan = CollatePlan::new(packed, spec)?;
+        let stream = &self.stream;
+        let n = plan.len();
+        let alloc_ids = |n: usize| -> Result<DeviceIds> {
+            // SAFETY: uninitialized device memory is only handed out after the kernel below has written
+            // every one of its n elements (each thread writes its positions of every row it walks).
+            Ok(match spec.id_dtype {
+                IdDtype::I32 => {
+                    DeviceIds::I32(unsafe { stream.alloc::<i32>(n) }.map_err(cuda_err)?)
+                }
+                IdDtype::I64 => {
+                    DeviceIds::I64(unsafe { stream.alloc::<i64>(n) }.map_err(cuda_err)?)
+                }
+            })
+        };
+        // SAFETY: as above, the kernel writes every element before anyone reads.
+        let alloc_bytes = |n: usize| unsafe { stream.alloc::<u8>(n) }.map_err(cuda_err);
+        let mut input_ids = alloc_ids(n)?;
+        let mut labels = alloc_ids(n)?;
+        let mut response_mask = alloc_bytes(n)?;
+        let mut attention_mask = if spec.attention_mask {
+            Some(alloc_bytes(n)?)
+        } else {
+            None
+        };
+
+        if n > 0 {
+            let layout = InputLayout::of(packed);
+            let input = self.upload(packed, &layout)?;
+            // SAFETY: `input` holds the layout's bytes, each array at an offset aligned for its element
+            // type (row offsets at 0, the u32 arrays at multiples of 4), written by the host as exactly
+            // these types; `transmute` checks the lengths against the bytes.
+            let (row_offsets, tokens, prompt_lens) = unsafe {
+                (
+                    input
+                        .slice(..layout.tokens_at)
+                        .transmute::<u64>(packed.row_offsets().len()),
+                    input
+                        .slice(layout.tokens_at..)
+                        .transmute::<u32>(packed.tokens().len().max(1)),
+                    input
+                        .slice(layout.prompt_lens_at..)
+                        .transmute::<u32>(packed.prompt_lens().len()),
+                )
+            };
+            let (row_offsets, tokens, prompt_lens) = (
+                row_offsets.expect("layout within the buffer"),
+                tokens.expect("layout within the buffer"),
+                prompt_lens.expect("layout within the buffer"),
+            );
+            let (grid, block) = plan.launch_shape();
+            let cfg = LaunchConfig {
+                grid_dim: (grid[0], grid[1], grid[2]),
+                block_dim: (block[0], block[1], block[2]),
+                shared_mem_bytes: 0,
+            };
+            let (rows, width) = (plan.rows as u64, plan.width as u64);
+            let ignore_index = plan.ignore_index.unwrap_or(0);
+            let use_ignore_index = i32::from(plan.ignore_index.is_some());
+            let null_mask: u64 = 0;
+            let function = match spec.id_dtype {
+                IdDtype::I32 => &self.collate_i32,
+                IdDtype::I64 => &self.collate_i64,
+            };
+            let mut launch = stream.launch_builder(function);
+            launch
+                .arg(&tokens)
+                .arg(&row_offsets)
+                .arg(&prompt_lens)
+                .arg(&rows)
+                .arg(&width)
+                .arg(&plan.pad_id)
+                .arg(&ignore_index)
+                .arg(&use_ignore_index);
+            match (&mut input_ids, &mut labels) {
+                (DeviceIds::I32(i), DeviceIds::I32(l)) => launch.arg(i).arg(l),
+                (DeviceIds::I64(i), DeviceIds::I64(l)) => launch.arg(i).arg(l),
+                _ => unreachable!("both tensors have the spec's dtype"),
+            };
+            launch.arg(&mut response_mask);
+            match &mut attention_mask {
+                Some(m) => launch.arg(m),
+                None => launch.arg(&null_mask),
+            };
+            // SAFETY: `CollatePlan::new` validated the packed batch on the host (offsets start at 0, never
+            // decrease and end at the token count; every prompt fits its row), and the device copy is
+            // byte-for-byte that batch, so every `tokens[start + pos]` the kernel reads (pos < len) is in
+            // bounds. The outputs hold rows × width elements, the kernel writes only positions below
+            // width of rows below rows, and the argument list matches COLLATE_PARAMS in collate.cu.
+            unsafe { launch.launch(cfg) }.map_err(cuda_err)?;
+        }
+        Ok(DeviceBatch {
+            input_ids,
+            labels,
+            response_mask,
+            attention_mask,
+            stats: plan.stats(packed),
+            stream: stream.clone(),
+        })
+    }
+
+    /// Copy the packed batch to the device in one transfer through the next staging buffer.
+    fn upload(&self, packed: &PackedBatch, layout: &InputLayout) -> Result<CudaSlice<u8>> {
+        let stream = &self.stream;
+        let mut guard = self
+            .staging
+            .lock()
+            .map_err(|_| Error::Cuda("staging lock poisoned".into()))?;
+        let (buffers, next) = &mut *guard;
+        let slot = &mut buffers[*next];
+        *next = (*next + 1) % 2;
+        if slot.as_ref().is_none_or(|s| s.buffer.len() < layout.bytes) {
+            let capacity = layout.bytes.next_power_of_two().max(1 << 16);
+            let ctx = stream.context();
+            // SAFETY: the buffer's contents are written below before the copy reads them.
+            let buffer = unsafe { ctx.alloc_pinned::<u8>(capacity) }.map_err(cuda_err)?;
+            let copied = ctx.new_event(None).map_err(cuda_err)?;
+            *slot = Some(Staging { buffer, copied });
+        }
+        let staging = slot.as_mut().expect("allocated above");
+        // The copy that last read this buffer (two batches ago) must be done before it is overwritten.
+        staging.copied.synchronize().map_err(cuda_err)?;
+        let host = staging.buffer.as_mut_slice().map_err(cuda_err)?;
+        let bytes = &mut host[..layout.bytes];
+        bytes[..layout.tokens_at].copy_from_slice(bytemuck::cast_slice(packed.row_offsets()));
+        bytes[layout.tokens_at..layout.prompt_lens_at]
+            .copy_from_slice(bytemuck::cast_slice(packed.tokens()));
+        bytes[layout.prompt_lens_at..].copy_from_slice(bytemuck::cast_slice(packed.prompt_lens()));
+
+        // Room for at least one token so that the tokens view is never empty.
+        let device_bytes = layout.bytes.max(layout.tokens_at + 4);
+        // SAFETY: the first `layout.bytes` bytes are written by the copy below before the kernel reads
+        // them; the kernel reads no byte past them.
+        let mut input = unsafe { stream.alloc::<u8>(device_bytes) }.map_err(cuda_err)?;
+        let (dst, _record) = input.device_ptr_mut(stream);
+        // SAFETY: `dst` has device_bytes >= layout.bytes bytes; the pinned source stays alive and untouched
+        // until `copied` (recorded right after, on the same stream) has completed.
+        unsafe { cudarc::driver::result::memcpy_htod_async(dst, &bytes[..], stream.cu_stream()) }
+            .map_err(cuda_err)?;
+        drop(_record);
+        staging.copied.record(stream).map_err(cuda_err)?;
+        Ok(input)
+    }
+}
