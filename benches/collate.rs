@@ -97,5 +97,121 @@ fn bench(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench);
+/// A synthetic batch of `rows` rows whose lengths spread over [max_len / 2, max_len] (one row exactly
+/// max_len, so the width is max_len - 1), 30% prompt, ids below 150k.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn synthetic(rows: usize, max_len: usize) -> PackedBatch {
+    let mut state = 0x2545_F491_4F6C_DD1Du64;
+    let mut next = move |bound: usize| {
+        state = state
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        ((state >> 33) as usize) % bound.max(1)
+    };
+    let pairs: Vec<(Vec<u32>, Vec<u32>)> = (0..rows)
+        .map(|i| {
+            let len = if i == 0 {
+                max_len
+            } else {
+                max_len / 2 + next(max_len / 2 + 1)
+            };
+            let prompt = len * 3 / 10;
+            let ids: Vec<u32> = (0..len).map(|_| next(150_000) as u32).collect();
+            (ids[..prompt].to_vec(), ids[prompt..].to_vec())
+        })
+        .collect();
+    PackedBatch::from_pairs(pairs)
+}
+
+/// `cuda_` cases: the kernel alone, the end-to-end path (packed host batch → device tensors) and the usual
+/// path it replaces (collate padded tensors on the CPU, copy them to the GPU), for B×L from 8×512 to
+/// 256×8192. Throughput counts the bytes the kernel must move: the packed input read once and the three
+/// outputs written once. The physical limit is the GPU's memory bandwidth (kernel) and the PCIe/host link
+/// (end to end).
+#[cfg(feature = "cuda")]
+fn cuda_bench(c: &mut Criterion) {
+    use std::time::{Duration, Instant};
+
+    use sft_collate::cuda::{self, CudaCollator};
+
+    if let Err(e) = cuda::device_count() {
+        eprintln!("SKIPPED cuda_ benches: {e}");
+        return;
+    }
+    let stream = cuda::default_stream(0).expect("default stream");
+    let collator = CudaCollator::new(stream.clone()).expect("kernels load");
+    let info = cuda::probe(0).expect("probe");
+    eprintln!("cuda_ benches on {} ({:?})", info.name, collator.origin());
+    let spec = CollateSpec {
+        pad_id: Some(151_643),
+        ..Default::default()
+    };
+    let time = |iters: u64, mut f: Box<dyn FnMut() + '_>| -> Duration {
+        stream.synchronize().unwrap();
+        let start = Instant::now();
+        for _ in 0..iters {
+            f();
+        }
+        stream.synchronize().unwrap();
+        start.elapsed()
+    };
+    for (rows, max_len) in [(8usize, 512usize), (64, 2048), (256, 8192)] {
+        let packed = synthetic(rows, max_len);
+        let width = max_len - 1;
+        let input_bytes = packed.row_offsets().len() * 8 + packed.tokens().len() * 4 + rows * 4;
+        let output_bytes = rows * width * (4 + 4 + 1);
+        let mut group = c.benchmark_group(format!("cuda_collate/{rows}x{max_len}"));
+        group.throughput(Throughput::Bytes((input_bytes + output_bytes) as u64));
+        group.sample_size(20);
+
+        let uploaded = collator.upload(&packed).unwrap();
+        group.bench_function("cuda_kernel", |b| {
+            b.iter_custom(|iters| {
+                time(
+                    iters,
+                    Box::new(|| {
+                        std::hint::black_box(collator.collate_uploaded(&uploaded, &spec).unwrap());
+                    }),
+                )
+            })
+        });
+        group.bench_function("cuda_end_to_end", |b| {
+            b.iter_custom(|iters| {
+                time(
+                    iters,
+                    Box::new(|| {
+                        std::hint::black_box(collator.collate(&packed, &spec).unwrap());
+                    }),
+                )
+            })
+        });
+        group.bench_function("cpu_collate_then_copy", |b| {
+            b.iter_custom(|iters| {
+                time(
+                    iters,
+                    Box::new(|| {
+                        let batch = cpu::collate(&packed, &spec).unwrap();
+                        let sft_collate::IdTensor::I32(ids) = &batch.input_ids else {
+                            unreachable!()
+                        };
+                        let sft_collate::IdTensor::I32(labels) = &batch.labels else {
+                            unreachable!()
+                        };
+                        std::hint::black_box((
+                            stream.clone_htod(ids).unwrap(),
+                            stream.clone_htod(labels).unwrap(),
+                            stream.clone_htod(batch.response_mask_bytes()).unwrap(),
+                        ));
+                    }),
+                )
+            })
+        });
+        group.finish();
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_bench(_: &mut Criterion) {}
+
+criterion_group!(benches, bench, cuda_bench);
 criterion_main!(benches);

@@ -110,6 +110,11 @@ impl Batch {
         (self.stats.rows, self.stats.width)
     }
 
+    /// `response_mask` as bytes (0 or 1 each, torch.bool's layout), without a copy.
+    pub fn response_mask_bytes(&self) -> &[u8] {
+        bool_bytes(&self.response_mask)
+    }
+
     /// Serialize to the safetensors format: tensors `input_ids`, `labels` (I32 or I64), `response_mask`
     /// and, when present, `attention_mask` (BOOL), each of shape `[rows, width]`, plus the given metadata.
     pub fn to_safetensors(&self, metadata: Option<HashMap<String, String>>) -> Result<Vec<u8>> {

@@ -26,9 +26,19 @@ impl CollatePlan {
     /// id dtype, and `rows × width` elements of every output addressable.
     pub fn new(packed: &PackedBatch, spec: &CollateSpec) -> Result<Self> {
         packed.validate()?;
+        let max_token = packed.tokens().iter().copied().max().unwrap_or(0);
+        Self::for_validated(packed.row_offsets(), max_token, spec)
+    }
+
+    /// The same checks for a batch whose offsets were validated already (a device copy keeps only its
+    /// offsets and largest token on the host).
+    pub(crate) fn for_validated(
+        row_offsets: &[u64],
+        max_token: u32,
+        spec: &CollateSpec,
+    ) -> Result<Self> {
         spec.validate()?;
         let pad_id = spec.pad_id.ok_or(Error::NoPadToken)?;
-        let max_token = packed.tokens().iter().copied().max().unwrap_or(0);
         for id in [max_token, pad_id] {
             if !spec.id_dtype.fits(i64::from(id)) {
                 return Err(Error::IdOverflow {
@@ -37,8 +47,13 @@ impl CollatePlan {
                 });
             }
         }
-        let rows = packed.rows();
-        let width = spec.width_for(packed.max_row_len());
+        let rows = row_offsets.len() - 1;
+        let max_row_len = row_offsets
+            .windows(2)
+            .map(|w| (w[1] - w[0]) as usize)
+            .max()
+            .unwrap_or(0);
+        let width = spec.width_for(max_row_len);
         rows.checked_mul(width)
             .and_then(|n| n.checked_mul(spec.id_dtype.size()))
             .filter(|&bytes| bytes <= isize::MAX as usize)
@@ -80,18 +95,18 @@ impl CollatePlan {
     /// The statistics of the batch, from the packed rows alone (so a device backend needs no copy back):
     /// row `i` has `len - max(prompt_len, 1)` response labels when that is positive.
     pub fn stats(&self, packed: &PackedBatch) -> BatchStats {
-        let response = |i: usize| {
-            let first_label = (packed.prompt_lens()[i] as usize).max(1);
-            packed.row_len(i).saturating_sub(first_label)
-        };
-        let real_labels: usize = (0..self.rows)
-            .map(|i| packed.row_len(i).saturating_sub(1))
-            .sum();
+        self.stats_from(packed.row_offsets(), packed.prompt_lens())
+    }
+
+    pub(crate) fn stats_from(&self, row_offsets: &[u64], prompt_lens: &[u32]) -> BatchStats {
+        let len = |i: usize| (row_offsets[i + 1] - row_offsets[i]) as usize;
+        let response = |i: usize| len(i).saturating_sub((prompt_lens[i] as usize).max(1));
+        let real_labels: usize = (0..self.rows).map(|i| len(i).saturating_sub(1)).sum();
         let slots = self.len();
         BatchStats {
             rows: self.rows,
             width: self.width,
-            tokens: packed.tokens().len(),
+            tokens: row_offsets.last().copied().unwrap_or(0) as usize,
             response_tokens: (0..self.rows).map(response).sum(),
             padding_fraction: if slots == 0 {
                 0.0

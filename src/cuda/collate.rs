@@ -111,6 +111,33 @@ impl InputLayout {
     }
 }
 
+/// A packed batch already on the device (one buffer), with what the host needs to launch on it: its
+/// offsets (for the shape and statistics) and its largest token (for the dtype check). Made by
+/// [`CudaCollator::upload`] from a validated [`PackedBatch`], so its device copy is consistent.
+pub struct DevicePackedBatch {
+    input: CudaSlice<u8>,
+    layout: InputLayout,
+    row_offsets: Vec<u64>,
+    prompt_lens: Vec<u32>,
+    max_token: u32,
+}
+
+impl std::fmt::Debug for DevicePackedBatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DevicePackedBatch")
+            .field("rows", &self.prompt_lens.len())
+            .field("tokens", &self.row_offsets.last())
+            .finish()
+    }
+}
+
+impl DevicePackedBatch {
+    /// Bytes copied to the device for this batch.
+    pub fn bytes(&self) -> usize {
+        self.layout.bytes
+    }
+}
+
 impl CudaCollator {
     /// Load the collation kernels into the stream's context. Trainers that own a context and stream pass
     /// theirs; every launch and copy goes on it.
@@ -140,23 +167,51 @@ impl CudaCollator {
     /// Collate on the device: validate on the host, one copy of the packed batch through pinned memory,
     /// one kernel launch, no host synchronization. Bit-identical to [`crate::cpu::collate`].
     pub fn collate(&self, packed: &PackedBatch, spec: &CollateSpec) -> Result<DeviceBatch> {
-        let plan = CollatePlan::new(packed, spec)?;
+        let device_packed = self.upload(packed)?;
+        self.collate_uploaded(&device_packed, spec)
+    }
+
+    /// Validate `packed` and copy it to the device (one transfer through a pinned staging buffer).
+    pub fn upload(&self, packed: &PackedBatch) -> Result<DevicePackedBatch> {
+        packed.validate()?;
+        let layout = InputLayout::of(packed);
+        let input = self.copy_to_device(packed, &layout)?;
+        Ok(DevicePackedBatch {
+            input,
+            layout,
+            row_offsets: packed.row_offsets().to_vec(),
+            prompt_lens: packed.prompt_lens().to_vec(),
+            max_token: packed.tokens().iter().copied().max().unwrap_or(0),
+        })
+    }
+
+    /// The kernel alone, on a batch already on the device (one launch, no host synchronization).
+    pub fn collate_uploaded(
+        &self,
+        packed: &DevicePackedBatch,
+        spec: &CollateSpec,
+    ) -> Result<DeviceBatch> {
+        let plan = CollatePlan::for_validated(&packed.row_offsets, packed.max_token, spec)?;
         let stream = &self.stream;
         let n = plan.len();
-        let alloc_ids = |n: usize| -> Result<DeviceIds> {
+        fn alloc<T: cudarc::driver::DeviceRepr>(
+            stream: &Arc<CudaStream>,
+            n: usize,
+        ) -> Result<CudaSlice<T>> {
+            if n == 0 {
+                return stream.null().map_err(cuda_err);
+            }
             // SAFETY: uninitialized device memory is only handed out after the kernel below has written
             // every one of its n elements (each thread writes its positions of every row it walks).
+            unsafe { stream.alloc::<T>(n) }.map_err(cuda_err)
+        }
+        let alloc_ids = |n: usize| -> Result<DeviceIds> {
             Ok(match spec.id_dtype {
-                IdDtype::I32 => {
-                    DeviceIds::I32(unsafe { stream.alloc::<i32>(n) }.map_err(cuda_err)?)
-                }
-                IdDtype::I64 => {
-                    DeviceIds::I64(unsafe { stream.alloc::<i64>(n) }.map_err(cuda_err)?)
-                }
+                IdDtype::I32 => DeviceIds::I32(alloc(stream, n)?),
+                IdDtype::I64 => DeviceIds::I64(alloc(stream, n)?),
             })
         };
-        // SAFETY: as above, the kernel writes every element before anyone reads.
-        let alloc_bytes = |n: usize| unsafe { stream.alloc::<u8>(n) }.map_err(cuda_err);
+        let alloc_bytes = |n: usize| alloc::<u8>(stream, n);
         let mut input_ids = alloc_ids(n)?;
         let mut labels = alloc_ids(n)?;
         let mut response_mask = alloc_bytes(n)?;
@@ -167,8 +222,9 @@ impl CudaCollator {
         };
 
         if n > 0 {
-            let layout = InputLayout::of(packed);
-            let input = self.upload(packed, &layout)?;
+            let (input, layout) = (&packed.input, &packed.layout);
+            let (offsets_len, rows_len) = (packed.row_offsets.len(), packed.prompt_lens.len());
+            let tokens_len = (layout.prompt_lens_at - layout.tokens_at) / 4;
             // SAFETY: `input` holds the layout's bytes, each array at an offset aligned for its element
             // type (row offsets at 0, the u32 arrays at multiples of 4), written by the host as exactly
             // these types; `transmute` checks the lengths against the bytes.
@@ -176,13 +232,13 @@ impl CudaCollator {
                 (
                     input
                         .slice(..layout.tokens_at)
-                        .transmute::<u64>(packed.row_offsets().len()),
+                        .transmute::<u64>(offsets_len),
                     input
                         .slice(layout.tokens_at..)
-                        .transmute::<u32>(packed.tokens().len().max(1)),
+                        .transmute::<u32>(tokens_len.max(1)),
                     input
                         .slice(layout.prompt_lens_at..)
-                        .transmute::<u32>(packed.prompt_lens().len()),
+                        .transmute::<u32>(rows_len),
                 )
             };
             let (row_offsets, tokens, prompt_lens) = (
@@ -224,9 +280,9 @@ impl CudaCollator {
                 Some(m) => launch.arg(m),
                 None => launch.arg(&null_mask),
             };
-            // SAFETY: `CollatePlan::new` validated the packed batch on the host (offsets start at 0, never
-            // decrease and end at the token count; every prompt fits its row), and the device copy is
-            // byte-for-byte that batch, so every `tokens[start + pos]` the kernel reads (pos < len) is in
+            // SAFETY: `upload` validated the packed batch on the host (offsets start at 0, never decrease
+            // and end at the token count; every prompt fits its row) and the device copy is byte for byte
+            // that batch, so every `tokens[start + pos]` the kernel reads (pos < len) is in
             // bounds. The outputs hold rows × width elements, the kernel writes only positions below
             // width of rows below rows, and the argument list matches COLLATE_PARAMS in collate.cu.
             unsafe { launch.launch(cfg) }.map_err(cuda_err)?;
@@ -236,13 +292,13 @@ impl CudaCollator {
             labels,
             response_mask,
             attention_mask,
-            stats: plan.stats(packed),
+            stats: plan.stats_from(&packed.row_offsets, &packed.prompt_lens),
             stream: stream.clone(),
         })
     }
 
     /// Copy the packed batch to the device in one transfer through the next staging buffer.
-    fn upload(&self, packed: &PackedBatch, layout: &InputLayout) -> Result<CudaSlice<u8>> {
+    fn copy_to_device(&self, packed: &PackedBatch, layout: &InputLayout) -> Result<CudaSlice<u8>> {
         let stream = &self.stream;
         let mut guard = self
             .staging

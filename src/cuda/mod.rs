@@ -17,7 +17,7 @@ mod module;
 
 use std::sync::Arc;
 
-pub use collate::{CudaCollator, DeviceBatch, DeviceIds};
+pub use collate::{CudaCollator, DeviceBatch, DeviceIds, DevicePackedBatch};
 pub use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
 pub use module::ModuleOrigin;
 

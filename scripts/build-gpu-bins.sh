@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Build the GPU test and bench binaries here (where Rust is) into gpu-bin/ (git-ignored), so that a GPU
+# machine without a Rust toolchain can run them with scripts/gpu-check.sh gpu-bin.
+# Set SFT_COLLATE_NVRTC (libnvrtc.so.12) first so that the kernels are prebuilt as PTX. The binaries are
+# stripped of debug info to keep the folder small enough to carry to a remote machine.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=gpu-bin
+rm -rf "$out" && mkdir -p "$out"
+cargo build --release --all-features --bin sft-collate
+cp target/release/sft-collate "$out/"
+copy_executables() {
+    python3 -c '
+import json, shutil, sys
+for line in sys.stdin:
+    msg = json.loads(line)
+    exe = msg.get("executable")
+    if msg.get("reason") == "compiler-artifact" and exe and msg["target"]["kind"][0] in ("test", "bench"):
+        shutil.copy(exe, sys.argv[1] + "/" + msg["target"]["name"])
+        print("  " + msg["target"]["name"])
+' "$out"
+}
+cargo test --release --all-features --no-run --message-format=json --test gpu | copy_executables
+cargo bench --all-features --no-run --message-format=json --bench collate | copy_executables
+strip --strip-debug "$out"/*
+ls -la "$out"

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Everything that needs a CUDA device, in one go, with a short report at the end: what a CUDA-enabled CI
+# runner calls.
+#
+#   scripts/gpu-check.sh            build with cargo, then run
+#   scripts/gpu-check.sh gpu-bin    run prebuilt binaries (scripts/build-gpu-bins.sh) on a machine without Rust
+#
+# Runs: device report and kernel self-check (sft-collate doctor), the #[ignore]d GPU tests, the same tests
+# under compute-sanitizer memcheck when it is installed, and the cuda_ benches. Exits non-zero if any
+# step failed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+bin_dir="${1:-}"
+if [ -z "$bin_dir" ]; then
+    scripts/build-gpu-bins.sh >/dev/null
+    bin_dir=gpu-bin
+fi
+log_dir="${GPU_CHECK_LOGS:-$bin_dir/logs}"
+mkdir -p "$log_dir"
+declare -a summary
+failed=0
+step() {
+    local name="$1"
+    shift
+    local start end status
+    start=$(date +%s)
+    "$@" >"$log_dir/$name.log" 2>&1
+    status=$?
+    end=$(date +%s)
+    if [ $status -eq 0 ]; then
+        summary+=("PASS  $name ($((end - start)) s)")
+    else
+        summary+=("FAIL  $name ($((end - start)) s, exit $status): see $log_dir/$name.log")
+        failed=1
+    fi
+    tail -n 30 "$log_dir/$name.log"
+}
+
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+step doctor "$bin_dir/sft-collate" doctor
+step gpu-tests "$bin_dir/gpu" --ignored --test-threads=1
+if command -v compute-sanitizer >/dev/null; then
+    step sanitizer-memcheck compute-sanitizer --tool memcheck --error-exitcode 1 \
+        "$bin_dir/gpu" --ignored --test-threads=1
+    step sanitizer-initcheck compute-sanitizer --tool initcheck --error-exitcode 1 \
+        "$bin_dir/gpu" --ignored --test-threads=1 cuda_large_batch_and_edges
+else
+    summary+=("SKIP  compute-sanitizer (not installed)")
+fi
+step cuda-benches "$bin_dir/collate" --bench cuda_ --warm-up-time 1 --measurement-time 3
+
+echo
+echo "== gpu-check report =="
+for line in "${summary[@]}"; do echo "$line"; done
+grep -hE "^cuda_collate/|time:|thrpt:" "$log_dir/cuda-benches.log" 2>/dev/null | paste - - - 2>/dev/null | sed 's/  */ /g'
+exit $failed
