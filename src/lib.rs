@@ -48,6 +48,7 @@ pub mod emulation;
 pub mod error;
 pub mod input;
 pub mod kernels;
+pub mod loss;
 pub mod packed;
 pub mod pipeline;
 pub mod plan;

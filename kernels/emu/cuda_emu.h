@@ -11,6 +11,7 @@
 
 #include <atomic>
 #include <cmath>
+#include <math.h>
 #include <condition_variable>
 #include <cstdint>
 #include <cstring>

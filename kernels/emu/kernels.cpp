@@ -4,6 +4,7 @@
 #include "emu/cuda_emu.h"
 
 #include "collate.cu"
+#include "masked_ce.cu"
 
 #define COMMA ,
 #define EMU_WRAPPER(kernel, params, args)                                                           \
@@ -13,6 +14,14 @@
 
 EMU_WRAPPER(collate_i32, COLLATE_PARAMS(i32), COLLATE_ARGS)
 EMU_WRAPPER(collate_i64, COLLATE_PARAMS(i64), COLLATE_ARGS)
+EMU_WRAPPER(masked_ce_fwd_f32, CE_PARAMS(float), CE_ARGS)
+EMU_WRAPPER(masked_ce_fwd_f16, CE_PARAMS(f16), CE_ARGS)
+EMU_WRAPPER(masked_ce_fwd_bf16, CE_PARAMS(bf16), CE_ARGS)
+EMU_WRAPPER(masked_ce_fwd_bwd_f32, CE_PARAMS(float), CE_ARGS)
+EMU_WRAPPER(masked_ce_fwd_bwd_f16, CE_PARAMS(f16), CE_ARGS)
+EMU_WRAPPER(masked_ce_fwd_bwd_bf16, CE_PARAMS(bf16), CE_ARGS)
+EMU_WRAPPER(masked_ce_count, CE_COUNT_PARAMS, CE_COUNT_ARGS)
+EMU_WRAPPER(masked_ce_reduce, CE_REDUCE_PARAMS, CE_REDUCE_ARGS)
 
 // A test kernel for the shim itself: block reductions through shared memory and warp shuffles, the
 // pattern the fused cross-entropy kernel uses. For each block b (blockDim.x a multiple of 32):

@@ -38,37 +38,54 @@ fn rows<T>(logits: &[T], vocab: usize) -> Result<std::slice::Chunks<'_, T>> {
     Ok(logits.chunks(vocab))
 }
 
-/// `logsumexp` of one row, shifted by the max so that no `exp` overflows.
-pub fn logsumexp<T: Float>(row: &[T]) -> f64 {
-    let max = row
-        .iter()
-        .map(|x| x.to_f64())
-        .fold(f64::NEG_INFINITY, f64::max);
-    if max == f64::NEG_INFINITY || max.is_nan() {
-        // All -inf (or a NaN): nothing to shift by; the result is -inf (or NaN), as torch gives.
-        return max;
+/// Softmax statistics of one row relative to its max `m`: `r = Σ e^(x-m) - 1` (the sum without the
+/// max's own term, so that `ln(1 + r)` keeps its precision when one logit dominates) and
+/// `u = Σ e^(x-m)·(m-x)`. Entries at -inf have probability 0 and are skipped. `None` for a row with no
+/// finite max (all -inf, or a NaN).
+fn row_statistics<T: Float>(row: &[T]) -> Option<(f64, f64, f64)> {
+    let (argmax, max) =
+        row.iter()
+            .map(|x| x.to_f64())
+            .enumerate()
+            .fold((0, f64::NEG_INFINITY), |best, (i, x)| {
+                if x > best.1 {
+                    (i, x)
+                } else {
+                    best
+                }
+            });
+    if max == f64::NEG_INFINITY || row.iter().any(|x| x.to_f64().is_nan()) {
+        return None;
     }
-    let sum: f64 = row.iter().map(|x| (x.to_f64() - max).exp()).sum();
-    max + sum.ln()
+    let (mut r, mut u) = (0.0, 0.0);
+    for (i, x) in row.iter().map(|x| x.to_f64()).enumerate() {
+        let e = (x - max).exp();
+        if i != argmax && e > 0.0 {
+            r += e;
+            u += e * (max - x);
+        }
+    }
+    Some((max, r, u))
 }
 
-/// Entropy of the softmax of one row: `H = lse - Σ p·x`. Terms with `p = 0` (entries at -inf, or far below
-/// the max) contribute 0, where a naive `0 · -inf` would give NaN.
+/// `logsumexp` of one row: `m + ln(1 + Σ e^(x-m) - 1)`, shifted by the max so that no `exp` overflows.
+/// -inf for a row of -inf, NaN for a row with a NaN (as torch gives).
+pub fn logsumexp<T: Float>(row: &[T]) -> f64 {
+    match row_statistics(row) {
+        Some((m, r, _)) => m + r.ln_1p(),
+        None if row.iter().any(|x| x.to_f64().is_nan()) => f64::NAN,
+        None => f64::NEG_INFINITY,
+    }
+}
+
+/// Entropy of the softmax of one row, `H = lse - Σ p·x`, computed as `ln(1 + r) + u / (1 + r)` (see
+/// `row_statistics`): both terms are non-negative, so a peaked row (entropy near 0 next to logits of
+/// 1e4) loses nothing to cancellation. Entries at -inf contribute 0; a row of -inf has no entropy (NaN).
 pub fn entropy_of_row<T: Float>(row: &[T]) -> f64 {
-    let lse = logsumexp(row);
-    let expected_logit: f64 = row
-        .iter()
-        .map(|x| x.to_f64())
-        .map(|x| {
-            let p = (x - lse).exp();
-            if p == 0.0 {
-                0.0
-            } else {
-                p * x
-            }
-        })
-        .sum();
-    lse - expected_logit
+    match row_statistics(row) {
+        Some((_, r, u)) => r.ln_1p() + u / (1.0 + r),
+        None => f64::NAN,
+    }
 }
 
 /// CS336 `compute_entropy`: the entropy of the next-token distribution at each of the `N` positions of
@@ -231,6 +248,107 @@ pub fn sft_microbatch_loss<T: Float>(
     Ok((-sum[0] / denominator, grad))
 }
 
+/// The masked cross-entropy of [`crate::loss`], in f64: the oracle of the fused kernel.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CeReference {
+    pub log_probs: Vec<f64>,
+    pub entropy: Vec<f64>,
+    pub lse: Vec<f64>,
+    /// `Σ w·(-log_prob)` over masked rows.
+    pub sum: f64,
+    pub count: usize,
+    pub loss: f64,
+    /// `d loss / d logits`, dense `[N, vocab]`, when asked for.
+    pub grad: Option<Vec<f64>>,
+}
+
+impl CeReference {
+    /// Round to what the kernels produce (f32 values, the gradient in the logits' dtype).
+    pub fn to_output<T: crate::loss::LogitElem>(&self) -> crate::loss::CeOutput<T> {
+        let f32s = |v: &[f64]| v.iter().map(|&x| x as f32).collect();
+        crate::loss::CeOutput {
+            log_probs: f32s(&self.log_probs),
+            entropy: f32s(&self.entropy),
+            lse: f32s(&self.lse),
+            sum: self.sum as f32,
+            count: self.count as u32,
+            loss: self.loss as f32,
+            grad: self
+                .grad
+                .as_ref()
+                .map(|g| g.iter().map(|&x| T::from_f32(x as f32)).collect()),
+        }
+    }
+}
+
+/// Masked cross-entropy on the CPU in f64: per-token log-probs, entropy and logsumexp over masked rows,
+/// the weighted sum, the count, the normalized loss and, with `with_grad`, `d loss / d logits =
+/// mask · scale · w · (softmax(row) - onehot(label))` with `scale = upstream / denominator`. A label
+/// outside `[0, vocab)` on a masked row is an error.
+pub fn masked_cross_entropy<T: Float>(
+    input: &crate::loss::CeInput<'_, T>,
+    options: &crate::loss::CeOptions,
+    with_grad: bool,
+) -> Result<CeReference> {
+    input.validate()?;
+    options.normalization.validate()?;
+    let shape = input.shape;
+    let n = shape.rows;
+    let mut out = CeReference {
+        log_probs: vec![0.0; n],
+        entropy: vec![0.0; n],
+        lse: vec![0.0; n],
+        sum: 0.0,
+        count: 0,
+        loss: 0.0,
+        grad: with_grad.then(|| vec![0.0; n * shape.vocab]),
+    };
+    for row in (0..n).filter(|&r| input.mask[r]) {
+        let x = &input.logits[row * shape.row_stride..row * shape.row_stride + shape.vocab];
+        let label = input.labels.get(row);
+        let at = usize::try_from(label)
+            .ok()
+            .filter(|&at| at < shape.vocab)
+            .ok_or(Error::LabelOutOfRange {
+                row,
+                label,
+                vocab: shape.vocab,
+            })?;
+        let lse = logsumexp(x);
+        out.lse[row] = lse;
+        out.log_probs[row] = x[at].to_f64() - lse;
+        out.entropy[row] = entropy_of_row(x);
+        out.sum -= f64::from(input.weights.map_or(1.0, |w| w[row])) * out.log_probs[row];
+        out.count += 1;
+    }
+    let denominator = options.normalization.denominator(out.count);
+    out.loss = if denominator > 0.0 {
+        out.sum / denominator
+    } else {
+        0.0
+    };
+    if let Some(grad) = &mut out.grad {
+        let scale = if denominator > 0.0 {
+            f64::from(options.upstream) / denominator
+        } else {
+            0.0
+        };
+        for row in (0..n).filter(|&r| input.mask[r]) {
+            let x = &input.logits[row * shape.row_stride..row * shape.row_stride + shape.vocab];
+            let w = f64::from(input.weights.map_or(1.0, |w| w[row]));
+            let label = input.labels.get(row) as usize;
+            for (i, g) in grad[row * shape.vocab..(row + 1) * shape.vocab]
+                .iter_mut()
+                .enumerate()
+            {
+                let p = (x[i].to_f64() - out.lse[row]).exp();
+                *g = scale * w * (p - if i == label { 1.0 } else { 0.0 });
+            }
+        }
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -239,6 +357,11 @@ mod tests {
     fn uniform_row_has_log_vocab_entropy() {
         let row = [0.5f32; 7];
         assert!((entropy_of_row(&row) - 7f64.ln()).abs() < 1e-12);
+        // A peaked row next to large logits: tiny but exact, not lost to cancellation.
+        let peaked = [1e4f64, 1e4 - 30.0];
+        let p = (-30f64).exp() / (1.0 + (-30f64).exp());
+        let want = -(p * p.ln() + (1.0 - p) * (-p).ln_1p());
+        assert!((entropy_of_row(&peaked) - want).abs() < 1e-12 * want);
     }
 
     #[test]

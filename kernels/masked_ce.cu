@@ -1,0 +1,292 @@
+// Fused masked cross-entropy: loss, per-token log-probs, entropy, logsumexp and (optionally) the gradient
+// over the response rows only, one thread block per row. Must agree with src/cpu/loss.rs.
+//
+// Forward reads each masked row once, keeping an online (max m, Σ e^(x-m), Σ e^(x-m)(m-x)) triple per
+// thread, merged across the block; from it:
+//   log Σ e^x = m + log s,  log p(label) = (x_label - m) - log s,  entropy = log s + u / s.
+// Both entropy terms are non-negative (m - x >= 0), so a peaked row loses no precision to cancellation.
+// Forward+backward reads the row a second time (from L2 when it is still there) and writes the gradient
+// once: scale · w · (softmax(x) - onehot(label)), in f32, rounded once to the logits' dtype.
+// Unmasked rows are never read: their outputs are 0, their gradient rows zeros.
+#include "common.cuh"
+
+#define CE_BLOCK 256
+
+// Running softmax statistics of a set of logits relative to their max m. `r` is Σ e^(x - m) without the
+// max's own term 1, so that log(1 + r) keeps full precision when one logit dominates (a peaked row's
+// entropy of 1e-9 is then exact to f32 precision, not lost in the rounding of 1 + r).
+struct Online {
+    float m;  // max so far; -inf while empty
+    float r;  // Σ e^(x - m) - 1
+    float u;  // Σ e^(x - m) (m - x)
+};
+
+#define CE_NEG_INF (-__int_as_float(0x7f800000))
+
+__device__ __forceinline__ Online online_empty() { return Online{CE_NEG_INF, 0.0f, 0.0f}; }
+
+// Make `m` the running max (m >= a.m), rescaling what is there.
+__device__ __forceinline__ void online_rebase(Online &a, float m) {
+    if (a.m == CE_NEG_INF) {
+        a = Online{m, 0.0f, 0.0f};  // the new max's own term is the implicit 1
+        return;
+    }
+    if (m > a.m) {
+        const float c = expf(a.m - m);
+        const float s = 1.0f + a.r;
+        a.u = c * (a.u + (m - a.m) * s);
+        a.r = s * c;  // the old terms; the new max's own 1 is implicit again
+        a.m = m;
+    }
+}
+
+__device__ __forceinline__ void online_add(Online &a, float x) {
+    if (x == CE_NEG_INF) return;  // probability 0, contributes nothing
+    if (a.m == CE_NEG_INF || x > a.m) {
+        online_rebase(a, x);
+        return;
+    }
+    const float e = expf(x - a.m);
+    a.r += e;
+    a.u += e * (a.m - x);
+}
+
+// Add N values at once: one comparison with the running max and at most one rescale per chunk, then
+// N - 1 exponentials (the per-element branch of online_add would dominate a memory-bound loop).
+template <int N>
+__device__ __forceinline__ void online_add_chunk(Online &a, const float (&v)[N]) {
+    int argmax = 0;
+#pragma unroll
+    for (int k = 1; k < N; ++k) argmax = v[k] > v[argmax] ? k : argmax;
+    const float chunk_max = v[argmax];
+    if (chunk_max == CE_NEG_INF) return;  // all -inf
+    int skip = -1;  // the element whose term is the implicit 1
+    if (a.m == CE_NEG_INF || chunk_max > a.m) {
+        online_rebase(a, chunk_max);
+        skip = argmax;
+    }
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+        const float e = expf(v[k] - a.m);
+        // e == 0 for -inf (and far below the max), where (m - x) may be infinite.
+        if (k != skip && e > 0.0f) {
+            a.r += e;
+            a.u += e * (a.m - v[k]);
+        }
+    }
+}
+
+__device__ __forceinline__ Online online_merge(Online a, Online b) {
+    if (a.m == CE_NEG_INF) return b;
+    if (b.m == CE_NEG_INF) return a;
+    if (b.m > a.m) {
+        const Online t = a;
+        a = b;
+        b = t;
+    }
+    // a holds the max; b's terms are all scaled by c = e^(b.m - a.m), its implicit 1 included.
+    const float c = expf(b.m - a.m);
+    const float sb = 1.0f + b.r;
+    return Online{a.m, a.r + c * sb, a.u + c * (b.u + (a.m - b.m) * sb)};
+}
+
+__device__ __forceinline__ Online online_shfl_xor(Online a, int offset) {
+    return Online{__shfl_xor_sync(0xffffffffu, a.m, offset), __shfl_xor_sync(0xffffffffu, a.r, offset),
+                  __shfl_xor_sync(0xffffffffu, a.u, offset)};
+}
+
+// The block's combined statistics, in every thread. `scratch` holds one Online per warp.
+__device__ __forceinline__ Online online_block_reduce(Online a, Online *scratch) {
+    const unsigned lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const unsigned warps = (blockDim.x + 31) / 32;
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2) a = online_merge(a, online_shfl_xor(a, offset));
+    if (lane == 0) scratch[warp] = a;
+    __syncthreads();
+    Online total = lane < warps ? scratch[lane] : online_empty();
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2) total = online_merge(total, online_shfl_xor(total, offset));
+    __syncthreads();
+    return total;
+}
+
+// Elements per 16-byte vector load.
+template <typename T>
+struct Vec16 {
+    static constexpr int N = 16 / (int)sizeof(T);
+};
+
+// This thread's share of the row's statistics: 16-byte loads where the row is aligned, then the tail.
+template <typename T>
+__device__ __forceinline__ Online row_statistics(const T *x, u64 vocab) {
+    constexpr int N = Vec16<T>::N;
+    Online local = online_empty();
+    u64 tail = 0;
+    if (is_packable<T, N>(x)) {
+        const u64 vectors = vocab / N;
+        const Packed<T, N> *xv = reinterpret_cast<const Packed<T, N> *>(x);
+        for (u64 v = threadIdx.x; v < vectors; v += blockDim.x) {
+            const Packed<T, N> p = xv[v];
+            float values[N];
+#pragma unroll
+            for (int k = 0; k < N; ++k) values[k] = to_float(p.v[k]);
+            online_add_chunk<N>(local, values);
+        }
+        tail = vectors * N;
+    }
+    for (u64 i = tail + threadIdx.x; i < vocab; i += blockDim.x) online_add(local, to_float(x[i]));
+    return local;
+}
+
+// Write `value(i)` for every i in [0, vocab) of row g, 16-byte stores where aligned.
+template <typename T, typename F>
+__device__ __forceinline__ void write_row(T *g, u64 vocab, F value) {
+    constexpr int N = Vec16<T>::N;
+    u64 tail = 0;
+    if (is_packable<T, N>(g)) {
+        const u64 vectors = vocab / N;
+        for (u64 v = threadIdx.x; v < vectors; v += blockDim.x) {
+            T out[N];
+#pragma unroll
+            for (int k = 0; k < N; ++k) store_float(value(v * N + k), &out[k]);
+            store_packed<T, N>(g + v * N, out);
+        }
+        tail = vectors * N;
+    }
+    for (u64 i = tail + threadIdx.x; i < vocab; i += blockDim.x) store_float(value(i), &g[i]);
+}
+
+// g[i] = f(i, x[i]) for the whole row, 16-byte loads and stores where both rows are aligned. Each element
+// is read and written by the same thread, so g may be x (in place).
+template <typename T, typename F>
+__device__ __forceinline__ void transform_row(const T *x, T *g, u64 vocab, F f) {
+    constexpr int N = Vec16<T>::N;
+    u64 tail = 0;
+    if (is_packable<T, N>(x) && is_packable<T, N>(g)) {
+        const u64 vectors = vocab / N;
+        for (u64 v = threadIdx.x; v < vectors; v += blockDim.x) {
+            const Packed<T, N> p = reinterpret_cast<const Packed<T, N> *>(x)[v];
+            T out[N];
+#pragma unroll
+            for (int k = 0; k < N; ++k) store_float(f(v * N + k, to_float(p.v[k])), &out[k]);
+            store_packed<T, N>(g + v * N, out);
+        }
+        tail = vectors * N;
+    }
+    for (u64 i = tail + threadIdx.x; i < vocab; i += blockDim.x) store_float(f(i, to_float(x[i])), &g[i]);
+}
+
+// How the summed loss is normalized (src/loss.rs `Normalization`).
+#define CE_NORM_SUM 0
+#define CE_NORM_TOKEN_MEAN 1
+#define CE_NORM_FIXED 2  // CS336: a fixed denominator nc · B · gas
+
+__device__ __forceinline__ float ce_denominator(i32 mode, float fixed, u32 count) {
+    if (mode == CE_NORM_TOKEN_MEAN) return (float)count;
+    if (mode == CE_NORM_FIXED) return fixed;
+    return 1.0f;
+}
+
+#define CE_PARAMS(T)                                                                                \
+    const T *logits, u64 rows, u64 vocab, u64 logits_stride, const void *__restrict__ labels,      \
+        i32 labels_are_i64, const u8 *__restrict__ mask, const float *__restrict__ weights,        \
+        const u32 *__restrict__ count, i32 norm_mode, float norm_fixed, float upstream,            \
+        float *__restrict__ row_loss, float *__restrict__ log_probs, float *__restrict__ entropy,  \
+        float *__restrict__ lse, T *grad, u64 grad_stride, u32 *__restrict__ error_flag
+#define CE_ARGS                                                                                     \
+    logits, rows, vocab, logits_stride, labels, labels_are_i64, mask, weights, count, norm_mode,   \
+        norm_fixed, upstream, row_loss, log_probs, entropy, lse, grad, grad_stride, error_flag
+
+// `grad` may alias `logits` (in-place backward), so neither is __restrict__.
+template <typename T, bool BACKWARD>
+__device__ __forceinline__ void masked_ce_impl(CE_PARAMS(T)) {
+    __shared__ Online scratch[32];
+    const float nan = __int_as_float(0x7fc00000);
+    float scale_base = 0.0f;
+    if (BACKWARD) {
+        const float denominator = ce_denominator(norm_mode, norm_fixed, *count);
+        scale_base = denominator > 0.0f ? upstream / denominator : 0.0f;
+    }
+    for (u64 row = blockIdx.x; row < rows; row += gridDim.x) {
+        const T *x = logits + row * logits_stride;
+        const i64 label = labels_are_i64 ? ((const i64 *)labels)[row] : (i64)((const i32 *)labels)[row];
+        const bool masked = mask[row] != 0;
+        const bool label_ok = label >= 0 && (u64)label < vocab;
+        if (!masked || !label_ok) {
+            // Not read. A bad label on a masked row is reported through the flag, never dereferenced.
+            if (threadIdx.x == 0) {
+                if (masked) atomicOr(error_flag, 1u);
+                row_loss[row] = 0.0f;
+                const float fill = masked ? nan : 0.0f;
+                if (log_probs) log_probs[row] = fill;
+                if (entropy) entropy[row] = fill;
+                if (lse) lse[row] = fill;
+            }
+            if (BACKWARD) write_row(grad + row * grad_stride, vocab, [&](u64) { return 0.0f; });
+            continue;
+        }
+        // Read before any thread can overwrite the row in place.
+        const float x_label = to_float(x[label]);
+        const Online total = online_block_reduce(row_statistics(x, vocab), scratch);
+        const float log_s = log1pf(total.r);
+        const float log_prob = (x_label - total.m) - log_s;
+        const float w = weights ? weights[row] : 1.0f;
+        if (threadIdx.x == 0) {
+            row_loss[row] = -w * log_prob;
+            if (log_probs) log_probs[row] = log_prob;
+            if (entropy) entropy[row] = log_s + total.u / (1.0f + total.r);
+            if (lse) lse[row] = total.m + log_s;
+        }
+        if (BACKWARD) {
+            const float scale = scale_base * w;
+            const float shift = total.m + log_s;
+            transform_row(x, grad + row * grad_stride, vocab, [&](u64 i, float v) {
+                const float p = expf(v - shift);
+                return scale * (p - (i == (u64)label ? 1.0f : 0.0f));
+            });
+        }
+    }
+}
+
+#define CE_KERNELS(suffix, T)                                                                       \
+    extern "C" __global__ void __launch_bounds__(CE_BLOCK) masked_ce_fwd_##suffix(CE_PARAMS(T)) { \
+        masked_ce_impl<T, false>(CE_ARGS);                                                          \
+    }                                                                                               \
+    extern "C" __global__ void __launch_bounds__(CE_BLOCK)                                          \
+        masked_ce_fwd_bwd_##suffix(CE_PARAMS(T)) {                                                  \
+        masked_ce_impl<T, true>(CE_ARGS);                                                           \
+    }
+
+CE_KERNELS(f32, float)
+CE_KERNELS(f16, f16)
+CE_KERNELS(bf16, bf16)
+
+// The number of masked rows, by one block in a fixed order (deterministic), before the main kernel so
+// that a token-mean gradient knows its denominator without a host round trip.
+#define CE_COUNT_PARAMS const u8 *__restrict__ mask, u64 rows, u32 *__restrict__ count
+#define CE_COUNT_ARGS mask, rows, count
+extern "C" __global__ void __launch_bounds__(CE_BLOCK) masked_ce_count(CE_COUNT_PARAMS) {
+    __shared__ u32 scratch[32];
+    u32 mine = 0;
+    for (u64 i = threadIdx.x; i < rows; i += blockDim.x) mine += mask[i] != 0;
+    const u32 total = block_reduce(mine, [](u32 a, u32 b) { return a + b; }, 0u, scratch);
+    if (threadIdx.x == 0) *count = total;
+}
+
+// Σ row_loss in f64 in a fixed order, and the normalized loss: out[0] = sum, out[1] = loss.
+#define CE_REDUCE_PARAMS                                                                            \
+    const float *__restrict__ row_loss, u64 rows, const u32 *__restrict__ count, i32 norm_mode,    \
+        float norm_fixed, float *__restrict__ out
+#define CE_REDUCE_ARGS row_loss, rows, count, norm_mode, norm_fixed, out
+extern "C" __global__ void __launch_bounds__(CE_BLOCK) masked_ce_reduce(CE_REDUCE_PARAMS) {
+    __shared__ double scratch[32];
+    double mine = 0.0;
+    for (u64 i = threadIdx.x; i < rows; i += blockDim.x) mine += (double)row_loss[i];
+    const double sum = block_reduce(mine, [](double a, double b) { return a + b; }, 0.0, scratch);
+    if (threadIdx.x == 0) {
+        const float denominator = ce_denominator(norm_mode, norm_fixed, *count);
+        out[0] = (float)sum;
+        // A token mean over no tokens is 0, never NaN.
+        out[1] = denominator > 0.0f ? (float)(sum / (double)denominator) : 0.0f;
+    }
+}
