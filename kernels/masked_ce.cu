@@ -239,10 +239,12 @@ __device__ __forceinline__ void masked_ce_impl(CE_PARAMS(T)) {
         }
         if (BACKWARD) {
             const float scale = scale_base * w;
-            const float shift = total.m + log_s;
+            // p_i = e^((x_i - m) - log s): x_i - m first, so no f32 rounding of a large m + log s creeps in.
+            // At the label, p - 1 = -(r - expm1(x_label - m)) / (1 + r): two non-negative terms instead of
+            // 1 - p, which would cancel when the label holds nearly all the mass.
+            const float label_term = -(total.r - expm1f(x_label - total.m)) / (1.0f + total.r);
             transform_row(x, grad + row * grad_stride, vocab, [&](u64 i, float v) {
-                const float p = expf(v - shift);
-                return scale * (p - (i == (u64)label ? 1.0f : 0.0f));
+                return scale * (i == (u64)label ? label_term : expf((v - total.m) - log_s));
             });
         }
     }

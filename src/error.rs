@@ -78,6 +78,11 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// The cross-entropy kernel found a label outside `[0, vocab)` on a masked row (reported through its
+    /// device-side flag; the row was not read).
+    #[error("a masked row has a label outside [0, vocab): the kernel skipped it")]
+    DeviceLabelOutOfRange,
+
     /// No usable CUDA device: no driver library, no device, or the driver refused to initialize.
     #[error("no CUDA device: {0}")]
     NoDevice(String),

@@ -231,7 +231,9 @@ pub struct CeOutput<T> {
 }
 
 /// The element types logits come in: f32, f16 and bf16 (as the `half` crate stores them).
-pub trait LogitElem: crate::cpu::loss::Float + bytemuck::Pod + Default + std::fmt::Debug {
+pub trait LogitElem:
+    crate::cpu::loss::Float + bytemuck::Pod + Default + PartialEq + std::fmt::Debug
+{
     /// The kernel-name suffix (`masked_ce_fwd_<suffix>`).
     const SUFFIX: &'static str;
     /// Round an f32 to this type (to nearest, ties to even).

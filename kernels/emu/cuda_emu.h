@@ -40,7 +40,9 @@ struct dim3 {
 namespace emu {
 
 // A reusable barrier whose participants may leave (a thread that returns from the kernel no longer takes
-// part in __syncthreads, as on the GPU).
+// part in __syncthreads, as on the GPU). Waiters first yield the CPU a few times (with hundreds of
+// emulated threads on a few cores, the last arrival is usually only a few yields away) and only then
+// sleep on the condition variable; the last arrival wakes sleepers only if there are any.
 class Barrier {
   public:
     void reset(int n) {
@@ -48,13 +50,23 @@ class Barrier {
         count_ = n;
     }
     void wait() {
-        std::unique_lock<std::mutex> lock(mutex_);
-        const unsigned long generation = generation_;
-        if (--count_ == 0) {
-            next_generation();
-        } else {
-            cv_.wait(lock, [&] { return generation != generation_; });
+        unsigned long generation;
+        {
+            std::unique_lock<std::mutex> lock(mutex_);
+            generation = generation_.load(std::memory_order_relaxed);
+            if (--count_ == 0) {
+                next_generation();
+                return;
+            }
         }
+        for (int spin = 0; spin < 16; ++spin) {
+            if (generation_.load(std::memory_order_acquire) != generation) return;
+            std::this_thread::yield();
+        }
+        std::unique_lock<std::mutex> lock(mutex_);
+        ++sleepers_;
+        cv_.wait(lock, [&] { return generation != generation_.load(std::memory_order_relaxed); });
+        --sleepers_;
     }
     void drop() {
         std::unique_lock<std::mutex> lock(mutex_);
@@ -63,16 +75,18 @@ class Barrier {
     }
 
   private:
+    // Called with the mutex held.
     void next_generation() {
-        ++generation_;
         count_ = expected_;
-        cv_.notify_all();
+        generation_.fetch_add(1, std::memory_order_release);
+        if (sleepers_ > 0) cv_.notify_all();
     }
     std::mutex mutex_;
     std::condition_variable cv_;
     int expected_ = 0;
     int count_ = 0;
-    unsigned long generation_ = 0;
+    int sleepers_ = 0;
+    std::atomic<unsigned long> generation_{0};
 };
 
 struct Warp {

@@ -337,12 +337,22 @@ pub fn masked_cross_entropy<T: Float>(
             let x = &input.logits[row * shape.row_stride..row * shape.row_stride + shape.vocab];
             let w = f64::from(input.weights.map_or(1.0, |w| w[row]));
             let label = input.labels.get(row) as usize;
+            let Some((m, r, _)) = row_statistics(x) else {
+                continue; // No finite max: nothing sensible to differentiate.
+            };
+            let log_s = r.ln_1p();
             for (i, g) in grad[row * shape.vocab..(row + 1) * shape.vocab]
                 .iter_mut()
                 .enumerate()
             {
-                let p = (x[i].to_f64() - out.lse[row]).exp();
-                *g = scale * w * (p - if i == label { 1.0 } else { 0.0 });
+                let x = x[i].to_f64();
+                // p - 1 at the label as -(r - expm1(x - m)) / (1 + r): no cancellation when p is near 1.
+                let d = if i == label {
+                    -(r - (x - m).exp_m1()) / (1.0 + r)
+                } else {
+                    ((x - m) - log_s).exp()
+                };
+                *g = scale * w * d;
             }
         }
     }

@@ -1,48 +1,25 @@
 //! The emulation backend: the very same `kernels/*.cu` compiled as C++ (cargo feature `emulation`) and run
 //! on CPU threads, one OS thread per CUDA thread, with real barriers, shared memory and warp shuffles (see
 //! `kernels/emu/cuda_emu.h`). It takes the same arguments and launch shapes as the CUDA backend, so the
-//! tests that compare it bit for bit with the CPU oracle check the kernels' logic on machines without a
-//! GPU. It is a checking tool, not a fast path.
+//! tests that compare it with the CPU oracle check the kernels' logic on machines without a GPU. It is a
+//! checking tool, not a fast path.
 
-use crate::plan::CollatePlan;
-use crate::{Batch, CollateSpec, IdDtype, IdTensor, PackedBatch, Result};
+mod collate;
+mod loss;
+
+pub use collate::{selftest_reduce, EmulatedCollator};
+pub use loss::EmulatedMaskedCrossEntropy;
 
 /// The launch shape as the C++ side reads it.
 #[repr(C)]
-struct EmuLaunch {
-    grid: [u32; 3],
-    block: [u32; 3],
+pub(crate) struct EmuLaunch {
+    pub grid: [u32; 3],
+    pub block: [u32; 3],
 }
-
-macro_rules! collate_decl {
-    ($($name:ident: $id:ty),*) => {
-        extern "C" {
-            $(
-                fn $name(
-                    cfg: *const EmuLaunch,
-                    tokens: *const u32,
-                    row_offsets: *const u64,
-                    prompt_lens: *const u32,
-                    rows: u64,
-                    width: u64,
-                    pad_id: u32,
-                    ignore_index: i64,
-                    use_ignore_index: i32,
-                    input_ids: *mut $id,
-                    labels: *mut $id,
-                    response_mask: *mut u8,
-                    attention_mask: *mut u8,
-                );
-            )*
-            fn emu_selftest_reduce(cfg: *const EmuLaunch, input: *const f32, out: *mut f32, ballots: *mut u32);
-        }
-    };
-}
-collate_decl!(emu_collate_i32: i32, emu_collate_i64: i64);
 
 /// A host buffer aligned like device memory (256 bytes), so that the kernels' vector paths run here as
 /// they do on the GPU.
-struct DeviceLikeBuffer {
+pub(crate) struct DeviceLikeBuffer {
     chunks: Vec<Chunk>,
 }
 
@@ -51,117 +28,24 @@ struct DeviceLikeBuffer {
 struct Chunk([u8; 256]);
 
 impl DeviceLikeBuffer {
-    fn zeroed(bytes: usize) -> Self {
+    pub fn zeroed(bytes: usize) -> Self {
         DeviceLikeBuffer {
             chunks: vec![Chunk([0; 256]); bytes.div_ceil(256).max(1)],
         }
     }
 
-    fn as_mut_slice<T: bytemuck::Pod>(&mut self, len: usize) -> &mut [T] {
+    /// A copy of `data` in aligned memory.
+    pub fn from_slice<T: bytemuck::Pod>(data: &[T]) -> Self {
+        let mut buffer = Self::zeroed(std::mem::size_of_val(data));
+        buffer.as_mut_slice::<T>(data.len()).copy_from_slice(data);
+        buffer
+    }
+
+    pub fn as_mut_slice<T: bytemuck::Pod>(&mut self, len: usize) -> &mut [T] {
         &mut bytemuck::cast_slice_mut::<Chunk, T>(&mut self.chunks)[..len]
     }
-}
 
-/// The collation kernel run by the emulator. Same API as `cuda::CudaCollator`, with host results.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct EmulatedCollator;
-
-impl EmulatedCollator {
-    pub fn new() -> Self {
-        EmulatedCollator
+    pub fn as_slice<T: bytemuck::Pod>(&self, len: usize) -> &[T] {
+        &bytemuck::cast_slice::<Chunk, T>(&self.chunks)[..len]
     }
-
-    /// Collate `packed` by running `collate_<dtype>` on CPU threads.
-    pub fn collate(&self, packed: &PackedBatch, spec: &CollateSpec) -> Result<Batch> {
-        let plan = CollatePlan::new(packed, spec)?;
-        let n = plan.len();
-        let mut input_ids = DeviceLikeBuffer::zeroed(n * spec.id_dtype.size());
-        let mut labels = DeviceLikeBuffer::zeroed(n * spec.id_dtype.size());
-        let mut response_mask = DeviceLikeBuffer::zeroed(n);
-        let mut attention_mask = DeviceLikeBuffer::zeroed(n);
-        if n > 0 {
-            let (grid, block) = plan.launch_shape();
-            let cfg = EmuLaunch { grid, block };
-            let attention_ptr = if spec.attention_mask {
-                attention_mask.as_mut_slice::<u8>(n).as_mut_ptr()
-            } else {
-                std::ptr::null_mut()
-            };
-            let mask_ptr = response_mask.as_mut_slice::<u8>(n).as_mut_ptr();
-            macro_rules! launch {
-                ($kernel:ident, $id:ty) => {
-                    // SAFETY: `CollatePlan::new` validated the packed batch (offsets start at 0, never
-                    // decrease, end at the token count; prompts fit their rows) and sized the outputs:
-                    // every pointer covers rows × width elements (row_offsets rows + 1), so the kernel's
-                    // reads stay inside `tokens` and its writes inside the buffers.
-                    unsafe {
-                        $kernel(
-                            &cfg,
-                            packed.tokens().as_ptr(),
-                            packed.row_offsets().as_ptr(),
-                            packed.prompt_lens().as_ptr(),
-                            plan.rows as u64,
-                            plan.width as u64,
-                            plan.pad_id,
-                            plan.ignore_index.unwrap_or(0),
-                            i32::from(plan.ignore_index.is_some()),
-                            input_ids.as_mut_slice::<$id>(n).as_mut_ptr(),
-                            labels.as_mut_slice::<$id>(n).as_mut_ptr(),
-                            mask_ptr,
-                            attention_ptr,
-                        )
-                    }
-                };
-            }
-            match spec.id_dtype {
-                IdDtype::I32 => launch!(emu_collate_i32, i32),
-                IdDtype::I64 => launch!(emu_collate_i64, i64),
-            }
-        }
-        let ids = |buf: &mut DeviceLikeBuffer| match spec.id_dtype {
-            IdDtype::I32 => IdTensor::I32(buf.as_mut_slice::<i32>(n).to_vec()),
-            IdDtype::I64 => IdTensor::I64(buf.as_mut_slice::<i64>(n).to_vec()),
-        };
-        Ok(Batch {
-            input_ids: ids(&mut input_ids),
-            labels: ids(&mut labels),
-            response_mask: crate::batch::bools_from_bytes(response_mask.as_mut_slice::<u8>(n))?,
-            attention_mask: if spec.attention_mask {
-                Some(crate::batch::bools_from_bytes(
-                    attention_mask.as_mut_slice::<u8>(n),
-                )?)
-            } else {
-                None
-            },
-            stats: plan.stats(packed),
-        })
-    }
-}
-
-/// Run the shim's self-test kernel: for each block of `block` threads, (sum by xor shuffles, sum by down
-/// shuffles, sum by atomicAdd) and each warp's ballot of `x > 0`. `input.len()` must be a multiple of
-/// `block`, and `block` a multiple of 32 up to 1024.
-pub fn selftest_reduce(input: &[f32], block: u32) -> (Vec<[f32; 3]>, Vec<u32>) {
-    assert!(block % 32 == 0 && (32..=1024).contains(&block));
-    assert_eq!(input.len() % block as usize, 0);
-    let blocks = input.len() / block as usize;
-    let mut out = vec![[0f32; 3]; blocks];
-    let mut ballots = vec![0u32; blocks * (block as usize / 32)];
-    let cfg = EmuLaunch {
-        grid: [blocks as u32, 1, 1],
-        block: [block, 1, 1],
-    };
-    if blocks > 0 {
-        // SAFETY: `input` has blocks × block elements, `out` 3 per block, `ballots` one per warp, which is
-        // exactly what the kernel indexes.
-        unsafe {
-            emu_selftest_reduce(
-                &cfg,
-                input.as_ptr(),
-                out.as_mut_ptr().cast(),
-                ballots.as_mut_ptr(),
-            )
-        };
-    }
-    (out, ballots)
 }
