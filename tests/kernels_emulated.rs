@@ -198,7 +198,6 @@ mod ce {
         }
     }
 
-    use sft_collate::cpu::loss::Float;
 
     #[derive(Debug)]
     struct Case {
