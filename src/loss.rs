@@ -26,9 +26,13 @@ pub enum Normalization {
     Sum,
 }
 
-/// Kernel encoding of [`Normalization`]: CE_NORM_* in kernels/masked_ce.cu.
+// Kernel encoding of [`Normalization`]: CE_NORM_* in kernels/masked_ce.cu. Used by the device backends
+// only, which a build may leave out.
+#[cfg_attr(not(any(feature = "cuda", feature = "emulation")), allow(dead_code))]
 pub(crate) const NORM_SUM: i32 = 0;
+#[cfg_attr(not(any(feature = "cuda", feature = "emulation")), allow(dead_code))]
 pub(crate) const NORM_TOKEN_MEAN: i32 = 1;
+#[cfg_attr(not(any(feature = "cuda", feature = "emulation")), allow(dead_code))]
 pub(crate) const NORM_FIXED: i32 = 2;
 
 impl Normalization {
@@ -62,6 +66,7 @@ impl Normalization {
     }
 
     /// (mode, fixed denominator) as the kernels take them.
+    #[cfg_attr(not(any(feature = "cuda", feature = "emulation")), allow(dead_code))]
     pub(crate) fn kernel_args(&self) -> (i32, f32) {
         match self {
             Normalization::TokenMean => (NORM_TOKEN_MEAN, 0.0),
@@ -262,9 +267,11 @@ impl LogitElem for half::bf16 {
 }
 
 /// Threads per block of the cross-entropy kernels (`CE_BLOCK` in kernels/masked_ce.cu).
+#[cfg_attr(not(any(feature = "cuda", feature = "emulation")), allow(dead_code))]
 pub(crate) const CE_BLOCK: u32 = 256;
 
 /// Blocks for `rows` rows: one per row up to a cap, then the kernel walks rows grid-stride.
+#[cfg_attr(not(any(feature = "cuda", feature = "emulation")), allow(dead_code))]
 pub(crate) fn ce_grid(rows: usize) -> u32 {
     rows.clamp(1, 1 << 20) as u32
 }

@@ -194,3 +194,142 @@ fn sft_microbatch_train_step_matches() {
         }
     }
 }
+
+/// The CS336 vectors through the fused cross-entropy kernel (run by the emulator).
+#[cfg(feature = "emulation")]
+mod through_the_kernel {
+    use super::*;
+    use sft_collate::emulation::EmulatedMaskedCrossEntropy;
+    use sft_collate::loss::{CeInput, CeOptions, Labels, LogitsShape, Normalization};
+
+    #[test]
+    fn compute_entropy_through_the_kernel() {
+        let Some(shared) = common::shared_dir("compute_entropy_through_the_kernel") else {
+            return;
+        };
+        let fx = common::fixture_json(&shared, "cs336/compute_entropy.json");
+        let logits: Vec<f32> = floats(&fx["logits"]).iter().map(|&x| x as f32).collect();
+        let vocab = *shape(&fx["logits_shape"]).last().unwrap();
+        let rows = logits.len() / vocab;
+        let (labels, mask) = (vec![0i64; rows], vec![true; rows]);
+        let input = CeInput::new(&logits, vocab, Labels::I64(&labels), &mask);
+        let out = EmulatedMaskedCrossEntropy::new()
+            .forward(&input, &CeOptions::default())
+            .unwrap();
+        let got: Vec<f64> = out.entropy.iter().map(|&x| f64::from(x)).collect();
+        assert_close(&got, &floats(&fx["expected"]), "kernel entropy");
+    }
+
+    /// Rows whose label has log-probability exactly -1 in exact arithmetic: [0, ln(e - 1)], label 0. With
+    /// the tensor as per-token weights, the kernel's weighted sum is then Σ tensor · mask.
+    fn unit_loss_rows(rows: usize) -> (Vec<f32>, Vec<i64>) {
+        let z = (std::f64::consts::E - 1.0).ln() as f32;
+        ((0..rows).flat_map(|_| [0.0, z]).collect(), vec![0; rows])
+    }
+
+    #[test]
+    fn masked_normalize_through_the_kernel_weights() {
+        let Some(shared) = common::shared_dir("masked_normalize_through_the_kernel_weights") else {
+            return;
+        };
+        let fx = common::fixture_json(&shared, "cs336/masked_normalize.json");
+        let (x, mask, shape_) = tensor_and_mask(&shared);
+        let c = fx["normalize_constant"].as_f64().unwrap();
+        let kernel = EmulatedMaskedCrossEntropy::new();
+        let sum_normalization = CeOptions {
+            normalization: Normalization::Sum,
+            upstream: 1.0,
+        };
+        // dim = None: one call over every element.
+        let (logits, labels) = unit_loss_rows(x.len());
+        let mut input = CeInput::new(&logits, 2, Labels::I64(&labels), &mask);
+        input.weights = Some(&x);
+        let out = kernel.forward(&input, &sum_normalization).unwrap();
+        let want = fx["cases"]["dimNone"]["expected"].as_f64().unwrap();
+        assert_close(
+            &[f64::from(out.sum) / c],
+            &[want],
+            "dimNone through the kernel",
+        );
+        // dim = -1: one call per slice of the last dimension.
+        let last = *shape_.last().unwrap();
+        let want = floats(&fx["cases"]["dimlast"]["expected"]);
+        let (logits, labels) = unit_loss_rows(last);
+        for (slice, (xs, ms)) in x.chunks(last).zip(mask.chunks(last)).enumerate() {
+            let mut input = CeInput::new(&logits, 2, Labels::I64(&labels), ms);
+            input.weights = Some(xs);
+            let out = kernel.forward(&input, &sum_normalization).unwrap();
+            assert_close(
+                &[f64::from(out.sum) / c],
+                &[want[slice]],
+                "dimlast through the kernel",
+            );
+        }
+    }
+
+    #[test]
+    fn sft_microbatch_train_step_through_the_kernel() {
+        let Some(shared) = common::shared_dir("sft_microbatch_train_step_through_the_kernel")
+        else {
+            return;
+        };
+        let fx = common::fixture_json(&shared, "cs336/sft_microbatch_train_step.json");
+        let mask = bools(&fx["response_mask"]);
+        let batch_size = fx["response_mask"].as_array().unwrap().len();
+        let gas = fx["gradient_accumulation_steps"].as_u64().unwrap() as usize;
+        let rows = mask.len();
+        let vocab = 5;
+        let logits: Vec<f32> = (0..rows * vocab)
+            .map(|i| ((i * 37) % 11) as f32 * 0.4 - 2.0)
+            .collect();
+        let labels: Vec<i64> = (0..rows as i64).map(|r| r % vocab as i64).collect();
+        let input = CeInput {
+            logits: &logits,
+            shape: LogitsShape::dense(rows, vocab),
+            labels: Labels::I64(&labels),
+            mask: &mask,
+            weights: None,
+        };
+        for name in [
+            "test_sft_microbatch_train_step",
+            "test_sft_microbatch_train_step_normalize",
+        ] {
+            let case = &fx["cases"][name];
+            let nc = case["normalize_constant"].as_f64().unwrap();
+            let options = CeOptions {
+                normalization: Normalization::Cs336 {
+                    normalize_constant: nc,
+                    batch_size,
+                    gradient_accumulation_steps: gas,
+                },
+                upstream: 1.0,
+            };
+            let out = EmulatedMaskedCrossEntropy::new()
+                .forward_backward(&input, &options)
+                .unwrap();
+            // The loss is CS336's, applied to the kernel's own log-probs.
+            let log_probs: Vec<f64> = out.log_probs.iter().map(|&x| f64::from(x)).collect();
+            let (want_loss, _) =
+                loss::sft_microbatch_loss(&log_probs, &mask, batch_size, gas, nc).unwrap();
+            assert_close(&[f64::from(out.loss)], &[want_loss], name);
+            // Chain rule: d loss / d logits = (d loss / d log_prob, CS336's recorded gradient) ·
+            // (onehot(label) - softmax).
+            let upstream = floats(&case["policy_log_probs_grad"]);
+            let grad = out.grad.unwrap();
+            for row in 0..rows {
+                let x = &logits[row * vocab..(row + 1) * vocab];
+                let lse = loss::logsumexp(x);
+                for i in 0..vocab {
+                    let p = (f64::from(x[i]) - lse).exp();
+                    let onehot = if i as i64 == labels[row] { 1.0 } else { 0.0 };
+                    let want = upstream[row] * (onehot - p);
+                    let got = f64::from(grad[row * vocab + i]);
+                    assert!(
+                        (got - want).abs() <= 1e-5 * want.abs() + 1e-9,
+                        "{name} grad[{row}, {i}]: {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+}

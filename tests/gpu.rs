@@ -2,6 +2,8 @@
 //! they are ignored by default and run by `scripts/gpu-check.sh` (`cargo test -- --ignored`).
 #![cfg(feature = "cuda")]
 
+mod common;
+
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 use sft_collate::cuda::{self, CudaCollator};
@@ -102,4 +104,109 @@ fn cuda_refuses_bad_input_before_launch() {
         ..Default::default()
     };
     assert!(collator.collate(&packed, &spec).is_err());
+}
+
+// ---- The fused masked cross-entropy kernels on the GPU against the f64 oracle.
+
+mod ce {
+    use super::common::ce::{case_strategy, check, extreme_rows_case, Case};
+    use proptest::test_runner::{Config, TestRunner};
+    use sft_collate::cpu::loss::masked_cross_entropy;
+    use sft_collate::cuda::{self, CeRequest, DeviceCeTargets, DeviceLabels, MaskedCrossEntropy};
+    use sft_collate::loss::{CeInput, Labels, LogitElem, LogitsShape};
+    use sft_collate::Error;
+
+    fn run_case<T: LogitElem + cudarc::driver::DeviceRepr>(ce: &MaskedCrossEntropy, case: &Case) {
+        let stream = cuda::default_stream(0).unwrap();
+        let logits: Vec<T> = case.logits.iter().map(|&x| T::from_f32(x)).collect();
+        let shape = LogitsShape::dense(case.rows, case.vocab);
+        let input = CeInput {
+            logits: &logits,
+            shape,
+            labels: Labels::I64(&case.labels),
+            mask: &case.mask,
+            weights: case.weights.as_deref(),
+        };
+        let want = masked_cross_entropy(&input, &case.options, true).unwrap();
+        let d_logits = stream.clone_htod(&logits).unwrap();
+        let d_labels = stream.clone_htod(&case.labels).unwrap();
+        let mask: Vec<u8> = case.mask.iter().map(|&m| u8::from(m)).collect();
+        let d_mask = stream.clone_htod(&mask).unwrap();
+        let d_weights = case.weights.as_ref().map(|w| stream.clone_htod(w).unwrap());
+        let targets = DeviceCeTargets {
+            shape,
+            labels: DeviceLabels::I64(&d_labels),
+            mask: &d_mask,
+            weights: d_weights.as_ref(),
+        };
+        let what = format!("cuda {} {}x{}", T::SUFFIX, case.rows, case.vocab);
+        let forward = ce
+            .forward(&d_logits, &targets, &case.options, CeRequest::default())
+            .unwrap();
+        check(
+            &forward.to_host().unwrap(),
+            &want,
+            &format!("{what} forward"),
+        );
+        let both = ce
+            .forward_backward(&d_logits, &targets, &case.options, CeRequest::default())
+            .unwrap()
+            .to_host()
+            .unwrap();
+        check(&both, &want, &format!("{what} forward_backward"));
+        let mut in_place = d_logits.clone();
+        let out = ce
+            .forward_backward_in_place(&mut in_place, &targets, &case.options, CeRequest::default())
+            .unwrap();
+        out.check().unwrap();
+        assert_eq!(
+            Some(stream.clone_dtoh(&in_place).unwrap()),
+            both.grad,
+            "{what}: in place"
+        );
+    }
+
+    fn kernels() -> MaskedCrossEntropy {
+        MaskedCrossEntropy::new(cuda::default_stream(0).expect("a CUDA device"))
+            .expect("kernels load")
+    }
+
+    #[test]
+    #[ignore = "needs a CUDA device"]
+    fn cuda_masked_ce_matches_the_oracle() {
+        let ce = kernels();
+        let mut runner = TestRunner::new(Config::with_cases(40));
+        runner
+            .run(&case_strategy(), |case| {
+                run_case::<f32>(&ce, &case);
+                run_case::<half::bf16>(&ce, &case);
+                run_case::<half::f16>(&ce, &case);
+                Ok(())
+            })
+            .unwrap();
+        let extreme = extreme_rows_case();
+        run_case::<f32>(&ce, &extreme);
+        run_case::<half::bf16>(&ce, &extreme);
+        run_case::<half::f16>(&ce, &extreme);
+    }
+
+    #[test]
+    #[ignore = "needs a CUDA device"]
+    fn cuda_masked_ce_flags_bad_labels() {
+        let ce = kernels();
+        let stream = cuda::default_stream(0).unwrap();
+        let logits = stream.clone_htod(&vec![0.5f32; 20]).unwrap();
+        let labels = stream.clone_htod(&[10i32, 3]).unwrap();
+        let mask = stream.clone_htod(&[1u8, 0]).unwrap();
+        let targets = DeviceCeTargets {
+            shape: LogitsShape::dense(2, 10),
+            labels: DeviceLabels::I32(&labels),
+            mask: &mask,
+            weights: None,
+        };
+        let out = ce
+            .forward(&logits, &targets, &Default::default(), CeRequest::default())
+            .unwrap();
+        assert!(matches!(out.check(), Err(Error::DeviceLabelOutOfRange)));
+    }
 }

@@ -2,6 +2,8 @@
 //! with the CPU oracle; and tests of the emulator's CUDA built-ins themselves.
 #![cfg(feature = "emulation")]
 
+mod common;
+
 use proptest::prelude::*;
 use sft_collate::emulation::{selftest_reduce, EmulatedCollator};
 use sft_collate::{cpu, CollateSpec, IdDtype, LabelFormat, PackedBatch, Truncation};
@@ -136,79 +138,12 @@ fn shim_reductions_shuffles_ballots_and_atomics_are_faithful() {
 // ---- The fused masked cross-entropy kernel against the f64 CPU oracle.
 
 mod ce {
+    use super::common::ce::{case_strategy, check, extreme_rows_case, Case};
     use proptest::prelude::*;
-    use sft_collate::cpu::loss::{masked_cross_entropy, CeReference};
+    use sft_collate::cpu::loss::masked_cross_entropy;
     use sft_collate::emulation::EmulatedMaskedCrossEntropy;
-    use sft_collate::loss::{
-        CeInput, CeOptions, CeOutput, Labels, LogitElem, LogitsShape, Normalization,
-    };
+    use sft_collate::loss::{CeInput, CeOptions, Labels, LogitElem, LogitsShape};
     use sft_collate::Error;
-
-    /// |got - want| <= rtol·|want| + atol, NaN only where NaN is expected.
-    fn close(got: f64, want: f64, rtol: f64, atol: f64) -> bool {
-        if want.is_nan() {
-            return got.is_nan();
-        }
-        (got - want).abs() <= rtol * want.abs() + atol
-    }
-
-    /// The scalar outputs within 1e-5 relative of the f64 oracle for every dtype (the kernel reads the
-    /// same values the oracle reads and computes in f32); the gradient within 1e-5 for f32 and 1e-2 for
-    /// f16/bf16 (it is rounded once to the logits' dtype; f16 underflows below 2^-24).
-    fn check<T: LogitElem>(got: &CeOutput<T>, want: &CeReference, what: &str) {
-        for (name, g, w) in [
-            ("log_probs", &got.log_probs, &want.log_probs),
-            ("entropy", &got.entropy, &want.entropy),
-            ("lse", &got.lse, &want.lse),
-        ] {
-            for (i, (&g, &w)) in g.iter().zip(w).enumerate() {
-                assert!(
-                    close(f64::from(g), w, 1e-5, 1e-6),
-                    "{what}: {name}[{i}] = {g}, want {w}"
-                );
-            }
-        }
-        assert_eq!(got.count as usize, want.count, "{what}: count");
-        assert!(
-            close(f64::from(got.sum), want.sum, 1e-5, 1e-6),
-            "{what}: sum {} vs {}",
-            got.sum,
-            want.sum
-        );
-        assert!(
-            close(f64::from(got.loss), want.loss, 1e-5, 1e-7),
-            "{what}: loss {} vs {}",
-            got.loss,
-            want.loss
-        );
-        if let (Some(g), Some(w)) = (&got.grad, &want.grad) {
-            let (rtol, atol) = match T::SUFFIX {
-                "f32" => (1e-5, 1e-9),
-                "bf16" => (1e-2, 1e-30),
-                _ => (1e-2, 1e-7),
-            };
-            let scale = w.iter().fold(0f64, |m, x| m.max(x.abs()));
-            for (i, (g, &w)) in g.iter().zip(w).enumerate() {
-                let g = g.to_f64();
-                assert!(
-                    close(g, w, rtol, atol * scale.max(1.0)),
-                    "{what}: grad[{i}] = {g}, want {w}"
-                );
-            }
-        }
-    }
-
-
-    #[derive(Debug)]
-    struct Case {
-        rows: usize,
-        vocab: usize,
-        logits: Vec<f32>,
-        labels: Vec<i64>,
-        mask: Vec<bool>,
-        weights: Option<Vec<f32>>,
-        options: CeOptions,
-    }
 
     fn run_case<T: LogitElem>(case: &Case, labels_i32: bool) {
         let logits: Vec<T> = case.logits.iter().map(|&x| T::from_f32(x)).collect();
@@ -240,64 +175,6 @@ mod ce {
         assert_eq!(in_place.grad, both.grad, "{what}: in place");
     }
 
-    fn case_strategy() -> impl Strategy<Value = Case> {
-        let vocab = prop_oneof![
-            Just(1usize),
-            Just(7),
-            Just(8),
-            Just(997),
-            Just(4096),
-            Just(32_003),
-            Just(50_000),
-            2usize..300
-        ];
-        (
-            1usize..10,
-            vocab,
-            any::<u64>(),
-            0u8..4,
-            any::<bool>(),
-            0.1f32..3.0,
-        )
-            .prop_map(|(rows, vocab, seed, norm, weighted, upstream)| {
-                let mut state = seed | 1;
-                let mut next = move || {
-                    state ^= state << 13;
-                    state ^= state >> 7;
-                    state ^= state << 17;
-                    state
-                };
-                let logits = (0..rows * vocab)
-                    .map(|_| ((next() % 20_000) as f32 / 1000.0 - 10.0) * 1.5)
-                    .collect();
-                let labels = (0..rows).map(|_| (next() % vocab as u64) as i64).collect();
-                let mask = (0..rows).map(|_| next() % 4 != 0).collect();
-                let weights =
-                    weighted.then(|| (0..rows).map(|_| (next() % 1000) as f32 / 500.0).collect());
-                let normalization = match norm {
-                    0 => Normalization::TokenMean,
-                    1 => Normalization::Sum,
-                    _ => Normalization::Cs336 {
-                        normalize_constant: 3.5,
-                        batch_size: rows,
-                        gradient_accumulation_steps: 2,
-                    },
-                };
-                Case {
-                    rows,
-                    vocab,
-                    logits,
-                    labels,
-                    mask,
-                    weights,
-                    options: CeOptions {
-                        normalization,
-                        upstream,
-                    },
-                }
-            })
-    }
-
     proptest! {
         #![proptest_config(ProptestConfig { cases: 10, max_shrink_iters: 20, ..ProptestConfig::default() })]
 
@@ -309,38 +186,9 @@ mod ce {
         }
     }
 
-    fn extreme_case(rows: Vec<Vec<f32>>, labels: Vec<i64>) -> Case {
-        let vocab = rows[0].len();
-        Case {
-            rows: rows.len(),
-            vocab,
-            mask: vec![true; rows.len()],
-            logits: rows.concat(),
-            labels,
-            weights: None,
-            options: CeOptions::default(),
-        }
-    }
-
     #[test]
     fn extreme_rows() {
-        let v = 1000;
-        let mut huge = vec![0.0f32; v];
-        huge[3] = 1e4;
-        let mut mixed: Vec<f32> = (0..v)
-            .map(|i| if i % 2 == 0 { 1e4 } else { -1e4 })
-            .collect();
-        mixed[7] = 9_990.0;
-        let mut with_inf = vec![f32::NEG_INFINITY; v];
-        with_inf[10] = 2.0;
-        with_inf[500] = -3.0;
-        // Peaked: one logit 25 above the rest, so the entropy is ~1e-7 and needs the log1p form.
-        let mut peaked = vec![0.0f32; v];
-        peaked[0] = 25.0;
-        let case = extreme_case(
-            vec![huge, mixed, with_inf, vec![3.0; v], peaked.clone(), peaked],
-            vec![3, 7, 500, 999, 0, 1],
-        );
+        let case = extreme_rows_case();
         run_case::<f32>(&case, false);
         run_case::<half::bf16>(&case, true);
         run_case::<half::f16>(&case, false);

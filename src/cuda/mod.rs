@@ -13,12 +13,14 @@
 //!    returns device tensors without synchronizing the host.
 
 mod collate;
+mod loss;
 mod module;
 
 use std::sync::Arc;
 
 pub use collate::{CudaCollator, DeviceBatch, DeviceIds, DevicePackedBatch};
 pub use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
+pub use loss::{CeRequest, DeviceCeOutput, DeviceCeTargets, DeviceLabels, MaskedCrossEntropy};
 pub use module::ModuleOrigin;
 
 use crate::{Error, Result};

@@ -2,6 +2,8 @@
 //! skips (visibly) or fails (under CI).
 #![allow(dead_code)]
 
+pub mod ce;
+
 use std::path::PathBuf;
 
 /// `$SFT_COLLATE_SHARED`, else `../shared` beside the crate. `None` (after saying so on stderr) when it is

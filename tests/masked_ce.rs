@@ -1,0 +1,127 @@
+//! The CPU oracle of the masked cross-entropy: its gradient against finite differences of its own loss,
+//! its edge cases, and its agreement with the CS336 companions it generalizes.
+
+use sft_collate::cpu::loss::{self, masked_cross_entropy};
+use sft_collate::loss::{CeInput, CeOptions, Labels, LogitsShape, Normalization};
+use sft_collate::Error;
+
+fn small_case() -> (Vec<f64>, Vec<i64>, Vec<bool>, Vec<f32>) {
+    let rows = 4;
+    let vocab = 6;
+    let logits = (0..rows * vocab)
+        .map(|i| ((i * 7) % 13) as f64 * 0.37 - 2.0)
+        .collect();
+    (
+        logits,
+        vec![1, 5, 0, 3],
+        vec![true, false, true, true],
+        vec![0.5, 2.0, 1.5, 1.0],
+    )
+}
+
+#[test]
+fn gradient_matches_finite_differences() {
+    let (logits, labels, mask, weights) = small_case();
+    let vocab = 6;
+    for normalization in [
+        Normalization::TokenMean,
+        Normalization::Sum,
+        Normalization::Cs336 {
+            normalize_constant: 2.0,
+            batch_size: 2,
+            gradient_accumulation_steps: 3,
+        },
+    ] {
+        let options = CeOptions {
+            normalization,
+            upstream: 0.7,
+        };
+        let loss_at = |x: &[f64]| {
+            let mut input = CeInput::new(x, vocab, Labels::I64(&labels), &mask);
+            input.weights = Some(&weights);
+            masked_cross_entropy(&input, &options, false).unwrap().loss * 0.7
+        };
+        let mut input = CeInput::new(&logits, vocab, Labels::I64(&labels), &mask);
+        input.weights = Some(&weights);
+        let grad = masked_cross_entropy(&input, &options, true)
+            .unwrap()
+            .grad
+            .unwrap();
+        let h = 1e-6;
+        for i in 0..logits.len() {
+            let (mut up, mut down) = (logits.clone(), logits.clone());
+            up[i] += h;
+            down[i] -= h;
+            let numeric = (loss_at(&up) - loss_at(&down)) / (2.0 * h);
+            assert!(
+                (grad[i] - numeric).abs() < 1e-7,
+                "{normalization:?} grad[{i}]: {} vs {numeric}",
+                grad[i]
+            );
+        }
+    }
+}
+
+#[test]
+fn agrees_with_the_cs336_companions() {
+    let (logits, labels, mask, _) = small_case();
+    let vocab = 6;
+    let input = CeInput::new(&logits, vocab, Labels::I64(&labels), &mask);
+    let out = masked_cross_entropy(&input, &CeOptions::default(), false).unwrap();
+    let masked_rows: Vec<usize> = (0..4).filter(|&r| mask[r]).collect();
+    let log_probs = loss::log_probs(&logits, vocab, &labels).unwrap();
+    let entropy = loss::compute_entropy(&logits, vocab).unwrap();
+    for &r in &masked_rows {
+        assert!((out.log_probs[r] - log_probs[r]).abs() < 1e-12);
+        assert!((out.entropy[r] - entropy[r]).abs() < 1e-12);
+    }
+    // Token mean = masked_mean of -log_probs.
+    let neg: Vec<f64> = log_probs.iter().map(|x| -x).collect();
+    let (mean, _) = loss::masked_mean(&neg, &mask, &[4], None).unwrap();
+    assert!((out.loss - mean[0]).abs() < 1e-12);
+    assert_eq!(out.count, masked_rows.len());
+}
+
+#[test]
+fn edges_are_typed_errors_or_zeros() {
+    let logits = vec![0.0f32; 12];
+    let labels = vec![0i64, 9];
+    let none = vec![false, false];
+    // Nothing masked: loss 0 (not NaN) and a bad label on an unmasked row is never looked at.
+    let input = CeInput::new(&logits, 6, Labels::I64(&labels), &none);
+    let out = masked_cross_entropy(&input, &CeOptions::default(), true).unwrap();
+    assert_eq!((out.loss, out.count), (0.0, 0));
+    assert!(out.grad.unwrap().iter().all(|&g| g == 0.0));
+    let both = vec![true, true];
+    let input = CeInput::new(&logits, 6, Labels::I64(&labels), &both);
+    assert!(matches!(
+        masked_cross_entropy(&input, &CeOptions::default(), false),
+        Err(Error::LabelOutOfRange {
+            row: 1,
+            label: 9,
+            ..
+        })
+    ));
+    // Shapes that do not fit are refused.
+    let bad_stride = CeInput {
+        logits: &logits,
+        shape: LogitsShape {
+            rows: 2,
+            vocab: 6,
+            row_stride: 7,
+        },
+        labels: Labels::I64(&labels),
+        mask: &none,
+        weights: None,
+    };
+    assert!(matches!(bad_stride.validate(), Err(Error::Shape(_))));
+    let zero_denominator = CeOptions {
+        normalization: Normalization::Cs336 {
+            normalize_constant: 0.0,
+            batch_size: 1,
+            gradient_accumulation_steps: 1,
+        },
+        upstream: 1.0,
+    };
+    assert!(masked_cross_entropy(&input, &zero_denominator, false).is_err());
+}
