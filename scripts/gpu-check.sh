@@ -5,8 +5,9 @@
 #   scripts/gpu-check.sh            build with cargo, then run
 #   scripts/gpu-check.sh gpu-bin    run prebuilt binaries (scripts/build-gpu-bins.sh) on a machine without Rust
 #
-# Runs: device report and kernel self-check (sft-collate doctor), the #[ignore]d GPU tests, the same tests
-# under compute-sanitizer memcheck when it is installed, and the cuda_ benches. Exits non-zero if any
+# Runs: device report and kernel self-checks (sft-collate doctor), the #[ignore]d GPU tests, the same tests
+# under compute-sanitizer memcheck and initcheck when it is installed, the cuda_ collate benches,
+# `sft-collate bench loss` and the masked_ce benches. Exits non-zero if any
 # step failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -48,9 +49,14 @@ else
     summary+=("SKIP  compute-sanitizer (not installed)")
 fi
 step cuda-benches "$bin_dir/collate" --bench cuda_ --warm-up-time 1 --measurement-time 3
+step bench-loss-bf16 "$bin_dir/sft-collate" bench loss --rows 16384 --vocab 151936 --dtype bf16 --masked 0.5
+step masked-ce-benches "$bin_dir/masked_ce" --bench --warm-up-time 1 --measurement-time 2
 
 echo
 echo "== gpu-check report =="
 for line in "${summary[@]}"; do echo "$line"; done
-grep -hE "^cuda_collate/|time:|thrpt:" "$log_dir/cuda-benches.log" 2>/dev/null | paste - - - 2>/dev/null | sed 's/  */ /g'
+for log in cuda-benches masked-ce-benches; do
+    grep -hE "^(cuda_collate|masked_ce)/|time:|thrpt:" "$log_dir/$log.log" 2>/dev/null | paste - - - 2>/dev/null | sed 's/  */ /g'
+done
+cat "$log_dir/bench-loss-bf16.log" 2>/dev/null
 exit $failed

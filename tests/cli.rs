@@ -236,3 +236,141 @@ fn help_reads_well() {
         assert!(help.contains(flag), "{flag} missing from help");
     }
 }
+
+#[test]
+fn loss_reads_safetensors_and_writes_what_the_library_computes() {
+    use safetensors::tensor::{Dtype, TensorView};
+    use sft_collate::cpu::loss::masked_cross_entropy;
+    use sft_collate::loss::{CeInput, CeOptions, Labels, Normalization};
+
+    let dir = tempfile::tempdir().unwrap();
+    let (batch, seq, vocab) = (2usize, 3usize, 11usize);
+    let logits: Vec<half::bf16> = (0..batch * seq * vocab)
+        .map(|i| half::bf16::from_f32(((i * 13) % 17) as f32 * 0.5 - 4.0))
+        .collect();
+    let labels: Vec<i32> = vec![1, 2, 3, 10, 0, 5];
+    let mask: Vec<u8> = vec![0, 1, 1, 1, 0, 1];
+    let tensors = vec![
+        (
+            "logits",
+            TensorView::new(
+                Dtype::BF16,
+                vec![batch, seq, vocab],
+                bytemuck::cast_slice(&logits),
+            )
+            .unwrap(),
+        ),
+        (
+            "labels",
+            TensorView::new(Dtype::I32, vec![batch, seq], bytemuck::cast_slice(&labels)).unwrap(),
+        ),
+        (
+            "response_mask",
+            TensorView::new(Dtype::BOOL, vec![batch, seq], &mask).unwrap(),
+        ),
+    ];
+    let input_path = dir.path().join("in.safetensors");
+    std::fs::write(&input_path, safetensors::serialize(tensors, None).unwrap()).unwrap();
+
+    let bool_mask: Vec<bool> = mask.iter().map(|&m| m == 1).collect();
+    let input = CeInput::new(&logits, vocab, Labels::I32(&labels), &bool_mask);
+    let options = CeOptions {
+        normalization: Normalization::Cs336 {
+            normalize_constant: 2.0,
+            batch_size: batch,
+            gradient_accumulation_steps: 1,
+        },
+        upstream: 1.0,
+    };
+    let want = masked_cross_entropy(&input, &options, true).unwrap();
+
+    let mut devices = vec!["cpu"];
+    if cfg!(feature = "emulation") {
+        devices.push("emulated");
+    }
+    for device in devices {
+        let output_path = dir.path().join(format!("out-{device}.safetensors"));
+        let out = run(bin()
+            .args([
+                "loss",
+                "--device",
+                device,
+                "--grad",
+                "--normalization",
+                "cs336",
+                "--normalize-constant",
+                "2",
+            ])
+            .arg("--input")
+            .arg(&input_path)
+            .arg("--output")
+            .arg(&output_path));
+        assert!(out.status.success(), "{device}");
+        let bytes = std::fs::read(&output_path).unwrap();
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        let scalar = |name: &str| {
+            f64::from(bytemuck::pod_read_unaligned::<f32>(
+                st.tensor(name).unwrap().data(),
+            ))
+        };
+        assert!(
+            (scalar("loss") - want.loss).abs() <= 1e-5 * want.loss.abs(),
+            "{device}: loss"
+        );
+        assert_eq!(
+            bytemuck::pod_read_unaligned::<i64>(st.tensor("count").unwrap().data()),
+            4
+        );
+        let log_probs: Vec<f32> =
+            bytemuck::pod_collect_to_vec(st.tensor("log_probs").unwrap().data());
+        assert_eq!(st.tensor("log_probs").unwrap().shape(), [batch, seq]);
+        for (g, w) in log_probs.iter().zip(&want.log_probs) {
+            assert!(
+                (f64::from(*g) - w).abs() <= 1e-5 * w.abs() + 1e-6,
+                "{device}: {g} vs {w}"
+            );
+        }
+        let grad = st.tensor("grad_logits").unwrap();
+        assert_eq!(
+            (grad.dtype(), grad.shape()),
+            (Dtype::BF16, &[batch, seq, vocab][..])
+        );
+    }
+
+    // A label outside the vocabulary on a masked row: a clear error, no output file.
+    let bad_labels: Vec<i32> = vec![1, 99, 3, 10, 0, 5];
+    let tensors = vec![
+        (
+            "logits",
+            TensorView::new(
+                Dtype::BF16,
+                vec![batch, seq, vocab],
+                bytemuck::cast_slice(&logits),
+            )
+            .unwrap(),
+        ),
+        (
+            "labels",
+            TensorView::new(
+                Dtype::I32,
+                vec![batch, seq],
+                bytemuck::cast_slice(&bad_labels),
+            )
+            .unwrap(),
+        ),
+        (
+            "response_mask",
+            TensorView::new(Dtype::BOOL, vec![batch, seq], &mask).unwrap(),
+        ),
+    ];
+    std::fs::write(&input_path, safetensors::serialize(tensors, None).unwrap()).unwrap();
+    let output_path = dir.path().join("bad.safetensors");
+    let out = run(bin()
+        .args(["loss", "--device", "cpu", "--input"])
+        .arg(&input_path)
+        .arg("--output")
+        .arg(&output_path));
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("label 99"));
+    assert!(!output_path.exists());
+}

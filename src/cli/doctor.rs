@@ -68,6 +68,10 @@ pub fn run(args: DoctorArgs) -> Result<()> {
     {
         let emulated = sft_collate::emulation::EmulatedCollator::new();
         failures += report("emulation self-check", |p, s| emulated.collate(p, s));
+        let ce = sft_collate::emulation::EmulatedMaskedCrossEntropy::new();
+        failures += ce_report("emulation cross-entropy self-check", |input, options| {
+            ce.forward_backward(input, options)
+        });
     }
     #[cfg(feature = "cuda")]
     {
@@ -105,7 +109,34 @@ fn cuda_report() -> usize {
                 }
             };
             println!("cuda kernels: {:?}", collator.origin());
-            report("cuda self-check", |p, s| collator.collate(p, s)?.to_host())
+            let collate_failures =
+                report("cuda self-check", |p, s| collator.collate(p, s)?.to_host());
+            let ce = match cuda::default_stream(0).and_then(cuda::MaskedCrossEntropy::new) {
+                Ok(ce) => ce,
+                Err(e) => {
+                    println!("cuda cross-entropy self-check: FAILED to load the kernels: {e}");
+                    return collate_failures + 1;
+                }
+            };
+            collate_failures
+                + ce_report("cuda cross-entropy self-check", |input, options| {
+                    let stream = cuda::default_stream(0)?;
+                    let logits = cuda::cuda_result(stream.clone_htod(input.logits))?;
+                    let sft_collate::loss::Labels::I64(labels) = input.labels else {
+                        unreachable!("the self-check uses i64 labels")
+                    };
+                    let labels = cuda::cuda_result(stream.clone_htod(labels))?;
+                    let mask: Vec<u8> = input.mask.iter().map(|&m| u8::from(m)).collect();
+                    let mask = cuda::cuda_result(stream.clone_htod(&mask))?;
+                    let targets = cuda::DeviceCeTargets {
+                        shape: input.shape,
+                        labels: cuda::DeviceLabels::I64(&labels),
+                        mask: &mask,
+                        weights: None,
+                    };
+                    ce.forward_backward(&logits, &targets, options, cuda::CeRequest::default())?
+                        .to_host()
+                })
         }
     }
 }
@@ -133,6 +164,56 @@ fn report(
     }
     println!("{what}: {checked} batches identical to the CPU path");
     0
+}
+
+/// Run one masked cross-entropy case through `backend` and compare with the f64 oracle (relative 1e-5 on
+/// the loss, log-probs and gradient); 1 on failure.
+#[cfg_attr(not(any(feature = "cuda", feature = "emulation")), allow(dead_code))]
+fn ce_report(
+    what: &str,
+    backend: impl Fn(
+        &sft_collate::loss::CeInput<'_, f32>,
+        &sft_collate::loss::CeOptions,
+    ) -> Result<sft_collate::loss::CeOutput<f32>>,
+) -> usize {
+    use sft_collate::loss::{CeInput, CeOptions, Labels};
+    let (rows, vocab) = (6, 1237);
+    let logits: Vec<f32> = (0..rows * vocab)
+        .map(|i| ((i * 7919) % 2003) as f32 / 100.0 - 10.0)
+        .collect();
+    let labels: Vec<i64> = (0..rows as i64).map(|r| r * 191 % vocab as i64).collect();
+    let mask = vec![true, false, true, true, false, true];
+    let input = CeInput::new(&logits, vocab, Labels::I64(&labels), &mask);
+    let options = CeOptions::default();
+    let want = cpu::loss::masked_cross_entropy(&input, &options, true).expect("valid case");
+    let close = |g: f32, w: f64| (f64::from(g) - w).abs() <= 1e-5 * w.abs() + 1e-7;
+    match backend(&input, &options) {
+        Ok(got) => {
+            let grad_ok = got.grad.as_ref().is_some_and(|g| {
+                g.iter()
+                    .zip(want.grad.as_ref().expect("asked for"))
+                    .all(|(&g, &w)| close(g, w))
+            });
+            let ok = close(got.loss, want.loss)
+                && got
+                    .log_probs
+                    .iter()
+                    .zip(&want.log_probs)
+                    .all(|(&g, &w)| close(g, w))
+                && grad_ok;
+            if ok {
+                println!("{what}: loss, log-probs and gradient within 1e-5 of the f64 oracle");
+                0
+            } else {
+                println!("{what}: FAILED (loss {} vs {})", got.loss, want.loss);
+                1
+            }
+        }
+        Err(e) => {
+            println!("{what}: FAILED ({e})");
+            1
+        }
+    }
 }
 
 /// Edge cases and a few pseudo-random batches over every option.

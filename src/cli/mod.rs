@@ -1,8 +1,10 @@
 //! Argument parsing and dispatch. Each subcommand lives in its own file.
 
 mod backend;
+mod bench;
 mod collate;
 mod doctor;
+mod loss;
 mod show;
 
 use std::process::ExitCode;
@@ -31,6 +33,11 @@ enum Command {
     Show(show::ShowArgs),
     /// Report the CUDA driver, NVRTC, device and kernels, and check the kernels against the CPU path.
     Doctor(doctor::DoctorArgs),
+    /// Masked cross-entropy of a safetensors file: log-probs, entropy, lse, loss and, with --grad, the
+    /// gradient of the logits.
+    Loss(loss::LossArgs),
+    /// Microbenchmarks (`bench loss`).
+    Bench(bench::BenchArgs),
 }
 
 /// Where the tokenizer comes from.
@@ -159,6 +166,8 @@ pub fn main() -> ExitCode {
         Command::Collate(args) => collate::run(args),
         Command::Show(args) => show::run(args),
         Command::Doctor(args) => doctor::run(args),
+        Command::Loss(args) => loss::run(args),
+        Command::Bench(args) => bench::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -12,6 +12,7 @@
 //! 3. `collate(&packed, &spec)` validates the batch on the host, copies it once, launches once and
 //!    returns device tensors without synchronizing the host.
 
+pub mod bench;
 mod collate;
 mod loss;
 mod module;
@@ -83,6 +84,11 @@ pub fn default_stream(ordinal: usize) -> Result<Arc<CudaStream>> {
     Ok(CudaContext::new(ordinal)
         .map_err(cuda_err)?
         .default_stream())
+}
+
+/// A cudarc result as this crate's (for callers that use cudarc's own calls next to ours).
+pub fn cuda_result<T>(r: std::result::Result<T, cudarc::driver::DriverError>) -> Result<T> {
+    r.map_err(cuda_err)
 }
 
 pub(crate) fn cuda_err(e: impl std::fmt::Display) -> Error {
