@@ -195,6 +195,26 @@ mod ce {
     }
 
     #[test]
+    fn hundreds_of_rows() {
+        // N in the hundreds (each row is one block, so this also walks many blocks), an odd vocab.
+        let (rows, vocab) = (300, 97);
+        let logits: Vec<f32> = (0..rows * vocab)
+            .map(|i| ((i * 7919) % 1009) as f32 / 50.0 - 10.0)
+            .collect();
+        let case = Case {
+            rows,
+            vocab,
+            logits,
+            labels: (0..rows as i64).map(|r| (r * 31) % vocab as i64).collect(),
+            mask: (0..rows).map(|r| r % 3 != 1).collect(),
+            weights: Some((0..rows).map(|r| (r % 5) as f32 * 0.5).collect()),
+            options: CeOptions::default(),
+        };
+        run_case::<f32>(&case, true);
+        run_case::<half::bf16>(&case, false);
+    }
+
+    #[test]
     fn all_masked_and_none_masked() {
         let rows = 9;
         let vocab = 333;

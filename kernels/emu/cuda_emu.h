@@ -91,7 +91,9 @@ class Barrier {
 
 struct Warp {
     Barrier barrier;
-    uint64_t slots[32];
+    // Two sets of slots used by alternate exchanges, so each exchange needs one barrier, not two: a lane
+    // can only rewrite a set after the next exchange's barrier, which every lane reaches after reading.
+    uint64_t slots[2][32];
 };
 
 struct Block {
@@ -102,17 +104,17 @@ struct Block {
 inline thread_local Block *current_block = nullptr;
 inline thread_local unsigned lane = 0;
 inline thread_local unsigned warp_index = 0;
+// Exchanges this thread has made in the current block (all lanes of a warp make the same ones).
+inline thread_local unsigned long exchanges = 0;
 
-// Every lane publishes a 64-bit word, the warp meets, each lane reads the word of `source(lane)`, and the
-// warp meets again so that no lane overwrites a slot another has not read yet.
+// Every lane publishes a 64-bit word, the warp meets, each lane reads the word of `source(lane)`.
 template <typename Source>
 inline uint64_t exchange(uint64_t bits, Source source) {
     Warp &w = current_block->warps[warp_index];
-    w.slots[lane] = bits;
+    uint64_t *slots = w.slots[exchanges++ % 2];
+    slots[lane] = bits;
     w.barrier.wait();
-    const uint64_t got = w.slots[source(lane)];
-    w.barrier.wait();
-    return got;
+    return slots[source(lane)];
 }
 
 template <typename T>
@@ -169,12 +171,12 @@ inline T __shfl_sync(unsigned, T v, int src_lane, int width = 32) {
 }
 inline unsigned __ballot_sync(unsigned mask, int predicate) {
     emu::Warp &w = emu::current_block->warps[emu::warp_index];
-    w.slots[emu::lane] = predicate != 0;
+    uint64_t *slots = w.slots[emu::exchanges++ % 2];
+    slots[emu::lane] = predicate != 0;
     w.barrier.wait();
     unsigned ballot = 0;
     for (unsigned l = 0; l < 32; ++l)
-        if ((mask >> l & 1u) && w.slots[l]) ballot |= 1u << l;
-    w.barrier.wait();
+        if ((mask >> l & 1u) && slots[l]) ballot |= 1u << l;
     return ballot;
 }
 inline int __any_sync(unsigned mask, int predicate) { return __ballot_sync(mask, predicate) != 0; }
@@ -250,6 +252,7 @@ void launch(const EmuLaunch &cfg, Body &&body) {
                     block.warps[w].barrier.reset((int)std::min(32u, threads - 32 * w));
             }
             between_blocks.wait();
+            exchanges = 0;
             blockIdx = {(unsigned)(b % grid_dim.x), (unsigned)(b / grid_dim.x % grid_dim.y),
                         (unsigned)(b / ((unsigned long long)grid_dim.x * grid_dim.y))};
             body();
