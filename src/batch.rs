@@ -207,3 +207,79 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     }
     Ok(())
 }
+
+/// One pack in the padding-free layout: all documents of the pack concatenated into a single row
+/// (`[1, T]` tensors), the shift done per document, and what flash-attention's variable-length kernels
+/// take: `position_ids` restarting at 0 for each document, `cu_seqlens` (`[documents + 1]`, i32) and
+/// `max_seqlen`. No dense attention mask.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PackedLayout {
+    pub input_ids: IdTensor,
+    /// The next token of the same document; `pad_id` or the ignore index at each document's last token.
+    pub labels: IdTensor,
+    /// True where the label is a trainable (output) token of the same document.
+    pub response_mask: Vec<bool>,
+    pub position_ids: IdTensor,
+    /// Document boundaries: document `d` is positions `cu_seqlens[d]..cu_seqlens[d + 1]`. A padded tail
+    /// (`pad_to_multiple_of`) is one more segment of its own.
+    pub cu_seqlens: Vec<i32>,
+    /// The longest segment.
+    pub max_seqlen: usize,
+    /// `rows` = documents, `width` = T, `padding_fraction` = the padded tail's share of T.
+    pub stats: BatchStats,
+}
+
+impl PackedLayout {
+    /// Serialize: `input_ids`, `labels`, `position_ids` (I32 or I64), `response_mask` (BOOL), all `[1, T]`;
+    /// `cu_seqlens` (I32, `[documents + 1]`) and `max_seqlen` (I64 scalar).
+    pub fn to_safetensors(&self, metadata: Option<HashMap<String, String>>) -> Result<Vec<u8>> {
+        let t = self.response_mask.len();
+        fn view<'a>(dtype: Dtype, shape: Vec<usize>, data: &'a [u8]) -> Result<TensorView<'a>> {
+            TensorView::new(dtype, shape, data).map_err(|e| Error::Safetensors(e.to_string()))
+        }
+        let max_seqlen = self.max_seqlen as i64;
+        let tensors = vec![
+            (
+                "input_ids",
+                view(
+                    self.input_ids.safetensors_dtype(),
+                    vec![1, t],
+                    self.input_ids.as_bytes(),
+                )?,
+            ),
+            (
+                "labels",
+                view(
+                    self.labels.safetensors_dtype(),
+                    vec![1, t],
+                    self.labels.as_bytes(),
+                )?,
+            ),
+            (
+                "response_mask",
+                view(Dtype::BOOL, vec![1, t], bool_bytes(&self.response_mask))?,
+            ),
+            (
+                "position_ids",
+                view(
+                    self.position_ids.safetensors_dtype(),
+                    vec![1, t],
+                    self.position_ids.as_bytes(),
+                )?,
+            ),
+            (
+                "cu_seqlens",
+                view(
+                    Dtype::I32,
+                    vec![self.cu_seqlens.len()],
+                    bytemuck::cast_slice(&self.cu_seqlens),
+                )?,
+            ),
+            (
+                "max_seqlen",
+                view(Dtype::I64, vec![], bytemuck::bytes_of(&max_seqlen))?,
+            ),
+        ];
+        safetensors::serialize(tensors, metadata).map_err(|e| Error::Safetensors(e.to_string()))
+    }
+}

@@ -49,13 +49,14 @@ pub mod error;
 pub mod input;
 pub mod kernels;
 pub mod loss;
+pub mod pack;
 pub mod packed;
 pub mod pipeline;
 pub mod plan;
 pub mod spec;
 pub mod tokenize;
 
-pub use batch::{Batch, BatchStats, IdTensor};
+pub use batch::{Batch, BatchStats, IdTensor, PackedLayout};
 pub use error::{Error, Result};
 pub use packed::PackedBatch;
 pub use pipeline::{tokenize_and_pack, tokenize_prompt_and_output};

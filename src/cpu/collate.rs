@@ -61,3 +61,100 @@ pub fn collate(packed: &PackedBatch, spec: &CollateSpec) -> Result<Batch> {
         stats: plan.stats(packed),
     })
 }
+
+/// Collate one pack in the padding-free layout: every row of `packed` is a document, concatenated in
+/// order into one row of T tokens. Within document `d` at local position `p`:
+///
+/// ```text
+/// input_ids[t]     = doc[p]
+/// labels[t]        = doc[p + 1]   (pad_id / the ignore index at the document's last token)
+/// response_mask[t] = prompt_len <= p + 1 < len       (never across a document boundary)
+/// position_ids[t]  = p
+/// ```
+///
+/// so the (context, label) pairs are exactly those of the padded layout, and no token is trained to
+/// predict the next document's first token. `pad_to_multiple_of` pads T with one more segment of pad
+/// tokens (its own `cu_seqlens` entry, positions from 0, nothing trained).
+///
+/// ```
+/// use sft_collate::{cpu, CollateSpec, PackedBatch};
+/// let pack = PackedBatch::from_pairs([(vec![1, 2], vec![3]), (vec![4], vec![5, 6])]);
+/// let spec = CollateSpec { pad_id: Some(0), ..Default::default() };
+/// let layout = cpu::collate_packed(&pack, &spec).unwrap();
+/// assert_eq!(layout.input_ids.to_i64(), [1, 2, 3, 4, 5, 6]);
+/// assert_eq!(layout.labels.to_i64(), [2, 3, 0, 5, 6, 0]);
+/// assert_eq!(layout.response_mask, [false, true, false, true, true, false]);
+/// assert_eq!(layout.position_ids.to_i64(), [0, 1, 2, 0, 1, 2]);
+/// assert_eq!(layout.cu_seqlens, [0, 3, 6]);
+/// ```
+pub fn collate_packed(
+    packed: &PackedBatch,
+    spec: &CollateSpec,
+) -> Result<crate::batch::PackedLayout> {
+    let plan = CollatePlan::new(packed, spec)?;
+    let real = packed.tokens().len();
+    let total = match spec.pad_to_multiple_of {
+        Some(m) if m > 1 => real.div_ceil(m) * m,
+        _ => real,
+    };
+    if i32::try_from(total).is_err() {
+        return Err(crate::Error::InvalidPackedBatch(format!(
+            "a pack of {total} tokens does not fit i32 cu_seqlens"
+        )));
+    }
+    let mut input_ids = Vec::with_capacity(total);
+    let mut labels = Vec::with_capacity(total);
+    let mut response_mask = Vec::with_capacity(total);
+    let mut position_ids = Vec::with_capacity(total);
+    let mut cu_seqlens = vec![0i32];
+    let not_trained = |label: i64| plan.ignore_index.unwrap_or(label);
+    for (d, &prompt_len) in packed.prompt_lens().iter().enumerate() {
+        let doc = packed.row(d);
+        for (p, &token) in doc.iter().enumerate() {
+            let is_response = prompt_len as usize <= p + 1 && p + 1 < doc.len();
+            let next = i64::from(doc.get(p + 1).copied().unwrap_or(plan.pad_id));
+            input_ids.push(i64::from(token));
+            labels.push(if is_response { next } else { not_trained(next) });
+            response_mask.push(is_response);
+            position_ids.push(p as i64);
+        }
+        cu_seqlens.push(input_ids.len() as i32);
+    }
+    if total > real {
+        for p in 0..total - real {
+            input_ids.push(i64::from(plan.pad_id));
+            labels.push(not_trained(i64::from(plan.pad_id)));
+            response_mask.push(false);
+            position_ids.push(p as i64);
+        }
+        cu_seqlens.push(total as i32);
+    }
+    let max_seqlen = cu_seqlens
+        .windows(2)
+        .map(|w| (w[1] - w[0]) as usize)
+        .max()
+        .unwrap_or(0);
+    let ids = |v: Vec<i64>| match spec.id_dtype {
+        IdDtype::I32 => IdTensor::I32(v.into_iter().map(|x| x as i32).collect()),
+        IdDtype::I64 => IdTensor::I64(v),
+    };
+    // Documents, tokens and rows without a response are as in the padded layout; the width is T and the
+    // padding is the padded tail only.
+    let mut stats = plan.stats(packed);
+    stats.width = total;
+    stats.response_tokens = response_mask.iter().filter(|&&m| m).count();
+    stats.padding_fraction = if total == 0 {
+        0.0
+    } else {
+        (total - real) as f64 / total as f64
+    };
+    Ok(crate::batch::PackedLayout {
+        input_ids: ids(input_ids),
+        labels: ids(labels),
+        response_mask,
+        position_ids: ids(position_ids),
+        cu_seqlens,
+        max_seqlen,
+        stats,
+    })
+}

@@ -4,4 +4,4 @@
 pub mod collate;
 pub mod loss;
 
-pub use collate::collate;
+pub use collate::{collate, collate_packed};

@@ -1,0 +1,244 @@
+//! Padding-free packing and length bucketing: which documents go together, decided on the host.
+//!
+//! Packing puts whole documents (rows) into packs of at most `max_tokens` tokens; each pack is collated by
+//! [`crate::cpu::collate_packed`] into the layout flash-attention's variable-length kernels take
+//! (`input_ids`, `labels`, `response_mask`, `position_ids` restarting per document, `cu_seqlens`,
+//! `max_seqlen`), with the shift done per document. Bucketing orders rows by length inside seeded shuffle
+//! windows so that padded batches waste less without changing what any batch's loss means.
+
+use crate::{CollateSpec, Error, Result, Truncation};
+
+/// How documents are assigned to packs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PackStrategy {
+    /// Longest first, each into the first pack with room: the fewest packs, for inputs held in memory.
+    #[default]
+    FirstFitDecreasing,
+    /// In input order, a new pack whenever the next document does not fit: for streams.
+    Greedy,
+}
+
+/// What to do with a document longer than `max_tokens`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Overflow {
+    /// Refuse it ([`Error::SequenceTooLong`]).
+    #[default]
+    Error,
+    /// Cut it to `max_tokens` by the spec's truncation policy (prompt-left if the spec says error).
+    Truncate,
+    /// Cut it into documents of at most `max_tokens` (the first token of each later piece is never a
+    /// label: nothing in its document predicts it).
+    Split,
+}
+
+/// Packing options.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct PackSpec {
+    pub max_tokens: usize,
+    pub strategy: PackStrategy,
+    pub overflow: Overflow,
+}
+
+impl PackSpec {
+    pub fn new(max_tokens: usize) -> Self {
+        PackSpec {
+            max_tokens,
+            strategy: PackStrategy::FirstFitDecreasing,
+            overflow: Overflow::Error,
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.max_tokens < 2 {
+            return Err(Error::InvalidOption {
+                name: "max_tokens",
+                reason: "a pack needs room for at least 2 tokens".into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Apply the overflow policy to one (prompt, output) document: the documents it becomes, each at
+    /// most `max_tokens` long. `row` only names it in an error.
+    pub fn fit(
+        &self,
+        row: usize,
+        prompt: &[u32],
+        output: &[u32],
+        spec: &CollateSpec,
+    ) -> Result<Vec<(Vec<u32>, Vec<u32>)>> {
+        self.validate()?;
+        let len = prompt.len() + output.len();
+        if len <= self.max_tokens {
+            return Ok(vec![(prompt.to_vec(), output.to_vec())]);
+        }
+        match self.overflow {
+            Overflow::Error => Err(Error::SequenceTooLong {
+                row,
+                len,
+                prompt_len: prompt.len(),
+                output_len: output.len(),
+                max_len: self.max_tokens,
+            }),
+            Overflow::Truncate => {
+                let truncation = match spec.truncation {
+                    Truncation::Error => Truncation::PromptLeft,
+                    other => other,
+                };
+                let cut = CollateSpec {
+                    max_len: Some(self.max_tokens),
+                    truncation,
+                    ..spec.clone()
+                };
+                let (p, o) = cut.truncate(row, prompt, output)?;
+                Ok(vec![(p.to_vec(), o.to_vec())])
+            }
+            Overflow::Split => {
+                let seq: Vec<u32> = prompt.iter().chain(output).copied().collect();
+                Ok(seq
+                    .chunks(self.max_tokens)
+                    .enumerate()
+                    .map(|(k, piece)| {
+                        let start = k * self.max_tokens;
+                        let prompt_here = prompt.len().saturating_sub(start).min(piece.len());
+                        (piece[..prompt_here].to_vec(), piece[prompt_here..].to_vec())
+                    })
+                    .collect())
+            }
+        }
+    }
+}
+
+/// Assign documents of the given lengths to packs of at most `max_tokens` tokens. Deterministic (ties by
+/// index); each pack lists its documents in input order. Every length must already fit
+/// (see [`PackSpec::fit`]).
+pub fn plan_packs(doc_lens: &[usize], spec: &PackSpec) -> Result<Vec<Vec<usize>>> {
+    spec.validate()?;
+    if let Some((row, &len)) = doc_lens
+        .iter()
+        .enumerate()
+        .find(|(_, &l)| l > spec.max_tokens)
+    {
+        return Err(Error::SequenceTooLong {
+            row,
+            len,
+            prompt_len: 0,
+            output_len: len,
+            max_len: spec.max_tokens,
+        });
+    }
+    let mut packs: Vec<(usize, Vec<usize>)> = Vec::new(); // (tokens used, documents)
+    match spec.strategy {
+        PackStrategy::Greedy => {
+            for (i, &len) in doc_lens.iter().enumerate() {
+                match packs.last_mut() {
+                    Some((used, docs)) if *used + len <= spec.max_tokens => {
+                        *used += len;
+                        docs.push(i);
+                    }
+                    _ => packs.push((len, vec![i])),
+                }
+            }
+        }
+        PackStrategy::FirstFitDecreasing => {
+            let mut order: Vec<usize> = (0..doc_lens.len()).collect();
+            order.sort_by_key(|&i| (std::cmp::Reverse(doc_lens[i]), i));
+            for i in order {
+                let len = doc_lens[i];
+                match packs
+                    .iter_mut()
+                    .find(|(used, _)| used + len <= spec.max_tokens)
+                {
+                    Some((used, docs)) => {
+                        *used += len;
+                        docs.push(i);
+                    }
+                    None => packs.push((len, vec![i])),
+                }
+            }
+            for (_, docs) in &mut packs {
+                docs.sort_unstable();
+            }
+            // Packs in the order of their first document, so the output follows the input loosely.
+            packs.sort_by_key(|(_, docs)| docs[0]);
+        }
+    }
+    Ok(packs.into_iter().map(|(_, docs)| docs).collect())
+}
+
+/// splitmix64: a small, well-mixed generator, so orders are reproducible from a seed on every platform.
+fn splitmix64(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Length bucketing: a seeded shuffle of the row indices, then each window of `window` rows sorted by
+/// length (ties by index). Consecutive batches of the result hold rows of similar length; a different
+/// seed (say, per epoch) gives a different order, the same seed the same one.
+pub fn bucket_order(lens: &[usize], window: usize, seed: u64) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..lens.len()).collect();
+    let mut state = seed;
+    for i in (1..order.len()).rev() {
+        let j = (splitmix64(&mut state) % (i as u64 + 1)) as usize;
+        order.swap(i, j);
+    }
+    for chunk in order.chunks_mut(window.max(1)) {
+        chunk.sort_by_key(|&i| (lens[i], i));
+    }
+    order
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_fit_decreasing_fills_packs() {
+        let spec = PackSpec::new(10);
+        let packs = plan_packs(&[6, 5, 4, 3, 2], &spec).unwrap();
+        assert_eq!(packs, vec![vec![0, 2], vec![1, 3, 4]]);
+        let greedy = PackSpec {
+            strategy: PackStrategy::Greedy,
+            ..spec
+        };
+        assert_eq!(
+            plan_packs(&[6, 5, 4, 3, 2], &greedy).unwrap(),
+            vec![vec![0], vec![1, 2], vec![3, 4]]
+        );
+        assert!(plan_packs(&[11], &spec).is_err());
+    }
+
+    #[test]
+    fn split_keeps_every_token_and_the_prompt_boundary() {
+        let spec = PackSpec {
+            overflow: Overflow::Split,
+            ..PackSpec::new(4)
+        };
+        let docs = spec
+            .fit(0, &[1, 2, 3, 4, 5], &[6, 7], &CollateSpec::default())
+            .unwrap();
+        assert_eq!(
+            docs,
+            vec![(vec![1, 2, 3, 4], vec![]), (vec![5], vec![6, 7])]
+        );
+    }
+
+    #[test]
+    fn bucketing_is_a_reproducible_permutation() {
+        let lens: Vec<usize> = (0..100).map(|i| (i * 37) % 23).collect();
+        let a = bucket_order(&lens, 16, 7);
+        assert_eq!(a, bucket_order(&lens, 16, 7));
+        assert_ne!(a, bucket_order(&lens, 16, 8));
+        let mut sorted = a.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, (0..100).collect::<Vec<_>>());
+        for chunk in a.chunks(16) {
+            assert!(chunk.windows(2).all(|w| lens[w[0]] <= lens[w[1]]));
+        }
+    }
+}
