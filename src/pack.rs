@@ -12,8 +12,11 @@ use crate::{CollateSpec, Error, Result, Truncation};
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum PackStrategy {
-    /// Longest first, each into the first pack with room: the fewest packs, for inputs held in memory.
+    /// Longest first, each into the fullest pack it still fits (ties: the earliest): usually the fewest
+    /// packs, for inputs held in memory.
     #[default]
+    BestFitDecreasing,
+    /// Longest first, each into the first pack with room.
     FirstFitDecreasing,
     /// In input order, a new pack whenever the next document does not fit: for streams.
     Greedy,
@@ -45,7 +48,7 @@ impl PackSpec {
     pub fn new(max_tokens: usize) -> Self {
         PackSpec {
             max_tokens,
-            strategy: PackStrategy::FirstFitDecreasing,
+            strategy: PackStrategy::BestFitDecreasing,
             overflow: Overflow::Error,
         }
     }
@@ -142,15 +145,21 @@ pub fn plan_packs(doc_lens: &[usize], spec: &PackSpec) -> Result<Vec<Vec<usize>>
                 }
             }
         }
-        PackStrategy::FirstFitDecreasing => {
+        PackStrategy::FirstFitDecreasing | PackStrategy::BestFitDecreasing => {
             let mut order: Vec<usize> = (0..doc_lens.len()).collect();
             order.sort_by_key(|&i| (std::cmp::Reverse(doc_lens[i]), i));
             for i in order {
                 let len = doc_lens[i];
-                match packs
+                let mut fits = packs
                     .iter_mut()
-                    .find(|(used, _)| used + len <= spec.max_tokens)
-                {
+                    .filter(|(used, _)| used + len <= spec.max_tokens);
+                let chosen = if spec.strategy == PackStrategy::BestFitDecreasing {
+                    // The fullest; `max_by_key` keeps the last of equals, so reverse to keep the earliest.
+                    fits.rev().max_by_key(|(used, _)| *used)
+                } else {
+                    fits.next()
+                };
+                match chosen {
                     Some((used, docs)) => {
                         *used += len;
                         docs.push(i);
@@ -199,9 +208,20 @@ mod tests {
 
     #[test]
     fn first_fit_decreasing_fills_packs() {
-        let spec = PackSpec::new(10);
+        let spec = PackSpec {
+            strategy: PackStrategy::FirstFitDecreasing,
+            ..PackSpec::new(10)
+        };
         let packs = plan_packs(&[6, 5, 4, 3, 2], &spec).unwrap();
         assert_eq!(packs, vec![vec![0, 2], vec![1, 3, 4]]);
+        // Best fit: never more packs than first fit on this mixed list, every document placed once.
+        let lens: Vec<usize> = (0..200).map(|i| 1 + (i * 37) % 9).collect();
+        let best = plan_packs(&lens, &PackSpec::new(10)).unwrap();
+        let first = plan_packs(&lens, &spec).unwrap();
+        assert!(best.len() <= first.len());
+        let mut placed: Vec<usize> = best.concat();
+        placed.sort_unstable();
+        assert_eq!(placed, (0..200).collect::<Vec<_>>());
         let greedy = PackSpec {
             strategy: PackStrategy::Greedy,
             ..spec

@@ -135,6 +135,25 @@ impl PackedBatch {
         (0..self.rows()).map(|i| self.row_len(i)).max().unwrap_or(0)
     }
 
+    /// A new batch of the given rows of this one, in the given order (prompt boundaries kept).
+    ///
+    /// # Panics
+    /// If an index is out of range.
+    pub fn select(&self, rows: &[usize]) -> PackedBatch {
+        let tokens = rows.iter().map(|&i| self.row_len(i)).sum();
+        let mut out = PackedBatch::with_capacity(rows.len(), tokens);
+        for &i in rows {
+            let (prompt, output) = self.row(i).split_at(self.prompt_lens[i] as usize);
+            out.push_row(prompt, output);
+        }
+        out
+    }
+
+    /// Row `i` as (prompt tokens, output tokens).
+    pub fn row_parts(&self, i: usize) -> (&[u32], &[u32]) {
+        self.row(i).split_at(self.prompt_lens[i] as usize)
+    }
+
     /// Check the invariants every backend relies on, so that a corrupted batch is a typed error and never
     /// an out-of-bounds access: `rows + 1` offsets starting at 0, non-decreasing, ending at the token
     /// count, and each prompt no longer than its row.

@@ -12,16 +12,20 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::time::Instant;
 
-use clap::Args;
+use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use sft_collate::batch::write_atomically;
 use sft_collate::input::RowFormat;
-use sft_collate::{tokenize_and_pack, Batch, CollateSpec, Error, Result, Tokenizer};
+use sft_collate::pack::{bucket_order, plan_packs, Overflow, PackSpec, PackStrategy};
+use sft_collate::{
+    cpu, tokenize_and_pack, Batch, CollateSpec, Error, PackedBatch, PackedLayout, Result, Tokenizer,
+};
 
 use super::backend::{Backend, Device};
 use super::{RowArgs, SpecArgs, TokenizerArgs};
 
-/// How many raw batches the reader may run ahead, and how many collated batches may wait for the writer.
+/// How many raw chunks the reader may run ahead, and how many collated chunks (a batch, or a bucketing or
+/// packing window's files) may wait for the writer.
 const READ_AHEAD: usize = 4;
 const WRITE_AHEAD: usize = 2;
 /// Bad lines recorded in the manifest with their reasons (all are counted).
@@ -47,6 +51,31 @@ pub struct CollateArgs {
     /// Where to collate.
     #[arg(long, value_enum, default_value = "auto")]
     device: Device,
+    /// Padding-free packing: documents packed into rows of at most MAX_TOKENS tokens, with position_ids
+    /// and cu_seqlens (one pack per file, shape [1, T]). Runs on the CPU.
+    #[arg(long, value_name = "MAX_TOKENS", conflicts_with = "bucket")]
+    pack: Option<usize>,
+    /// How documents are assigned to packs.
+    #[arg(
+        long,
+        value_enum,
+        default_value = "best-fit-decreasing",
+        requires = "pack"
+    )]
+    pack_strategy: PackStrategyArg,
+    /// A document longer than --pack: error, truncate (by --truncate, prompt-left by default) or split.
+    #[arg(long, value_enum, default_value = "error", requires = "pack")]
+    pack_overflow: PackOverflowArg,
+    /// Length bucketing: rows are shuffled (seeded) and sorted by length within windows of WINDOW rows,
+    /// then cut into batches, so a batch holds rows of similar length.
+    #[arg(long, value_name = "WINDOW")]
+    bucket: Option<usize>,
+    /// Rows read and tokenized together when packing (first fit decreasing works within it).
+    #[arg(long, default_value_t = 4096, value_name = "ROWS")]
+    window: usize,
+    /// Seed of the bucketing shuffle (same seed, same batches; change it per epoch).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
     /// Skip malformed lines, missing keys and non-string fields (counted in the manifest) instead of
     /// failing.
     #[arg(long)]
@@ -57,6 +86,44 @@ pub struct CollateArgs {
     /// No progress bar or summary on stderr.
     #[arg(long, short)]
     quiet: bool,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PackStrategyArg {
+    BestFitDecreasing,
+    FirstFitDecreasing,
+    Greedy,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PackOverflowArg {
+    Error,
+    Truncate,
+    Split,
+}
+
+/// How rows become files.
+#[derive(Clone, Copy, Debug)]
+enum Layout {
+    /// Consecutive batches of `batch_size` rows, padded.
+    Padded,
+    /// Padded batches of similar-length rows, by `bucket_order` within windows.
+    Bucketed { window: usize, seed: u64 },
+    /// Padding-free packs.
+    Packed(PackSpec),
+}
+
+/// What the writer receives: one file's tensors, the input rows they hold, and the progress position.
+enum Collated {
+    Padded(Batch),
+    Packed(PackedLayout),
+}
+
+struct Work {
+    collated: Collated,
+    /// Input rows (counting from 0) in the file, when the file does not hold consecutive rows in order.
+    rows: Option<Vec<usize>>,
+    bytes_read: u64,
 }
 
 /// Rows read from the input, not yet tokenized.
@@ -88,6 +155,10 @@ struct FileEntry {
     response_tokens: usize,
     padding_fraction: f64,
     empty_response_rows: usize,
+    /// The input rows in this file, when they are not consecutive rows in input order (bucketing,
+    /// packing).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    input_rows: Option<Vec<usize>>,
 }
 
 pub fn run(args: CollateArgs) -> Result<()> {
@@ -95,7 +166,39 @@ pub fn run(args: CollateArgs) -> Result<()> {
     let tokenizer = args.tokenizer.load()?;
     let spec = args.spec.spec(&tokenizer)?;
     let format = args.rows.row_format()?;
-    let (backend, device_line) = Backend::select(args.device)?;
+    let layout = match (args.pack, args.bucket) {
+        (Some(max_tokens), _) => Layout::Packed(PackSpec {
+            max_tokens,
+            strategy: match args.pack_strategy {
+                PackStrategyArg::BestFitDecreasing => PackStrategy::BestFitDecreasing,
+                PackStrategyArg::FirstFitDecreasing => PackStrategy::FirstFitDecreasing,
+                PackStrategyArg::Greedy => PackStrategy::Greedy,
+            },
+            overflow: match args.pack_overflow {
+                PackOverflowArg::Error => Overflow::Error,
+                PackOverflowArg::Truncate => Overflow::Truncate,
+                PackOverflowArg::Split => Overflow::Split,
+            },
+        }),
+        (None, Some(window)) => Layout::Bucketed {
+            window: window.max(1),
+            seed: args.seed,
+        },
+        (None, None) => Layout::Padded,
+    };
+    let device = match (layout, args.device) {
+        // The packed layout has no device kernel yet.
+        (Layout::Packed(_), Device::Auto) => Device::Cpu,
+        (Layout::Packed(_), Device::Cpu) => Device::Cpu,
+        (Layout::Packed(_), _) => {
+            return Err(Error::InvalidOption {
+                name: "device",
+                reason: "--pack runs on the CPU in this version".into(),
+            })
+        }
+        (_, d) => d,
+    };
+    let (backend, device_line) = Backend::select(device)?;
     if !args.quiet {
         eprintln!("device: {device_line}");
     }
@@ -115,8 +218,14 @@ pub fn run(args: CollateArgs) -> Result<()> {
     let progress = progress_bar(total_bytes, args.quiet);
 
     let (raw_tx, raw_rx) = sync_channel::<Result<RawBatch>>(READ_AHEAD);
-    let (batch_tx, batch_rx) = sync_channel::<(Batch, u64)>(WRITE_AHEAD);
+    let (batch_tx, batch_rx) = sync_channel::<Vec<Work>>(WRITE_AHEAD);
     let batch_size = args.batch_size as usize;
+    // Rows read and tokenized at a time: a batch, a bucketing window (whole batches), or a packing window.
+    let chunk_rows = match layout {
+        Layout::Padded => batch_size,
+        Layout::Bucketed { window, .. } => window.div_ceil(batch_size) * batch_size,
+        Layout::Packed(_) => args.window.max(1),
+    };
     let skip_bad_lines = args.skip_bad_lines;
 
     let (read_report, write_result, collate_result) = std::thread::scope(|scope| {
@@ -125,13 +234,15 @@ pub fn run(args: CollateArgs) -> Result<()> {
                 reader,
                 &input_name,
                 &format,
-                batch_size,
+                chunk_rows,
                 skip_bad_lines,
                 raw_tx,
             )
         });
         let writer = scope.spawn(|| write_batches(batch_rx, staging.path(), &progress));
-        let collate_result = collate_batches(raw_rx, batch_tx, &tokenizer, &spec, &backend);
+        let collate_result = collate_batches(
+            raw_rx, batch_tx, &tokenizer, &spec, &backend, layout, batch_size,
+        );
         (
             reader.join().expect("reader thread panicked"),
             writer.join().expect("writer thread panicked"),
@@ -142,7 +253,15 @@ pub fn run(args: CollateArgs) -> Result<()> {
     let files = write_result?;
     progress.finish_and_clear();
 
-    let manifest = manifest(&args, &tokenizer, &spec, device, &files, &read_report);
+    let manifest = manifest(
+        &args,
+        &tokenizer,
+        &spec,
+        device,
+        layout,
+        &files,
+        &read_report,
+    );
     let manifest_bytes = serde_json::to_vec_pretty(&manifest).expect("manifest serializes");
     write_atomically(&staging.path().join("manifest.json"), &manifest_bytes)?;
     staging.commit(&args.output, files.iter().map(|f| f.name.as_str()))?;
@@ -260,65 +379,130 @@ fn read_batches(
 /// Tokenize and collate each raw batch (tokenization uses every core), handing results to the writer.
 fn collate_batches(
     rx: Receiver<Result<RawBatch>>,
-    tx: SyncSender<(Batch, u64)>,
+    tx: SyncSender<Vec<Work>>,
     tokenizer: &Tokenizer,
     spec: &CollateSpec,
     backend: &Backend,
+    layout: Layout,
+    batch_size: usize,
 ) -> Result<()> {
     let mut row_base = 0usize;
-    for raw in rx {
+    // Packing applies its own overflow policy instead of max_len.
+    let tokenize_spec = match layout {
+        Layout::Packed(_) => CollateSpec {
+            max_len: None,
+            ..spec.clone()
+        },
+        _ => spec.clone(),
+    };
+    for (chunk_index, raw) in rx.into_iter().enumerate() {
         let raw = raw?;
-        let packed = tokenize_and_pack(&raw.prompts, &raw.outputs, tokenizer, spec).map_err(
-            // Name the row in the whole input, not in the batch.
-            |e| match e {
-                Error::SequenceTooLong {
-                    row,
-                    len,
-                    prompt_len,
-                    output_len,
-                    max_len,
-                } => Error::SequenceTooLong {
-                    row: row_base + row,
-                    len,
-                    prompt_len,
-                    output_len,
-                    max_len,
-                },
-                other => other,
+        // Name rows in the whole input, not in the chunk.
+        let global = |e: Error| match e {
+            Error::SequenceTooLong {
+                row,
+                len,
+                prompt_len,
+                output_len,
+                max_len,
+            } => Error::SequenceTooLong {
+                row: row_base + row,
+                len,
+                prompt_len,
+                output_len,
+                max_len,
             },
-        )?;
+            other => other,
+        };
+        let packed = tokenize_and_pack(&raw.prompts, &raw.outputs, tokenizer, &tokenize_spec)
+            .map_err(global)?;
+        let mut work = Vec::new();
+        match layout {
+            Layout::Padded => work.push(Work {
+                collated: Collated::Padded(backend.collate(&packed, spec)?),
+                rows: None,
+                bytes_read: raw.bytes_read,
+            }),
+            Layout::Bucketed { window, seed } => {
+                let lens: Vec<usize> = (0..packed.rows()).map(|i| packed.row_len(i)).collect();
+                // A different order in every window, reproducible from the seed.
+                let order = bucket_order(&lens, window, seed.wrapping_add(chunk_index as u64));
+                for rows in order.chunks(batch_size) {
+                    work.push(Work {
+                        collated: Collated::Padded(backend.collate(&packed.select(rows), spec)?),
+                        rows: Some(rows.iter().map(|&r| row_base + r).collect()),
+                        bytes_read: raw.bytes_read,
+                    });
+                }
+            }
+            Layout::Packed(pack_spec) => {
+                // Documents after the overflow policy, each remembering its input row.
+                let mut documents = PackedBatch::new();
+                let mut source = Vec::new();
+                for i in 0..packed.rows() {
+                    let (prompt, output) = packed.row_parts(i);
+                    for (p, o) in pack_spec.fit(i, prompt, output, spec).map_err(global)? {
+                        documents.push_row(&p, &o);
+                        source.push(row_base + i);
+                    }
+                }
+                let lens: Vec<usize> = (0..documents.rows())
+                    .map(|d| documents.row_len(d))
+                    .collect();
+                for docs in plan_packs(&lens, &pack_spec)? {
+                    work.push(Work {
+                        collated: Collated::Packed(cpu::collate_packed(
+                            &documents.select(&docs),
+                            spec,
+                        )?),
+                        rows: Some(docs.iter().map(|&d| source[d]).collect()),
+                        bytes_read: raw.bytes_read,
+                    });
+                }
+            }
+        }
         row_base += raw.prompts.len();
-        let batch = backend.collate(&packed, spec)?;
-        if tx.send((batch, raw.bytes_read)).is_err() {
-            break; // The writer failed; its error is reported from there.
+        // A chunk's files go to the writer together, so that the next chunk's tokenization overlaps
+        // their writing (one file at a time would stall this thread behind the writer).
+        if tx.send(work).is_err() {
+            return Ok(()); // The writer failed; its error is reported from there.
         }
     }
     Ok(())
 }
 
 fn write_batches(
-    rx: Receiver<(Batch, u64)>,
+    rx: Receiver<Vec<Work>>,
     dir: &Path,
     progress: &ProgressBar,
 ) -> Result<Vec<FileEntry>> {
     let mut files = Vec::new();
     let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
     let mut rows = 0usize;
-    for (index, (batch, bytes_read)) in rx.into_iter().enumerate() {
+    for (index, work) in rx.into_iter().flatten().enumerate() {
         let name = format!("batch-{index:05}.safetensors");
-        batch.write_safetensors(&dir.join(&name), Some(metadata.clone()))?;
-        let s = &batch.stats;
-        rows += s.rows;
+        let (bytes, stats) = match &work.collated {
+            Collated::Padded(batch) => {
+                (batch.to_safetensors(Some(metadata.clone()))?, &batch.stats)
+            }
+            Collated::Packed(layout) => (
+                layout.to_safetensors(Some(metadata.clone()))?,
+                &layout.stats,
+            ),
+        };
+        write_atomically(&dir.join(&name), &bytes)?;
+        rows += stats.rows;
         files.push(FileEntry {
             name,
-            rows: s.rows,
-            width: s.width,
-            tokens: s.tokens,
-            response_tokens: s.response_tokens,
-            padding_fraction: s.padding_fraction,
-            empty_response_rows: s.empty_response_rows.len(),
+            rows: stats.rows,
+            width: stats.width,
+            tokens: stats.tokens,
+            response_tokens: stats.response_tokens,
+            padding_fraction: stats.padding_fraction,
+            empty_response_rows: stats.empty_response_rows.len(),
+            input_rows: work.rows,
         });
-        progress.set_position(bytes_read);
+        progress.set_position(work.bytes_read);
         progress.set_message(format!("{rows} rows"));
     }
     Ok(files)
@@ -329,9 +513,27 @@ fn manifest(
     tokenizer: &Tokenizer,
     spec: &CollateSpec,
     device: &str,
+    layout: Layout,
     files: &[FileEntry],
     read: &ReadReport,
 ) -> serde_json::Value {
+    let tokens: usize = files.iter().map(|f| f.tokens).sum();
+    let layout_json = match layout {
+        Layout::Padded => serde_json::json!({ "kind": "padded" }),
+        Layout::Bucketed { window, seed } => {
+            serde_json::json!({ "kind": "padded", "bucket_window": window, "seed": seed })
+        }
+        Layout::Packed(pack) => serde_json::json!({
+            "kind": "packed",
+            "max_tokens": pack.max_tokens,
+            "strategy": pack.strategy,
+            "overflow": pack.overflow,
+            // The share of the packs' token budget left empty.
+            "slack_fraction": if files.is_empty() { 0.0 } else {
+                1.0 - tokens as f64 / (files.len() * pack.max_tokens) as f64
+            },
+        }),
+    };
     let sum = |f: fn(&FileEntry) -> usize| files.iter().map(f).sum::<usize>();
     let slots: usize = files.iter().map(|f| f.rows * f.width).sum();
     let pad_slots: f64 = files
@@ -351,6 +553,7 @@ fn manifest(
         "bad_lines": read.recorded,
         "tokenizer": tokenizer.name(),
         "device": device,
+        "layout": layout_json,
         "options": {
             "batch_size": args.batch_size,
             "prompt_key": args.rows.prompt_key,
