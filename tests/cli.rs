@@ -374,3 +374,91 @@ fn loss_reads_safetensors_and_writes_what_the_library_computes() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("label 99"));
     assert!(!output_path.exists());
 }
+
+#[test]
+fn pack_and_bucket_cover_every_row_once() {
+    let read_manifest = |dir: &Path| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap()
+    };
+    let covered = |manifest: &serde_json::Value| -> Vec<u64> {
+        let mut rows: Vec<u64> = manifest["files"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|f| {
+                f["input_rows"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|r| r.as_u64().unwrap())
+            })
+            .collect();
+        rows.sort_unstable();
+        rows
+    };
+
+    let packed_dir = tempfile::tempdir().unwrap();
+    let out = run(bin()
+        .args([
+            "collate",
+            "--quiet",
+            "--pack",
+            "48",
+            "--id-dtype",
+            "i64",
+            "--input",
+        ])
+        .arg(sample())
+        .arg("--output")
+        .arg(packed_dir.path()));
+    assert!(out.status.success());
+    let manifest = read_manifest(packed_dir.path());
+    assert_eq!(manifest["layout"]["kind"], "packed");
+    assert_eq!(covered(&manifest), (0..12).collect::<Vec<u64>>());
+    for file in manifest["files"].as_array().unwrap() {
+        let bytes = std::fs::read(packed_dir.path().join(file["name"].as_str().unwrap())).unwrap();
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        let t = st.tensor("input_ids").unwrap().shape()[1];
+        assert!(t <= 48);
+        for name in ["labels", "response_mask", "position_ids"] {
+            assert_eq!(st.tensor(name).unwrap().shape(), [1, t], "{name}");
+        }
+        let cu: Vec<i32> = bytemuck::pod_collect_to_vec(st.tensor("cu_seqlens").unwrap().data());
+        assert_eq!((cu[0], *cu.last().unwrap() as usize), (0, t));
+        assert_eq!(cu.len(), file["input_rows"].as_array().unwrap().len() + 1);
+        let positions: Vec<i64> =
+            bytemuck::pod_collect_to_vec(st.tensor("position_ids").unwrap().data());
+        for w in cu.windows(2) {
+            assert_eq!(
+                positions[w[0] as usize], 0,
+                "positions restart at each document"
+            );
+        }
+    }
+
+    let plain_dir = tempfile::tempdir().unwrap();
+    let bucket_dir = tempfile::tempdir().unwrap();
+    for (dir, extra) in [
+        (&plain_dir, vec![]),
+        (&bucket_dir, vec!["--bucket", "12", "--seed", "3"]),
+    ] {
+        let out = run(bin()
+            .args(["collate", "--quiet", "--batch-size", "4"])
+            .args(extra)
+            .arg("--input")
+            .arg(sample())
+            .arg("--output")
+            .arg(dir.path()));
+        assert!(out.status.success());
+    }
+    let (plain, bucketed) = (
+        read_manifest(plain_dir.path()),
+        read_manifest(bucket_dir.path()),
+    );
+    assert_eq!(covered(&bucketed), (0..12).collect::<Vec<u64>>());
+    assert!(
+        bucketed["padding_fraction"].as_f64().unwrap()
+            <= plain["padding_fraction"].as_f64().unwrap()
+    );
+    assert_eq!(bucketed["layout"]["bucket_window"], 12);
+}

@@ -190,6 +190,8 @@ pub fn run(args: CollateArgs) -> Result<()> {
         // The packed layout has no device kernel yet.
         (Layout::Packed(_), Device::Auto) => Device::Cpu,
         (Layout::Packed(_), Device::Cpu) => Device::Cpu,
+        // Unreachable in a build with neither CUDA nor emulation.
+        #[allow(unreachable_patterns)]
         (Layout::Packed(_), _) => {
             return Err(Error::InvalidOption {
                 name: "device",
