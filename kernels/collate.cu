@@ -84,3 +84,69 @@ __device__ __forceinline__ void collate_impl(COLLATE_PARAMS(Id)) {
 
 COLLATE_KERNEL(collate_i32, i32)
 COLLATE_KERNEL(collate_i64, i64)
+
+// ---- The packed (padding-free) layout: every row of the batch is a document, all concatenated into one
+// stream of `total` positions (the real tokens, then an optional pad tail). Each thread writes
+// COLLATE_VEC consecutive positions; the document of a position is found by binary search in
+// row_offsets. Must match cpu::collate_packed bit for bit.
+#define COLLATE_PACKED_PARAMS(Id)                                                                   \
+    const u32 *__restrict__ tokens, const u64 *__restrict__ row_offsets,                          \
+        const u32 *__restrict__ prompt_lens, u64 rows, u64 total, u32 pad_id, i64 ignore_index,   \
+        i32 use_ignore_index, Id *__restrict__ input_ids, Id *__restrict__ labels,                 \
+        u8 *__restrict__ response_mask, Id *__restrict__ position_ids, i32 *__restrict__ cu_seqlens
+#define COLLATE_PACKED_ARGS                                                                         \
+    tokens, row_offsets, prompt_lens, rows, total, pad_id, ignore_index, use_ignore_index,         \
+        input_ids, labels, response_mask, position_ids, cu_seqlens
+
+// The document holding stream position t (< row_offsets[rows]): the last d with row_offsets[d] <= t,
+// skipping empty documents.
+__device__ __forceinline__ u64 document_of(const u64 *row_offsets, u64 rows, u64 t) {
+    u64 lo = 0, hi = rows;  // invariant: row_offsets[lo] <= t < row_offsets[hi]
+    while (hi - lo > 1) {
+        const u64 mid = lo + (hi - lo) / 2;
+        if (row_offsets[mid] <= t) lo = mid; else hi = mid;
+    }
+    return lo;
+}
+
+template <typename Id>
+__device__ __forceinline__ void collate_packed_impl(COLLATE_PACKED_PARAMS(Id)) {
+    const u64 thread = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    const u64 real = row_offsets[rows];
+    // cu_seqlens: the document boundaries, then the end of the pad tail if there is one.
+    if (thread <= rows) cu_seqlens[thread] = (i32)row_offsets[thread];
+    if (thread == rows + 1 && total > real) cu_seqlens[thread] = (i32)total;
+
+    const u64 t0 = thread * COLLATE_VEC;
+    if (t0 >= total) return;
+    u64 d = t0 < real ? document_of(row_offsets, rows, t0) : rows;
+    for (int k = 0; k < COLLATE_VEC; ++k) {
+        const u64 t = t0 + k;
+        if (t >= total) break;
+        if (t < real) {
+            while (row_offsets[d + 1] <= t) ++d;  // the next non-empty document
+            const u64 start = row_offsets[d], end = row_offsets[d + 1];
+            const u64 p = t - start;
+            const u64 first_label = prompt_lens[d] > 1 ? prompt_lens[d] : 1;
+            const bool is_response = p + 1 >= first_label && t + 1 < end;
+            const u32 next = t + 1 < end ? tokens[t + 1] : pad_id;
+            input_ids[t] = (Id)tokens[t];
+            labels[t] = (use_ignore_index && !is_response) ? (Id)ignore_index : (Id)next;
+            response_mask[t] = is_response;
+            position_ids[t] = (Id)p;
+        } else {
+            input_ids[t] = (Id)pad_id;
+            labels[t] = use_ignore_index ? (Id)ignore_index : (Id)pad_id;
+            response_mask[t] = 0;
+            position_ids[t] = (Id)(t - real);
+        }
+    }
+}
+
+#define COLLATE_PACKED_KERNEL(name, Id)                                                             \
+    extern "C" __global__ void __launch_bounds__(COLLATE_BLOCK) name(COLLATE_PACKED_PARAMS(Id)) { \
+        collate_packed_impl<Id>(COLLATE_PACKED_ARGS);                                               \
+    }
+
+COLLATE_PACKED_KERNEL(collate_packed_i32, i32)
+COLLATE_PACKED_KERNEL(collate_packed_i64, i64)

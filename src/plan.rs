@@ -92,6 +92,68 @@ impl CollatePlan {
         ([grid_x, grid_y as u32, 1], [COLLATE_BLOCK, 1, 1])
     }
 
+    /// Positions of the packed (padding-free) layout of a batch of `real` tokens: `real`, rounded up to
+    /// `pad_to_multiple_of` (the tail is one more segment of pad tokens). Refuses a pack whose positions
+    /// do not fit the i32 `cu_seqlens`.
+    pub fn packed_total(real: usize, spec: &CollateSpec) -> Result<usize> {
+        let total = match spec.pad_to_multiple_of {
+            Some(m) if m > 1 => real.div_ceil(m) * m,
+            _ => real,
+        };
+        if i32::try_from(total).is_err() {
+            return Err(Error::InvalidPackedBatch(format!(
+                "a pack of {total} tokens does not fit i32 cu_seqlens"
+            )));
+        }
+        Ok(total)
+    }
+
+    /// `cu_seqlens` and `max_seqlen` of the packed layout, from the offsets alone (no device round trip).
+    pub fn packed_boundaries(row_offsets: &[u64], total: usize) -> (Vec<i32>, usize) {
+        let real = row_offsets.last().copied().unwrap_or(0) as usize;
+        let mut cu_seqlens: Vec<i32> = row_offsets.iter().map(|&o| o as i32).collect();
+        if total > real {
+            cu_seqlens.push(total as i32);
+        }
+        let max_seqlen = cu_seqlens
+            .windows(2)
+            .map(|w| (w[1] - w[0]) as usize)
+            .max()
+            .unwrap_or(0);
+        (cu_seqlens, max_seqlen)
+    }
+
+    /// The statistics of the packed layout: as the padded layout's, with width T and the pad tail as
+    /// the padding.
+    #[cfg_attr(not(any(feature = "cuda", feature = "emulation")), allow(dead_code))]
+    pub(crate) fn packed_stats(
+        &self,
+        row_offsets: &[u64],
+        prompt_lens: &[u32],
+        total: usize,
+    ) -> BatchStats {
+        let mut stats = self.stats_from(row_offsets, prompt_lens);
+        let real = row_offsets.last().copied().unwrap_or(0) as usize;
+        stats.width = total;
+        stats.padding_fraction = if total == 0 {
+            0.0
+        } else {
+            (total - real) as f64 / total as f64
+        };
+        stats
+    }
+
+    /// `(grid, block)` of the packed-layout kernel: one thread per COLLATE_VEC positions, and at least
+    /// `rows + 2` threads for `cu_seqlens`.
+    pub fn packed_launch_shape(&self, total: usize) -> ([u32; 3], [u32; 3]) {
+        let threads = (total as u64)
+            .div_ceil(COLLATE_VEC)
+            .max(self.rows as u64 + 2);
+        let grid =
+            u32::try_from(threads.div_ceil(u64::from(COLLATE_BLOCK))).expect("i32 positions");
+        ([grid, 1, 1], [COLLATE_BLOCK, 1, 1])
+    }
+
     /// The statistics of the batch, from the packed rows alone (so a device backend needs no copy back):
     /// row `i` has `len - max(prompt_len, 1)` response labels when that is positive.
     pub fn stats(&self, packed: &PackedBatch) -> BatchStats {

@@ -210,3 +210,30 @@ mod ce {
         assert!(matches!(out.check(), Err(Error::DeviceLabelOutOfRange)));
     }
 }
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn cuda_packed_layout_matches_the_oracle() {
+    let collator = collator();
+    let batches = prop::collection::vec(
+        (
+            prop::collection::vec(0u32..200_000, 0..200),
+            prop::collection::vec(0u32..200_000, 0..900),
+        ),
+        0..30,
+    )
+    .prop_map(PackedBatch::from_pairs);
+    let mut runner = TestRunner::new(Config::with_cases(200));
+    runner
+        .run(&(batches, spec_strategy()), |(packed, spec)| {
+            let want = cpu::collate_packed(&packed, &spec).unwrap();
+            let got = collator
+                .collate_packed(&packed, &spec)
+                .unwrap()
+                .to_host()
+                .unwrap();
+            prop_assert_eq!(got, want);
+            Ok(())
+        })
+        .unwrap();
+}

@@ -51,6 +51,48 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    #[test]
+    fn emulated_packed_layout_matches_the_oracle(packed in packed_strategy(12, 30), spec in spec_strategy()) {
+        let want = cpu::collate_packed(&packed, &spec).unwrap();
+        let got = EmulatedCollator::new().collate_packed(&packed, &spec).unwrap();
+        prop_assert_eq!(got, want);
+    }
+}
+
+#[test]
+fn packed_layout_across_many_blocks() {
+    // More positions than one block covers, empty documents in between, a padded tail.
+    let mut pairs: Vec<(Vec<u32>, Vec<u32>)> = (0..40u32)
+        .map(|i| {
+            (
+                vec![i; (i % 7) as usize],
+                vec![i + 1; (i % 5) as usize * 30],
+            )
+        })
+        .collect();
+    pairs.insert(3, (vec![], vec![]));
+    let packed = PackedBatch::from_pairs(pairs);
+    for id_dtype in [IdDtype::I32, IdDtype::I64] {
+        let spec = CollateSpec {
+            pad_id: Some(7),
+            id_dtype,
+            pad_to_multiple_of: Some(128),
+            label_format: LabelFormat::IGNORE_INDEX,
+            ..Default::default()
+        };
+        let want = cpu::collate_packed(&packed, &spec).unwrap();
+        assert_eq!(
+            EmulatedCollator::new()
+                .collate_packed(&packed, &spec)
+                .unwrap(),
+            want
+        );
+    }
+}
+
 #[test]
 fn wide_rows_use_several_blocks_per_row() {
     // Widths past 1024 positions need blockIdx.x > 0; both the vector path (width % 4 == 0) and the

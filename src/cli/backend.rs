@@ -60,6 +60,21 @@ impl Backend {
         }
     }
 
+    /// Collate one pack in the padding-free layout to host tensors.
+    pub fn collate_packed(
+        &self,
+        packed: &PackedBatch,
+        spec: &CollateSpec,
+    ) -> Result<sft_collate::PackedLayout> {
+        match self {
+            Backend::Cpu => cpu::collate_packed(packed, spec),
+            #[cfg(feature = "cuda")]
+            Backend::Cuda(c) => c.collate_packed(packed, spec)?.to_host(),
+            #[cfg(feature = "emulation")]
+            Backend::Emulated(e) => e.collate_packed(packed, spec),
+        }
+    }
+
     /// Collate one batch to host tensors.
     pub fn collate(&self, packed: &PackedBatch, spec: &CollateSpec) -> Result<Batch> {
         match self {

@@ -18,7 +18,7 @@ use sft_collate::batch::write_atomically;
 use sft_collate::input::RowFormat;
 use sft_collate::pack::{bucket_order, plan_packs, Overflow, PackSpec, PackStrategy};
 use sft_collate::{
-    cpu, tokenize_and_pack, Batch, CollateSpec, Error, PackedBatch, PackedLayout, Result, Tokenizer,
+    tokenize_and_pack, Batch, CollateSpec, Error, PackedBatch, PackedLayout, Result, Tokenizer,
 };
 
 use super::backend::{Backend, Device};
@@ -52,7 +52,7 @@ pub struct CollateArgs {
     #[arg(long, value_enum, default_value = "auto")]
     device: Device,
     /// Padding-free packing: documents packed into rows of at most MAX_TOKENS tokens, with position_ids
-    /// and cu_seqlens (one pack per file, shape [1, T]). Runs on the CPU.
+    /// and cu_seqlens (one pack per file, shape [1, T]).
     #[arg(long, value_name = "MAX_TOKENS", conflicts_with = "bucket")]
     pack: Option<usize>,
     /// How documents are assigned to packs.
@@ -186,20 +186,7 @@ pub fn run(args: CollateArgs) -> Result<()> {
         },
         (None, None) => Layout::Padded,
     };
-    let device = match (layout, args.device) {
-        // The packed layout has no device kernel yet.
-        (Layout::Packed(_), Device::Auto) => Device::Cpu,
-        (Layout::Packed(_), Device::Cpu) => Device::Cpu,
-        // Unreachable in a build with neither CUDA nor emulation.
-        #[allow(unreachable_patterns)]
-        (Layout::Packed(_), _) => {
-            return Err(Error::InvalidOption {
-                name: "device",
-                reason: "--pack runs on the CPU in this version".into(),
-            })
-        }
-        (_, d) => d,
-    };
+    let device = args.device;
     let (backend, device_line) = Backend::select(device)?;
     if !args.quiet {
         eprintln!("device: {device_line}");
@@ -453,10 +440,9 @@ fn collate_batches(
                     .collect();
                 for docs in plan_packs(&lens, &pack_spec)? {
                     work.push(Work {
-                        collated: Collated::Packed(cpu::collate_packed(
-                            &documents.select(&docs),
-                            spec,
-                        )?),
+                        collated: Collated::Packed(
+                            backend.collate_packed(&documents.select(&docs), spec)?,
+                        ),
                         rows: Some(docs.iter().map(|&d| source[d]).collect()),
                         bytes_read: raw.bytes_read,
                     });

@@ -93,15 +93,7 @@ pub fn collate_packed(
 ) -> Result<crate::batch::PackedLayout> {
     let plan = CollatePlan::new(packed, spec)?;
     let real = packed.tokens().len();
-    let total = match spec.pad_to_multiple_of {
-        Some(m) if m > 1 => real.div_ceil(m) * m,
-        _ => real,
-    };
-    if i32::try_from(total).is_err() {
-        return Err(crate::Error::InvalidPackedBatch(format!(
-            "a pack of {total} tokens does not fit i32 cu_seqlens"
-        )));
-    }
+    let total = CollatePlan::packed_total(real, spec)?;
     let mut input_ids = Vec::with_capacity(total);
     let mut labels = Vec::with_capacity(total);
     let mut response_mask = Vec::with_capacity(total);

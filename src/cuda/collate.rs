@@ -66,6 +66,65 @@ impl DeviceBatch {
     }
 }
 
+/// The packed (padding-free) layout on the device (`[total]` positions each; see
+/// [`crate::PackedLayout`]). `cu_seqlens` is on the device (written by the kernel) and its host copy and
+/// `max_seqlen` are known without a synchronization.
+#[derive(Debug)]
+pub struct DevicePackedLayout {
+    pub input_ids: DeviceIds,
+    pub labels: DeviceIds,
+    pub response_mask: CudaSlice<u8>,
+    pub position_ids: DeviceIds,
+    pub cu_seqlens: CudaSlice<i32>,
+    pub host_cu_seqlens: Vec<i32>,
+    pub max_seqlen: usize,
+    pub stats: BatchStats,
+    stream: Arc<CudaStream>,
+}
+
+impl DevicePackedLayout {
+    /// Copy back as the [`crate::PackedLayout`] the CPU path makes (synchronizes the stream).
+    pub fn to_host(&self) -> Result<crate::PackedLayout> {
+        let s = &self.stream;
+        let ids = |d: &DeviceIds| -> Result<IdTensor> {
+            Ok(match d {
+                DeviceIds::I32(v) => IdTensor::I32(s.clone_dtoh(v).map_err(cuda_err)?),
+                DeviceIds::I64(v) => IdTensor::I64(s.clone_dtoh(v).map_err(cuda_err)?),
+            })
+        };
+        let cu_seqlens = s.clone_dtoh(&self.cu_seqlens).map_err(cuda_err)?;
+        if cu_seqlens != self.host_cu_seqlens {
+            return Err(Error::Cuda(format!(
+                "the kernel wrote cu_seqlens {cu_seqlens:?}, the host computed {:?}",
+                self.host_cu_seqlens
+            )));
+        }
+        Ok(crate::PackedLayout {
+            input_ids: ids(&self.input_ids)?,
+            labels: ids(&self.labels)?,
+            response_mask: bools_from_bytes(&s.clone_dtoh(&self.response_mask).map_err(cuda_err)?)?,
+            position_ids: ids(&self.position_ids)?,
+            cu_seqlens,
+            max_seqlen: self.max_seqlen,
+            stats: self.stats.clone(),
+        })
+    }
+}
+
+/// `n` elements of uninitialized device memory (an empty slice for 0).
+///
+/// Callers hand the memory out only after a kernel has written every element.
+fn alloc<T: cudarc::driver::DeviceRepr>(
+    stream: &Arc<CudaStream>,
+    n: usize,
+) -> Result<CudaSlice<T>> {
+    if n == 0 {
+        return stream.null().map_err(cuda_err);
+    }
+    // SAFETY: see above: every caller's kernel writes all n elements before they are read.
+    unsafe { stream.alloc::<T>(n) }.map_err(cuda_err)
+}
+
 /// A pinned host buffer for the packed batch, and the event of the copy that last read it.
 struct Staging {
     buffer: PinnedHostSlice<u8>,
@@ -77,6 +136,8 @@ pub struct CudaCollator {
     stream: Arc<CudaStream>,
     collate_i32: CudaFunction,
     collate_i64: CudaFunction,
+    collate_packed_i32: CudaFunction,
+    collate_packed_i64: CudaFunction,
     origin: ModuleOrigin,
     /// Two staging buffers used in turn, so that filling one never waits for the copy of the batch just
     /// submitted (only, rarely, for the one before it).
@@ -148,6 +209,8 @@ impl CudaCollator {
         Ok(CudaCollator {
             collate_i32: load("collate_i32")?,
             collate_i64: load("collate_i64")?,
+            collate_packed_i32: load("collate_packed_i32")?,
+            collate_packed_i64: load("collate_packed_i64")?,
             stream,
             origin,
             staging: Mutex::new(([None, None], 0)),
@@ -194,17 +257,6 @@ impl CudaCollator {
         let plan = CollatePlan::for_validated(&packed.row_offsets, packed.max_token, spec)?;
         let stream = &self.stream;
         let n = plan.len();
-        fn alloc<T: cudarc::driver::DeviceRepr>(
-            stream: &Arc<CudaStream>,
-            n: usize,
-        ) -> Result<CudaSlice<T>> {
-            if n == 0 {
-                return stream.null().map_err(cuda_err);
-            }
-            // SAFETY: uninitialized device memory is only handed out after the kernel below has written
-            // every one of its n elements (each thread writes its positions of every row it walks).
-            unsafe { stream.alloc::<T>(n) }.map_err(cuda_err)
-        }
         let alloc_ids = |n: usize| -> Result<DeviceIds> {
             Ok(match spec.id_dtype {
                 IdDtype::I32 => DeviceIds::I32(alloc(stream, n)?),
@@ -293,6 +345,104 @@ impl CudaCollator {
             response_mask,
             attention_mask,
             stats: plan.stats_from(&packed.row_offsets, &packed.prompt_lens),
+            stream: stream.clone(),
+        })
+    }
+
+    /// The packed (padding-free) layout, every row a document: one copy, one launch, no host sync.
+    /// Bit-identical to [`crate::cpu::collate_packed`].
+    pub fn collate_packed(
+        &self,
+        packed: &PackedBatch,
+        spec: &CollateSpec,
+    ) -> Result<DevicePackedLayout> {
+        let plan = CollatePlan::new(packed, spec)?;
+        let total = CollatePlan::packed_total(packed.tokens().len(), spec)?;
+        let (host_cu_seqlens, max_seqlen) =
+            CollatePlan::packed_boundaries(packed.row_offsets(), total);
+        let device_packed = self.upload(packed)?;
+        let stream = &self.stream;
+        let ids = |n: usize| -> Result<DeviceIds> {
+            Ok(match spec.id_dtype {
+                IdDtype::I32 => DeviceIds::I32(alloc(stream, n)?),
+                IdDtype::I64 => DeviceIds::I64(alloc(stream, n)?),
+            })
+        };
+        // Every position and every cu_seqlens entry is written by the kernel below.
+        let (mut input_ids, mut labels, mut position_ids) = (ids(total)?, ids(total)?, ids(total)?);
+        let mut response_mask = alloc::<u8>(stream, total)?;
+        let mut cu_seqlens = alloc::<i32>(stream, host_cu_seqlens.len())?;
+        let layout = &device_packed.layout;
+        // SAFETY: see `collate_uploaded`: the views cover the uploaded arrays exactly.
+        let (row_offsets, tokens, prompt_lens) = unsafe {
+            (
+                device_packed
+                    .input
+                    .slice(..layout.tokens_at)
+                    .transmute::<u64>(device_packed.row_offsets.len()),
+                device_packed
+                    .input
+                    .slice(layout.tokens_at..)
+                    .transmute::<u32>(((layout.prompt_lens_at - layout.tokens_at) / 4).max(1)),
+                device_packed
+                    .input
+                    .slice(layout.prompt_lens_at..)
+                    .transmute::<u32>(device_packed.prompt_lens.len()),
+            )
+        };
+        let (row_offsets, tokens, prompt_lens) = (
+            row_offsets.expect("layout within the buffer"),
+            tokens.expect("layout within the buffer"),
+            prompt_lens.expect("layout within the buffer"),
+        );
+        let (grid, block) = plan.packed_launch_shape(total);
+        let cfg = LaunchConfig {
+            grid_dim: (grid[0], grid[1], grid[2]),
+            block_dim: (block[0], block[1], block[2]),
+            shared_mem_bytes: 0,
+        };
+        let (rows, total64) = (plan.rows as u64, total as u64);
+        let ignore_index = plan.ignore_index.unwrap_or(0);
+        let use_ignore_index = i32::from(plan.ignore_index.is_some());
+        let function = match spec.id_dtype {
+            IdDtype::I32 => &self.collate_packed_i32,
+            IdDtype::I64 => &self.collate_packed_i64,
+        };
+        let mut launch = stream.launch_builder(function);
+        launch
+            .arg(&tokens)
+            .arg(&row_offsets)
+            .arg(&prompt_lens)
+            .arg(&rows)
+            .arg(&total64)
+            .arg(&plan.pad_id)
+            .arg(&ignore_index)
+            .arg(&use_ignore_index);
+        match (&mut input_ids, &mut labels) {
+            (DeviceIds::I32(i), DeviceIds::I32(l)) => launch.arg(i).arg(l),
+            (DeviceIds::I64(i), DeviceIds::I64(l)) => launch.arg(i).arg(l),
+            _ => unreachable!("both tensors have the spec's dtype"),
+        };
+        launch.arg(&mut response_mask);
+        match &mut position_ids {
+            DeviceIds::I32(p) => launch.arg(p),
+            DeviceIds::I64(p) => launch.arg(p),
+        };
+        launch.arg(&mut cu_seqlens);
+        // SAFETY: `CollatePlan::new` validated the batch on the host and the device copy is that batch,
+        // so every token read (t + 1 < end of its document) is in bounds; the outputs hold `total`
+        // positions, cu_seqlens rows + 1 (+ 1 with a pad tail) entries, and the grid has at least
+        // rows + 2 threads. The argument list matches COLLATE_PACKED_PARAMS in collate.cu.
+        unsafe { launch.launch(cfg) }.map_err(cuda_err)?;
+        Ok(DevicePackedLayout {
+            input_ids,
+            labels,
+            response_mask,
+            position_ids,
+            cu_seqlens,
+            host_cu_seqlens,
+            max_seqlen,
+            stats: plan.packed_stats(packed.row_offsets(), packed.prompt_lens(), total),
             stream: stream.clone(),
         })
     }

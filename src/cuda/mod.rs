@@ -19,7 +19,7 @@ mod module;
 
 use std::sync::Arc;
 
-pub use collate::{CudaCollator, DeviceBatch, DeviceIds, DevicePackedBatch};
+pub use collate::{CudaCollator, DeviceBatch, DeviceIds, DevicePackedBatch, DevicePackedLayout};
 pub use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
 pub use loss::{CeRequest, DeviceCeOutput, DeviceCeTargets, DeviceLabels, MaskedCrossEntropy};
 pub use module::ModuleOrigin;

@@ -1,7 +1,7 @@
 //! The collation kernel on the emulator.
 
 use crate::plan::CollatePlan;
-use crate::{Batch, CollateSpec, IdDtype, IdTensor, PackedBatch, Result};
+use crate::{Batch, CollateSpec, IdDtype, IdTensor, PackedBatch, PackedLayout, Result};
 
 use super::{DeviceLikeBuffer, EmuLaunch};
 
@@ -30,6 +30,32 @@ macro_rules! collate_decl {
     };
 }
 collate_decl!(emu_collate_i32: i32, emu_collate_i64: i64);
+
+macro_rules! collate_packed_decl {
+    ($($name:ident: $id:ty),*) => {
+        extern "C" {
+            $(
+                fn $name(
+                    cfg: *const EmuLaunch,
+                    tokens: *const u32,
+                    row_offsets: *const u64,
+                    prompt_lens: *const u32,
+                    rows: u64,
+                    total: u64,
+                    pad_id: u32,
+                    ignore_index: i64,
+                    use_ignore_index: i32,
+                    input_ids: *mut $id,
+                    labels: *mut $id,
+                    response_mask: *mut u8,
+                    position_ids: *mut $id,
+                    cu_seqlens: *mut i32,
+                );
+            )*
+        }
+    };
+}
+collate_packed_decl!(emu_collate_packed_i32: i32, emu_collate_packed_i64: i64);
 
 /// The collation kernel run by the emulator. Same API as `cuda::CudaCollator`, with host results.
 #[derive(Debug, Default, Clone, Copy)]
@@ -103,6 +129,71 @@ impl EmulatedCollator {
                 None
             },
             stats: plan.stats(packed),
+        })
+    }
+}
+
+impl EmulatedCollator {
+    /// The packed (padding-free) layout of `packed` (every row a document), by `collate_packed_<dtype>`.
+    pub fn collate_packed(&self, packed: &PackedBatch, spec: &CollateSpec) -> Result<PackedLayout> {
+        let plan = CollatePlan::new(packed, spec)?;
+        let total = CollatePlan::packed_total(packed.tokens().len(), spec)?;
+        let (host_cu_seqlens, max_seqlen) =
+            CollatePlan::packed_boundaries(packed.row_offsets(), total);
+        let size = spec.id_dtype.size();
+        let mut input_ids = DeviceLikeBuffer::zeroed(total * size);
+        let mut labels = DeviceLikeBuffer::zeroed(total * size);
+        let mut positions = DeviceLikeBuffer::zeroed(total * size);
+        let mut mask = DeviceLikeBuffer::zeroed(total);
+        let mut cu_seqlens = vec![0i32; host_cu_seqlens.len()];
+        let (grid, block) = plan.packed_launch_shape(total);
+        let cfg = EmuLaunch { grid, block };
+        macro_rules! launch {
+            ($kernel:ident, $id:ty) => {
+                // SAFETY: `CollatePlan::new` validated the batch (offsets from 0, non-decreasing, ending at
+                // the token count), so every token read is in bounds; the outputs hold `total` positions
+                // and cu_seqlens rows + 1 (+ 1 with a pad tail) entries, which is what the kernel writes.
+                unsafe {
+                    $kernel(
+                        &cfg,
+                        packed.tokens().as_ptr(),
+                        packed.row_offsets().as_ptr(),
+                        packed.prompt_lens().as_ptr(),
+                        plan.rows as u64,
+                        total as u64,
+                        plan.pad_id,
+                        plan.ignore_index.unwrap_or(0),
+                        i32::from(plan.ignore_index.is_some()),
+                        input_ids.as_mut_slice::<$id>(total).as_mut_ptr(),
+                        labels.as_mut_slice::<$id>(total).as_mut_ptr(),
+                        mask.as_mut_slice::<u8>(total).as_mut_ptr(),
+                        positions.as_mut_slice::<$id>(total).as_mut_ptr(),
+                        cu_seqlens.as_mut_ptr(),
+                    )
+                }
+            };
+        }
+        match spec.id_dtype {
+            IdDtype::I32 => launch!(emu_collate_packed_i32, i32),
+            IdDtype::I64 => launch!(emu_collate_packed_i64, i64),
+        }
+        let ids = |buf: &mut DeviceLikeBuffer| match spec.id_dtype {
+            IdDtype::I32 => IdTensor::I32(buf.as_mut_slice::<i32>(total).to_vec()),
+            IdDtype::I64 => IdTensor::I64(buf.as_mut_slice::<i64>(total).to_vec()),
+        };
+        if cu_seqlens != host_cu_seqlens {
+            return Err(crate::Error::Cuda(format!(
+                "the kernel wrote cu_seqlens {cu_seqlens:?}, the host computed {host_cu_seqlens:?}"
+            )));
+        }
+        Ok(PackedLayout {
+            input_ids: ids(&mut input_ids),
+            labels: ids(&mut labels),
+            response_mask: crate::batch::bools_from_bytes(mask.as_mut_slice::<u8>(total))?,
+            position_ids: ids(&mut positions),
+            cu_seqlens,
+            max_seqlen,
+            stats: plan.packed_stats(packed.row_offsets(), packed.prompt_lens(), total),
         })
     }
 }
