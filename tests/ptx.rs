@@ -5,7 +5,10 @@ use sft_collate::kernels;
 
 /// Every kernel family and the entry points the Rust side loads from it.
 const EXPECTED: &[(&str, &[&str])] = &[
-    ("collate", &["collate_i32", "collate_i64"]),
+    (
+        "collate",
+        &["collate_i32", "collate_i64", "collate_packed_i32", "collate_packed_i64"],
+    ),
     (
         "fill",
         &["fill_logits_f32", "fill_logits_f16", "fill_logits_bf16"],
