@@ -7,7 +7,12 @@ use sft_collate::kernels;
 const EXPECTED: &[(&str, &[&str])] = &[
     (
         "collate",
-        &["collate_i32", "collate_i64", "collate_packed_i32", "collate_packed_i64"],
+        &[
+            "collate_i32",
+            "collate_i64",
+            "collate_packed_i32",
+            "collate_packed_i64",
+        ],
     ),
     (
         "fill",

@@ -24,7 +24,7 @@ pub struct ShowArgs {
     #[arg(long, required_unless_present = "input", conflicts_with = "input")]
     output: Option<String>,
     /// Take the row from this JSONL file instead.
-    #[arg(long, value_name = "FILE", requires = "row")]
+    #[arg(long, value_name = "FILE")]
     input: Option<PathBuf>,
     /// Which row of --input (counting non-blank lines from 0).
     #[arg(long, value_name = "N")]
@@ -38,6 +38,13 @@ pub struct ShowArgs {
     /// Colour the prompt, output and padding.
     #[arg(long, value_enum, default_value = "auto")]
     color: Color,
+    /// Show the first pack of padding-free packing of the first --rows rows of --input instead, with
+    /// document boundaries (cu_seqlens) drawn.
+    #[arg(long, value_name = "MAX_TOKENS", requires = "input")]
+    pack: Option<usize>,
+    /// How many rows of --input to pack for --pack.
+    #[arg(long, default_value_t = 4, value_name = "N")]
+    rows_to_pack: usize,
 }
 
 /// Which part of the padded sequence a position holds.
@@ -80,23 +87,158 @@ impl Part {
 pub fn run(args: ShowArgs) -> Result<()> {
     let tokenizer = args.tokenizer.load()?;
     let spec = args.spec.spec(&tokenizer)?;
+    if let (Some(max_tokens), Some(path)) = (args.pack, &args.input) {
+        let color = resolve_color(args.color);
+        let table = render_pack(
+            &tokenizer,
+            &spec,
+            path,
+            &args.rows,
+            args.rows_to_pack,
+            max_tokens,
+            color,
+        )?;
+        let _ = std::io::stdout().lock().write_all(table.as_bytes());
+        return Ok(());
+    }
     let (prompt, output) = match (&args.input, args.row) {
         (Some(path), Some(row)) => read_row(path, row, &args.rows)?,
+        (Some(_), None) => {
+            return Err(Error::InvalidOption {
+                name: "row",
+                reason: "--input needs --row N (or --pack MAX_TOKENS)".into(),
+            })
+        }
         _ => (
             args.prompt.clone().unwrap_or_default(),
             args.output.clone().unwrap_or_default(),
         ),
     };
-    let color = match args.color {
-        Color::Always => true,
-        Color::Never => false,
-        Color::Auto => std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none(),
-    };
+    let color = resolve_color(args.color);
     let table = render(&tokenizer, &spec, &prompt, &output, color)?;
     let mut stdout = std::io::stdout().lock();
     // A closed pipe (`| head`) is not an error worth reporting.
     let _ = stdout.write_all(table.as_bytes());
     Ok(())
+}
+
+fn resolve_color(color: Color) -> bool {
+    match color {
+        Color::Always => true,
+        Color::Never => false,
+        Color::Auto => std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none(),
+    }
+}
+
+/// The first pack of the first `n` rows of `path`, position by position, with a rule at every document
+/// boundary.
+fn render_pack(
+    tokenizer: &Tokenizer,
+    spec: &CollateSpec,
+    path: &PathBuf,
+    rows: &super::RowArgs,
+    n: usize,
+    max_tokens: usize,
+    color: bool,
+) -> Result<String> {
+    use sft_collate::pack::{plan_packs, PackSpec};
+    let mut pairs = Vec::new();
+    for row in 0..n {
+        match read_row(path, row, rows) {
+            Ok(pair) => pairs.push(pair),
+            Err(Error::InvalidOption { name: "row", .. }) => break,
+            Err(e) => return Err(e),
+        }
+    }
+    let (prompts, outputs): (Vec<String>, Vec<String>) = pairs.into_iter().unzip();
+    let unlimited = CollateSpec {
+        max_len: None,
+        ..spec.clone()
+    };
+    let batch = sft_collate::tokenize_and_pack(&prompts, &outputs, tokenizer, &unlimited)?;
+    let pack_spec = PackSpec::new(max_tokens);
+    let mut documents = PackedBatch::new();
+    for i in 0..batch.rows() {
+        let (p, o) = batch.row_parts(i);
+        for (p, o) in pack_spec.fit(i, p, o, spec)? {
+            documents.push_row(&p, &o);
+        }
+    }
+    let lens: Vec<usize> = (0..documents.rows())
+        .map(|d| documents.row_len(d))
+        .collect();
+    let packs = plan_packs(&lens, &pack_spec)?;
+    let Some(first) = packs.first() else {
+        return Ok("(no rows to pack)\n".into());
+    };
+    let pack = documents.select(first);
+    let layout = cpu::collate_packed(&pack, spec)?;
+    let paint = |part: Part, s: String| {
+        if color {
+            format!("{}{s}\x1b[0m", part.ansi())
+        } else {
+            s
+        }
+    };
+    let mut out = format!(
+        "tokenizer {}  pack 1 of {}: documents {:?} (input rows), {} tokens of {max_tokens}, cu_seqlens {:?}, max_seqlen {}\n",
+        tokenizer.name(),
+        packs.len(),
+        first,
+        layout.response_mask.len(),
+        layout.cu_seqlens,
+        layout.max_seqlen
+    );
+    out.push_str(&format!(
+        "{:>5} {:>4} {:>4}  {:<32} {:<32} {}\n",
+        "pos", "doc", "p", "input_ids", "labels", "response_mask"
+    ));
+    let (inputs, labels, positions) = (
+        layout.input_ids.to_i64(),
+        layout.labels.to_i64(),
+        layout.position_ids.to_i64(),
+    );
+    for (d, w) in layout.cu_seqlens.windows(2).enumerate() {
+        out.push_str(&format!("{}\n", "─".repeat(90)));
+        let (start, end) = (w[0] as usize, w[1] as usize);
+        let prompt_len = if d < pack.rows() {
+            pack.prompt_lens()[d] as usize
+        } else {
+            0
+        };
+        for t in start..end {
+            let p = t - start;
+            let part = |q: usize| {
+                if d >= pack.rows() || q >= end - start {
+                    Part::Pad
+                } else if q < prompt_len {
+                    Part::Prompt
+                } else {
+                    Part::Output
+                }
+            };
+            let label_text = if labels[t] < 0 {
+                String::new()
+            } else {
+                cell(tokenizer, labels[t])
+            };
+            let mask = layout.response_mask[t];
+            out.push_str(&format!(
+                "{t:>5} {d:>4} {:>4}  {} {} {}\n",
+                positions[t],
+                paint(
+                    part(p),
+                    format!("{:<24}{:>8}", cell(tokenizer, inputs[t]), inputs[t])
+                ),
+                paint(part(p + 1), format!("{label_text:<24}{:>8}", labels[t])),
+                paint(
+                    if mask { Part::Output } else { Part::Pad },
+                    (if mask { "T  (trained)" } else { "F" }).to_string()
+                ),
+            ));
+        }
+    }
+    Ok(out)
 }
 
 fn read_row(path: &PathBuf, row: usize, rows: &super::RowArgs) -> Result<(String, String)> {
