@@ -12,11 +12,11 @@
 // The kernels' parameters, written once for the kernels and for the emulation's launch wrappers.
 #define COLLATE_PARAMS(Id)                                                                          \
     const u32 *__restrict__ tokens, const u64 *__restrict__ row_offsets,                          \
-        const u32 *__restrict__ prompt_lens, u64 rows, u64 width, u32 pad_id, i64 ignore_index,   \
+        const u32 *__restrict__ prompt_lens, const u8 *__restrict__ trainable, u64 rows, u64 width, u32 pad_id, i64 ignore_index,   \
         i32 use_ignore_index, Id *__restrict__ input_ids, Id *__restrict__ labels,                 \
         u8 *__restrict__ response_mask, u8 *__restrict__ attention_mask
 #define COLLATE_ARGS                                                                                \
-    tokens, row_offsets, prompt_lens, rows, width, pad_id, ignore_index, use_ignore_index,         \
+    tokens, row_offsets, prompt_lens, trainable, rows, width, pad_id, ignore_index, use_ignore_index,         \
         input_ids, labels, response_mask, attention_mask
 
 template <typename Id>
@@ -50,7 +50,9 @@ __device__ __forceinline__ void collate_impl(COLLATE_PARAMS(Id)) {
 #pragma unroll
         for (int k = 0; k < COLLATE_VEC; ++k) {
             const u64 next = j0 + k + 1;
-            const bool is_response = next >= first_label && next < len;
+            // With per-token flags (multi-segment rows) the label's own flag decides; else the prompt rule.
+            const bool is_response =
+                next < len && (trainable ? trainable[start + next] != 0 : next >= first_label);
             in[k] = (Id)tok[k];
             lab[k] = (use_ignore_index && !is_response) ? (Id)ignore_index : (Id)tok[k + 1];
             resp[k] = is_response;
@@ -91,11 +93,11 @@ COLLATE_KERNEL(collate_i64, i64)
 // row_offsets. Must match cpu::collate_packed bit for bit.
 #define COLLATE_PACKED_PARAMS(Id)                                                                   \
     const u32 *__restrict__ tokens, const u64 *__restrict__ row_offsets,                          \
-        const u32 *__restrict__ prompt_lens, u64 rows, u64 total, u32 pad_id, i64 ignore_index,   \
+        const u32 *__restrict__ prompt_lens, const u8 *__restrict__ trainable, u64 rows, u64 total, u32 pad_id, i64 ignore_index,   \
         i32 use_ignore_index, Id *__restrict__ input_ids, Id *__restrict__ labels,                 \
         u8 *__restrict__ response_mask, Id *__restrict__ position_ids, i32 *__restrict__ cu_seqlens
 #define COLLATE_PACKED_ARGS                                                                         \
-    tokens, row_offsets, prompt_lens, rows, total, pad_id, ignore_index, use_ignore_index,         \
+    tokens, row_offsets, prompt_lens, trainable, rows, total, pad_id, ignore_index, use_ignore_index,         \
         input_ids, labels, response_mask, position_ids, cu_seqlens
 
 // The document holding stream position t (< row_offsets[rows]): the last d with row_offsets[d] <= t,
@@ -128,7 +130,8 @@ __device__ __forceinline__ void collate_packed_impl(COLLATE_PACKED_PARAMS(Id)) {
             const u64 start = row_offsets[d], end = row_offsets[d + 1];
             const u64 p = t - start;
             const u64 first_label = prompt_lens[d] > 1 ? prompt_lens[d] : 1;
-            const bool is_response = p + 1 >= first_label && t + 1 < end;
+            const bool is_response =
+                t + 1 < end && (trainable ? trainable[t + 1] != 0 : p + 1 >= first_label);
             const u32 next = t + 1 < end ? tokens[t + 1] : pad_id;
             input_ids[t] = (Id)tokens[t];
             labels[t] = (use_ignore_index && !is_response) ? (Id)ignore_index : (Id)next;

@@ -1,5 +1,5 @@
 //! [`PackedBatch`]: the tokens of a batch, row after row with no padding, plus where each row starts and
-//! how much of it is prompt. This is what travels from the tokenizer to a backend (and, for the GPU, the
+//! which of its tokens are trained on (a prompt length, or per-token flags for multi-segment rows). This is what travels from the tokenizer to a backend (and, for the GPU, the
 //! only thing copied to the device): its size is the number of real tokens, not `rows × width`.
 
 use crate::{CollateSpec, Error, Result};
@@ -7,14 +7,19 @@ use crate::{CollateSpec, Error, Result};
 /// The packed form of a batch: `tokens[row_offsets[i]..row_offsets[i + 1]]` is row `i`, whose first
 /// `prompt_lens[i]` tokens are prompt (not trained on) and whose remaining tokens are output.
 ///
+/// A row may instead be a list of segments, each trainable or not (a conversation whose assistant turns
+/// are trained): then the batch carries one `trainable` flag per token (0 or 1), and a label is trained
+/// exactly when its token is flagged. `prompt_lens[i]` is then the length of the row's leading untrainable
+/// run. Without flags, token `k` of row `i` is trainable when `k >= prompt_lens[i]`.
+///
 /// The fields are private so that every `PackedBatch` a backend sees has passed [`PackedBatch::validate`]
-/// (or was built by the methods here, which keep it valid); a row is kept general so that later it can
-/// carry several trainable and untrainable segments.
+/// (or was built by the methods here, which keep it valid).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PackedBatch {
     tokens: Vec<u32>,
     row_offsets: Vec<u64>,
     prompt_lens: Vec<u32>,
+    trainable: Option<Vec<u8>>,
 }
 
 impl PackedBatch {
@@ -24,6 +29,7 @@ impl PackedBatch {
             tokens: Vec::new(),
             row_offsets: vec![0],
             prompt_lens: Vec::new(),
+            trainable: None,
         }
     }
 
@@ -35,6 +41,7 @@ impl PackedBatch {
             tokens: Vec::with_capacity(tokens),
             row_offsets,
             prompt_lens: Vec::with_capacity(rows),
+            trainable: None,
         }
     }
 
@@ -48,9 +55,39 @@ impl PackedBatch {
             tokens,
             row_offsets,
             prompt_lens,
+            trainable: None,
         };
         batch.validate()?;
         Ok(batch)
+    }
+
+    /// Build from raw parts with per-token trainable flags (0 or 1, one per token), checking them.
+    pub fn from_parts_with_trainable(
+        tokens: Vec<u32>,
+        row_offsets: Vec<u64>,
+        prompt_lens: Vec<u32>,
+        trainable: Vec<u8>,
+    ) -> Result<Self> {
+        let batch = PackedBatch {
+            tokens,
+            row_offsets,
+            prompt_lens,
+            trainable: Some(trainable),
+        };
+        batch.validate()?;
+        Ok(batch)
+    }
+
+    /// Pack rows given as segments (tokens, trainable).
+    pub fn from_segments<'a, R>(rows: impl IntoIterator<Item = R>) -> Self
+    where
+        R: AsRef<[(&'a [u32], bool)]>,
+    {
+        let mut batch = PackedBatch::new();
+        for row in rows {
+            batch.push_segments(row.as_ref());
+        }
+        batch
     }
 
     /// Pack (prompt ids, output ids) pairs as they are, with no length limit.
@@ -93,6 +130,54 @@ impl PackedBatch {
         self.tokens.extend_from_slice(output);
         self.row_offsets.push(self.tokens.len() as u64);
         self.prompt_lens.push(prompt_len);
+        if let Some(flags) = &mut self.trainable {
+            flags.extend(std::iter::repeat_n(0, prompt.len()));
+            flags.extend(std::iter::repeat_n(1, output.len()));
+        }
+    }
+
+    /// Append one row made of segments, each trainable or not. Segments are concatenated as they are:
+    /// tokenize each separately so that no BPE merge crosses a boundary.
+    ///
+    /// # Panics
+    /// If the leading untrainable run has more than `u32::MAX` tokens.
+    pub fn push_segments(&mut self, segments: &[(&[u32], bool)]) {
+        if self.trainable.is_none() {
+            // From now on every row carries flags: the prompt-length rows so far get theirs.
+            let flags = (0..self.rows())
+                .flat_map(|i| {
+                    let p = self.prompt_lens[i] as usize;
+                    (0..self.row_len(i)).map(move |k| u8::from(k >= p))
+                })
+                .collect();
+            self.trainable = Some(flags);
+        }
+        let leading = segments
+            .iter()
+            .take_while(|(_, trained)| !trained)
+            .map(|(t, _)| t.len())
+            .sum::<usize>();
+        let flags = self.trainable.as_mut().expect("set above");
+        for (tokens, trained) in segments {
+            self.tokens.extend_from_slice(tokens);
+            flags.extend(std::iter::repeat_n(u8::from(*trained), tokens.len()));
+        }
+        self.row_offsets.push(self.tokens.len() as u64);
+        self.prompt_lens
+            .push(u32::try_from(leading).expect("a prompt of over 4G tokens"));
+    }
+
+    /// Per-token trainable flags, when rows were given as segments.
+    pub fn trainable(&self) -> Option<&[u8]> {
+        self.trainable.as_deref()
+    }
+
+    /// Whether token `k` of row `i` is trained on (as a label).
+    pub fn is_trainable(&self, i: usize, k: usize) -> bool {
+        match &self.trainable {
+            Some(flags) => flags[self.row_offsets[i] as usize + k] != 0,
+            None => k >= self.prompt_lens[i] as usize,
+        }
     }
 
     /// Number of rows.
@@ -143,15 +228,35 @@ impl PackedBatch {
         let tokens = rows.iter().map(|&i| self.row_len(i)).sum();
         let mut out = PackedBatch::with_capacity(rows.len(), tokens);
         for &i in rows {
-            let (prompt, output) = self.row(i).split_at(self.prompt_lens[i] as usize);
-            out.push_row(prompt, output);
+            match &self.trainable {
+                None => {
+                    let (prompt, output) = self.row(i).split_at(self.prompt_lens[i] as usize);
+                    out.push_row(prompt, output);
+                }
+                Some(_) => out.push_segments(&self.row_segments(i)),
+            }
         }
         out
     }
 
-    /// Row `i` as (prompt tokens, output tokens).
+    /// Row `i` as (prompt tokens, output tokens): the leading untrainable run and the rest (exact for
+    /// two-segment rows).
     pub fn row_parts(&self, i: usize) -> (&[u32], &[u32]) {
         self.row(i).split_at(self.prompt_lens[i] as usize)
+    }
+
+    /// Row `i` as its maximal runs of trainable and untrainable tokens.
+    pub fn row_segments(&self, i: usize) -> Vec<(&[u32], bool)> {
+        let row = self.row(i);
+        let mut segments: Vec<(&[u32], bool)> = Vec::new();
+        let mut start = 0;
+        for k in 1..=row.len() {
+            if k == row.len() || self.is_trainable(i, k) != self.is_trainable(i, start) {
+                segments.push((&row[start..k], self.is_trainable(i, start)));
+                start = k;
+            }
+        }
+        segments
     }
 
     /// Check the invariants every backend relies on, so that a corrupted batch is a typed error and never
@@ -191,6 +296,21 @@ impl PackedBatch {
                     "row {i}: prompt_len {} > row length {}",
                     self.prompt_lens[i],
                     w[1] - w[0]
+                ));
+            }
+        }
+        if let Some(flags) = &self.trainable {
+            if flags.len() != self.tokens.len() {
+                return bad(format!(
+                    "{} trainable flags for {} tokens",
+                    flags.len(),
+                    self.tokens.len()
+                ));
+            }
+            if let Some(at) = flags.iter().position(|&f| f > 1) {
+                return bad(format!(
+                    "trainable flag {} at token {at} is not 0 or 1",
+                    flags[at]
                 ));
             }
         }

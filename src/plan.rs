@@ -126,13 +126,9 @@ impl CollatePlan {
     /// The statistics of the packed layout: as the padded layout's, with width T and the pad tail as
     /// the padding.
     #[cfg_attr(not(any(feature = "cuda", feature = "emulation")), allow(dead_code))]
-    pub(crate) fn packed_stats(
-        &self,
-        row_offsets: &[u64],
-        prompt_lens: &[u32],
-        total: usize,
-    ) -> BatchStats {
-        let mut stats = self.stats_from(row_offsets, prompt_lens);
+    pub(crate) fn packed_stats(&self, packed: &PackedBatch, total: usize) -> BatchStats {
+        let row_offsets = packed.row_offsets();
+        let mut stats = self.stats(packed);
         let real = row_offsets.last().copied().unwrap_or(0) as usize;
         stats.width = total;
         stats.padding_fraction = if total == 0 {
@@ -157,12 +153,28 @@ impl CollatePlan {
     /// The statistics of the batch, from the packed rows alone (so a device backend needs no copy back):
     /// row `i` has `len - max(prompt_len, 1)` response labels when that is positive.
     pub fn stats(&self, packed: &PackedBatch) -> BatchStats {
-        self.stats_from(packed.row_offsets(), packed.prompt_lens())
+        self.stats_from(
+            packed.row_offsets(),
+            packed.prompt_lens(),
+            packed.trainable(),
+        )
     }
 
-    pub(crate) fn stats_from(&self, row_offsets: &[u64], prompt_lens: &[u32]) -> BatchStats {
+    pub(crate) fn stats_from(
+        &self,
+        row_offsets: &[u64],
+        prompt_lens: &[u32],
+        trainable: Option<&[u8]>,
+    ) -> BatchStats {
         let len = |i: usize| (row_offsets[i + 1] - row_offsets[i]) as usize;
-        let response = |i: usize| len(i).saturating_sub((prompt_lens[i] as usize).max(1));
+        // Labels are tokens 1..len of a row; with flags, the trained ones are flagged.
+        let response = |i: usize| match trainable {
+            Some(flags) => {
+                let start = row_offsets[i] as usize;
+                (1..len(i)).filter(|&k| flags[start + k] != 0).count()
+            }
+            None => len(i).saturating_sub((prompt_lens[i] as usize).max(1)),
+        };
         let real_labels: usize = (0..self.rows).map(|i| len(i).saturating_sub(1)).sum();
         let slots = self.len();
         BatchStats {

@@ -237,3 +237,39 @@ fn cuda_packed_layout_matches_the_oracle() {
         })
         .unwrap();
 }
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn cuda_follows_trainable_flags_of_multi_segment_rows() {
+    let collator = collator();
+    let rows = prop::collection::vec(
+        prop::collection::vec(
+            (prop::collection::vec(0u32..200_000, 0..40), any::<bool>()),
+            0..8,
+        ),
+        0..20,
+    );
+    let mut runner = TestRunner::new(Config::with_cases(100));
+    runner
+        .run(&(rows, spec_strategy()), |(rows, spec)| {
+            let segments: Vec<Vec<(&[u32], bool)>> = rows
+                .iter()
+                .map(|r| r.iter().map(|(t, f)| (t.as_slice(), *f)).collect())
+                .collect();
+            let packed = PackedBatch::from_segments(segments);
+            prop_assert_eq!(
+                collator.collate(&packed, &spec).unwrap().to_host().unwrap(),
+                cpu::collate(&packed, &spec).unwrap()
+            );
+            prop_assert_eq!(
+                collator
+                    .collate_packed(&packed, &spec)
+                    .unwrap()
+                    .to_host()
+                    .unwrap(),
+                cpu::collate_packed(&packed, &spec).unwrap()
+            );
+            Ok(())
+        })
+        .unwrap();
+}

@@ -4,7 +4,8 @@
 //! seq_i            = prompt_i ++ output_i, right-padded with pad_id
 //! input_ids[i, j]  = seq_i[j]
 //! labels[i, j]     = seq_i[j + 1]                       (LabelFormat::Pad)
-//! response_mask[i, j] = prompt_len_i <= j + 1 < len_i   (the label is an output token)
+//! response_mask[i, j] = j + 1 < len_i and token j + 1 is trainable
+//!                       (prompt_len_i <= j + 1 for a (prompt, output) row: the label is an output token)
 //! attention_mask[i, j] = j < len_i                      (on request)
 //! ```
 //!
@@ -33,12 +34,12 @@ pub fn collate(packed: &PackedBatch, spec: &CollateSpec) -> Result<Batch> {
     let n = plan.len();
     let (mut input_ids, mut labels) = (Vec::with_capacity(n), Vec::with_capacity(n));
     let (mut response_mask, mut attention_mask) = (Vec::with_capacity(n), Vec::with_capacity(n));
-    for (i, &prompt_len) in packed.prompt_lens().iter().enumerate() {
+    for i in 0..packed.rows() {
         let seq = packed.row(i);
-        let prompt_len = prompt_len as usize;
         let token = |k: usize| i64::from(seq.get(k).copied().unwrap_or(plan.pad_id));
         for j in 0..plan.width {
-            let is_response = prompt_len <= j + 1 && j + 1 < seq.len();
+            // The label is token j + 1: trained when it is (an output / trainable-segment token).
+            let is_response = j + 1 < seq.len() && packed.is_trainable(i, j + 1);
             input_ids.push(token(j));
             labels.push(match plan.ignore_index {
                 Some(ignore) if !is_response => ignore,
@@ -100,10 +101,10 @@ pub fn collate_packed(
     let mut position_ids = Vec::with_capacity(total);
     let mut cu_seqlens = vec![0i32];
     let not_trained = |label: i64| plan.ignore_index.unwrap_or(label);
-    for (d, &prompt_len) in packed.prompt_lens().iter().enumerate() {
+    for d in 0..packed.rows() {
         let doc = packed.row(d);
         for (p, &token) in doc.iter().enumerate() {
-            let is_response = prompt_len as usize <= p + 1 && p + 1 < doc.len();
+            let is_response = p + 1 < doc.len() && packed.is_trainable(d, p + 1);
             let next = i64::from(doc.get(p + 1).copied().unwrap_or(plan.pad_id));
             input_ids.push(i64::from(token));
             labels.push(if is_response { next } else { not_trained(next) });

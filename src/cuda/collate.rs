@@ -157,6 +157,8 @@ impl std::fmt::Debug for CudaCollator {
 struct InputLayout {
     tokens_at: usize,
     prompt_lens_at: usize,
+    /// Per-token trainable flags (one byte each), for multi-segment rows.
+    trainable_at: Option<usize>,
     bytes: usize,
 }
 
@@ -164,10 +166,13 @@ impl InputLayout {
     fn of(packed: &PackedBatch) -> Self {
         let tokens_at = packed.row_offsets().len() * 8;
         let prompt_lens_at = tokens_at + packed.tokens().len() * 4;
+        let end_of_prompt_lens = prompt_lens_at + packed.prompt_lens().len() * 4;
+        let trainable_at = packed.trainable().map(|_| end_of_prompt_lens);
         InputLayout {
             tokens_at,
             prompt_lens_at,
-            bytes: prompt_lens_at + packed.prompt_lens().len() * 4,
+            trainable_at,
+            bytes: end_of_prompt_lens + packed.trainable().map_or(0, <[u8]>::len),
         }
     }
 }
@@ -180,6 +185,7 @@ pub struct DevicePackedBatch {
     layout: InputLayout,
     row_offsets: Vec<u64>,
     prompt_lens: Vec<u32>,
+    trainable: Option<Vec<u8>>,
     max_token: u32,
 }
 
@@ -244,6 +250,7 @@ impl CudaCollator {
             layout,
             row_offsets: packed.row_offsets().to_vec(),
             prompt_lens: packed.prompt_lens().to_vec(),
+            trainable: packed.trainable().map(<[u8]>::to_vec),
             max_token: packed.tokens().iter().copied().max().unwrap_or(0),
         })
     }
@@ -298,6 +305,8 @@ impl CudaCollator {
                 tokens.expect("layout within the buffer"),
                 prompt_lens.expect("layout within the buffer"),
             );
+            // Per-token trainable flags (multi-segment rows), or a null pointer.
+            let trainable = layout.trainable_at.map(|at| input.slice(at..));
             let (grid, block) = plan.launch_shape();
             let cfg = LaunchConfig {
                 grid_dim: (grid[0], grid[1], grid[2]),
@@ -313,10 +322,12 @@ impl CudaCollator {
                 IdDtype::I64 => &self.collate_i64,
             };
             let mut launch = stream.launch_builder(function);
+            launch.arg(&tokens).arg(&row_offsets).arg(&prompt_lens);
+            match &trainable {
+                Some(flags) => launch.arg(flags),
+                None => launch.arg(&null_mask),
+            };
             launch
-                .arg(&tokens)
-                .arg(&row_offsets)
-                .arg(&prompt_lens)
                 .arg(&rows)
                 .arg(&width)
                 .arg(&plan.pad_id)
@@ -344,7 +355,11 @@ impl CudaCollator {
             labels,
             response_mask,
             attention_mask,
-            stats: plan.stats_from(&packed.row_offsets, &packed.prompt_lens),
+            stats: plan.stats_from(
+                &packed.row_offsets,
+                &packed.prompt_lens,
+                packed.trainable.as_deref(),
+            ),
             stream: stream.clone(),
         })
     }
@@ -395,6 +410,10 @@ impl CudaCollator {
             tokens.expect("layout within the buffer"),
             prompt_lens.expect("layout within the buffer"),
         );
+        let trainable = layout
+            .trainable_at
+            .map(|at| device_packed.input.slice(at..));
+        let null_trainable: u64 = 0;
         let (grid, block) = plan.packed_launch_shape(total);
         let cfg = LaunchConfig {
             grid_dim: (grid[0], grid[1], grid[2]),
@@ -409,10 +428,12 @@ impl CudaCollator {
             IdDtype::I64 => &self.collate_packed_i64,
         };
         let mut launch = stream.launch_builder(function);
+        launch.arg(&tokens).arg(&row_offsets).arg(&prompt_lens);
+        match &trainable {
+            Some(flags) => launch.arg(flags),
+            None => launch.arg(&null_trainable),
+        };
         launch
-            .arg(&tokens)
-            .arg(&row_offsets)
-            .arg(&prompt_lens)
             .arg(&rows)
             .arg(&total64)
             .arg(&plan.pad_id)
@@ -442,7 +463,7 @@ impl CudaCollator {
             cu_seqlens,
             host_cu_seqlens,
             max_seqlen,
-            stats: plan.packed_stats(packed.row_offsets(), packed.prompt_lens(), total),
+            stats: plan.packed_stats(packed, total),
             stream: stream.clone(),
         })
     }
@@ -473,7 +494,12 @@ impl CudaCollator {
         bytes[..layout.tokens_at].copy_from_slice(bytemuck::cast_slice(packed.row_offsets()));
         bytes[layout.tokens_at..layout.prompt_lens_at]
             .copy_from_slice(bytemuck::cast_slice(packed.tokens()));
-        bytes[layout.prompt_lens_at..].copy_from_slice(bytemuck::cast_slice(packed.prompt_lens()));
+        let prompt_lens_end = layout.prompt_lens_at + packed.prompt_lens().len() * 4;
+        bytes[layout.prompt_lens_at..prompt_lens_end]
+            .copy_from_slice(bytemuck::cast_slice(packed.prompt_lens()));
+        if let (Some(at), Some(flags)) = (layout.trainable_at, packed.trainable()) {
+            bytes[at..at + flags.len()].copy_from_slice(flags);
+        }
 
         // Room for at least one token so that the tokens view is never empty.
         let device_bytes = layout.bytes.max(layout.tokens_at + 4);

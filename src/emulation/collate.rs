@@ -14,6 +14,7 @@ macro_rules! collate_decl {
                     tokens: *const u32,
                     row_offsets: *const u64,
                     prompt_lens: *const u32,
+                    trainable: *const u8,
                     rows: u64,
                     width: u64,
                     pad_id: u32,
@@ -40,6 +41,7 @@ macro_rules! collate_packed_decl {
                     tokens: *const u32,
                     row_offsets: *const u64,
                     prompt_lens: *const u32,
+                    trainable: *const u8,
                     rows: u64,
                     total: u64,
                     pad_id: u32,
@@ -95,6 +97,7 @@ impl EmulatedCollator {
                             packed.tokens().as_ptr(),
                             packed.row_offsets().as_ptr(),
                             packed.prompt_lens().as_ptr(),
+                            packed.trainable().map_or(std::ptr::null(), <[u8]>::as_ptr),
                             plan.rows as u64,
                             plan.width as u64,
                             plan.pad_id,
@@ -159,6 +162,7 @@ impl EmulatedCollator {
                         packed.tokens().as_ptr(),
                         packed.row_offsets().as_ptr(),
                         packed.prompt_lens().as_ptr(),
+                        packed.trainable().map_or(std::ptr::null(), <[u8]>::as_ptr),
                         plan.rows as u64,
                         total as u64,
                         plan.pad_id,
@@ -193,7 +197,7 @@ impl EmulatedCollator {
             position_ids: ids(&mut positions),
             cu_seqlens,
             max_seqlen,
-            stats: plan.packed_stats(packed.row_offsets(), packed.prompt_lens(), total),
+            stats: plan.packed_stats(packed, total),
         })
     }
 }
