@@ -59,7 +59,7 @@ pub mod tokenize;
 pub use batch::{Batch, BatchStats, IdTensor, PackedLayout};
 pub use error::{Error, Result};
 pub use packed::PackedBatch;
-pub use pipeline::{tokenize_and_pack, tokenize_prompt_and_output};
+pub use pipeline::{tokenize_and_pack, tokenize_prompt_and_output, tokenize_rows};
 pub use spec::{CollateSpec, IdDtype, LabelFormat, Truncation};
 pub use tokenize::{Tokenizer, BUILTIN_TOKENIZERS};
 

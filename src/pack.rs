@@ -6,7 +6,7 @@
 //! `max_seqlen`), with the shift done per document. Bucketing orders rows by length inside seeded shuffle
 //! windows so that padded batches waste less without changing what any batch's loss means.
 
-use crate::{CollateSpec, Error, Result, Truncation};
+use crate::{CollateSpec, Error, PackedBatch, Result, Truncation};
 
 /// How documents are assigned to packs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
@@ -107,6 +107,71 @@ impl PackSpec {
                         let start = k * self.max_tokens;
                         let prompt_here = prompt.len().saturating_sub(start).min(piece.len());
                         (piece[..prompt_here].to_vec(), piece[prompt_here..].to_vec())
+                    })
+                    .collect())
+            }
+        }
+    }
+}
+
+impl PackSpec {
+    /// [`PackSpec::fit`] for row `i` of a batch, whatever its segments: pairs as pairs; multi-segment rows
+    /// truncated from the start or end (see [`CollateSpec::truncate_segments`]) or split into pieces that
+    /// keep every token's flag.
+    pub fn fit_row(
+        &self,
+        batch: &PackedBatch,
+        i: usize,
+        spec: &CollateSpec,
+    ) -> Result<Vec<Vec<(Vec<u32>, bool)>>> {
+        self.validate()?;
+        if batch.trainable().is_none() {
+            let (prompt, output) = batch.row_parts(i);
+            return Ok(self
+                .fit(i, prompt, output, spec)?
+                .into_iter()
+                .map(|(p, o)| vec![(p, false), (o, true)])
+                .collect());
+        }
+        let segments: Vec<(Vec<u32>, bool)> = batch
+            .row_segments(i)
+            .into_iter()
+            .map(|(t, f)| (t.to_vec(), f))
+            .collect();
+        let len = batch.row_len(i);
+        if len <= self.max_tokens {
+            return Ok(vec![segments]);
+        }
+        match self.overflow {
+            Overflow::Error | Overflow::Truncate => {
+                let truncation = match (self.overflow, spec.truncation) {
+                    (Overflow::Error, _) => Truncation::Error,
+                    (_, Truncation::Error) => Truncation::PromptLeft,
+                    (_, other) => other,
+                };
+                let cut = CollateSpec {
+                    max_len: Some(self.max_tokens),
+                    truncation,
+                    ..spec.clone()
+                };
+                Ok(vec![cut.truncate_segments(i, &segments)?])
+            }
+            Overflow::Split => {
+                let flat: Vec<(u32, bool)> = segments
+                    .iter()
+                    .flat_map(|(t, f)| t.iter().map(move |&x| (x, *f)))
+                    .collect();
+                Ok(flat
+                    .chunks(self.max_tokens)
+                    .map(|piece| {
+                        let mut runs: Vec<(Vec<u32>, bool)> = Vec::new();
+                        for &(token, flag) in piece {
+                            match runs.last_mut() {
+                                Some((tokens, f)) if *f == flag => tokens.push(token),
+                                _ => runs.push((vec![token], flag)),
+                            }
+                        }
+                        runs
                     })
                     .collect())
             }

@@ -33,6 +33,44 @@ where
     PackedBatch::from_pairs_truncated(ids.iter().zip(&output_ids), spec)
 }
 
+/// Tokenize rows given as segments (text, trainable), each segment separately, without special tokens,
+/// in parallel; apply `max_len` (pairs by the pair truncation policy, longer rows by
+/// [`CollateSpec::truncate_segments`]) and pack them. A row of exactly one untrainable then one trainable
+/// segment is packed as a (prompt, output) pair; any other row carries per-token trainable flags.
+pub fn tokenize_rows(
+    rows: &[Vec<(String, bool)>],
+    tokenizer: &Tokenizer,
+    spec: &CollateSpec,
+) -> Result<PackedBatch> {
+    spec.validate()?;
+    let texts: Vec<&str> = rows
+        .iter()
+        .flatten()
+        .map(|(text, _)| text.as_str())
+        .collect();
+    let mut ids = tokenizer.encode_batch(&texts)?.into_iter();
+    let mut batch = PackedBatch::new();
+    for (r, row) in rows.iter().enumerate() {
+        let segments: Vec<(Vec<u32>, bool)> = row
+            .iter()
+            .map(|(_, trained)| (ids.next().expect("one encoding per text"), *trained))
+            .collect();
+        match segments.as_slice() {
+            [(prompt, false), (output, true)] => {
+                let (prompt, output) = spec.truncate(r, prompt, output)?;
+                batch.push_row(prompt, output);
+            }
+            _ => {
+                let kept = spec.truncate_segments(r, &segments)?;
+                let refs: Vec<(&[u32], bool)> =
+                    kept.iter().map(|(t, f)| (t.as_slice(), *f)).collect();
+                batch.push_segments(&refs);
+            }
+        }
+    }
+    Ok(batch)
+}
+
 /// CS336's `tokenize_prompt_and_output`: `input_ids`, `labels` and `response_mask` for a batch of
 /// (prompt, output) pairs, on the CPU. The pad id is `spec.pad_id`, else the tokenizer's.
 ///

@@ -187,6 +187,52 @@ impl CollateSpec {
     }
 }
 
+impl CollateSpec {
+    /// Apply `max_len` to a multi-segment row: `Error` refuses it, `PromptLeft` drops tokens from the
+    /// start (the oldest turns of a conversation go first), `OutputRight` drops tokens from the end.
+    /// Returns the segments that remain (empty ones dropped). `row` only names the row in an error.
+    pub fn truncate_segments(
+        &self,
+        row: usize,
+        segments: &[(Vec<u32>, bool)],
+    ) -> Result<Vec<(Vec<u32>, bool)>> {
+        let len: usize = segments.iter().map(|(t, _)| t.len()).sum();
+        let Some(max_len) = self.max_len.filter(|&m| len > m) else {
+            return Ok(segments.to_vec());
+        };
+        let (mut skip, keep) = match self.truncation {
+            Truncation::Error => {
+                let leading: usize = segments
+                    .iter()
+                    .take_while(|(_, t)| !t)
+                    .map(|(s, _)| s.len())
+                    .sum();
+                return Err(Error::SequenceTooLong {
+                    row,
+                    len,
+                    prompt_len: leading,
+                    output_len: len - leading,
+                    max_len,
+                });
+            }
+            Truncation::PromptLeft => (len - max_len, max_len),
+            Truncation::OutputRight => (0, max_len),
+        };
+        let mut left = keep;
+        let mut out = Vec::new();
+        for (tokens, trained) in segments {
+            let from = skip.min(tokens.len());
+            skip -= from;
+            let take = (tokens.len() - from).min(left);
+            left -= take;
+            if take > 0 {
+                out.push((tokens[from..from + take].to_vec(), *trained));
+            }
+        }
+        Ok(out)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -239,6 +285,28 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn segments_truncate_from_either_end() {
+        let segments = vec![(vec![1, 2], false), (vec![3, 4], true), (vec![5], false)];
+        let left = spec(3, Truncation::PromptLeft)
+            .truncate_segments(0, &segments)
+            .unwrap();
+        assert_eq!(left, vec![(vec![3, 4], true), (vec![5], false)]);
+        let right = spec(3, Truncation::OutputRight)
+            .truncate_segments(0, &segments)
+            .unwrap();
+        assert_eq!(right, vec![(vec![1, 2], false), (vec![3], true)]);
+        assert!(spec(3, Truncation::Error)
+            .truncate_segments(0, &segments)
+            .is_err());
+        assert_eq!(
+            spec(9, Truncation::Error)
+                .truncate_segments(0, &segments)
+                .unwrap(),
+            segments
+        );
     }
 
     #[test]

@@ -462,3 +462,48 @@ fn pack_and_bucket_cover_every_row_once() {
     );
     assert_eq!(bucketed["layout"]["bucket_window"], 12);
 }
+
+#[test]
+fn conversations_train_only_the_assistant_turns() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("chat.jsonl");
+    std::fs::write(
+        &input,
+        concat!(
+            r#"{"messages": [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": " Hello friend"}, {"role": "user", "content": " Bye"}, {"role": "assistant", "content": " Farewell"}]}"#,
+            "\n",
+            r#"{"prompt": "Q", "output": " A"}"#,
+            "\n"
+        ),
+    )
+    .unwrap();
+    let template = dir.path().join("chat.template");
+    std::fs::write(&template, "[{role}] {content} [end]\n").unwrap();
+    let out_dir = dir.path().join("out");
+    let out = run(bin()
+        .args(["collate", "--quiet", "--input"])
+        .arg(&input)
+        .arg("--message-template")
+        .arg(&template)
+        .arg("--output")
+        .arg(&out_dir));
+    assert!(out.status.success());
+    let bytes = std::fs::read(out_dir.join("batch-00000.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let labels: Vec<i32> = bytemuck::pod_collect_to_vec(st.tensor("labels").unwrap().data());
+    let mask = st.tensor("response_mask").unwrap().data().to_vec();
+    let width = st.tensor("labels").unwrap().shape()[1];
+    let tokenizer = Tokenizer::load("o200k_base").unwrap();
+    let trained = |row: usize| -> Vec<u32> {
+        (0..width)
+            .filter(|&j| mask[row * width + j] == 1)
+            .map(|j| labels[row * width + j] as u32)
+            .collect()
+    };
+    // Each message piece is tokenized on its own: the trained labels are exactly the assistant contents
+    // with their template suffix.
+    let mut want = tokenizer.encode(" Hello friend [end]\n").unwrap();
+    want.extend(tokenizer.encode(" Farewell [end]\n").unwrap());
+    assert_eq!(trained(0), want);
+    assert_eq!(trained(1), tokenizer.encode(" A").unwrap());
+}

@@ -15,10 +15,10 @@ use std::time::Instant;
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use sft_collate::batch::write_atomically;
-use sft_collate::input::RowFormat;
+use sft_collate::input::{RowFormat, Segment};
 use sft_collate::pack::{bucket_order, plan_packs, Overflow, PackSpec, PackStrategy};
 use sft_collate::{
-    tokenize_and_pack, Batch, CollateSpec, Error, PackedBatch, PackedLayout, Result, Tokenizer,
+    tokenize_rows, Batch, CollateSpec, Error, PackedBatch, PackedLayout, Result, Tokenizer,
 };
 
 use super::backend::{Backend, Device};
@@ -128,8 +128,8 @@ struct Work {
 
 /// Rows read from the input, not yet tokenized.
 struct RawBatch {
-    prompts: Vec<String>,
-    outputs: Vec<String>,
+    /// Each row's segments: a (prompt, output) pair or a conversation's messages.
+    rows: Vec<Vec<Segment>>,
     /// Input bytes consumed once this batch was complete (for the progress bar).
     bytes_read: u64,
 }
@@ -310,8 +310,7 @@ fn read_batches(
     let mut bytes_read = 0u64;
     let mut line_no = 0usize;
     let new_batch = || RawBatch {
-        prompts: Vec::with_capacity(batch_size),
-        outputs: Vec::with_capacity(batch_size),
+        rows: Vec::with_capacity(batch_size),
         bytes_read: 0,
     };
     let mut batch = new_batch();
@@ -332,11 +331,12 @@ fn read_batches(
         if line.trim().is_empty() {
             continue; // Blank lines (a trailing newline, say) hold no row.
         }
-        match format.parse_numbered(input_name, line_no, line.trim_end_matches(['\n', '\r'])) {
-            Ok((prompt, output)) => {
-                batch.prompts.push(prompt);
-                batch.outputs.push(output);
-            }
+        match format.parse_segments_numbered(
+            input_name,
+            line_no,
+            line.trim_end_matches(['\n', '\r']),
+        ) {
+            Ok(segments) => batch.rows.push(segments),
             Err(Error::BadInput { line, reason, .. }) if skip_bad_lines => {
                 report.skipped += 1;
                 if report.recorded.len() < MAX_RECORDED_BAD_LINES {
@@ -348,7 +348,7 @@ fn read_batches(
                 return report;
             }
         }
-        if batch.prompts.len() == batch_size {
+        if batch.rows.len() == batch_size {
             batch.bytes_read = bytes_read;
             if tx
                 .send(Ok(std::mem::replace(&mut batch, new_batch())))
@@ -358,7 +358,7 @@ fn read_batches(
             }
         }
     }
-    if !batch.prompts.is_empty() {
+    if !batch.rows.is_empty() {
         batch.bytes_read = bytes_read;
         let _ = tx.send(Ok(batch));
     }
@@ -403,8 +403,7 @@ fn collate_batches(
             },
             other => other,
         };
-        let packed = tokenize_and_pack(&raw.prompts, &raw.outputs, tokenizer, &tokenize_spec)
-            .map_err(global)?;
+        let packed = tokenize_rows(&raw.rows, tokenizer, &tokenize_spec).map_err(global)?;
         let mut work = Vec::new();
         match layout {
             Layout::Padded => work.push(Work {
@@ -429,9 +428,15 @@ fn collate_batches(
                 let mut documents = PackedBatch::new();
                 let mut source = Vec::new();
                 for i in 0..packed.rows() {
-                    let (prompt, output) = packed.row_parts(i);
-                    for (p, o) in pack_spec.fit(i, prompt, output, spec).map_err(global)? {
-                        documents.push_row(&p, &o);
+                    for segments in pack_spec.fit_row(&packed, i, spec).map_err(global)? {
+                        match segments.as_slice() {
+                            [(p, false), (o, true)] => documents.push_row(p, o),
+                            _ => {
+                                let refs: Vec<(&[u32], bool)> =
+                                    segments.iter().map(|(t, f)| (t.as_slice(), *f)).collect();
+                                documents.push_segments(&refs);
+                            }
+                        }
                         source.push(row_base + i);
                     }
                 }
@@ -449,7 +454,7 @@ fn collate_batches(
                 }
             }
         }
-        row_base += raw.prompts.len();
+        row_base += raw.rows.len();
         // A chunk's files go to the writer together, so that the next chunk's tokenization overlaps
         // their writing (one file at a time would stall this thread behind the writer).
         if tx.send(work).is_err() {

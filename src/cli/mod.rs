@@ -10,7 +10,7 @@ mod show;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use sft_collate::input::{RowFormat, Template};
+use sft_collate::input::{MessageFormat, RowFormat, Template};
 use sft_collate::{CollateSpec, IdDtype, LabelFormat, Tokenizer, Truncation};
 
 /// Turn (prompt, output) text pairs into input_ids, labels and response_mask for supervised fine-tuning.
@@ -67,6 +67,17 @@ struct RowArgs {
     /// prompt (write {{ and }} for literal braces).
     #[arg(long, value_name = "FILE")]
     template: Option<std::path::PathBuf>,
+    /// Rows holding this key are conversations: a list of {"role", "content"} messages.
+    #[arg(long, default_value = "messages")]
+    messages_key: String,
+    /// How each message is rendered: a file with {content} and optionally {role}, e.g.
+    /// "<|im_start|>{role}\n{content}<|im_end|>\n". What precedes {content} is never trained. Default:
+    /// the content alone.
+    #[arg(long, value_name = "FILE")]
+    message_template: Option<std::path::PathBuf>,
+    /// Roles whose messages are trained (comma-separated).
+    #[arg(long, default_value = "assistant", value_delimiter = ',')]
+    train_roles: Vec<String>,
 }
 
 impl RowArgs {
@@ -79,10 +90,20 @@ impl RowArgs {
             }
             None => None,
         };
+        let message_template = match &self.message_template {
+            Some(path) => {
+                Some(std::fs::read_to_string(path).map_err(|e| sft_collate::Error::io(path, e))?)
+            }
+            None => None,
+        };
+        let mut messages =
+            MessageFormat::new(message_template.as_deref(), self.train_roles.clone())?;
+        messages.key = self.messages_key.clone();
         Ok(RowFormat {
             prompt_key: self.prompt_key.clone(),
             output_key: self.output_key.clone(),
             template,
+            messages: Some(messages),
         })
     }
 }
