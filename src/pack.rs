@@ -6,6 +6,7 @@
 //! `max_seqlen`), with the shift done per document. Bucketing orders rows by length inside seeded shuffle
 //! windows so that padded batches waste less without changing what any batch's loss means.
 
+use crate::packed::OwnedSegments;
 use crate::{CollateSpec, Error, PackedBatch, Result, Truncation};
 
 /// How documents are assigned to packs.
@@ -123,7 +124,7 @@ impl PackSpec {
         batch: &PackedBatch,
         i: usize,
         spec: &CollateSpec,
-    ) -> Result<Vec<Vec<(Vec<u32>, bool)>>> {
+    ) -> Result<Vec<OwnedSegments>> {
         self.validate()?;
         if batch.trainable().is_none() {
             let (prompt, output) = batch.row_parts(i);

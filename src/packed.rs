@@ -4,6 +4,9 @@
 
 use crate::{CollateSpec, Error, Result};
 
+/// A row as owned segments: tokens and whether they are trainable.
+pub type OwnedSegments = Vec<(Vec<u32>, bool)>;
+
 /// The packed form of a batch: `tokens[row_offsets[i]..row_offsets[i + 1]]` is row `i`, whose first
 /// `prompt_lens[i]` tokens are prompt (not trained on) and whose remaining tokens are output.
 ///

@@ -90,6 +90,33 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+
+    #[test]
+    fn split_and_truncate_keep_each_tokens_flag(rows in rows(), max_tokens in 2usize..12, split in any::<bool>()) {
+        use sft_collate::pack::{Overflow, PackSpec};
+        let packed = batch(&rows);
+        let spec = CollateSpec { pad_id: Some(0), ..Default::default() };
+        let pack = PackSpec { overflow: if split { Overflow::Split } else { Overflow::Truncate }, ..PackSpec::new(max_tokens) };
+        for i in 0..packed.rows() {
+            let original: Vec<(u32, bool)> = (0..packed.row_len(i)).map(|k| (packed.row(i)[k], packed.is_trainable(i, k))).collect();
+            let pieces = pack.fit_row(&packed, i, &spec).unwrap();
+            let flat: Vec<(u32, bool)> = pieces
+                .iter()
+                .flat_map(|segments| segments.iter().flat_map(|(t, f)| t.iter().map(move |&x| (x, *f))))
+                .collect();
+            prop_assert!(pieces.iter().all(|p| p.iter().map(|(t, _)| t.len()).sum::<usize>() <= max_tokens));
+            if split {
+                prop_assert_eq!(flat, original);
+            } else {
+                // Prompt-left truncation keeps the end of the row.
+                prop_assert_eq!(&flat[..], &original[original.len() - flat.len()..]);
+            }
+        }
+    }
+}
+
 #[cfg(feature = "emulation")]
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(40))]
