@@ -4,6 +4,7 @@ use std::io::{BufRead, BufReader, IsTerminal, Write};
 use std::path::PathBuf;
 
 use clap::{Args, ValueEnum};
+use sft_collate::input::Segment;
 use sft_collate::{cpu, CollateSpec, Error, PackedBatch, Result, Tokenizer};
 
 use super::{RowArgs, SpecArgs, TokenizerArgs};
@@ -56,16 +57,6 @@ enum Part {
 }
 
 impl Part {
-    fn of(position: usize, prompt_len: usize, len: usize) -> Part {
-        if position < prompt_len {
-            Part::Prompt
-        } else if position < len {
-            Part::Output
-        } else {
-            Part::Pad
-        }
-    }
-
     fn tag(self) -> &'static str {
         match self {
             Part::Prompt => "prompt",
@@ -101,7 +92,7 @@ pub fn run(args: ShowArgs) -> Result<()> {
         let _ = std::io::stdout().lock().write_all(table.as_bytes());
         return Ok(());
     }
-    let (prompt, output) = match (&args.input, args.row) {
+    let segments = match (&args.input, args.row) {
         (Some(path), Some(row)) => read_row(path, row, &args.rows)?,
         (Some(_), None) => {
             return Err(Error::InvalidOption {
@@ -109,13 +100,13 @@ pub fn run(args: ShowArgs) -> Result<()> {
                 reason: "--input needs --row N (or --pack MAX_TOKENS)".into(),
             })
         }
-        _ => (
-            args.prompt.clone().unwrap_or_default(),
-            args.output.clone().unwrap_or_default(),
-        ),
+        _ => vec![
+            (args.prompt.clone().unwrap_or_default(), false),
+            (args.output.clone().unwrap_or_default(), true),
+        ],
     };
     let color = resolve_color(args.color);
-    let table = render(&tokenizer, &spec, &prompt, &output, color)?;
+    let table = render(&tokenizer, &spec, &segments, color)?;
     let mut stdout = std::io::stdout().lock();
     // A closed pipe (`| head`) is not an error worth reporting.
     let _ = stdout.write_all(table.as_bytes());
@@ -142,26 +133,26 @@ fn render_pack(
     color: bool,
 ) -> Result<String> {
     use sft_collate::pack::{plan_packs, PackSpec};
-    let mut pairs = Vec::new();
+    let mut segment_rows = Vec::new();
     for row in 0..n {
         match read_row(path, row, rows) {
-            Ok(pair) => pairs.push(pair),
+            Ok(segments) => segment_rows.push(segments),
             Err(Error::InvalidOption { name: "row", .. }) => break,
             Err(e) => return Err(e),
         }
     }
-    let (prompts, outputs): (Vec<String>, Vec<String>) = pairs.into_iter().unzip();
     let unlimited = CollateSpec {
         max_len: None,
         ..spec.clone()
     };
-    let batch = sft_collate::tokenize_and_pack(&prompts, &outputs, tokenizer, &unlimited)?;
+    let batch = sft_collate::tokenize_rows(&segment_rows, tokenizer, &unlimited)?;
     let pack_spec = PackSpec::new(max_tokens);
     let mut documents = PackedBatch::new();
     for i in 0..batch.rows() {
-        let (p, o) = batch.row_parts(i);
-        for (p, o) in pack_spec.fit(i, p, o, spec)? {
-            documents.push_row(&p, &o);
+        for segments in pack_spec.fit_row(&batch, i, spec)? {
+            let refs: Vec<(&[u32], bool)> =
+                segments.iter().map(|(t, f)| (t.as_slice(), *f)).collect();
+            documents.push_segments(&refs);
         }
     }
     let lens: Vec<usize> = (0..documents.rows())
@@ -201,20 +192,15 @@ fn render_pack(
     for (d, w) in layout.cu_seqlens.windows(2).enumerate() {
         out.push_str(&format!("{}\n", "─".repeat(90)));
         let (start, end) = (w[0] as usize, w[1] as usize);
-        let prompt_len = if d < pack.rows() {
-            pack.prompt_lens()[d] as usize
-        } else {
-            0
-        };
         for t in start..end {
             let p = t - start;
             let part = |q: usize| {
                 if d >= pack.rows() || q >= end - start {
                     Part::Pad
-                } else if q < prompt_len {
-                    Part::Prompt
-                } else {
+                } else if pack.is_trainable(d, q) {
                     Part::Output
+                } else {
+                    Part::Prompt
                 }
             };
             let label_text = if labels[t] < 0 {
@@ -241,7 +227,7 @@ fn render_pack(
     Ok(out)
 }
 
-fn read_row(path: &PathBuf, row: usize, rows: &super::RowArgs) -> Result<(String, String)> {
+fn read_row(path: &PathBuf, row: usize, rows: &super::RowArgs) -> Result<Vec<Segment>> {
     let format = rows.row_format()?;
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let name = path.display().to_string();
@@ -252,7 +238,7 @@ fn read_row(path: &PathBuf, row: usize, rows: &super::RowArgs) -> Result<(String
             continue;
         }
         if seen == row {
-            return format.parse_numbered(&name, i + 1, &line);
+            return format.parse_segments_numbered(&name, i + 1, &line);
         }
         seen += 1;
     }
@@ -277,15 +263,23 @@ fn cell(tokenizer: &Tokenizer, id: i64) -> String {
 fn render(
     tokenizer: &Tokenizer,
     spec: &CollateSpec,
-    prompt: &str,
-    output: &str,
+    segments: &[Segment],
     color: bool,
 ) -> Result<String> {
-    let prompt_ids = tokenizer.encode(prompt)?;
-    let output_ids = tokenizer.encode(output)?;
-    let packed = PackedBatch::from_pairs_truncated([(&prompt_ids, &output_ids)], spec)?;
+    let packed = sft_collate::tokenize_rows(&[segments.to_vec()], tokenizer, spec)?;
     let batch = cpu::collate(&packed, spec)?;
-    let (prompt_len, len) = (packed.prompt_lens()[0] as usize, packed.row_len(0));
+    let len = packed.row_len(0);
+    let trained = (0..len).filter(|&k| packed.is_trainable(0, k)).count();
+    // Which part a sequence position holds: padding past the end, else trained (output) or not (prompt).
+    let part_of = |k: usize| {
+        if k >= len {
+            Part::Pad
+        } else if packed.is_trainable(0, k) {
+            Part::Output
+        } else {
+            Part::Prompt
+        }
+    };
     let width = batch.stats.width;
     let paint = |part: Part, s: String| {
         if color {
@@ -300,8 +294,8 @@ fn render(
         "tokenizer {}  pad_id {}  prompt {} tokens  output {} tokens  shape (1, {width})\n",
         tokenizer.name(),
         spec.pad_id.unwrap_or_default(),
-        prompt_len,
-        len - prompt_len,
+        len - trained,
+        trained,
     ));
     out.push_str(&format!(
         "{:>5}  {:<32} {:<32} {}\n",
@@ -309,8 +303,7 @@ fn render(
     ));
     for j in 0..width {
         let (input, label) = (batch.input_ids.get(j), batch.labels.get(j));
-        let in_part = Part::of(j, prompt_len, len);
-        let label_part = Part::of(j + 1, prompt_len, len);
+        let (in_part, label_part) = (part_of(j), part_of(j + 1));
         let input_cell = format!("{:<24}{:>8}", cell(tokenizer, input), input);
         // An ignore-index label has no token text.
         let label_text = if label < 0 {
