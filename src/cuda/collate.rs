@@ -198,7 +198,67 @@ impl std::fmt::Debug for DevicePackedBatch {
     }
 }
 
+/// Typed views of an uploaded batch's arrays, as the kernels take them.
+struct InputViews<'a> {
+    tokens: cudarc::driver::CudaView<'a, u32>,
+    row_offsets: cudarc::driver::CudaView<'a, u64>,
+    prompt_lens: cudarc::driver::CudaView<'a, u32>,
+    /// Per-token trainable flags (multi-segment rows).
+    trainable: Option<cudarc::driver::CudaView<'a, u8>>,
+}
+
+impl<'a> InputViews<'a> {
+    /// Push `tokens, row_offsets, prompt_lens, trainable` (the kernels' first four parameters).
+    fn push(&'a self, launch: &mut cudarc::driver::LaunchArgs<'a>, null: &'a u64) {
+        launch
+            .arg(&self.tokens)
+            .arg(&self.row_offsets)
+            .arg(&self.prompt_lens);
+        match &self.trainable {
+            Some(flags) => launch.arg(flags),
+            None => launch.arg(null),
+        };
+    }
+}
+
+fn launch_config((grid, block): ([u32; 3], [u32; 3])) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (grid[0], grid[1], grid[2]),
+        block_dim: (block[0], block[1], block[2]),
+        shared_mem_bytes: 0,
+    }
+}
+
 impl DevicePackedBatch {
+    fn views(&self) -> InputViews<'_> {
+        let layout = &self.layout;
+        let tokens_len = (layout.prompt_lens_at - layout.tokens_at) / 4;
+        // SAFETY: the buffer holds the layout's bytes, each array at an offset aligned for its element
+        // type (row offsets at 0, the u32 arrays at multiples of 4), written by the host as exactly these
+        // types; `transmute` checks each length against the bytes (a batch without tokens still has
+        // room for one).
+        unsafe {
+            InputViews {
+                row_offsets: self
+                    .input
+                    .slice(..layout.tokens_at)
+                    .transmute::<u64>(self.row_offsets.len())
+                    .expect("layout within the buffer"),
+                tokens: self
+                    .input
+                    .slice(layout.tokens_at..)
+                    .transmute::<u32>(tokens_len.max(1))
+                    .expect("layout within the buffer"),
+                prompt_lens: self
+                    .input
+                    .slice(layout.prompt_lens_at..)
+                    .transmute::<u32>(self.prompt_lens.len())
+                    .expect("layout within the buffer"),
+                trainable: layout.trainable_at.map(|at| self.input.slice(at..)),
+            }
+        }
+    }
+
     /// Bytes copied to the device for this batch.
     pub fn bytes(&self) -> usize {
         self.layout.bytes
@@ -281,38 +341,8 @@ impl CudaCollator {
         };
 
         if n > 0 {
-            let (input, layout) = (&packed.input, &packed.layout);
-            let (offsets_len, rows_len) = (packed.row_offsets.len(), packed.prompt_lens.len());
-            let tokens_len = (layout.prompt_lens_at - layout.tokens_at) / 4;
-            // SAFETY: `input` holds the layout's bytes, each array at an offset aligned for its element
-            // type (row offsets at 0, the u32 arrays at multiples of 4), written by the host as exactly
-            // these types; `transmute` checks the lengths against the bytes.
-            let (row_offsets, tokens, prompt_lens) = unsafe {
-                (
-                    input
-                        .slice(..layout.tokens_at)
-                        .transmute::<u64>(offsets_len),
-                    input
-                        .slice(layout.tokens_at..)
-                        .transmute::<u32>(tokens_len.max(1)),
-                    input
-                        .slice(layout.prompt_lens_at..)
-                        .transmute::<u32>(rows_len),
-                )
-            };
-            let (row_offsets, tokens, prompt_lens) = (
-                row_offsets.expect("layout within the buffer"),
-                tokens.expect("layout within the buffer"),
-                prompt_lens.expect("layout within the buffer"),
-            );
-            // Per-token trainable flags (multi-segment rows), or a null pointer.
-            let trainable = layout.trainable_at.map(|at| input.slice(at..));
-            let (grid, block) = plan.launch_shape();
-            let cfg = LaunchConfig {
-                grid_dim: (grid[0], grid[1], grid[2]),
-                block_dim: (block[0], block[1], block[2]),
-                shared_mem_bytes: 0,
-            };
+            let views = packed.views();
+            let cfg = launch_config(plan.launch_shape());
             let (rows, width) = (plan.rows as u64, plan.width as u64);
             let ignore_index = plan.ignore_index.unwrap_or(0);
             let use_ignore_index = i32::from(plan.ignore_index.is_some());
@@ -322,11 +352,7 @@ impl CudaCollator {
                 IdDtype::I64 => &self.collate_i64,
             };
             let mut launch = stream.launch_builder(function);
-            launch.arg(&tokens).arg(&row_offsets).arg(&prompt_lens);
-            match &trainable {
-                Some(flags) => launch.arg(flags),
-                None => launch.arg(&null_mask),
-            };
+            views.push(&mut launch, &null_mask);
             launch
                 .arg(&rows)
                 .arg(&width)
@@ -387,39 +413,9 @@ impl CudaCollator {
         let (mut input_ids, mut labels, mut position_ids) = (ids(total)?, ids(total)?, ids(total)?);
         let mut response_mask = alloc::<u8>(stream, total)?;
         let mut cu_seqlens = alloc::<i32>(stream, host_cu_seqlens.len())?;
-        let layout = &device_packed.layout;
-        // SAFETY: see `collate_uploaded`: the views cover the uploaded arrays exactly.
-        let (row_offsets, tokens, prompt_lens) = unsafe {
-            (
-                device_packed
-                    .input
-                    .slice(..layout.tokens_at)
-                    .transmute::<u64>(device_packed.row_offsets.len()),
-                device_packed
-                    .input
-                    .slice(layout.tokens_at..)
-                    .transmute::<u32>(((layout.prompt_lens_at - layout.tokens_at) / 4).max(1)),
-                device_packed
-                    .input
-                    .slice(layout.prompt_lens_at..)
-                    .transmute::<u32>(device_packed.prompt_lens.len()),
-            )
-        };
-        let (row_offsets, tokens, prompt_lens) = (
-            row_offsets.expect("layout within the buffer"),
-            tokens.expect("layout within the buffer"),
-            prompt_lens.expect("layout within the buffer"),
-        );
-        let trainable = layout
-            .trainable_at
-            .map(|at| device_packed.input.slice(at..));
+        let views = device_packed.views();
         let null_trainable: u64 = 0;
-        let (grid, block) = plan.packed_launch_shape(total);
-        let cfg = LaunchConfig {
-            grid_dim: (grid[0], grid[1], grid[2]),
-            block_dim: (block[0], block[1], block[2]),
-            shared_mem_bytes: 0,
-        };
+        let cfg = launch_config(plan.packed_launch_shape(total));
         let (rows, total64) = (plan.rows as u64, total as u64);
         let ignore_index = plan.ignore_index.unwrap_or(0);
         let use_ignore_index = i32::from(plan.ignore_index.is_some());
@@ -428,11 +424,7 @@ impl CudaCollator {
             IdDtype::I64 => &self.collate_packed_i64,
         };
         let mut launch = stream.launch_builder(function);
-        launch.arg(&tokens).arg(&row_offsets).arg(&prompt_lens);
-        match &trainable {
-            Some(flags) => launch.arg(flags),
-            None => launch.arg(&null_trainable),
-        };
+        views.push(&mut launch, &null_trainable);
         launch
             .arg(&rows)
             .arg(&total64)
