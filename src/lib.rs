@@ -15,16 +15,33 @@
 //! The semantics are those of Stanford CS336's `tokenize_prompt_and_output`; shorter rows are right-padded
 //! with `pad_id` and their padded positions are masked out.
 //!
+//! ## CPU ↔ GPU
+//!
+//! | concept | CPU (the oracle) | CUDA (`cuda`, feature `cuda`) | emulation (feature `emulation`) |
+//! | --- | --- | --- | --- |
+//! | a batch to collate | [`PackedBatch`] | one pinned copy → `DevicePackedBatch` | host slices |
+//! | padded tensors | [`cpu::collate()`] → [`Batch`] | `CudaCollator::collate` → `DeviceBatch` | `EmulatedCollator::collate` |
+//! | padding-free pack | [`cpu::collate_packed`] → [`PackedLayout`] | `CudaCollator::collate_packed` | `EmulatedCollator::collate_packed` |
+//! | masked cross-entropy | [`cpu::loss::masked_cross_entropy`] (f64) | `MaskedCrossEntropy` | `EmulatedMaskedCrossEntropy` |
+//! | results | host `Vec`s | `CudaSlice`s on the caller's stream, `to_host()` | host `Vec`s |
+//!
+//! The three backends share one API, so every test runs the same case on each and compares; the kernels
+//! in `kernels/*.cu` are the same source on the GPU and (compiled as C++) in the emulator.
+//!
 //! ## Walkthrough
 //! 1. A [`Tokenizer`]: a `tokenizer.json` path or a built-in name (`o200k_base`, `cl100k_base`).
 //! 2. A [`CollateSpec`]: pad id, `max_len` and [`Truncation`], `pad_to_multiple_of`, [`LabelFormat`],
-//!    [`IdDtype`].
-//! 3. [`tokenize_and_pack`] gives a [`PackedBatch`] (tokens row after row, `row_offsets`, `prompt_lens`):
-//!    the compact form a backend takes.
-//! 4. [`cpu::collate`] turns it into a [`Batch`] (row-major tensors and [`BatchStats`]); it is the oracle
-//!    other backends are tested against. [`tokenize_prompt_and_output`] does 1–4 in one call.
+//!    [`IdDtype`], optional attention mask.
+//! 3. [`tokenize_and_pack`] (pairs) or [`tokenize_rows`] (segments: conversations) gives a
+//!    [`PackedBatch`] (tokens row after row, `row_offsets`, `prompt_lens`, per-token trainable flags for
+//!    multi-segment rows): the compact form a backend takes.
+//! 4. [`cpu::collate()`] turns it into a [`Batch`] (row-major tensors and [`BatchStats`]);
+//!    [`cpu::collate_packed`] into the padding-free [`PackedLayout`] (`position_ids`, `cu_seqlens`);
+//!    [`pack::plan_packs`] and [`pack::bucket_order`] decide which rows go together.
+//!    [`tokenize_prompt_and_output`] does 1–4 in one call, as CS336's function.
 //! 5. [`cpu::loss`] holds the CS336 companions (entropy, log-probs, `masked_normalize`, `masked_mean`,
-//!    the SFT microbatch loss and its gradient), in f64.
+//!    the SFT microbatch loss and its gradient) and the masked cross-entropy oracle, in f64; [`loss`]
+//!    the types the cross-entropy backends share.
 //!
 //! ```
 //! use sft_collate::{tokenize_prompt_and_output, CollateSpec, LabelFormat, Tokenizer};

@@ -294,7 +294,7 @@ impl CudaCollator {
     }
 
     /// Collate on the device: validate on the host, one copy of the packed batch through pinned memory,
-    /// one kernel launch, no host synchronization. Bit-identical to [`crate::cpu::collate`].
+    /// one kernel launch, no host synchronization. Bit-identical to [`crate::cpu::collate()`].
     pub fn collate(&self, packed: &PackedBatch, spec: &CollateSpec) -> Result<DeviceBatch> {
         let device_packed = self.upload(packed)?;
         self.collate_uploaded(&device_packed, spec)

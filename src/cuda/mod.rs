@@ -4,7 +4,7 @@
 //! | CPU                         | CUDA                                   |
 //! | --------------------------- | -------------------------------------- |
 //! | [`crate::PackedBatch`]      | one pinned staging copy, one H2D copy  |
-//! | [`crate::cpu::collate`]     | [`CudaCollator::collate`] (one launch) |
+//! | [`crate::cpu::collate()`]     | [`CudaCollator::collate`] (one launch) |
 //! | [`crate::Batch`]            | [`DeviceBatch`] (`CudaSlice`s), [`DeviceBatch::to_host`] |
 //!
 //! 1. Get a stream: your own (`Arc<CudaStream>` from your context), or [`default_stream`].
