@@ -221,7 +221,14 @@ impl MaskedCrossEntropy {
         )?;
         options.normalization.validate()?;
         let n = shape.rows;
-        let zeros_f32 = |len: usize| stream.alloc_zeros::<f32>(len.max(1)).map_err(cuda_err);
+        // An empty batch gets empty (null) per-row outputs, as the other backends give.
+        let zeros_f32 = |len: usize| {
+            if len == 0 {
+                stream.null::<f32>().map_err(cuda_err)
+            } else {
+                stream.alloc_zeros::<f32>(len).map_err(cuda_err)
+            }
+        };
         let optional = |wanted: bool| -> Result<Option<CudaSlice<f32>>> {
             if wanted {
                 zeros_f32(n).map(Some)
@@ -234,12 +241,16 @@ impl MaskedCrossEntropy {
             entropy: optional(request.entropy)?,
             lse: optional(request.lse)?,
             row_loss: zeros_f32(n)?,
-            scalars: zeros_f32(2)?,
+            scalars: stream.alloc_zeros::<f32>(2).map_err(cuda_err)?,
             count: stream.alloc_zeros::<u32>(1).map_err(cuda_err)?,
             grad: match grad_target {
                 GradTarget::Separate => {
                     // SAFETY: the kernel writes every element of every row (zeros on unmasked rows).
-                    Some(unsafe { stream.alloc::<T>((n * shape.vocab).max(1)) }.map_err(cuda_err)?)
+                    Some(if n == 0 {
+                        stream.null::<T>().map_err(cuda_err)?
+                    } else {
+                        unsafe { stream.alloc::<T>(n * shape.vocab) }.map_err(cuda_err)?
+                    })
                 }
                 _ => None,
             },
