@@ -37,7 +37,11 @@ step() {
     tail -n 30 "$log_dir/$name.log"
 }
 
-command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+if ! command -v nvidia-smi >/dev/null || ! nvidia-smi -L >/dev/null 2>&1; then
+    echo "gpu-check: no CUDA device here (nvidia-smi finds none); nothing to check" >&2
+    exit 2
+fi
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 step doctor "$bin_dir/sft-collate" doctor
 step gpu-tests "$bin_dir/gpu" --ignored --test-threads=1
 if command -v compute-sanitizer >/dev/null; then
