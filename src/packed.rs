@@ -140,11 +140,17 @@ impl PackedBatch {
     }
 
     /// Append one row made of segments, each trainable or not. Segments are concatenated as they are:
-    /// tokenize each separately so that no BPE merge crosses a boundary.
+    /// tokenize each separately so that no BPE merge crosses a boundary. An (untrainable, trainable) pair
+    /// is stored as a prompt length, without per-token flags.
     ///
     /// # Panics
     /// If the leading untrainable run has more than `u32::MAX` tokens.
     pub fn push_segments(&mut self, segments: &[(&[u32], bool)]) {
+        // A (prompt, output) pair needs no flags: its prompt length says it all.
+        if let [(prompt, false), (output, true)] = segments {
+            self.push_row(prompt, output);
+            return;
+        }
         if self.trainable.is_none() {
             // From now on every row carries flags: the prompt-length rows so far get theirs.
             let flags = (0..self.rows())
@@ -173,6 +179,18 @@ impl PackedBatch {
     /// Per-token trainable flags, when rows were given as segments.
     pub fn trainable(&self) -> Option<&[u8]> {
         self.trainable.as_deref()
+    }
+
+    /// Which tokens of row `i` are trained on, as a predicate over positions in the row (looked up once per
+    /// row, for loops over its positions).
+    pub fn trainable_in_row(&self, i: usize) -> impl Fn(usize) -> bool + '_ {
+        let start = self.row_offsets[i] as usize;
+        let flags = self
+            .trainable
+            .as_deref()
+            .map(|f| &f[start..start + self.row_len(i)]);
+        let prompt_len = self.prompt_lens[i] as usize;
+        move |k| flags.map_or(k >= prompt_len, |f| f[k] != 0)
     }
 
     /// Whether token `k` of row `i` is trained on (as a label).

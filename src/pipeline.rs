@@ -21,37 +21,38 @@ where
             right: outputs.len(),
         });
     }
-    spec.validate()?;
-    // One call for both lists, so the tokenizer's thread pool sees 2B independent texts at once.
-    let texts: Vec<&str> = prompts
+    let rows: Vec<[(&str, bool); 2]> = prompts
         .iter()
-        .map(AsRef::as_ref)
-        .chain(outputs.iter().map(AsRef::as_ref))
+        .zip(outputs)
+        .map(|(p, o)| [(p.as_ref(), false), (o.as_ref(), true)])
         .collect();
-    let mut ids = tokenizer.encode_batch(&texts)?;
-    let output_ids = ids.split_off(prompts.len());
-    PackedBatch::from_pairs_truncated(ids.iter().zip(&output_ids), spec)
+    tokenize_rows(&rows, tokenizer, spec)
 }
 
 /// Tokenize rows given as segments (text, trainable), each segment separately, without special tokens,
 /// in parallel; apply `max_len` (pairs by the pair truncation policy, longer rows by
 /// [`CollateSpec::truncate_segments`]) and pack them. A row of exactly one untrainable then one trainable
 /// segment is packed as a (prompt, output) pair; any other row carries per-token trainable flags.
-pub fn tokenize_rows(
-    rows: &[Vec<(String, bool)>],
+pub fn tokenize_rows<R, S>(
+    rows: &[R],
     tokenizer: &Tokenizer,
     spec: &CollateSpec,
-) -> Result<PackedBatch> {
+) -> Result<PackedBatch>
+where
+    R: AsRef<[(S, bool)]>,
+    S: AsRef<str>,
+{
     spec.validate()?;
+    // One call for every segment of every row, so the tokenizer's thread pool sees them all at once.
     let texts: Vec<&str> = rows
         .iter()
-        .flatten()
-        .map(|(text, _)| text.as_str())
+        .flat_map(|row| row.as_ref().iter().map(|(text, _)| text.as_ref()))
         .collect();
     let mut ids = tokenizer.encode_batch(&texts)?.into_iter();
     let mut batch = PackedBatch::new();
     for (r, row) in rows.iter().enumerate() {
         let segments: Vec<(Vec<u32>, bool)> = row
+            .as_ref()
             .iter()
             .map(|(_, trained)| (ids.next().expect("one encoding per text"), *trained))
             .collect();

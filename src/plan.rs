@@ -125,7 +125,6 @@ impl CollatePlan {
 
     /// The statistics of the packed layout: as the padded layout's, with width T and the pad tail as
     /// the padding.
-    #[cfg_attr(not(any(feature = "cuda", feature = "emulation")), allow(dead_code))]
     pub(crate) fn packed_stats(&self, packed: &PackedBatch, total: usize) -> BatchStats {
         let row_offsets = packed.row_offsets();
         let mut stats = self.stats(packed);

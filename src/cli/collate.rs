@@ -424,22 +424,24 @@ fn collate_batches(
                 }
             }
             Layout::Packed(pack_spec) => {
-                // Documents after the overflow policy, each remembering its input row.
-                let mut documents = PackedBatch::new();
-                let mut source = Vec::new();
-                for i in 0..packed.rows() {
-                    for segments in pack_spec.fit_row(&packed, i, spec).map_err(global)? {
-                        match segments.as_slice() {
-                            [(p, false), (o, true)] => documents.push_row(p, o),
-                            _ => {
-                                let refs: Vec<(&[u32], bool)> =
-                                    segments.iter().map(|(t, f)| (t.as_slice(), *f)).collect();
-                                documents.push_segments(&refs);
-                            }
+                // Documents after the overflow policy, each remembering its input row. When every row
+                // fits, the tokenized rows are the documents as they are.
+                let (documents, source) = if packed.max_row_len() <= pack_spec.max_tokens {
+                    let source = (0..packed.rows()).map(|i| row_base + i).collect();
+                    (packed, source)
+                } else {
+                    let mut documents = PackedBatch::new();
+                    let mut source: Vec<usize> = Vec::new();
+                    for i in 0..packed.rows() {
+                        for segments in pack_spec.fit_row(&packed, i, spec).map_err(global)? {
+                            let refs: Vec<(&[u32], bool)> =
+                                segments.iter().map(|(t, f)| (t.as_slice(), *f)).collect();
+                            documents.push_segments(&refs);
+                            source.push(row_base + i);
                         }
-                        source.push(row_base + i);
                     }
-                }
+                    (documents, source)
+                };
                 let lens: Vec<usize> = (0..documents.rows())
                     .map(|d| documents.row_len(d))
                     .collect();

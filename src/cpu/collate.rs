@@ -31,36 +31,68 @@ use crate::{Batch, CollateSpec, IdDtype, IdTensor, PackedBatch, Result};
 /// ```
 pub fn collate(packed: &PackedBatch, spec: &CollateSpec) -> Result<Batch> {
     let plan = CollatePlan::new(packed, spec)?;
+    let (input_ids, labels, response_mask, attention_mask) = match spec.id_dtype {
+        IdDtype::I32 => {
+            let (i, l, m, a) = fill::<i32>(packed, &plan, spec.attention_mask);
+            (IdTensor::I32(i), IdTensor::I32(l), m, a)
+        }
+        IdDtype::I64 => {
+            let (i, l, m, a) = fill::<i64>(packed, &plan, spec.attention_mask);
+            (IdTensor::I64(i), IdTensor::I64(l), m, a)
+        }
+    };
+    Ok(Batch {
+        input_ids,
+        labels,
+        response_mask,
+        attention_mask,
+        stats: plan.stats(packed),
+    })
+}
+
+/// An integer type `input_ids` and `labels` are written in.
+trait IdElem: Copy {
+    /// `CollatePlan` checked the range first, so the cast never truncates.
+    fn from_i64(v: i64) -> Self;
+}
+
+macro_rules! id_elem {
+    ($($t:ty),*) => {$(
+        impl IdElem for $t {
+            #[inline]
+            fn from_i64(v: i64) -> Self { v as $t }
+        }
+    )*};
+}
+id_elem!(i32, i64);
+
+type Filled<T> = (Vec<T>, Vec<T>, Vec<bool>, Option<Vec<bool>>);
+
+/// The padded layout, position by position, straight into the id dtype.
+fn fill<T: IdElem>(packed: &PackedBatch, plan: &CollatePlan, attention: bool) -> Filled<T> {
     let n = plan.len();
     let (mut input_ids, mut labels) = (Vec::with_capacity(n), Vec::with_capacity(n));
-    let (mut response_mask, mut attention_mask) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    let mut response_mask = Vec::with_capacity(n);
+    let mut attention_mask = attention.then(|| Vec::with_capacity(n));
     for i in 0..packed.rows() {
         let seq = packed.row(i);
+        let trainable = packed.trainable_in_row(i);
         let token = |k: usize| i64::from(seq.get(k).copied().unwrap_or(plan.pad_id));
         for j in 0..plan.width {
             // The label is token j + 1: trained when it is (an output / trainable-segment token).
-            let is_response = j + 1 < seq.len() && packed.is_trainable(i, j + 1);
-            input_ids.push(token(j));
-            labels.push(match plan.ignore_index {
+            let is_response = j + 1 < seq.len() && trainable(j + 1);
+            input_ids.push(T::from_i64(token(j)));
+            labels.push(T::from_i64(match plan.ignore_index {
                 Some(ignore) if !is_response => ignore,
                 _ => token(j + 1),
-            });
+            }));
             response_mask.push(is_response);
-            attention_mask.push(j < seq.len());
+            if let Some(attention) = &mut attention_mask {
+                attention.push(j < seq.len());
+            }
         }
     }
-    // `CollatePlan::new` checked that every id fits the dtype, so the narrowing cast is exact.
-    let ids = |v: Vec<i64>| match spec.id_dtype {
-        IdDtype::I32 => IdTensor::I32(v.into_iter().map(|x| x as i32).collect()),
-        IdDtype::I64 => IdTensor::I64(v),
-    };
-    Ok(Batch {
-        input_ids: ids(input_ids),
-        labels: ids(labels),
-        response_mask,
-        attention_mask: spec.attention_mask.then_some(attention_mask),
-        stats: plan.stats(packed),
-    })
+    (input_ids, labels, response_mask, attention_mask)
 }
 
 /// Collate one pack in the padding-free layout: every row of `packed` is a document, concatenated in
@@ -69,7 +101,7 @@ pub fn collate(packed: &PackedBatch, spec: &CollateSpec) -> Result<Batch> {
 /// ```text
 /// input_ids[t]     = doc[p]
 /// labels[t]        = doc[p + 1]   (pad_id / the ignore index at the document's last token)
-/// response_mask[t] = prompt_len <= p + 1 < len       (never across a document boundary)
+/// response_mask[t] = p + 1 < len and token p + 1 is trainable   (never across a boundary)
 /// position_ids[t]  = p
 /// ```
 ///
@@ -95,59 +127,38 @@ pub fn collate_packed(
     let plan = CollatePlan::new(packed, spec)?;
     let real = packed.tokens().len();
     let total = CollatePlan::packed_total(real, spec)?;
-    let mut input_ids = Vec::with_capacity(total);
-    let mut labels = Vec::with_capacity(total);
+    let mut input_ids = IdTensor::with_capacity(spec.id_dtype, total);
+    let mut labels = IdTensor::with_capacity(spec.id_dtype, total);
+    let mut position_ids = IdTensor::with_capacity(spec.id_dtype, total);
     let mut response_mask = Vec::with_capacity(total);
-    let mut position_ids = Vec::with_capacity(total);
-    let mut cu_seqlens = vec![0i32];
     let not_trained = |label: i64| plan.ignore_index.unwrap_or(label);
     for d in 0..packed.rows() {
         let doc = packed.row(d);
+        let trainable = packed.trainable_in_row(d);
         for (p, &token) in doc.iter().enumerate() {
-            let is_response = p + 1 < doc.len() && packed.is_trainable(d, p + 1);
+            let is_response = p + 1 < doc.len() && trainable(p + 1);
             let next = i64::from(doc.get(p + 1).copied().unwrap_or(plan.pad_id));
             input_ids.push(i64::from(token));
             labels.push(if is_response { next } else { not_trained(next) });
             response_mask.push(is_response);
             position_ids.push(p as i64);
         }
-        cu_seqlens.push(input_ids.len() as i32);
     }
-    if total > real {
-        for p in 0..total - real {
-            input_ids.push(i64::from(plan.pad_id));
-            labels.push(not_trained(i64::from(plan.pad_id)));
-            response_mask.push(false);
-            position_ids.push(p as i64);
-        }
-        cu_seqlens.push(total as i32);
+    // The padded tail: one segment of untrained pad tokens, positions from 0.
+    for p in 0..total - real {
+        input_ids.push(i64::from(plan.pad_id));
+        labels.push(not_trained(i64::from(plan.pad_id)));
+        response_mask.push(false);
+        position_ids.push(p as i64);
     }
-    let max_seqlen = cu_seqlens
-        .windows(2)
-        .map(|w| (w[1] - w[0]) as usize)
-        .max()
-        .unwrap_or(0);
-    let ids = |v: Vec<i64>| match spec.id_dtype {
-        IdDtype::I32 => IdTensor::I32(v.into_iter().map(|x| x as i32).collect()),
-        IdDtype::I64 => IdTensor::I64(v),
-    };
-    // Documents, tokens and rows without a response are as in the padded layout; the width is T and the
-    // padding is the padded tail only.
-    let mut stats = plan.stats(packed);
-    stats.width = total;
-    stats.response_tokens = response_mask.iter().filter(|&&m| m).count();
-    stats.padding_fraction = if total == 0 {
-        0.0
-    } else {
-        (total - real) as f64 / total as f64
-    };
+    let (cu_seqlens, max_seqlen) = CollatePlan::packed_boundaries(packed.row_offsets(), total);
     Ok(crate::batch::PackedLayout {
-        input_ids: ids(input_ids),
-        labels: ids(labels),
+        input_ids,
+        labels,
         response_mask,
-        position_ids: ids(position_ids),
+        position_ids,
         cu_seqlens,
         max_seqlen,
-        stats,
+        stats: plan.packed_stats(packed, total),
     })
 }

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use cudarc::driver::{
-    sys, CudaFunction, CudaModule, CudaSlice, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg,
+    sys, CudaFunction, CudaSlice, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg,
 };
 
 use super::loss::{CeRequest, DeviceCeTargets, DeviceLabels, MaskedCrossEntropy};
@@ -26,11 +26,20 @@ pub fn peak_bandwidth(stream: &Arc<CudaStream>) -> Result<f64> {
     Ok(2.0 * f64::from(clock_khz) * 1e3 * f64::from(bus_bits) / 8.0)
 }
 
+fn blocks_of_256(blocks: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (blocks as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
 /// A masked cross-entropy problem held on the device, ready to be run repeatedly.
 pub struct LossBench<T> {
     stream: Arc<CudaStream>,
     fused: MaskedCrossEntropy,
-    unfused: Arc<CudaModule>,
+    /// The unfused baseline's kernels for `T`, looked up once: log-softmax, gather, sum, backward.
+    unfused: [CudaFunction; 4],
     logits: CudaSlice<T>,
     labels: CudaSlice<i64>,
     mask: CudaSlice<u8>,
@@ -49,7 +58,7 @@ impl<T: LogitElem + DeviceRepr> LossBench<T> {
         masked_fraction: f64,
     ) -> Result<Self> {
         let fused = MaskedCrossEntropy::new(stream.clone())?;
-        let (unfused, _) = module::load(
+        let (unfused_module, _) = module::load(
             stream.context(),
             crate::kernels::kernel("unfused_ce").expect("embedded"),
         )?;
@@ -72,11 +81,7 @@ impl<T: LogitElem + DeviceRepr> LossBench<T> {
                 .arg(&n64)
                 .arg(&seed)
                 .arg(&spread)
-                .launch(LaunchConfig {
-                    grid_dim: (4096, 1, 1),
-                    block_dim: (256, 1, 1),
-                    shared_mem_bytes: 0,
-                })
+                .launch(blocks_of_256(4096))
         }
         .map_err(cuda_err)?;
         let mut state = 0x2545_F491_4F6C_DD1Du64;
@@ -97,12 +102,27 @@ impl<T: LogitElem + DeviceRepr> LossBench<T> {
             mask: stream.clone_htod(&mask).map_err(cuda_err)?,
             stream,
             fused,
-            unfused,
+            unfused: [
+                format!("unfused_log_softmax_{}", T::SUFFIX),
+                "unfused_gather_nll".to_string(),
+                "unfused_sum".to_string(),
+                format!("unfused_softmax_grad_{}", T::SUFFIX),
+            ]
+            .map(|name| unfused_module.load_function(&name).map_err(cuda_err))
+            .into_iter()
+            .collect::<Result<Vec<_>>>()?
+            .try_into()
+            .expect("four kernels"),
             logits,
             shape: LogitsShape::dense(rows, vocab),
             masked_rows,
             options: CeOptions::default(),
         })
+    }
+
+    /// One 256-thread block per row (grid-stride past 2^20 rows), as the baseline's row kernels take.
+    fn per_row(&self) -> LaunchConfig {
+        blocks_of_256(self.shape.rows.clamp(1, 1 << 20))
     }
 
     pub fn masked_rows(&self) -> usize {
@@ -163,38 +183,19 @@ impl<T: LogitElem + DeviceRepr> LossBench<T> {
             .map_err(cuda_err)?;
         let mut nll = unsafe { s.alloc::<f32>(self.shape.rows.max(1)) }.map_err(cuda_err)?;
         let mut total = s.alloc_zeros::<f32>(1).map_err(cuda_err)?;
-        let f = |name: &str| -> Result<CudaFunction> {
-            self.unfused.load_function(name).map_err(cuda_err)
-        };
-        let per_row = LaunchConfig {
-            grid_dim: (self.shape.rows.clamp(1, 1 << 20) as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let per_thread = LaunchConfig {
-            grid_dim: (self.shape.rows.div_ceil(256).max(1) as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let one_block = LaunchConfig {
-            grid_dim: (1, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let log_softmax = f(&format!("unfused_log_softmax_{}", T::SUFFIX))?;
-        let gather = f("unfused_gather_nll")?;
-        let sum = f("unfused_sum")?;
+        let per_thread = blocks_of_256(self.shape.rows.div_ceil(256).max(1));
+        let [log_softmax, gather, sum, _] = &self.unfused;
         // SAFETY: logits hold rows × vocab elements, logsm as many f32, labels and mask one per row (made
         // in `new`, labels in [0, vocab)); each kernel stays inside those bounds.
         unsafe {
-            s.launch_builder(&log_softmax)
+            s.launch_builder(log_softmax)
                 .arg(&self.logits)
                 .arg(&rows)
                 .arg(&vocab)
                 .arg(&mut logsm)
-                .launch(per_row)
+                .launch(self.per_row())
                 .map_err(cuda_err)?;
-            s.launch_builder(&gather)
+            s.launch_builder(gather)
                 .arg(&logsm)
                 .arg(&self.labels)
                 .arg(&self.mask)
@@ -203,11 +204,11 @@ impl<T: LogitElem + DeviceRepr> LossBench<T> {
                 .arg(&mut nll)
                 .launch(per_thread)
                 .map_err(cuda_err)?;
-            s.launch_builder(&sum)
+            s.launch_builder(sum)
                 .arg(&nll)
                 .arg(&rows)
                 .arg(&mut total)
-                .launch(one_block)
+                .launch(blocks_of_256(1))
                 .map_err(cuda_err)?;
         }
         Ok(logsm)
@@ -221,19 +222,11 @@ impl<T: LogitElem + DeviceRepr> LossBench<T> {
         // SAFETY: the kernel writes every element of the gradient.
         let mut grad = unsafe { s.alloc::<T>((self.shape.rows * self.shape.vocab).max(1)) }
             .map_err(cuda_err)?;
-        let backward = self
-            .unfused
-            .load_function(&format!("unfused_softmax_grad_{}", T::SUFFIX))
-            .map_err(cuda_err)?;
+        let backward = &self.unfused[3];
         let scale = 1.0f32 / self.masked_rows.max(1) as f32;
-        let per_row = LaunchConfig {
-            grid_dim: (self.shape.rows.clamp(1, 1 << 20) as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
         // SAFETY: logsm and grad hold rows × vocab elements; labels and mask one per row.
         unsafe {
-            s.launch_builder(&backward)
+            s.launch_builder(backward)
                 .arg(&logsm)
                 .arg(&self.labels)
                 .arg(&self.mask)
@@ -241,7 +234,7 @@ impl<T: LogitElem + DeviceRepr> LossBench<T> {
                 .arg(&vocab)
                 .arg(&scale)
                 .arg(&mut grad)
-                .launch(per_row)
+                .launch(self.per_row())
         }
         .map_err(cuda_err)?;
         Ok(())

@@ -42,12 +42,7 @@ impl DeviceBatch {
     /// Copy back to the host as the same [`Batch`] the CPU path makes (this synchronizes the stream).
     pub fn to_host(&self) -> Result<Batch> {
         let s = &self.stream;
-        let ids = |d: &DeviceIds| -> Result<IdTensor> {
-            Ok(match d {
-                DeviceIds::I32(v) => IdTensor::I32(s.clone_dtoh(v).map_err(cuda_err)?),
-                DeviceIds::I64(v) => IdTensor::I64(s.clone_dtoh(v).map_err(cuda_err)?),
-            })
-        };
+        let ids = |d: &DeviceIds| d.to_host(s);
         let input_ids = ids(&self.input_ids)?;
         let labels = ids(&self.labels)?;
         let response_mask =
@@ -86,12 +81,7 @@ impl DevicePackedLayout {
     /// Copy back as the [`crate::PackedLayout`] the CPU path makes (synchronizes the stream).
     pub fn to_host(&self) -> Result<crate::PackedLayout> {
         let s = &self.stream;
-        let ids = |d: &DeviceIds| -> Result<IdTensor> {
-            Ok(match d {
-                DeviceIds::I32(v) => IdTensor::I32(s.clone_dtoh(v).map_err(cuda_err)?),
-                DeviceIds::I64(v) => IdTensor::I64(s.clone_dtoh(v).map_err(cuda_err)?),
-            })
-        };
+        let ids = |d: &DeviceIds| d.to_host(s);
         let cu_seqlens = s.clone_dtoh(&self.cu_seqlens).map_err(cuda_err)?;
         if cu_seqlens != self.host_cu_seqlens {
             return Err(Error::Cuda(format!(
@@ -108,6 +98,63 @@ impl DevicePackedLayout {
             max_seqlen: self.max_seqlen,
             stats: self.stats.clone(),
         })
+    }
+}
+
+impl DeviceIds {
+    /// Copy back (synchronizes the stream).
+    fn to_host(&self, stream: &Arc<CudaStream>) -> Result<IdTensor> {
+        Ok(match self {
+            DeviceIds::I32(v) => IdTensor::I32(stream.clone_dtoh(v).map_err(cuda_err)?),
+            DeviceIds::I64(v) => IdTensor::I64(stream.clone_dtoh(v).map_err(cuda_err)?),
+        })
+    }
+
+    /// `n` uninitialized ids of `dtype` (see [`alloc`]).
+    fn alloc(stream: &Arc<CudaStream>, dtype: IdDtype, n: usize) -> Result<Self> {
+        Ok(match dtype {
+            IdDtype::I32 => DeviceIds::I32(alloc(stream, n)?),
+            IdDtype::I64 => DeviceIds::I64(alloc(stream, n)?),
+        })
+    }
+
+    /// Push as a kernel argument the kernel writes.
+    fn push_mut<'a>(&'a mut self, launch: &mut cudarc::driver::LaunchArgs<'a>) {
+        match self {
+            DeviceIds::I32(v) => launch.arg(v),
+            DeviceIds::I64(v) => launch.arg(v),
+        };
+    }
+}
+
+/// The scalar parameters both collation kernels take after their inputs:
+/// `rows, width|total, pad_id, ignore_index, use_ignore_index`.
+struct ScalarArgs {
+    rows: u64,
+    extent: u64,
+    pad_id: u32,
+    ignore_index: i64,
+    use_ignore_index: i32,
+}
+
+impl ScalarArgs {
+    fn new(plan: &CollatePlan, extent: usize) -> Self {
+        ScalarArgs {
+            rows: plan.rows as u64,
+            extent: extent as u64,
+            pad_id: plan.pad_id,
+            ignore_index: plan.ignore_index.unwrap_or(0),
+            use_ignore_index: i32::from(plan.ignore_index.is_some()),
+        }
+    }
+
+    fn push<'a>(&'a self, launch: &mut cudarc::driver::LaunchArgs<'a>) {
+        launch
+            .arg(&self.rows)
+            .arg(&self.extent)
+            .arg(&self.pad_id)
+            .arg(&self.ignore_index)
+            .arg(&self.use_ignore_index);
     }
 }
 
@@ -324,15 +371,9 @@ impl CudaCollator {
         let plan = CollatePlan::for_validated(&packed.row_offsets, packed.max_token, spec)?;
         let stream = &self.stream;
         let n = plan.len();
-        let alloc_ids = |n: usize| -> Result<DeviceIds> {
-            Ok(match spec.id_dtype {
-                IdDtype::I32 => DeviceIds::I32(alloc(stream, n)?),
-                IdDtype::I64 => DeviceIds::I64(alloc(stream, n)?),
-            })
-        };
         let alloc_bytes = |n: usize| alloc::<u8>(stream, n);
-        let mut input_ids = alloc_ids(n)?;
-        let mut labels = alloc_ids(n)?;
+        let mut input_ids = DeviceIds::alloc(stream, spec.id_dtype, n)?;
+        let mut labels = DeviceIds::alloc(stream, spec.id_dtype, n)?;
         let mut response_mask = alloc_bytes(n)?;
         let mut attention_mask = if spec.attention_mask {
             Some(alloc_bytes(n)?)
@@ -343,9 +384,7 @@ impl CudaCollator {
         if n > 0 {
             let views = packed.views();
             let cfg = launch_config(plan.launch_shape());
-            let (rows, width) = (plan.rows as u64, plan.width as u64);
-            let ignore_index = plan.ignore_index.unwrap_or(0);
-            let use_ignore_index = i32::from(plan.ignore_index.is_some());
+            let scalars = ScalarArgs::new(&plan, plan.width);
             let null_mask: u64 = 0;
             let function = match spec.id_dtype {
                 IdDtype::I32 => &self.collate_i32,
@@ -353,17 +392,9 @@ impl CudaCollator {
             };
             let mut launch = stream.launch_builder(function);
             views.push(&mut launch, &null_mask);
-            launch
-                .arg(&rows)
-                .arg(&width)
-                .arg(&plan.pad_id)
-                .arg(&ignore_index)
-                .arg(&use_ignore_index);
-            match (&mut input_ids, &mut labels) {
-                (DeviceIds::I32(i), DeviceIds::I32(l)) => launch.arg(i).arg(l),
-                (DeviceIds::I64(i), DeviceIds::I64(l)) => launch.arg(i).arg(l),
-                _ => unreachable!("both tensors have the spec's dtype"),
-            };
+            scalars.push(&mut launch);
+            input_ids.push_mut(&mut launch);
+            labels.push_mut(&mut launch);
             launch.arg(&mut response_mask);
             match &mut attention_mask {
                 Some(m) => launch.arg(m),
@@ -397,18 +428,14 @@ impl CudaCollator {
         packed: &PackedBatch,
         spec: &CollateSpec,
     ) -> Result<DevicePackedLayout> {
-        let plan = CollatePlan::new(packed, spec)?;
+        // `upload` validates the batch once; the plan reuses what it found.
+        let device_packed = self.upload(packed)?;
+        let plan = CollatePlan::for_validated(packed.row_offsets(), device_packed.max_token, spec)?;
         let total = CollatePlan::packed_total(packed.tokens().len(), spec)?;
         let (host_cu_seqlens, max_seqlen) =
             CollatePlan::packed_boundaries(packed.row_offsets(), total);
-        let device_packed = self.upload(packed)?;
         let stream = &self.stream;
-        let ids = |n: usize| -> Result<DeviceIds> {
-            Ok(match spec.id_dtype {
-                IdDtype::I32 => DeviceIds::I32(alloc(stream, n)?),
-                IdDtype::I64 => DeviceIds::I64(alloc(stream, n)?),
-            })
-        };
+        let ids = |n: usize| DeviceIds::alloc(stream, spec.id_dtype, n);
         // Every position and every cu_seqlens entry is written by the kernel below.
         let (mut input_ids, mut labels, mut position_ids) = (ids(total)?, ids(total)?, ids(total)?);
         let mut response_mask = alloc::<u8>(stream, total)?;
@@ -416,33 +443,20 @@ impl CudaCollator {
         let views = device_packed.views();
         let null_trainable: u64 = 0;
         let cfg = launch_config(plan.packed_launch_shape(total));
-        let (rows, total64) = (plan.rows as u64, total as u64);
-        let ignore_index = plan.ignore_index.unwrap_or(0);
-        let use_ignore_index = i32::from(plan.ignore_index.is_some());
+        let scalars = ScalarArgs::new(&plan, total);
         let function = match spec.id_dtype {
             IdDtype::I32 => &self.collate_packed_i32,
             IdDtype::I64 => &self.collate_packed_i64,
         };
         let mut launch = stream.launch_builder(function);
         views.push(&mut launch, &null_trainable);
-        launch
-            .arg(&rows)
-            .arg(&total64)
-            .arg(&plan.pad_id)
-            .arg(&ignore_index)
-            .arg(&use_ignore_index);
-        match (&mut input_ids, &mut labels) {
-            (DeviceIds::I32(i), DeviceIds::I32(l)) => launch.arg(i).arg(l),
-            (DeviceIds::I64(i), DeviceIds::I64(l)) => launch.arg(i).arg(l),
-            _ => unreachable!("both tensors have the spec's dtype"),
-        };
+        scalars.push(&mut launch);
+        input_ids.push_mut(&mut launch);
+        labels.push_mut(&mut launch);
         launch.arg(&mut response_mask);
-        match &mut position_ids {
-            DeviceIds::I32(p) => launch.arg(p),
-            DeviceIds::I64(p) => launch.arg(p),
-        };
+        position_ids.push_mut(&mut launch);
         launch.arg(&mut cu_seqlens);
-        // SAFETY: `CollatePlan::new` validated the batch on the host and the device copy is that batch,
+        // SAFETY: `upload` validated the batch on the host and the device copy is that batch,
         // so every token read (t + 1 < end of its document) is in bounds; the outputs hold `total`
         // positions, cu_seqlens rows + 1 (+ 1 with a pad tail) entries, and the grid has at least
         // rows + 2 threads. The argument list matches COLLATE_PACKED_PARAMS in collate.cu.

@@ -1,7 +1,7 @@
 //! The collation kernel on the emulator.
 
 use crate::plan::CollatePlan;
-use crate::{Batch, CollateSpec, IdDtype, IdTensor, PackedBatch, PackedLayout, Result};
+use crate::{Batch, CollateSpec, IdDtype, PackedBatch, PackedLayout, Result};
 
 use super::{DeviceLikeBuffer, EmuLaunch};
 
@@ -116,10 +116,7 @@ impl EmulatedCollator {
                 IdDtype::I64 => launch!(emu_collate_i64, i64),
             }
         }
-        let ids = |buf: &mut DeviceLikeBuffer| match spec.id_dtype {
-            IdDtype::I32 => IdTensor::I32(buf.as_mut_slice::<i32>(n).to_vec()),
-            IdDtype::I64 => IdTensor::I64(buf.as_mut_slice::<i64>(n).to_vec()),
-        };
+        let ids = |buf: &mut DeviceLikeBuffer| buf.ids(spec.id_dtype, n);
         Ok(Batch {
             input_ids: ids(&mut input_ids),
             labels: ids(&mut labels),
@@ -181,10 +178,7 @@ impl EmulatedCollator {
             IdDtype::I32 => launch!(emu_collate_packed_i32, i32),
             IdDtype::I64 => launch!(emu_collate_packed_i64, i64),
         }
-        let ids = |buf: &mut DeviceLikeBuffer| match spec.id_dtype {
-            IdDtype::I32 => IdTensor::I32(buf.as_mut_slice::<i32>(total).to_vec()),
-            IdDtype::I64 => IdTensor::I64(buf.as_mut_slice::<i64>(total).to_vec()),
-        };
+        let ids = |buf: &mut DeviceLikeBuffer| buf.ids(spec.id_dtype, total);
         if cu_seqlens != host_cu_seqlens {
             return Err(crate::Error::Cuda(format!(
                 "the kernel wrote cu_seqlens {cu_seqlens:?}, the host computed {host_cu_seqlens:?}"

@@ -48,4 +48,12 @@ impl DeviceLikeBuffer {
     pub fn as_slice<T: bytemuck::Pod>(&self, len: usize) -> &[T] {
         &bytemuck::cast_slice::<Chunk, T>(&self.chunks)[..len]
     }
+
+    /// The first `len` elements as ids of `dtype`.
+    pub fn ids(&self, dtype: crate::IdDtype, len: usize) -> crate::IdTensor {
+        match dtype {
+            crate::IdDtype::I32 => crate::IdTensor::I32(self.as_slice::<i32>(len).to_vec()),
+            crate::IdDtype::I64 => crate::IdTensor::I64(self.as_slice::<i64>(len).to_vec()),
+        }
+    }
 }
