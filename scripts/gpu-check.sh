@@ -9,6 +9,10 @@
 # under compute-sanitizer memcheck and initcheck when it is installed, the cuda_ collate benches,
 # `sft-collate bench loss` and the masked_ce benches. Exits non-zero if any
 # step failed.
+#
+# For a machine lent by the minute: GPU_CHECK_STEP_TIMEOUT=S stops any one step after S seconds (reported
+# as FAIL, exit 124), GPU_CHECK_BENCH_SECS=S sets criterion's measurement time, GPU_CHECK_LOGS=DIR puts
+# the logs elsewhere.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bin_dir="${1:-}"
@@ -25,7 +29,11 @@ step() {
     shift
     local start end status
     start=$(date +%s)
-    "$@" >"$log_dir/$name.log" 2>&1
+    if [ -n "${GPU_CHECK_STEP_TIMEOUT:-}" ]; then
+        timeout --kill-after=10 "$GPU_CHECK_STEP_TIMEOUT" "$@" >"$log_dir/$name.log" 2>&1
+    else
+        "$@" >"$log_dir/$name.log" 2>&1
+    fi
     status=$?
     end=$(date +%s)
     if [ $status -eq 0 ]; then
@@ -52,9 +60,10 @@ if command -v compute-sanitizer >/dev/null; then
 else
     summary+=("SKIP  compute-sanitizer (not installed)")
 fi
-step cuda-benches "$bin_dir/collate" --bench cuda_ --warm-up-time 1 --measurement-time 3
+bench_secs="${GPU_CHECK_BENCH_SECS:-3}"
+step cuda-benches "$bin_dir/collate" --bench cuda_ --warm-up-time 1 --measurement-time "$bench_secs"
 step bench-loss-bf16 "$bin_dir/sft-collate" bench loss --rows 16384 --vocab 151936 --dtype bf16 --masked 0.5
-step masked-ce-benches "$bin_dir/masked_ce" --bench --warm-up-time 1 --measurement-time 2
+step masked-ce-benches "$bin_dir/masked_ce" --bench --warm-up-time 1 --measurement-time "$bench_secs"
 
 echo
 echo "== gpu-check report =="
