@@ -78,7 +78,7 @@ pub use error::{Error, Result};
 pub use packed::PackedBatch;
 pub use pipeline::{tokenize_and_pack, tokenize_prompt_and_output, tokenize_rows};
 pub use spec::{CollateSpec, IdDtype, LabelFormat, Truncation};
-pub use tokenize::{Tokenizer, BUILTIN_TOKENIZERS};
+pub use tokenize::{Engine, EngineChoice, Tokenizer, BUILTIN_TOKENIZERS};
 
 /// The README's Rust examples run as doc tests, so they cannot rot.
 #[cfg(doctest)]

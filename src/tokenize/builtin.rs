@@ -17,6 +17,8 @@ use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::{AddedToken, SplitDelimiterBehavior};
 
+use super::fast::pretok::Pattern;
+use super::fast::{AddedSpec, BpeSpec};
 use crate::{Error, Result};
 
 /// Names accepted by [`builtin_tokenizer`] and wherever a tokenizer is taken.
@@ -25,17 +27,28 @@ pub const BUILTIN_TOKENIZERS: &[&str] = &["o200k_base", "cl100k_base"];
 /// tiktoken's split pattern for cl100k_base. One change for Oniguruma: `\p{N}{1,3}+` (possessive in
 /// tiktoken's regex engine) means `(\p{N}{1,3})+` in Oniguruma's Ruby syntax, so it is written `\p{N}{1,3}`,
 /// which matches the same since nothing follows it in its alternative.
-const CL100K_PATTERN: &str = r"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s";
+pub(crate) const CL100K_PATTERN: &str = r"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s";
 
-/// A built-in tokenizer by name. The conversion takes a moment, so each is built once per process and
-/// cloned after.
-pub fn builtin_tokenizer(name: &str) -> Result<tokenizers::Tokenizer> {
-    static O200K: OnceLock<Built> = OnceLock::new();
-    static CL100K: OnceLock<Built> = OnceLock::new();
-    let built = match name {
+/// What a built-in tokenizer is made of, from which both engines are built.
+pub(crate) struct BuiltinParts {
+    /// Token bytes by rank (= id).
+    pub by_rank: Vec<Vec<u8>>,
+    /// For each multi-byte token in rank order, the two parts its last merge joins.
+    pub merges: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Special tokens and their ids, by id.
+    pub specials: Vec<(String, u32)>,
+    pub pattern: &'static str,
+}
+
+/// The parts of a built-in tokenizer by name. The conversion takes a moment, so each is done once per
+/// process.
+pub(crate) fn builtin_parts(name: &str) -> Result<&'static BuiltinParts> {
+    static O200K: OnceLock<Parts> = OnceLock::new();
+    static CL100K: OnceLock<Parts> = OnceLock::new();
+    let parts = match name {
         "o200k_base" => O200K
-            .get_or_init(|| convert(tiktoken_rs::o200k_base(), tiktoken_rs::O200K_BASE_PAT_STR)),
-        "cl100k_base" => CL100K.get_or_init(|| convert(tiktoken_rs::cl100k_base(), CL100K_PATTERN)),
+            .get_or_init(|| parts(tiktoken_rs::o200k_base(), tiktoken_rs::O200K_BASE_PAT_STR)),
+        "cl100k_base" => CL100K.get_or_init(|| parts(tiktoken_rs::cl100k_base(), CL100K_PATTERN)),
         _ => {
             return Err(Error::Tokenizer {
                 name: name.to_string(),
@@ -46,19 +59,56 @@ pub fn builtin_tokenizer(name: &str) -> Result<tokenizers::Tokenizer> {
             })
         }
     };
-    built.clone().map_err(|reason| Error::Tokenizer {
+    parts.as_ref().map_err(|reason| Error::Tokenizer {
+        name: name.to_string(),
+        reason: reason.clone(),
+    })
+}
+
+/// A built-in tokenizer by name, as a `tokenizers::Tokenizer`.
+pub fn builtin_tokenizer(name: &str) -> Result<tokenizers::Tokenizer> {
+    to_tokenizers(builtin_parts(name)?).map_err(|reason| Error::Tokenizer {
         name: name.to_string(),
         reason,
     })
 }
 
-/// A conversion's outcome; the error is a plain message so that a failure can be cached and cloned.
-type Built = std::result::Result<tokenizers::Tokenizer, String>;
+/// The fast engine's form of a built-in tokenizer: the same vocabulary, merges, specials and pattern as
+/// [`builtin_tokenizer`] gives `tokenizers`.
+pub(crate) fn builtin_spec(parts: &BuiltinParts) -> std::result::Result<BpeSpec, String> {
+    let mut vocab: Vec<(Vec<u8>, u32)> = parts
+        .by_rank
+        .iter()
+        .enumerate()
+        .map(|(rank, bytes)| (bytes.clone(), rank as u32))
+        .collect();
+    vocab.extend(parts.specials.iter().map(|(t, id)| (t.as_bytes().to_vec(), *id)));
+    let pattern = Pattern::recognize(parts.pattern).ok_or("pattern not known to the fast path")?;
+    Ok(BpeSpec {
+        vocab_size: vocab.len(),
+        vocab,
+        merges: parts.merges.clone(),
+        ignore_merges: true,
+        added: parts
+            .specials
+            .iter()
+            .map(|(t, id)| AddedSpec {
+                content: t.clone(),
+                id: *id,
+                normalized: false,
+            })
+            .collect(),
+        nfc: false,
+        patterns: vec![pattern],
+    })
+}
 
-fn convert(
+type Parts = std::result::Result<BuiltinParts, String>;
+
+fn parts(
     core: std::result::Result<tiktoken_rs::CoreBPE, impl std::fmt::Display>,
-    pattern: &str,
-) -> Built {
+    pattern: &'static str,
+) -> Parts {
     let core = core.map_err(|e| e.to_string())?;
 
     // The rank table: token bytes for ranks 0, 1, 2, ... up to the first rank that does not decode (the
@@ -86,40 +136,50 @@ fn convert(
             Err(_) => break,
         }
     }
-
-    let alphabet = byte_to_unicode();
-    let to_str = |bytes: &[u8]| -> String { bytes.iter().map(|&b| alphabet[b as usize]).collect() };
-
-    let mut merges: Vec<(u32, String, String)> = by_rank
+    let merges: Vec<(Vec<u8>, Vec<u8>)> = by_rank
         .par_iter()
         .enumerate()
         .filter(|(_, token)| token.len() > 1)
         .filter_map(|(rank, token)| {
             let parts = replay_merges(&ranks, token, rank as u32);
-            (parts.len() == 2).then(|| (rank as u32, to_str(parts[0]), to_str(parts[1])))
+            (parts.len() == 2).then(|| (parts[0].to_vec(), parts[1].to_vec()))
         })
         .collect();
-    merges.sort_by_key(|m| m.0);
+    Ok(BuiltinParts {
+        by_rank,
+        merges,
+        specials,
+        pattern,
+    })
+}
 
-    let mut vocab: tokenizers::models::bpe::Vocab = by_rank
+fn to_tokenizers(parts: &BuiltinParts) -> std::result::Result<tokenizers::Tokenizer, String> {
+    let alphabet = byte_to_unicode();
+    let to_str = |bytes: &[u8]| -> String { bytes.iter().map(|&b| alphabet[b as usize]).collect() };
+    let mut vocab: tokenizers::models::bpe::Vocab = parts
+        .by_rank
         .iter()
         .enumerate()
         .map(|(rank, bytes)| (to_str(bytes), rank as u32))
         .collect();
     // Special tokens go into the model's vocabulary with their own ids, so that `add_special_tokens` below
     // finds them there instead of numbering them after the last rank.
-    for (text, id) in &specials {
+    for (text, id) in &parts.specials {
         vocab.insert(text.clone(), *id);
     }
-
+    let merges = parts
+        .merges
+        .iter()
+        .map(|(a, b)| (to_str(a), to_str(b)))
+        .collect();
     let bpe = BPE::builder()
-        .vocab_and_merges(vocab, merges.into_iter().map(|(_, a, b)| (a, b)).collect())
+        .vocab_and_merges(vocab, merges)
         .ignore_merges(true)
         .build()
         .map_err(|e| e.to_string())?;
     let mut tokenizer = tokenizers::Tokenizer::new(bpe);
     let split = Split::new(
-        SplitPattern::Regex(pattern.to_string()),
+        SplitPattern::Regex(parts.pattern.to_string()),
         SplitDelimiterBehavior::Isolated,
         false,
     )
@@ -129,14 +189,15 @@ fn convert(
         ByteLevel::new(false, false, false).into(),
     ])));
     tokenizer.with_decoder(Some(ByteLevel::new(false, false, false)));
-    let added: Vec<AddedToken> = specials
+    let added: Vec<AddedToken> = parts
+        .specials
         .iter()
         .map(|(text, _)| AddedToken::from(text.clone(), true))
         .collect();
     tokenizer
         .add_special_tokens(added)
         .map_err(|e| e.to_string())?;
-    for (text, id) in &specials {
+    for (text, id) in &parts.specials {
         if tokenizer.token_to_id(text) != Some(*id) {
             return Err(format!("special token {text} did not keep id {id}"));
         }

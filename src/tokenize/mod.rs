@@ -3,28 +3,89 @@
 //! (`add_special_tokens = false`), as CS336 does, so no BPE merge crosses the prompt/output boundary.
 
 mod builtin;
+pub(crate) mod fast;
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+
+use rayon::prelude::*;
 
 pub use builtin::{builtin_tokenizer, BUILTIN_TOKENIZERS};
+pub use fast::CacheStats;
 
 use crate::{Error, Result};
+use fast::FastBpe;
 
 /// The token used as padding when neither the caller nor the tokenizer names one.
 pub const ENDOFTEXT: &str = "<|endoftext|>";
 
+/// Which encoder a [`Tokenizer`] runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum EngineChoice {
+    /// The fast encoder when it supports the tokenizer, else `tokenizers`.
+    #[default]
+    Auto,
+    /// The fast encoder, or an error saying why it cannot run this tokenizer.
+    Fast,
+    /// Hugging Face `tokenizers`.
+    Tokenizers,
+}
+
+/// The encoder a [`Tokenizer`] runs, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Engine {
+    /// This crate's byte-level BPE encoder (same ids as `tokenizers`); `detail` names its split pattern.
+    Fast { detail: String },
+    /// Hugging Face `tokenizers`: asked for, or the fallback (`reason` says why the fast one could not).
+    Tokenizers { reason: String },
+}
+
+impl std::fmt::Display for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Engine::Fast { detail } => write!(f, "fast ({detail})"),
+            Engine::Tokenizers { reason } => write!(f, "tokenizers ({reason})"),
+        }
+    }
+}
+
+impl Engine {
+    /// `"fast"` or `"tokenizers"`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Engine::Fast { .. } => "fast",
+            Engine::Tokenizers { .. } => "tokenizers",
+        }
+    }
+}
+
+/// Where the `tokenizers` form comes from when it is first needed.
+enum Source {
+    File(PathBuf),
+    Builtin(String),
+    Given,
+}
+
 /// A tokenizer with the few things collation needs: batch encoding without special tokens, and the pad id.
+///
+/// Byte-level BPE tokenizers (Qwen2/2.5/3, Llama 3, GPT-2, the built-ins) run on the fast encoder, which
+/// gives the ids `tokenizers` gives; anything else runs on `tokenizers`. [`Tokenizer::engine`] says which.
+/// The `tokenizers` form is built only when something needs it.
 #[derive(Clone)]
 pub struct Tokenizer {
-    inner: tokenizers::Tokenizer,
     name: String,
     configured_pad: Option<u32>,
+    fast: Option<Arc<FastBpe>>,
+    engine: Engine,
+    source: Arc<Source>,
+    hf: Arc<OnceLock<std::result::Result<tokenizers::Tokenizer, String>>>,
 }
 
 impl std::fmt::Debug for Tokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Tokenizer")
             .field("name", &self.name)
+            .field("engine", &self.engine)
             .field("vocab_size", &self.vocab_size())
             .field("pad_id", &self.pad_id())
             .finish()
@@ -35,8 +96,13 @@ impl Tokenizer {
     /// A built-in name (see [`BUILTIN_TOKENIZERS`]), or a path to a `tokenizer.json` (or to a directory that
     /// holds one).
     pub fn load(path_or_name: &str) -> Result<Self> {
+        Self::load_with(path_or_name, EngineChoice::Auto)
+    }
+
+    /// [`Tokenizer::load`] with a choice of engine.
+    pub fn load_with(path_or_name: &str, engine: EngineChoice) -> Result<Self> {
         if BUILTIN_TOKENIZERS.contains(&path_or_name) {
-            return Self::builtin(path_or_name);
+            return Self::builtin_with(path_or_name, engine);
         }
         let path = Path::new(path_or_name);
         if !path.exists() {
@@ -48,42 +114,114 @@ impl Tokenizer {
                 ),
             });
         }
-        Self::from_file(path)
+        Self::from_file_with(path, engine)
     }
 
     /// A built-in tokenizer, built from the BPE ranks the `tiktoken-rs` crate ships.
     pub fn builtin(name: &str) -> Result<Self> {
-        Ok(Self::from_tokenizers(builtin_tokenizer(name)?, name))
+        Self::builtin_with(name, EngineChoice::Auto)
+    }
+
+    /// [`Tokenizer::builtin`] with a choice of engine.
+    pub fn builtin_with(name: &str, engine: EngineChoice) -> Result<Self> {
+        let parts = builtin::builtin_parts(name)?;
+        let fast = match engine {
+            EngineChoice::Tokenizers => Err("asked for".to_string()),
+            _ => builtin::builtin_spec(parts).and_then(FastBpe::new),
+        };
+        Self::assemble(name.to_string(), engine, fast, Source::Builtin(name.to_string()))
     }
 
     /// Load a `tokenizer.json` (or the one in a directory). A `tokenizer_config.json` beside it is read for
     /// its `pad_token`, as `transformers.AutoTokenizer` would.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
+        Self::from_file_with(path, EngineChoice::Auto)
+    }
+
+    /// [`Tokenizer::from_file`] with a choice of engine.
+    pub fn from_file_with(path: impl AsRef<Path>, engine: EngineChoice) -> Result<Self> {
         let mut path: PathBuf = path.as_ref().to_path_buf();
         if path.is_dir() {
             path.push("tokenizer.json");
         }
         let name = path.display().to_string();
-        let inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| Error::Tokenizer {
-            name: name.clone(),
-            reason: e.to_string(),
-        })?;
-        let mut tokenizer = Self::from_tokenizers(inner, name);
+        let fast = match engine {
+            EngineChoice::Tokenizers => Err("asked for".to_string()),
+            _ => {
+                let json = std::fs::read_to_string(&path).map_err(|e| Error::Tokenizer {
+                    name: name.clone(),
+                    reason: e.to_string(),
+                })?;
+                FastBpe::from_json(&json)
+            }
+        };
+        let mut tokenizer = Self::assemble(name, engine, fast, Source::File(path.clone()))?;
         if tokenizer.configured_pad.is_none() {
             tokenizer.configured_pad =
                 pad_from_config(&path.with_file_name("tokenizer_config.json"))
-                    .and_then(|token| tokenizer.inner.token_to_id(&token));
+                    .and_then(|token| tokenizer.token_to_id(&token));
         }
         Ok(tokenizer)
     }
 
-    /// Wrap a `tokenizers::Tokenizer` built elsewhere; `name` is what manifests and messages call it.
+    /// The tokenizer from its engine attempt: the fast one, an error if it was required and failed, or
+    /// `tokenizers` loaded now (so that a file it rejects fails here, not later).
+    fn assemble(
+        name: String,
+        choice: EngineChoice,
+        fast: std::result::Result<FastBpe, String>,
+        source: Source,
+    ) -> Result<Self> {
+        let mut tokenizer = Tokenizer {
+            name,
+            configured_pad: None,
+            fast: None,
+            engine: Engine::Tokenizers {
+                reason: String::new(),
+            },
+            source: Arc::new(source),
+            hf: Arc::new(OnceLock::new()),
+        };
+        match fast {
+            Ok(fast) => {
+                tokenizer.engine = Engine::Fast {
+                    detail: fast.describe(),
+                };
+                tokenizer.fast = Some(Arc::new(fast));
+            }
+            Err(reason) if choice == EngineChoice::Fast => {
+                return Err(Error::Tokenizer {
+                    name: tokenizer.name,
+                    reason: format!("the fast engine does not support it: {reason}"),
+                })
+            }
+            Err(reason) => {
+                tokenizer.engine = Engine::Tokenizers {
+                    reason: if choice == EngineChoice::Tokenizers {
+                        reason
+                    } else {
+                        format!("fallback: {reason}")
+                    },
+                };
+                tokenizer.configured_pad = tokenizer.inner()?.get_padding().map(|p| p.pad_id);
+            }
+        }
+        Ok(tokenizer)
+    }
+
+    /// Wrap a `tokenizers::Tokenizer` built elsewhere; `name` is what manifests and messages call it. It
+    /// runs on `tokenizers` itself.
     pub fn from_tokenizers(inner: tokenizers::Tokenizer, name: impl Into<String>) -> Self {
         let configured_pad = inner.get_padding().map(|p| p.pad_id);
         Tokenizer {
-            inner,
             name: name.into(),
             configured_pad,
+            fast: None,
+            engine: Engine::Tokenizers {
+                reason: "given as a tokenizers::Tokenizer".into(),
+            },
+            source: Arc::new(Source::Given),
+            hf: Arc::new(OnceLock::from(Ok(inner))),
         }
     }
 
@@ -92,20 +230,52 @@ impl Tokenizer {
         &self.name
     }
 
-    /// The wrapped `tokenizers::Tokenizer`.
-    pub fn inner(&self) -> &tokenizers::Tokenizer {
-        &self.inner
+    /// Which encoder runs, and why.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
     }
 
-    /// Vocabulary size, added tokens included.
+    /// The fast encoder's cache counters since the tokenizer was loaded (shared by its clones); `None` on
+    /// `tokenizers`.
+    pub fn cache_stats(&self) -> Option<CacheStats> {
+        self.fast.as_ref().map(|f| f.cache_stats())
+    }
+
+    /// The `tokenizers::Tokenizer` of the same file or built-in, built on first use.
+    pub fn inner(&self) -> Result<&tokenizers::Tokenizer> {
+        let built = self.hf.get_or_init(|| match &*self.source {
+            Source::File(path) => {
+                tokenizers::Tokenizer::from_file(path).map_err(|e| e.to_string())
+            }
+            Source::Builtin(name) => builtin_tokenizer(name).map_err(|e| e.to_string()),
+            Source::Given => Err("no tokenizers form".to_string()),
+        });
+        built.as_ref().map_err(|reason| Error::Tokenizer {
+            name: self.name.clone(),
+            reason: reason.clone(),
+        })
+    }
+
+    /// Vocabulary size, added tokens included (as `tokenizers` counts it).
     pub fn vocab_size(&self) -> usize {
-        self.inner.get_vocab_size(true)
+        match &self.fast {
+            Some(fast) => fast.vocab_size(),
+            None => self.inner().map_or(0, |t| t.get_vocab_size(true)),
+        }
+    }
+
+    /// The id of a token string (an added token's content, or a vocabulary entry as `tokenizers` writes
+    /// it).
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        match &self.fast {
+            Some(fast) => fast.token_to_id(token),
+            None => self.inner().ok()?.token_to_id(token),
+        }
     }
 
     /// The tokenizer's own pad id: its configured pad token, else `<|endoftext|>` when it has one.
     pub fn pad_id(&self) -> Option<u32> {
-        self.configured_pad
-            .or_else(|| self.inner.token_to_id(ENDOFTEXT))
+        self.configured_pad.or_else(|| self.token_to_id(ENDOFTEXT))
     }
 
     /// `explicit` when given, else [`Tokenizer::pad_id`], else [`Error::NoPadToken`].
@@ -115,8 +285,11 @@ impl Tokenizer {
 
     /// Encode each text separately, without special tokens, in parallel over the CPU cores.
     pub fn encode_batch(&self, texts: &[&str]) -> Result<Vec<Vec<u32>>> {
+        if let Some(fast) = &self.fast {
+            return Ok(texts.par_iter().map(|t| fast.encode(t)).collect());
+        }
         let encodings = self
-            .inner
+            .inner()?
             .encode_batch_fast(texts.to_vec(), false)
             .map_err(|e| Error::Tokenizer {
                 name: self.name.clone(),
@@ -130,17 +303,26 @@ impl Tokenizer {
 
     /// Encode one text without special tokens.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        if let Some(fast) = &self.fast {
+            return Ok(fast.encode(text));
+        }
         Ok(self.encode_batch(&[text])?.pop().unwrap_or_default())
     }
 
     /// The text of one token, as it decodes on its own (a token holding part of a UTF-8 character decodes
     /// to U+FFFD).
     pub fn token_text(&self, id: u32) -> String {
-        self.inner
+        if let Some(fast) = &self.fast {
+            return fast.token_text(id).unwrap_or_default();
+        }
+        let Ok(inner) = self.inner() else {
+            return String::new();
+        };
+        inner
             .decode(&[id], false)
             .ok()
             .filter(|s| !s.is_empty())
-            .or_else(|| self.inner.id_to_token(id))
+            .or_else(|| inner.id_to_token(id))
             .unwrap_or_default()
     }
 }

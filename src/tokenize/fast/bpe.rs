@@ -1,0 +1,214 @@
+//! The BPE merge loop, with `tokenizers`' rule: repeatedly merge the adjacent pair of lowest merge rank,
+//! the leftmost one on a tie. Short words (almost all pre-tokens) use a plain scan over an array of pair
+//! ranks; long ones a heap over a linked list, as `tokenizers` does, so a 100 kB run of letters stays
+//! O(n log n).
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+
+use rustc_hash::FxHashMap;
+
+/// Above this many bytes a word takes the heap path.
+const SCAN_MAX: usize = 48;
+
+pub(crate) struct Merges {
+    /// (left id << 32 | right id) → (rank << 32 | merged id).
+    pairs: FxHashMap<u64, u64>,
+    byte_ids: [u32; 256],
+}
+
+const NONE: u64 = u64::MAX;
+
+impl Merges {
+    pub(crate) fn new(
+        merges: &[(Vec<u8>, Vec<u8>)],
+        vocab: &FxHashMap<Box<[u8]>, u32>,
+        byte_ids: [u32; 256],
+    ) -> Result<Merges, String> {
+        let mut pairs = FxHashMap::default();
+        pairs.reserve(merges.len());
+        let mut joined = Vec::new();
+        for (rank, (a, b)) in merges.iter().enumerate() {
+            let id = |t: &[u8]| {
+                vocab.get(t).copied().ok_or_else(|| {
+                    format!("merge token {:?} not in the vocabulary", String::from_utf8_lossy(t))
+                })
+            };
+            joined.clear();
+            joined.extend_from_slice(a);
+            joined.extend_from_slice(b);
+            let key = (id(a)? as u64) << 32 | id(b)? as u64;
+            // A pair listed twice keeps its last rank, as `tokenizers`' map (built by collecting) does.
+            pairs.insert(key, (rank as u64) << 32 | id(&joined)? as u64);
+        }
+        Ok(Merges { pairs, byte_ids })
+    }
+
+    #[inline]
+    pub(crate) fn byte_id(&self, b: u8) -> u32 {
+        self.byte_ids[b as usize]
+    }
+
+    #[inline]
+    fn pair(&self, a: u32, b: u32) -> u64 {
+        self.pairs
+            .get(&((a as u64) << 32 | b as u64))
+            .copied()
+            .unwrap_or(NONE)
+    }
+
+    /// Append the ids of `word` (at least one byte).
+    pub(crate) fn encode(&self, word: &[u8], out: &mut Vec<u32>) {
+        if word.len() <= SCAN_MAX {
+            self.encode_scan(word, out)
+        } else {
+            self.encode_heap(word, out)
+        }
+    }
+
+    pub(crate) fn encode_scan(&self, word: &[u8], out: &mut Vec<u32>) {
+        let mut ids = [0u32; SCAN_MAX];
+        let mut ranks = [NONE; SCAN_MAX];
+        let n0 = word.len();
+        assert!(n0 <= SCAN_MAX);
+        for (slot, &b) in ids.iter_mut().zip(word) {
+            *slot = self.byte_ids[b as usize];
+        }
+        for i in 0..n0.saturating_sub(1) {
+            ranks[i] = self.pair(ids[i], ids[i + 1]);
+        }
+        let mut n = n0;
+        while n > 1 {
+            // ranks[i] pairs ids[i] and ids[i + 1]; the lowest, leftmost on ties (same rank = same pair).
+            let (mut best, mut at) = (NONE, 0);
+            for (i, &r) in ranks[..n - 1].iter().enumerate() {
+                if r < best {
+                    best = r;
+                    at = i;
+                }
+            }
+            if best == NONE {
+                break;
+            }
+            ids[at] = best as u32;
+            ids.copy_within(at + 2..n, at + 1);
+            ranks.copy_within(at + 1..n - 1, at);
+            n -= 1;
+            if at > 0 {
+                ranks[at - 1] = self.pair(ids[at - 1], ids[at]);
+            }
+            if at + 1 < n {
+                ranks[at] = self.pair(ids[at], ids[at + 1]);
+            }
+            ranks[n - 1] = NONE;
+        }
+        out.extend_from_slice(&ids[..n]);
+    }
+
+    pub(crate) fn encode_heap(&self, word: &[u8], out: &mut Vec<u32>) {
+        struct Symbol {
+            id: u32,
+            prev: u32,
+            next: u32,
+            alive: bool,
+        }
+        const END: u32 = u32::MAX;
+        let n = word.len();
+        let mut symbols: Vec<Symbol> = word
+            .iter()
+            .enumerate()
+            .map(|(i, &b)| Symbol {
+                id: self.byte_ids[b as usize],
+                prev: if i == 0 { END } else { i as u32 - 1 },
+                next: if i + 1 == n { END } else { i as u32 + 1 },
+                alive: true,
+            })
+            .collect();
+        // (rank, position of the left symbol, merged id): the lowest rank, then the leftmost, first.
+        let mut heap: BinaryHeap<Reverse<(u32, u32, u32)>> = BinaryHeap::new();
+        let push = |heap: &mut BinaryHeap<_>, pos: u32, a: u32, b: u32| {
+            let p = self.pair(a, b);
+            if p != NONE {
+                heap.push(Reverse(((p >> 32) as u32, pos, p as u32)));
+            }
+        };
+        for i in 0..n - 1 {
+            push(&mut heap, i as u32, symbols[i].id, symbols[i + 1].id);
+        }
+        while let Some(Reverse((_, pos, merged))) = heap.pop() {
+            let s = &symbols[pos as usize];
+            if !s.alive || s.next == END {
+                continue;
+            }
+            let next = s.next;
+            // Stale entries: the pair at `pos` is no longer the one this entry was for.
+            let current = self.pair(s.id, symbols[next as usize].id);
+            if current == NONE || current as u32 != merged {
+                continue;
+            }
+            let after = symbols[next as usize].next;
+            symbols[next as usize].alive = false;
+            let s = &mut symbols[pos as usize];
+            s.id = merged;
+            s.next = after;
+            let prev = s.prev;
+            if after != END {
+                symbols[after as usize].prev = pos;
+                push(&mut heap, pos, merged, symbols[after as usize].id);
+            }
+            if prev != END {
+                push(&mut heap, prev, symbols[prev as usize].id, merged);
+            }
+        }
+        out.extend(symbols.iter().filter(|s| s.alive).map(|s| s.id));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// A tiny vocabulary over the bytes a, b, c with random merges between them.
+    fn merges_from(seq: &[(u8, u8)]) -> Merges {
+        let mut vocab: FxHashMap<Box<[u8]>, u32> = FxHashMap::default();
+        let mut byte_ids = [0u32; 256];
+        for b in 0..=255u8 {
+            byte_ids[b as usize] = b as u32;
+            vocab.insert(vec![b].into_boxed_slice(), b as u32);
+        }
+        let mut tokens: Vec<Vec<u8>> = (0..=255u8).map(|b| vec![b]).collect();
+        let mut merges = Vec::new();
+        for &(x, y) in seq {
+            let (a, b) = (
+                tokens[x as usize % tokens.len()].clone(),
+                tokens[y as usize % tokens.len()].clone(),
+            );
+            if a.len() + b.len() > 6 || a.iter().chain(&b).any(|c| !b"abc".contains(c)) {
+                continue;
+            }
+            let joined: Vec<u8> = a.iter().chain(&b).copied().collect();
+            if !vocab.contains_key(&joined[..]) {
+                vocab.insert(joined.clone().into_boxed_slice(), tokens.len() as u32);
+                tokens.push(joined);
+            }
+            merges.push((a, b));
+        }
+        Merges::new(&merges, &vocab, byte_ids).unwrap()
+    }
+
+    proptest! {
+        #[test]
+        fn scan_and_heap_agree(
+            seq in prop::collection::vec((97u8..100, 97u8..100), 0..40),
+            more in prop::collection::vec((0u8..=255, 0u8..=255), 0..200),
+            word in prop::collection::vec(prop::sample::select(b"abc".to_vec()), 1..=SCAN_MAX),
+        ) {
+            let m = merges_from(&seq.iter().chain(&more).copied().collect::<Vec<_>>());
+            let (mut a, mut b) = (Vec::new(), Vec::new());
+            m.encode_scan(&word, &mut a);
+            m.encode_heap(&word, &mut b);
+            prop_assert_eq!(a, b);
+        }
+    }
+}

@@ -1,0 +1,358 @@
+//! The fast encoder against Hugging Face `tokenizers`: the same ids for every input, on the Qwen2
+//! tokenizer of the fixtures, on variants of it that exercise the other supported configurations (Llama 3
+//! and GPT-2 split patterns, no normalizer, normalized added tokens, `ignore_merges`), and on the built-in
+//! o200k_base and cl100k_base. Texts: GSM8K train and test (raw and templated), hand-written hard cases
+//! (scripts, code, digit and whitespace runs, CR/LF mixes, emoji, combining marks, special-token
+//! look-alikes), and random unicode (proptest).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use proptest::prelude::*;
+use proptest::test_runner::{Config, TestRunner};
+use sft_collate::tokenize::{Engine, EngineChoice};
+use sft_collate::Tokenizer;
+
+/// A tokenizer on both engines.
+struct Pair {
+    label: String,
+    fast: Tokenizer,
+    reference: tokenizers::Tokenizer,
+}
+
+impl Pair {
+    fn file(label: &str, path: &Path) -> Pair {
+        let fast = Tokenizer::from_file_with(path, EngineChoice::Fast)
+            .unwrap_or_else(|e| panic!("{label}: fast engine refused it: {e}"));
+        assert_eq!(fast.engine().name(), "fast");
+        Pair {
+            label: label.to_string(),
+            fast,
+            reference: tokenizers::Tokenizer::from_file(path).unwrap(),
+        }
+    }
+
+    fn builtin(name: &str) -> Pair {
+        Pair {
+            label: name.to_string(),
+            fast: Tokenizer::builtin_with(name, EngineChoice::Fast).unwrap(),
+            reference: sft_collate::tokenize::builtin_tokenizer(name).unwrap(),
+        }
+    }
+
+    fn reference_ids(&self, texts: &[&str]) -> Vec<Vec<u32>> {
+        self.reference
+            .encode_batch_fast(texts.to_vec(), false)
+            .unwrap()
+            .iter()
+            .map(|e| e.get_ids().to_vec())
+            .collect()
+    }
+
+    /// Panics with the first text whose ids differ, shown escaped, and both id lists.
+    fn check(&self, texts: &[&str]) {
+        let got = self.fast.encode_batch(texts).unwrap();
+        let want = self.reference_ids(texts);
+        for ((text, g), w) in texts.iter().zip(&got).zip(&want) {
+            assert!(
+                g == w,
+                "{}: ids differ for {:?}\n fast:       {:?}\n tokenizers: {:?}",
+                self.label,
+                text,
+                g,
+                w
+            );
+        }
+    }
+
+    /// The same as `check`, for proptest.
+    fn agree(&self, text: &str) -> Result<(), TestCaseError> {
+        let got = self.fast.encode(text).unwrap();
+        let want = self.reference_ids(&[text]).pop().unwrap();
+        prop_assert_eq!(got, want, "{}: {:?}", self.label, text);
+        Ok(())
+    }
+}
+
+/// Hand-written texts for the places split patterns and BPE go wrong.
+fn hard_cases() -> Vec<String> {
+    let mut v: Vec<String> = [
+        "",
+        " ",
+        "a",
+        "Hello, world!",
+        "  leading and trailing  ",
+        "I'm here, you're there, he'll go, she'd say, they've been, it's it'S IT'S",
+        "'s 's' ''s '''",
+        "don\u{2019}t can\u{2019}t",
+        "It'ſ long-s: 'ſ 'S 'ﬅ 'ẞ 'ß",
+        "1234567890 12 123 1234 12345 3.14159 1,000,000 0x1F -42 +7",
+        "٣٤٥ ١٢ 一二三 ⅫⅣ ½ ²³ ①②",
+        "\t\ttabs\tand  spaces   \u{a0}nbsp\u{2003}em\u{3000}ideographic",
+        "line1\nline2\r\nline3\rline4\n\n\nline5\r\n\r\n  \n \n",
+        "trailing spaces   \n   ",
+        "   ",
+        "\n",
+        "\r\n",
+        " \r\n \t \n",
+        "x\u{85}y\u{2028}z\u{2029}w\u{b}v\u{c}u",
+        "中文文本，包含标点符号。日本語のテキスト、カタカナとひらがな。한국어 텍스트입니다.",
+        "العربية نص مع أرقام ١٢٣ and mixed English",
+        "हिन्दी पाठ देवनागरी लिपि में है। संस्कृतम्",
+        "Русский текст с ЗАГЛАВНЫМИ буквами и ёЁ. Українська: їЇ ґҐ",
+        "Ελληνικά: ΑΒΓ αβγ ΣΊΣΥΦΟΣ σίσυφος",
+        "emoji 😀😃😄 👩‍👩‍👧‍👦 🏳️‍🌈 ❤️ 👍🏽 flags 🇺🇸🇯🇵",
+        "combining: e\u{301} a\u{300}\u{316} n\u{303} \u{301}alone Z\u{36b}\u{343}a\u{33e}l\u{357}g\u{349}o",
+        "NFC vs NFD: \u{e9} e\u{301} \u{212b} A\u{30a} \u{1e9b}\u{323}",
+        "Hangul jamo: \u{1100}\u{1161}\u{11a8} vs \u{ac01}",
+        "<|endoftext|>",
+        "before<|endoftext|>after",
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n",
+        "<|endoftext|<|endoftext|>|><|im_start|<|im_end|>",
+        "< |endoftext| > <|endoftext <|EndOfText|> <|fim_prefix|>",
+        "fn main() {\n    let x: Vec<u32> = (0..10).map(|i| i * 2).collect();\n    println!(\"{x:?}\");\n}\n",
+        "def f(x):\n\tif x >= 0 and x != 1:\n\t\treturn x ** 2  # square\n\treturn None\n",
+        "<div class=\"a\">&nbsp;&lt;tag&gt;</div> /* comment */ // path/to/file.rs a//b ///c",
+        "$$\\frac{a}{b} + \\sqrt{x^2}$$ \\begin{align} x &= 1 \\\\ \\end{align}",
+        "URL: https://example.com/path?q=1&r=2#frag mail@example.org",
+        "CamelCaseWords HTTPServer iPhone XMLHttpRequest ABCdef abcDEF",
+        "MixedÄÖÜäöüßẞ ÀÉÎÕÜ àéîõü Œœ Ǆǅǆ ǲ",
+        "!!!??? ... --- ___ *** ### @@@ $$$ %%% ^^^ &&& ((( ))) [[[ ]]] {{{ }}}",
+        " !a  !b   !c \n!d \r\n!e",
+        "a\u{0}b\u{1}c\u{7f}d\u{9f}e",
+        "\u{feff}BOM and \u{200b}zero\u{200c}width\u{200d}joiners",
+        "𝒜𝒷𝒸 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 𝟘𝟙𝟚 𐍈 𓀀 \u{10ffff}",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    // Long runs: digits, whitespace, one letter, one CJK character, marks, punctuation.
+    v.push("9".repeat(1000));
+    v.push(" ".repeat(500) + "x");
+    v.push("\n".repeat(300) + " \r\n".repeat(100).as_str());
+    v.push("a".repeat(5000));
+    v.push("ab".repeat(2000) + " " + &"xyz".repeat(1000));
+    v.push("字".repeat(700));
+    v.push("e\u{301}".repeat(300));
+    v.push("!?".repeat(800));
+    v.push("A".repeat(300) + &"b".repeat(300));
+    v
+}
+
+fn gsm8k_texts(shared: &Path) -> Vec<String> {
+    let template =
+        std::fs::read_to_string(shared.join("fixtures/gsm8k/r1_zero.prompt")).unwrap_or_default();
+    let mut texts = Vec::new();
+    for split in ["train", "test"] {
+        let path = shared.join(format!("fixtures/gsm8k/{split}.jsonl"));
+        let text = std::fs::read_to_string(&path).unwrap();
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            let row: serde_json::Value = serde_json::from_str(line).unwrap();
+            let q = row["question"].as_str().unwrap_or_default();
+            let a = row["answer"].as_str().unwrap_or_default();
+            texts.push(template.replace("{question}", q));
+            texts.push(a.to_string());
+        }
+    }
+    texts
+}
+
+/// The Qwen2 file with its JSON changed by `edit`, written to `dir`.
+fn variant(
+    shared: &Path,
+    dir: &Path,
+    name: &str,
+    edit: impl FnOnce(&mut serde_json::Value),
+) -> PathBuf {
+    let path = shared.join("fixtures/qwen2/tokenizer.json");
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    edit(&mut json);
+    let out = dir.join(format!("{name}.json"));
+    std::fs::write(&out, serde_json::to_string(&json).unwrap()).unwrap();
+    out
+}
+
+fn split_then_byte_level(regex: &str, use_regex: bool) -> serde_json::Value {
+    serde_json::json!({"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": false},
+        {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex}
+    ]})
+}
+
+const LLAMA3: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// Every tokenizer configuration the fast engine claims, on both engines. `None` without the fixtures.
+fn all_pairs(test: &str, dir: &Path) -> Option<Vec<Pair>> {
+    let shared = common::shared_dir(test)?;
+    let qwen2 = shared.join("fixtures/qwen2/tokenizer.json");
+    let mut pairs = vec![
+        Pair::file("qwen2", &qwen2),
+        Pair::builtin("o200k_base"),
+        Pair::builtin("cl100k_base"),
+    ];
+    let variants: Vec<(&str, Box<dyn FnOnce(&mut serde_json::Value)>)> = vec![
+        (
+            "llama3-split",
+            Box::new(|j| j["pre_tokenizer"] = split_then_byte_level(LLAMA3, false)),
+        ),
+        (
+            "gpt2-byte-level",
+            Box::new(|j| {
+                j["pre_tokenizer"] = serde_json::json!({"type": "ByteLevel",
+                    "add_prefix_space": false, "trim_offsets": true, "use_regex": true});
+                j["normalizer"] = serde_json::Value::Null;
+            }),
+        ),
+        (
+            "llama3-split+gpt2-regex",
+            Box::new(|j| j["pre_tokenizer"] = split_then_byte_level(LLAMA3, true)),
+        ),
+        (
+            "qwen2-ignore-merges-no-nfc-normalized-added",
+            Box::new(|j| {
+                j["model"]["ignore_merges"] = true.into();
+                j["normalizer"] = serde_json::Value::Null;
+                for t in j["added_tokens"].as_array_mut().unwrap() {
+                    t["normalized"] = true.into();
+                }
+            }),
+        ),
+        (
+            "qwen2-nfc-normalized-added",
+            Box::new(|j| {
+                for t in j["added_tokens"].as_array_mut().unwrap().iter_mut().step_by(2) {
+                    t["normalized"] = true.into();
+                }
+            }),
+        ),
+    ];
+    for (name, edit) in variants {
+        let path = variant(&shared, dir, name, edit);
+        pairs.push(Pair::file(name, &path));
+    }
+    Some(pairs)
+}
+
+#[test]
+fn same_ids_as_tokenizers_on_gsm8k_and_hard_cases() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(pairs) = all_pairs("same_ids_as_tokenizers_on_gsm8k_and_hard_cases", dir.path())
+    else {
+        return;
+    };
+    let shared = common::shared_dir("gsm8k").unwrap();
+    let gsm8k = gsm8k_texts(&shared);
+    let hard = hard_cases();
+    for pair in &pairs {
+        let texts: Vec<&str> = hard.iter().map(String::as_str).collect();
+        pair.check(&texts);
+        // GSM8K on Qwen2 and the built-ins in full; a slice on the variants (the same code paths).
+        let n = if pair.label.contains('-') { 2000 } else { gsm8k.len() };
+        let texts: Vec<&str> = gsm8k.iter().take(n).map(String::as_str).collect();
+        pair.check(&texts);
+        let stats = pair.fast.cache_stats().unwrap();
+        assert!(stats.hits > 0 && stats.misses > 0, "{}: {stats:?}", pair.label);
+    }
+}
+
+/// Characters chosen to sit on every class boundary the split patterns draw, and some anything-goes.
+fn tricky_char() -> impl Strategy<Value = char> {
+    prop_oneof![
+        4 => prop::sample::select(
+            " \t\n\r\u{b}\u{c}\u{85}\u{a0}\u{2028}\u{3000}'\"/!?.,-_0123456789aAsStTrReEvVmMlLdDſKzZ"
+                .chars()
+                .collect::<Vec<_>>()
+        ),
+        2 => prop::sample::select(
+            "éÉßẞǅǲΣσςЖжё中字ー々〆ㅎ가ﾊ٣١²½Ⅻ①\u{301}\u{300}\u{20dd}\u{93f}\u{94d}😀👍🏽\u{200d}\u{fe0f}🇺\u{feff}\u{200b}<|>"
+                .chars()
+                .collect::<Vec<_>>()
+        ),
+        1 => any::<char>(),
+    ]
+}
+
+#[test]
+fn same_ids_as_tokenizers_on_random_unicode() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(pairs) = all_pairs("same_ids_as_tokenizers_on_random_unicode", dir.path()) else {
+        return;
+    };
+    let texts = prop_oneof![
+        prop::collection::vec(tricky_char(), 0..40).prop_map(|c| c.into_iter().collect::<String>()),
+        prop::collection::vec(any::<char>(), 0..30).prop_map(|c| c.into_iter().collect::<String>()),
+        // Fragments of special tokens and contractions glued together.
+        prop::collection::vec(
+            prop::sample::select(vec![
+                "<|endoftext|>", "<|im_start|>", "<|", "|>", "endoftext", "'s", "'LL", " ", "\n",
+                "\r\n", "x", "ſ", "12345", "é", "e\u{301}", "中", "  ", "!",
+            ]),
+            0..12
+        )
+        .prop_map(|p| p.concat()),
+    ];
+    for pair in &pairs {
+        let mut runner = TestRunner::new(Config::with_cases(1500));
+        runner.run(&texts, |text| pair.agree(&text)).unwrap();
+    }
+}
+
+#[test]
+fn engine_choice_is_visible_and_falls_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(shared) = common::shared_dir("engine_choice_is_visible_and_falls_back") else {
+        return;
+    };
+    let qwen2 = shared.join("fixtures/qwen2/tokenizer.json");
+    let auto = Tokenizer::from_file(&qwen2).unwrap();
+    assert!(matches!(auto.engine(), Engine::Fast { .. }), "{}", auto.engine());
+    let asked = Tokenizer::from_file_with(&qwen2, EngineChoice::Tokenizers).unwrap();
+    assert_eq!(asked.engine().name(), "tokenizers");
+    assert_eq!(asked.pad_id(), auto.pad_id());
+    assert_eq!(asked.vocab_size(), auto.vocab_size());
+    for id in [0u32, 220, 151_643, 151_644, 9_999] {
+        assert_eq!(asked.token_text(id), auto.token_text(id), "token {id}");
+    }
+    assert_eq!(
+        asked.token_to_id("Ġthe"),
+        auto.token_to_id("Ġthe"),
+        "vocabulary strings"
+    );
+
+    // An unknown split regex: the fast engine refuses, auto falls back and says why.
+    let odd = variant(&shared, dir.path(), "odd", |j| {
+        j["pre_tokenizer"] = split_then_byte_level(r"\w+|\s+|[^\w\s]+", false)
+    });
+    let err = Tokenizer::from_file_with(&odd, EngineChoice::Fast).unwrap_err();
+    assert!(err.to_string().contains("not one the fast path knows"), "{err}");
+    let fallback = Tokenizer::from_file(&odd).unwrap();
+    match fallback.engine() {
+        Engine::Tokenizers { reason } => assert!(reason.starts_with("fallback:"), "{reason}"),
+        other => panic!("expected the fallback, got {other}"),
+    }
+    let text = "Fallback still encodes: 12 apples";
+    let want = tokenizers::Tokenizer::from_file(&odd)
+        .unwrap()
+        .encode(text, false)
+        .unwrap()
+        .get_ids()
+        .to_vec();
+    assert_eq!(fallback.encode(text).unwrap(), want);
+
+    // A non-byte-level model (WordLevel) is refused with its reason.
+    let wordlevel = dir.path().join("wordlevel.json");
+    std::fs::write(
+        &wordlevel,
+        r#"{"version":"1.0","added_tokens":[],"normalizer":null,"pre_tokenizer":{"type":"Whitespace"},
+           "post_processor":null,"decoder":null,"truncation":null,"padding":null,
+           "model":{"type":"WordLevel","vocab":{"[UNK]":0,"hi":1},"unk_token":"[UNK]"}}"#,
+    )
+    .unwrap();
+    let err = Tokenizer::from_file_with(&wordlevel, EngineChoice::Fast).unwrap_err();
+    assert!(err.to_string().contains("fast engine"), "{err}");
+    let wl = Tokenizer::from_file(&wordlevel).unwrap();
+    assert_eq!(wl.engine().name(), "tokenizers");
+    assert_eq!(wl.encode("hi there").unwrap(), vec![1, 0]);
+}
