@@ -222,7 +222,12 @@ fn all_pairs(test: &str, dir: &Path) -> Option<Vec<Pair>> {
         (
             "qwen2-nfc-normalized-added",
             Box::new(|j| {
-                for t in j["added_tokens"].as_array_mut().unwrap().iter_mut().step_by(2) {
+                for t in j["added_tokens"]
+                    .as_array_mut()
+                    .unwrap()
+                    .iter_mut()
+                    .step_by(2)
+                {
                     t["normalized"] = true.into();
                 }
             }),
@@ -249,11 +254,19 @@ fn same_ids_as_tokenizers_on_gsm8k_and_hard_cases() {
         let texts: Vec<&str> = hard.iter().map(String::as_str).collect();
         pair.check(&texts);
         // GSM8K on Qwen2 and the built-ins in full; a slice on the variants (the same code paths).
-        let n = if pair.label.contains('-') { 2000 } else { gsm8k.len() };
+        let n = if pair.label.contains('-') {
+            2000
+        } else {
+            gsm8k.len()
+        };
         let texts: Vec<&str> = gsm8k.iter().take(n).map(String::as_str).collect();
         pair.check(&texts);
         let stats = pair.fast.cache_stats().unwrap();
-        assert!(stats.hits > 0 && stats.misses > 0, "{}: {stats:?}", pair.label);
+        assert!(
+            stats.hits > 0 && stats.misses > 0,
+            "{}: {stats:?}",
+            pair.label
+        );
     }
 }
 
@@ -286,8 +299,24 @@ fn same_ids_as_tokenizers_on_random_unicode() {
         // Fragments of special tokens and contractions glued together.
         prop::collection::vec(
             prop::sample::select(vec![
-                "<|endoftext|>", "<|im_start|>", "<|", "|>", "endoftext", "'s", "'LL", " ", "\n",
-                "\r\n", "x", "ſ", "12345", "é", "e\u{301}", "中", "  ", "!",
+                "<|endoftext|>",
+                "<|im_start|>",
+                "<|",
+                "|>",
+                "endoftext",
+                "'s",
+                "'LL",
+                " ",
+                "\n",
+                "\r\n",
+                "x",
+                "ſ",
+                "12345",
+                "é",
+                "e\u{301}",
+                "中",
+                "  ",
+                "!",
             ]),
             0..12
         )
@@ -307,7 +336,11 @@ fn engine_choice_is_visible_and_falls_back() {
     };
     let qwen2 = shared.join("fixtures/qwen2/tokenizer.json");
     let auto = Tokenizer::from_file(&qwen2).unwrap();
-    assert!(matches!(auto.engine(), Engine::Fast { .. }), "{}", auto.engine());
+    assert!(
+        matches!(auto.engine(), Engine::Fast { .. }),
+        "{}",
+        auto.engine()
+    );
     let asked = Tokenizer::from_file_with(&qwen2, EngineChoice::Tokenizers).unwrap();
     assert_eq!(asked.engine().name(), "tokenizers");
     assert_eq!(asked.pad_id(), auto.pad_id());
@@ -326,7 +359,10 @@ fn engine_choice_is_visible_and_falls_back() {
         j["pre_tokenizer"] = split_then_byte_level(r"\w+|\s+|[^\w\s]+", false)
     });
     let err = Tokenizer::from_file_with(&odd, EngineChoice::Fast).unwrap_err();
-    assert!(err.to_string().contains("not one the fast path knows"), "{err}");
+    assert!(
+        err.to_string().contains("not one the fast path knows"),
+        "{err}"
+    );
     let fallback = Tokenizer::from_file(&odd).unwrap();
     match fallback.engine() {
         Engine::Tokenizers { reason } => assert!(reason.starts_with("fallback:"), "{reason}"),

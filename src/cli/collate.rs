@@ -547,6 +547,12 @@ fn manifest(
         "skipped_lines": read.skipped,
         "bad_lines": read.recorded,
         "tokenizer": tokenizer.name(),
+        "tokenizer_engine": tokenizer.engine().to_string(),
+        "tokenizer_cache": tokenizer.cache_stats().map(|c| serde_json::json!({
+            "hits": c.hits,
+            "misses": c.misses,
+            "hit_rate": c.hit_rate(),
+        })),
         "device": device,
         "layout": layout_json,
         "options": {

@@ -10,9 +10,12 @@ use super::TokenizerArgs;
 
 #[derive(Args, Debug)]
 pub struct DoctorArgs {
-    /// Also report on this tokenizer (path or built-in name).
+    /// Also report on this tokenizer (path or built-in name): vocabulary, pad id, and which encoder runs it.
     #[arg(long)]
     tokenizer: Option<String>,
+    /// The encoder to try for --tokenizer (see `collate --help`).
+    #[arg(long, value_enum, default_value_t = sft_collate::EngineChoice::Auto)]
+    tokenizer_engine: sft_collate::EngineChoice,
     /// Write the embedded PTX of every kernel family to DIR (for ptxas reports).
     #[arg(long, value_name = "DIR")]
     dump_ptx: Option<PathBuf>,
@@ -52,13 +55,15 @@ pub fn run(args: DoctorArgs) -> Result<()> {
     if let Some(name) = &args.tokenizer {
         let tokenizer = TokenizerArgs {
             tokenizer: name.clone(),
+            tokenizer_engine: args.tokenizer_engine,
         }
         .load()?;
         println!(
-            "tokenizer: {} (vocab {}, pad id {:?}, engine: huggingface tokenizers)",
+            "tokenizer: {} (vocab {}, pad id {:?})\ntokenizer engine: {}",
             tokenizer.name(),
             tokenizer.vocab_size(),
             tokenizer.pad_id(),
+            tokenizer.engine(),
         );
     }
 

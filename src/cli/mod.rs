@@ -11,6 +11,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use sft_collate::input::{MessageFormat, RowFormat, Template};
+use sft_collate::EngineChoice;
 use sft_collate::{CollateSpec, IdDtype, LabelFormat, Tokenizer, Truncation};
 
 /// Turn (prompt, output) text pairs into input_ids, labels and response_mask for supervised fine-tuning.
@@ -46,11 +47,16 @@ struct TokenizerArgs {
     /// A tokenizer.json (or a directory holding one), or a built-in: o200k_base, cl100k_base.
     #[arg(long, default_value = "o200k_base")]
     tokenizer: String,
+    /// Which encoder runs it: `auto` takes the fast byte-level BPE encoder when it supports the tokenizer
+    /// (same ids as Hugging Face `tokenizers`) and `tokenizers` otherwise; `fast` fails instead of falling
+    /// back; `tokenizers` always uses `tokenizers`. The manifest and `doctor --tokenizer` say which ran.
+    #[arg(long, value_enum, default_value_t = EngineChoice::Auto)]
+    tokenizer_engine: EngineChoice,
 }
 
 impl TokenizerArgs {
     fn load(&self) -> sft_collate::Result<Tokenizer> {
-        Tokenizer::load(&self.tokenizer)
+        Tokenizer::load_with(&self.tokenizer, self.tokenizer_engine)
     }
 }
 

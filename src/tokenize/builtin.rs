@@ -46,8 +46,9 @@ pub(crate) fn builtin_parts(name: &str) -> Result<&'static BuiltinParts> {
     static O200K: OnceLock<Parts> = OnceLock::new();
     static CL100K: OnceLock<Parts> = OnceLock::new();
     let parts = match name {
-        "o200k_base" => O200K
-            .get_or_init(|| parts(tiktoken_rs::o200k_base(), tiktoken_rs::O200K_BASE_PAT_STR)),
+        "o200k_base" => {
+            O200K.get_or_init(|| parts(tiktoken_rs::o200k_base(), tiktoken_rs::O200K_BASE_PAT_STR))
+        }
         "cl100k_base" => CL100K.get_or_init(|| parts(tiktoken_rs::cl100k_base(), CL100K_PATTERN)),
         _ => {
             return Err(Error::Tokenizer {
@@ -82,7 +83,12 @@ pub(crate) fn builtin_spec(parts: &BuiltinParts) -> std::result::Result<BpeSpec,
         .enumerate()
         .map(|(rank, bytes)| (bytes.clone(), rank as u32))
         .collect();
-    vocab.extend(parts.specials.iter().map(|(t, id)| (t.as_bytes().to_vec(), *id)));
+    vocab.extend(
+        parts
+            .specials
+            .iter()
+            .map(|(t, id)| (t.as_bytes().to_vec(), *id)),
+    );
     let pattern = Pattern::recognize(parts.pattern).ok_or("pattern not known to the fast path")?;
     Ok(BpeSpec {
         vocab_size: vocab.len(),
@@ -100,6 +106,7 @@ pub(crate) fn builtin_spec(parts: &BuiltinParts) -> std::result::Result<BpeSpec,
             .collect(),
         nfc: false,
         patterns: vec![pattern],
+        other_vocab: Vec::new(),
     })
 }
 

@@ -129,7 +129,12 @@ impl Tokenizer {
             EngineChoice::Tokenizers => Err("asked for".to_string()),
             _ => builtin::builtin_spec(parts).and_then(FastBpe::new),
         };
-        Self::assemble(name.to_string(), engine, fast, Source::Builtin(name.to_string()))
+        Self::assemble(
+            name.to_string(),
+            engine,
+            fast,
+            Source::Builtin(name.to_string()),
+        )
     }
 
     /// Load a `tokenizer.json` (or the one in a directory). A `tokenizer_config.json` beside it is read for
@@ -244,9 +249,7 @@ impl Tokenizer {
     /// The `tokenizers::Tokenizer` of the same file or built-in, built on first use.
     pub fn inner(&self) -> Result<&tokenizers::Tokenizer> {
         let built = self.hf.get_or_init(|| match &*self.source {
-            Source::File(path) => {
-                tokenizers::Tokenizer::from_file(path).map_err(|e| e.to_string())
-            }
+            Source::File(path) => tokenizers::Tokenizer::from_file(path).map_err(|e| e.to_string()),
             Source::Builtin(name) => builtin_tokenizer(name).map_err(|e| e.to_string()),
             Source::Given => Err("no tokenizers form".to_string()),
         });

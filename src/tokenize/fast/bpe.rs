@@ -6,6 +6,7 @@
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 
+use rayon::prelude::*;
 use rustc_hash::FxHashMap;
 
 /// Above this many bytes a word takes the heap path.
@@ -25,22 +26,30 @@ impl Merges {
         vocab: &FxHashMap<Box<[u8]>, u32>,
         byte_ids: [u32; 256],
     ) -> Result<Merges, String> {
+        // Lookups on every core, then the map filled in rank order: a pair listed twice keeps its last
+        // rank, as `tokenizers`' map (built by collecting) does.
+        let entries = merges
+            .par_iter()
+            .enumerate()
+            .map(|(rank, (a, b))| {
+                let id = |t: &[u8]| {
+                    vocab.get(t).copied().ok_or_else(|| {
+                        format!(
+                            "merge token {:?} not in the vocabulary",
+                            String::from_utf8_lossy(t)
+                        )
+                    })
+                };
+                let joined = [&a[..], &b[..]].concat();
+                Ok((
+                    (id(a)? as u64) << 32 | id(b)? as u64,
+                    (rank as u64) << 32 | id(&joined)? as u64,
+                ))
+            })
+            .collect::<Result<Vec<(u64, u64)>, String>>()?;
         let mut pairs = FxHashMap::default();
-        pairs.reserve(merges.len());
-        let mut joined = Vec::new();
-        for (rank, (a, b)) in merges.iter().enumerate() {
-            let id = |t: &[u8]| {
-                vocab.get(t).copied().ok_or_else(|| {
-                    format!("merge token {:?} not in the vocabulary", String::from_utf8_lossy(t))
-                })
-            };
-            joined.clear();
-            joined.extend_from_slice(a);
-            joined.extend_from_slice(b);
-            let key = (id(a)? as u64) << 32 | id(b)? as u64;
-            // A pair listed twice keeps its last rank, as `tokenizers`' map (built by collecting) does.
-            pairs.insert(key, (rank as u64) << 32 | id(&joined)? as u64);
-        }
+        pairs.reserve(entries.len());
+        pairs.extend(entries);
         Ok(Merges { pairs, byte_ids })
     }
 

@@ -19,6 +19,7 @@ use std::cell::RefCell;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use aho_corasick::{AhoCorasick, MatchKind};
+use rayon::prelude::*;
 use rustc_hash::FxHashMap;
 use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
@@ -40,6 +41,8 @@ pub(crate) struct BpeSpec {
     pub patterns: Vec<Pattern>,
     /// What `tokenizers` reports as the vocabulary size with added tokens.
     pub vocab_size: usize,
+    /// Vocabulary strings that are not byte-level (never produced by the model; kept for `token_to_id`).
+    pub other_vocab: Vec<(String, u32)>,
 }
 
 pub(crate) struct AddedSpec {
@@ -80,6 +83,7 @@ pub(crate) struct FastBpe {
     added_raw: Option<AddedSet>,
     added_normalized: Option<AddedSet>,
     added_by_content: FxHashMap<String, u32>,
+    other_vocab: Vec<(String, u32)>,
     nfc: bool,
     patterns: Vec<Pattern>,
     ascii: [u32; 128],
@@ -127,25 +131,39 @@ thread_local! {
     static CACHE: RefCell<Cache> = RefCell::new(Cache::default());
 }
 
-fn byte_level_alphabet() -> [char; 256] {
-    let mut table = ['\0'; 256];
-    let printable =
-        |b: u32| (0x21..=0x7E).contains(&b) || (0xA1..=0xAC).contains(&b) || (0xAE..=0xFF).contains(&b);
-    let mut next = 256u32;
-    for b in 0..256u32 {
-        table[b as usize] = if printable(b) {
-            char::from_u32(b).expect("Latin-1")
-        } else {
-            next += 1;
-            char::from_u32(next - 1).expect("below the surrogates")
+/// GPT-2's byte-to-character alphabet, inverted: `INVERSE[c]` is the byte that character `c` stands for
+/// (all of them are below U+0144), or -1.
+fn byte_level_inverse() -> &'static [i16; 0x144] {
+    static INVERSE: std::sync::OnceLock<[i16; 0x144]> = std::sync::OnceLock::new();
+    INVERSE.get_or_init(|| {
+        let mut inverse = [-1i16; 0x144];
+        let printable = |b: usize| {
+            (0x21..=0x7E).contains(&b) || (0xA1..=0xAC).contains(&b) || (0xAE..=0xFF).contains(&b)
         };
-    }
-    table
+        let mut next = 256usize;
+        for b in 0..256usize {
+            let c = if printable(b) {
+                b
+            } else {
+                next += 1;
+                next - 1
+            };
+            inverse[c] = b as i16;
+        }
+        inverse
+    })
 }
 
 /// The bytes a byte-level token string stands for, or `None` if it has a character outside the alphabet.
-fn from_byte_level(token: &str, inverse: &FxHashMap<char, u8>) -> Option<Vec<u8>> {
-    token.chars().map(|c| inverse.get(&c).copied()).collect()
+fn from_byte_level(token: &str) -> Option<Vec<u8>> {
+    let inverse = byte_level_inverse();
+    token
+        .chars()
+        .map(|c| {
+            let b = *inverse.get(c as usize)?;
+            (b >= 0).then_some(b as u8)
+        })
+        .collect()
 }
 
 impl FastBpe {
@@ -168,6 +186,7 @@ impl FastBpe {
                 .ok_or_else(|| format!("byte {b:#04x} has no token of its own"))?;
         }
         let merges = Merges::new(&spec.merges, &vocab, byte_ids)?;
+
         let normalize = |s: &str| -> String {
             if spec.nfc {
                 nfc(s).into_owned()
@@ -197,6 +216,7 @@ impl FastBpe {
             added_raw: AddedSet::new(raw)?,
             added_normalized: AddedSet::new(normalized)?,
             added_by_content,
+            other_vocab: spec.other_vocab,
             nfc: spec.nfc,
             patterns: spec.patterns,
             ascii: unicode::ascii_flags(),
@@ -238,10 +258,10 @@ impl FastBpe {
         if let Some(&id) = self.added_by_content.get(token) {
             return Some(id);
         }
-        let alphabet = byte_level_alphabet();
-        let inverse: FxHashMap<char, u8> =
-            alphabet.iter().enumerate().map(|(b, &c)| (c, b as u8)).collect();
-        self.vocab.get(&from_byte_level(token, &inverse)?[..]).copied()
+        if let Some(&(_, id)) = self.other_vocab.iter().find(|(t, _)| t == token) {
+            return Some(id);
+        }
+        self.vocab.get(&from_byte_level(token)?[..]).copied()
     }
 
     /// The text of one token, as `tokenizers` decodes it alone (lossy for partial characters).
@@ -269,11 +289,21 @@ impl FastBpe {
             split_added(text, self.added_raw.as_ref(), |piece| match piece {
                 Piece::Added(id) => out.push(id),
                 Piece::Text(raw) => {
-                    let normalized = if self.nfc { nfc(raw) } else { Cow::Borrowed(raw) };
-                    split_added(&normalized, self.added_normalized.as_ref(), |piece| match piece {
-                        Piece::Added(id) => out.push(id),
-                        Piece::Text(t) => self.pre_tokenize(t, &self.patterns, &mut cache, &mut out),
-                    });
+                    let normalized = if self.nfc {
+                        nfc(raw)
+                    } else {
+                        Cow::Borrowed(raw)
+                    };
+                    split_added(
+                        &normalized,
+                        self.added_normalized.as_ref(),
+                        |piece| match piece {
+                            Piece::Added(id) => out.push(id),
+                            Piece::Text(t) => {
+                                self.pre_tokenize(t, &self.patterns, &mut cache, &mut out)
+                            }
+                        },
+                    );
                 }
             });
             self.hits.fetch_add(cache.hits - h0, Ordering::Relaxed);
@@ -282,7 +312,13 @@ impl FastBpe {
         out
     }
 
-    fn pre_tokenize(&self, text: &str, patterns: &[Pattern], cache: &mut Cache, out: &mut Vec<u32>) {
+    fn pre_tokenize(
+        &self,
+        text: &str,
+        patterns: &[Pattern],
+        cache: &mut Cache,
+        out: &mut Vec<u32>,
+    ) {
         match patterns.split_first() {
             None => self.word(text.as_bytes(), cache, out),
             Some((first, rest)) => first.split(text, &self.ascii, |piece| {
@@ -478,8 +514,12 @@ impl<'de: 'a, 'a> Deserialize<'de> for MergeJson<'a> {
                 ))
             }
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<MergeJson<'a>, A::Error> {
-                let a: Str<'a> = seq.next_element()?.ok_or_else(|| de::Error::custom("empty merge"))?;
-                let b: Str<'a> = seq.next_element()?.ok_or_else(|| de::Error::custom("short merge"))?;
+                let a: Str<'a> = seq
+                    .next_element()?
+                    .ok_or_else(|| de::Error::custom("empty merge"))?;
+                let b: Str<'a> = seq
+                    .next_element()?
+                    .ok_or_else(|| de::Error::custom("short merge"))?;
                 if seq.next_element::<de::IgnoredAny>()?.is_some() {
                     return Err(de::Error::custom("merge of more than two tokens"));
                 }
@@ -538,21 +578,29 @@ fn patterns_of(p: Option<&serde_json::Value>) -> Result<Vec<Pattern>, String> {
                 .and_then(|r| r.as_str())
                 .ok_or_else(|| format!("Split pattern {} (only regexes)", step["pattern"]))?;
             let behavior = step.get("behavior").and_then(|b| b.as_str());
-            let invert = step.get("invert").and_then(|i| i.as_bool()).unwrap_or(false);
+            let invert = step
+                .get("invert")
+                .and_then(|i| i.as_bool())
+                .unwrap_or(false);
             if behavior != Some("Isolated") || invert {
                 return Err(format!(
                     "Split behaviour {behavior:?}, invert {invert} (only Isolated)"
                 ));
             }
             patterns.push(
-                Pattern::recognize(regex)
-                    .ok_or_else(|| format!("split regex {regex:?} is not one the fast path knows"))?,
+                Pattern::recognize(regex).ok_or_else(|| {
+                    format!("split regex {regex:?} is not one the fast path knows")
+                })?,
             );
         } else if is_type(step, "ByteLevel") && k == steps.len() - 1 {
             if step.get("add_prefix_space").and_then(|a| a.as_bool()) == Some(true) {
                 return Err("ByteLevel with add_prefix_space".into());
             }
-            if step.get("use_regex").and_then(|u| u.as_bool()).unwrap_or(true) {
+            if step
+                .get("use_regex")
+                .and_then(|u| u.as_bool())
+                .unwrap_or(true)
+            {
                 patterns.push(Pattern::recognize(pretok::GPT2).expect("GPT-2's regex is known"));
             }
             byte_level = true;
@@ -597,34 +645,48 @@ pub(crate) fn spec_from_json(json: &str) -> Result<BpeSpec, String> {
         }
     }
 
-    let alphabet = byte_level_alphabet();
-    let inverse: FxHashMap<char, u8> =
-        alphabet.iter().enumerate().map(|(b, &c)| (c, b as u8)).collect();
-    let mut vocab = Vec::with_capacity(m.vocab.0.len());
-    let mut strings: FxHashMap<&str, u32> = FxHashMap::default();
-    strings.reserve(m.vocab.0.len());
-    for (token, id) in &m.vocab.0 {
-        strings.insert(token, *id);
-        // Tokens with characters outside the byte alphabet can never come out of byte-level BPE.
-        if let Some(bytes) = from_byte_level(token, &inverse) {
-            vocab.push((bytes, *id));
+    // Vocabulary strings to bytes, and merges to byte pairs, on every core (150k+ entries each).
+    let (converted, merges) = rayon::join(
+        || {
+            m.vocab
+                .0
+                .par_iter()
+                .map(|(token, id)| (from_byte_level(token), token, *id))
+                .collect::<Vec<_>>()
+        },
+        || {
+            m.merges
+                .par_iter()
+                .map(
+                    |MergeJson(a, b)| match (from_byte_level(a), from_byte_level(b)) {
+                        (Some(a), Some(b)) => Ok((a, b)),
+                        _ => Err(format!("merge {a:?} {b:?} outside the byte alphabet")),
+                    },
+                )
+                .collect::<Result<Vec<_>, String>>()
+        },
+    );
+    let merges = merges?;
+    let mut vocab = Vec::with_capacity(converted.len());
+    // Tokens with characters outside the byte alphabet can never come out of byte-level BPE; they are
+    // kept aside for `token_to_id`.
+    let mut other_vocab = Vec::new();
+    for (bytes, token, id) in converted {
+        match bytes {
+            Some(bytes) => vocab.push((bytes, id)),
+            None => other_vocab.push((token.to_string(), id)),
         }
     }
-    let merges = m
-        .merges
-        .iter()
-        .map(|MergeJson(a, b)| {
-            match (from_byte_level(a, &inverse), from_byte_level(b, &inverse)) {
-                (Some(a), Some(b)) => Ok((a, b)),
-                _ => Err(format!("merge {a:?} {b:?} outside the byte alphabet")),
-            }
-        })
-        .collect::<Result<Vec<_>, String>>()?;
     // `tokenizers`: model vocabulary + distinct added contents - those the model already has.
     let contents: rustc_hash::FxHashSet<&str> =
         t.added_tokens.iter().map(|a| a.content.as_str()).collect();
-    let overlapping = contents.iter().filter(|c| strings.contains_key(*c)).count();
-    let vocab_size = strings.len() + contents.len() - overlapping;
+    let overlapping = m
+        .vocab
+        .0
+        .iter()
+        .filter(|(t, _)| contents.contains(t.as_ref()))
+        .count();
+    let vocab_size = m.vocab.0.len() + contents.len() - overlapping;
     Ok(BpeSpec {
         vocab,
         merges,
@@ -641,5 +703,6 @@ pub(crate) fn spec_from_json(json: &str) -> Result<BpeSpec, String> {
         nfc,
         patterns,
         vocab_size,
+        other_vocab,
     })
 }

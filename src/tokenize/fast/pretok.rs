@@ -19,7 +19,10 @@ enum Atom {
         possessive: bool,
     },
     /// `'s|'t|'re|'ve|'m|'ll|'d`, case-insensitive with `(?i:…)`, optional with `(…)?`.
-    Contraction { case_insensitive: bool, optional: bool },
+    Contraction {
+        case_insensitive: bool,
+        optional: bool,
+    },
     /// Ruby-syntax `$`: at the end of the text or before `\n`.
     EndOfLine,
     /// `(?!\S)`: at the end of the text or before a `\s` character.
@@ -162,7 +165,11 @@ impl Pattern {
                     contraction,
                 ],
                 vec![class(N, 1, 3)],
-                vec![sp, not_class(S | L | N, 1, INF), class(CR | LF | SLASH, 0, INF)],
+                vec![
+                    sp,
+                    not_class(S | L | N, 1, INF),
+                    class(CR | LF | SLASH, 0, INF),
+                ],
             ];
             ws_tail(&mut alts);
             ("o200k", alts)
@@ -179,7 +186,12 @@ impl Pattern {
 
     /// Call `piece` with each piece of `text`, in order, as `tokenizers`' `Split` with `Isolated`
     /// behaviour cuts it: every match, and every stretch between matches.
-    pub(crate) fn split<'t>(&self, text: &'t str, ascii: &[u32; 128], mut piece: impl FnMut(&'t str)) {
+    pub(crate) fn split<'t>(
+        &self,
+        text: &'t str,
+        ascii: &[u32; 128],
+        mut piece: impl FnMut(&'t str),
+    ) {
         let bytes = text.as_bytes();
         let m = Matcher { bytes, ascii };
         let (mut pos, mut gap_start) = (0usize, 0usize);
@@ -220,7 +232,9 @@ impl Matcher<'_> {
             (((b0 & 0x1F) << 6) | (b[pos + 1] as u32 & 0x3F), 2)
         } else if b0 < 0xF0 {
             (
-                ((b0 & 0x0F) << 12) | ((b[pos + 1] as u32 & 0x3F) << 6) | (b[pos + 2] as u32 & 0x3F),
+                ((b0 & 0x0F) << 12)
+                    | ((b[pos + 1] as u32 & 0x3F) << 6)
+                    | (b[pos + 2] as u32 & 0x3F),
                 3,
             )
         } else {

@@ -159,7 +159,10 @@ mod tests {
         for c in (0..0x110000u32).filter(|&c| char::from_u32(c).is_some()) {
             let got = flags(c) & !(CR | LF | SPACE | SLASH);
             if got != want[c as usize] {
-                wrong.push(format!("U+{c:04X}: table {got:#x}, Oniguruma {:#x}", want[c as usize]));
+                wrong.push(format!(
+                    "U+{c:04X}: table {got:#x}, Oniguruma {:#x}",
+                    want[c as usize]
+                ));
             }
         }
         assert!(
@@ -184,14 +187,21 @@ mod tests {
         let mut prev = u32::MAX;
         for (c, &f) in flags.iter().enumerate() {
             // Surrogates take their neighbours' flags: they never occur in a str.
-            let f = if (0xD800..0xE000).contains(&c) { prev } else { f };
+            let f = if (0xD800..0xE000).contains(&c) {
+                prev
+            } else {
+                f
+            };
             if f != prev {
                 out.push_str(&format!("    (0x{c:X}, 0x{f:X}),\n"));
                 prev = f;
             }
         }
         out.push_str("];\n");
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/src/tokenize/fast/unicode_table.rs");
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/src/tokenize/fast/unicode_table.rs"
+        );
         std::fs::write(path, out).unwrap();
     }
 }

@@ -1,0 +1,173 @@
+//! Tokenization alone: the fast encoder against Hugging Face `tokenizers` on the same texts, in the same
+//! run. The corpus is GSM8K train (questions in the r1_zero template, and answers: what `collate` encodes)
+//! with the Qwen2 tokenizer when the shared fixtures are present (`$SFT_COLLATE_SHARED`, else
+//! `../shared`), otherwise `examples/sample.jsonl` with the built-in o200k_base.
+//!
+//! - `one_thread/*`: one core, text by text (`tokenizers`' `encode_fast`, the fast engine's `encode`),
+//!   warm caches (both engines keep one); `fast_cold_cache` starts each pass from an empty cache.
+//! - `all_threads/*`: both engines' batch call, on every core (rayon).
+//! - `threads/N`: the fast engine on a pool of N threads, for scaling.
+//!
+//! Throughput is in input bytes (criterion's MB/s); tokens/s per core and the cache hit rate are printed
+//! to stderr. The physical limit is the CPU cores.
+
+use std::path::PathBuf;
+
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use sft_collate::input::{RowFormat, Template};
+use sft_collate::{EngineChoice, Tokenizer};
+
+struct Corpus {
+    name: &'static str,
+    source: String,
+    texts: Vec<String>,
+}
+
+fn corpus() -> Corpus {
+    let shared = std::env::var_os("SFT_COLLATE_SHARED")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared"));
+    let fixtures = shared.join("fixtures");
+    let (name, source, path, format) = if fixtures.join("gsm8k/train.jsonl").exists() {
+        let template = std::fs::read_to_string(fixtures.join("gsm8k/r1_zero.prompt")).unwrap();
+        (
+            "gsm8k_train_qwen2",
+            fixtures.join("qwen2/tokenizer.json").display().to_string(),
+            fixtures.join("gsm8k/train.jsonl"),
+            RowFormat {
+                output_key: "answer".into(),
+                template: Some(Template::parse(&template).unwrap()),
+                ..Default::default()
+            },
+        )
+    } else {
+        eprintln!("shared fixtures not found: benchmarking examples/sample.jsonl with o200k_base");
+        (
+            "sample_o200k",
+            "o200k_base".to_string(),
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/sample.jsonl"),
+            RowFormat::default(),
+        )
+    };
+    let text = std::fs::read_to_string(&path).unwrap();
+    let mut texts = Vec::new();
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let (prompt, output) = format.parse_line(line).unwrap();
+        texts.push(prompt);
+        texts.push(output);
+    }
+    Corpus {
+        name,
+        source,
+        texts,
+    }
+}
+
+fn bench(c: &mut Criterion) {
+    let corpus = corpus();
+    let fast = Tokenizer::load_with(&corpus.source, EngineChoice::Fast).unwrap();
+    let hf = fast.inner().unwrap().clone();
+    let texts: Vec<&str> = corpus.texts.iter().map(String::as_str).collect();
+    let bytes: usize = texts.iter().map(|t| t.len()).sum();
+    let ids = fast.encode_batch(&texts).unwrap();
+    let tokens: usize = ids.iter().map(Vec::len).sum();
+    let want: Vec<Vec<u32>> = hf
+        .encode_batch_fast(texts.clone(), false)
+        .unwrap()
+        .iter()
+        .map(|e| e.get_ids().to_vec())
+        .collect();
+    assert!(ids == want, "the engines disagree on this corpus");
+    eprintln!(
+        "{}: {} texts, {:.2} MB, {} tokens; engine {}",
+        corpus.name,
+        texts.len(),
+        bytes as f64 / 1e6,
+        tokens,
+        fast.engine()
+    );
+
+    let mut group = c.benchmark_group(format!("tokenize/{}/one_thread", corpus.name));
+    group.throughput(Throughput::Bytes(bytes as u64));
+    group.sample_size(10);
+    group.bench_function("tokenizers", |b| {
+        b.iter(|| {
+            for t in &texts {
+                std::hint::black_box(hf.encode_fast(*t, false).unwrap());
+            }
+        })
+    });
+    let before = fast.cache_stats().unwrap();
+    group.bench_function("fast", |b| {
+        b.iter(|| {
+            for t in &texts {
+                std::hint::black_box(fast.encode(t).unwrap());
+            }
+        })
+    });
+    let after = fast.cache_stats().unwrap();
+    group.bench_function("fast_cold_cache", |b| {
+        b.iter_batched(
+            || Tokenizer::load_with(&corpus.source, EngineChoice::Fast).unwrap(),
+            |cold| {
+                for t in &texts {
+                    std::hint::black_box(cold.encode(t).unwrap());
+                }
+            },
+            BatchSize::PerIteration,
+        )
+    });
+    group.finish();
+    let warm = sft_collate::tokenize::CacheStats {
+        hits: after.hits - before.hits,
+        misses: after.misses - before.misses,
+    };
+    let cold = Tokenizer::load_with(&corpus.source, EngineChoice::Fast).unwrap();
+    for t in &texts {
+        cold.encode(t).unwrap();
+    }
+    let cold = cold.cache_stats().unwrap();
+    eprintln!(
+        "cache hit rate: {:.2}% in one cold pass ({} hits, {} misses), {:.3}% warm",
+        100.0 * cold.hit_rate(),
+        cold.hits,
+        cold.misses,
+        100.0 * warm.hit_rate()
+    );
+
+    let mut group = c.benchmark_group(format!("tokenize/{}/all_threads", corpus.name));
+    group.throughput(Throughput::Bytes(bytes as u64));
+    group.sample_size(10);
+    group.bench_function("tokenizers", |b| {
+        b.iter(|| std::hint::black_box(hf.encode_batch_fast(texts.clone(), false).unwrap()))
+    });
+    group.bench_function("fast", |b| {
+        b.iter(|| std::hint::black_box(fast.encode_batch(&texts).unwrap()))
+    });
+    group.finish();
+
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut group = c.benchmark_group(format!("tokenize/{}/threads", corpus.name));
+    group.throughput(Throughput::Bytes(bytes as u64));
+    group.sample_size(10);
+    let mut n = 1;
+    while n <= cores {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build()
+            .unwrap();
+        group.bench_function(format!("{n}"), |b| {
+            b.iter(|| pool.install(|| std::hint::black_box(fast.encode_batch(&texts).unwrap())))
+        });
+        n = if n == cores {
+            n + 1
+        } else {
+            (n * 2).min(cores)
+        };
+    }
+    group.finish();
+    eprintln!("tokens per pass: {tokens} (divide by a case's time for tokens/s)");
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
