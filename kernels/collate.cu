@@ -21,14 +21,12 @@
 
 template <typename Id>
 __device__ __forceinline__ void collate_impl(COLLATE_PARAMS(Id)) {
-    const u64 j0 = ((u64)blockIdx.x * blockDim.x + threadIdx.x) * COLLATE_VEC;
-    if (j0 >= width) return;
-    // Whole-vector stores need every row to start aligned: width a multiple of the vector and aligned
-    // buffers. The condition is the same for every thread, so there is no divergence.
-    const bool packed = width % COLLATE_VEC == 0 && is_packable<Id, COLLATE_VEC>(input_ids) &&
-                        is_packable<Id, COLLATE_VEC>(labels) &&
-                        is_packable<u8, COLLATE_VEC>(response_mask) &&
-                        (attention_mask == nullptr || is_packable<u8, COLLATE_VEC>(attention_mask));
+    // The block covers COLLATE_VEC * blockDim.x positions of a row; thread t writes positions
+    // base + t, base + t + blockDim.x, ... so that every load and store instruction of a warp touches 32
+    // consecutive elements (one full line for ids) whatever the row's alignment. Widths are often odd
+    // (max_len - 1), where vector stores would not be aligned.
+    const u64 base = (u64)blockIdx.x * blockDim.x * COLLATE_VEC + threadIdx.x;
+    if (base >= width) return;
 
     for (u64 row = blockIdx.y; row < rows; row += gridDim.y) {
         const u64 start = row_offsets[row];
@@ -37,44 +35,22 @@ __device__ __forceinline__ void collate_impl(COLLATE_PARAMS(Id)) {
         // prompt_len <= j + 1 < len. Position 0 is never a label, hence the max with 1 (empty prompt).
         const u64 prompt_len = prompt_lens[row];
         const u64 first_label = prompt_len > 1 ? prompt_len : 1;
-
-        // Sequence positions j0 .. j0 + VEC (one more than we write: the last label).
-        u32 tok[COLLATE_VEC + 1];
-#pragma unroll
-        for (int k = 0; k <= COLLATE_VEC; ++k) {
-            const u64 pos = j0 + k;
-            tok[k] = pos < len ? tokens[start + pos] : pad_id;
-        }
-        Id in[COLLATE_VEC], lab[COLLATE_VEC];
-        u8 resp[COLLATE_VEC], attn[COLLATE_VEC];
+        const u64 at = row * width;
 #pragma unroll
         for (int k = 0; k < COLLATE_VEC; ++k) {
-            const u64 next = j0 + k + 1;
+            const u64 j = base + (u64)k * blockDim.x;
+            if (j >= width) break;
+            const u64 next = j + 1;
+            const u32 tok = j < len ? tokens[start + j] : pad_id;
+            // The neighbour's token, read again: it is in L1 already, a shuffle would not be cheaper.
+            const u32 label = next < len ? tokens[start + next] : pad_id;
             // With per-token flags (multi-segment rows) the label's own flag decides; else the prompt rule.
             const bool is_response =
                 next < len && (trainable ? trainable[start + next] != 0 : next >= first_label);
-            in[k] = (Id)tok[k];
-            lab[k] = (use_ignore_index && !is_response) ? (Id)ignore_index : (Id)tok[k + 1];
-            resp[k] = is_response;
-            attn[k] = j0 + k < len;
-        }
-
-        const u64 at = row * width + j0;
-        if (packed) {
-            store_packed<Id, COLLATE_VEC>(input_ids + at, in);
-            store_packed<Id, COLLATE_VEC>(labels + at, lab);
-            store_packed<u8, COLLATE_VEC>(response_mask + at, resp);
-            if (attention_mask != nullptr) store_packed<u8, COLLATE_VEC>(attention_mask + at, attn);
-        } else {
-#pragma unroll
-            for (int k = 0; k < COLLATE_VEC; ++k) {
-                if (j0 + k < width) {
-                    input_ids[at + k] = in[k];
-                    labels[at + k] = lab[k];
-                    response_mask[at + k] = resp[k];
-                    if (attention_mask != nullptr) attention_mask[at + k] = attn[k];
-                }
-            }
+            input_ids[at + j] = (Id)tok;
+            labels[at + j] = (use_ignore_index && !is_response) ? (Id)ignore_index : (Id)label;
+            response_mask[at + j] = is_response;
+            if (attention_mask != nullptr) attention_mask[at + j] = j < len;
         }
     }
 }

@@ -21,6 +21,16 @@ __device__ __forceinline__ bool is_packable(const T* p) {
     return (reinterpret_cast<u64>(p) % (sizeof(T) * N)) == 0;
 }
 
+#ifndef SFT_EMULATION
+// 2^x by the special function unit (ex2.approx.ftz: 2 ulp, subnormal results flushed to 0): one
+// instruction, where expf's accurate range reduction costs several more.
+__device__ __forceinline__ float ex2_approx(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+#endif
+
 template <typename T, int N>
 __device__ __forceinline__ void store_packed(T* dst, const T (&src)[N]) {
     Packed<T, N> p;

@@ -11,6 +11,8 @@
 #include "common.cuh"
 
 #define CE_BLOCK 256
+// 16-byte loads each thread keeps in flight in the forward pass.
+#define CE_LOADS 4
 
 // Running softmax statistics of a set of logits relative to their max m. `r` is Σ e^(x - m) without the
 // max's own term 1, so that log(1 + r) keeps full precision when one logit dominates (a peaked row's
@@ -51,28 +53,46 @@ __device__ __forceinline__ void online_add(Online &a, float x) {
     a.u += e * (a.m - x);
 }
 
-// Add N values at once: one comparison with the running max and at most one rescale per chunk, then
-// N - 1 exponentials (the per-element branch of online_add would dominate a memory-bound loop).
+#define CE_LOG2E 1.4426950408889634f
+
+// e^t for t <= 0 as 2^(t·log2 e) on the special function unit. The argument is rounded relative to t, so
+// the result is within ~|t|·1e-7 relative (plus 2 ulp) of e^t: 4e-6 at worst where e^t still counts
+// (t > -88), far inside the kernel's 1e-5 tolerance, at a fraction of expf's instruction count.
+__device__ __forceinline__ float exp_nonpositive(float t) { return ex2_approx(t * CE_LOG2E); }
+
+// Add N values at once. The common case (no new max in the chunk) is branch-free: per element a
+// subtraction, a clamp, one ex2 and two adds. A chunk that raises the max takes the careful path: one
+// rescale, and the new max's own term left implicit.
 template <int N>
 __device__ __forceinline__ void online_add_chunk(Online &a, const float (&v)[N]) {
-    int argmax = 0;
+    float chunk_max = v[0];
 #pragma unroll
-    for (int k = 1; k < N; ++k) argmax = v[k] > v[argmax] ? k : argmax;
-    const float chunk_max = v[argmax];
-    if (chunk_max == CE_NEG_INF) return;  // all -inf
-    int skip = -1;  // the element whose term is the implicit 1
-    if (a.m == CE_NEG_INF || chunk_max > a.m) {
+    for (int k = 1; k < N; ++k) chunk_max = fmaxf(chunk_max, v[k]);
+    if (chunk_max > a.m) {
+        // The first element equal to the chunk's max (no dynamic indexing: that would need a stack frame).
+        int argmax = N;
+#pragma unroll
+        for (int k = N - 1; k >= 0; --k) argmax = v[k] == chunk_max ? k : argmax;
         online_rebase(a, chunk_max);
-        skip = argmax;
+#pragma unroll
+        for (int k = 0; k < N; ++k) {
+            const float e = expf(v[k] - a.m);
+            // e == 0 for -inf (and far below the max), where (m - x) may be infinite.
+            if (k != argmax && e > 0.0f) {
+                a.r += e;
+                a.u += e * (a.m - v[k]);
+            }
+        }
+        return;
     }
+    if (a.m == CE_NEG_INF) return;  // all -inf (or NaN) so far
 #pragma unroll
     for (int k = 0; k < N; ++k) {
-        const float e = expf(v[k] - a.m);
-        // e == 0 for -inf (and far below the max), where (m - x) may be infinite.
-        if (k != skip && e > 0.0f) {
-            a.r += e;
-            a.u += e * (a.m - v[k]);
-        }
+        // Clamped so that a -inf logit gives e = 0 and 0 · 1e30 = 0, never 0 · inf; NaN is dropped alike.
+        const float t = fmaxf(v[k] - a.m, -1e30f);
+        const float e = exp_nonpositive(t);
+        a.r += e;
+        a.u = fmaf(e, -t, a.u);
     }
 }
 
@@ -125,7 +145,23 @@ __device__ __forceinline__ Online row_statistics(const T *x, u64 vocab) {
     if (is_packable<T, N>(x)) {
         const u64 vectors = vocab / N;
         const Packed<T, N> *xv = reinterpret_cast<const Packed<T, N> *>(x);
-        for (u64 v = threadIdx.x; v < vectors; v += blockDim.x) {
+        const u64 stride = blockDim.x;
+        u64 v = threadIdx.x;
+        // CE_LOADS 16-byte loads in flight per thread before any is used: the loop is bound by memory
+        // latency, and one load per iteration leaves the SM with too few bytes outstanding.
+        for (; v + (CE_LOADS - 1) * stride < vectors; v += CE_LOADS * stride) {
+            Packed<T, N> p[CE_LOADS];
+#pragma unroll
+            for (int l = 0; l < CE_LOADS; ++l) p[l] = xv[v + l * stride];
+#pragma unroll
+            for (int l = 0; l < CE_LOADS; ++l) {
+                float values[N];
+#pragma unroll
+                for (int k = 0; k < N; ++k) values[k] = to_float(p[l].v[k]);
+                online_add_chunk<N>(local, values);
+            }
+        }
+        for (; v < vectors; v += stride) {
             const Packed<T, N> p = xv[v];
             float values[N];
 #pragma unroll
@@ -244,7 +280,7 @@ __device__ __forceinline__ void masked_ce_impl(CE_PARAMS(T)) {
             // 1 - p, which would cancel when the label holds nearly all the mass.
             const float label_term = -(total.r - expm1f(x_label - total.m)) / (1.0f + total.r);
             transform_row(x, grad + row * grad_stride, vocab, [&](u64 i, float v) {
-                return scale * (i == (u64)label ? label_term : expf((v - total.m) - log_s));
+                return scale * (i == (u64)label ? label_term : exp_nonpositive((v - total.m) - log_s));
             });
         }
     }

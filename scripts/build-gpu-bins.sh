@@ -21,6 +21,6 @@ for line in sys.stdin:
 ' "$out"
 }
 cargo test --release --all-features --no-run --message-format=json --test gpu | copy_executables
-cargo bench --all-features --no-run --message-format=json --bench collate --bench masked_ce | copy_executables
+cargo bench --all-features --no-run --message-format=json --bench collate --bench masked_ce --bench tokenize | copy_executables
 strip --strip-debug "$out"/*
 ls -la "$out"

@@ -64,12 +64,35 @@ bench_secs="${GPU_CHECK_BENCH_SECS:-3}"
 step cuda-benches "$bin_dir/collate" --bench cuda_ --warm-up-time 1 --measurement-time "$bench_secs"
 step bench-loss-bf16 "$bin_dir/sft-collate" bench loss --rows 16384 --vocab 151936 --dtype bf16 --masked 0.5
 step masked-ce-benches "$bin_dir/masked_ce" --bench --warm-up-time 1 --measurement-time "$bench_secs"
+# One launch of each hot kernel under Nsight Compute: duration and DRAM throughput as the hardware counts
+# them (criterion's times include the host side of a launch). Needs counter permissions; a refusal is
+# reported as a failed step and changes nothing else.
+if command -v ncu >/dev/null; then
+    step ncu-masked-ce ncu --kernel-name regex:masked_ce_fwd_bf16 --launch-skip 2 --launch-count 1 \
+        --section SpeedOfLight "$bin_dir/sft-collate" bench loss --rows 16384 --vocab 151936 --dtype bf16 --masked 0.5
+    step ncu-collate ncu --kernel-name regex:collate_i32 --launch-skip 20 --launch-count 1 --section SpeedOfLight \
+        "$bin_dir/collate" --bench cuda_collate/256x8192/cuda_kernel --warm-up-time 0.1 --measurement-time 0.1
+fi
+# The CPU side on this machine's cores: tokenizer engines and the end-to-end CLI (with the fixtures only).
+shared="${SFT_COLLATE_SHARED:-../shared}"
+if [ -f "$shared/fixtures/gsm8k/train.jsonl" ] && [ -x "$bin_dir/tokenize" ]; then
+    step tokenize-benches "$bin_dir/tokenize" --bench --warm-up-time 1 --measurement-time "$bench_secs"
+    f="$shared/fixtures"
+    for engine in fast tokenizers; do
+        step "cli-gsm8k-$engine" "$bin_dir/sft-collate" collate --input "$f/gsm8k/train.jsonl" \
+            --tokenizer "$f/qwen2/tokenizer.json" --template "$f/gsm8k/r1_zero.prompt" --output-key answer \
+            --tokenizer-engine "$engine" --output "$log_dir/out-$engine"
+        rm -rf "$log_dir/out-$engine"
+    done
+fi
 
 echo
 echo "== gpu-check report =="
 for line in "${summary[@]}"; do echo "$line"; done
-for log in cuda-benches masked-ce-benches; do
-    grep -hE "^(cuda_collate|masked_ce)/|time:|thrpt:" "$log_dir/$log.log" 2>/dev/null | paste - - - 2>/dev/null | sed 's/  */ /g'
+for log in cuda-benches masked-ce-benches tokenize-benches; do
+    grep -hE "^(cuda_collate|masked_ce|tokenize)/|time:|thrpt:" "$log_dir/$log.log" 2>/dev/null | paste - - - 2>/dev/null | sed 's/  */ /g'
 done
+grep -hE "Duration|DRAM Throughput|Memory Throughput" "$log_dir"/ncu-*.log 2>/dev/null
+grep -h "wrote" "$log_dir"/cli-gsm8k-*.log 2>/dev/null
 cat "$log_dir/bench-loss-bf16.log" 2>/dev/null
 exit $failed

@@ -209,6 +209,9 @@ inline T atomicCAS(T *address, T compare, T value) {
 inline float __int_as_float(int v) { return emu::from_bits<float>(emu::to_bits(v)); }
 inline int __float_as_int(float v) { return emu::from_bits<int>(emu::to_bits(v)); }
 inline float __uint_as_float(unsigned v) { return emu::from_bits<float>(emu::to_bits(v)); }
+// The hardware's ex2.approx: here the library's exp2 (within its 2 ulp; no flush of subnormal results).
+#define SFT_EMULATION 1
+inline float ex2_approx(float x) { return std::exp2(x); }
 inline unsigned __float_as_uint(float v) { return emu::from_bits<unsigned>(emu::to_bits(v)); }
 
 // The launch shape, as the Rust side passes it.
