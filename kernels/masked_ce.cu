@@ -60,40 +60,45 @@ __device__ __forceinline__ void online_add(Online &a, float x) {
 // (t > -88), far inside the kernel's 1e-5 tolerance, at a fraction of expf's instruction count.
 __device__ __forceinline__ float exp_nonpositive(float t) { return ex2_approx(t * CE_LOG2E); }
 
-// Add N values at once. The common case (no new max in the chunk) is branch-free: per element a
-// subtraction, a clamp, one ex2 and two adds. A chunk that raises the max takes the careful path: one
-// rescale, and the new max's own term left implicit.
+// Add N values at once, without a data-dependent branch over the elements: a warp whose threads raise
+// their running max at different chunks (most chunks early in a row, for some thread of 32) would
+// otherwise run a careful per-element path and the cheap one both. Per element: a subtraction, a clamp,
+// one ex2, a tie test and two adds. The new max's own term stays implicit: elements equal to the max are
+// counted (exactly) instead of summed, so a tiny r is never added to 1.
 template <int N>
 __device__ __forceinline__ void online_add_chunk(Online &a, const float (&v)[N]) {
     float chunk_max = v[0];
 #pragma unroll
     for (int k = 1; k < N; ++k) chunk_max = fmaxf(chunk_max, v[k]);
-    if (chunk_max > a.m) {
-        // The first element equal to the chunk's max (no dynamic indexing: that would need a stack frame).
-        int argmax = N;
-#pragma unroll
-        for (int k = N - 1; k >= 0; --k) argmax = v[k] == chunk_max ? k : argmax;
-        online_rebase(a, chunk_max);
-#pragma unroll
-        for (int k = 0; k < N; ++k) {
-            const float e = expf(v[k] - a.m);
-            // e == 0 for -inf (and far below the max), where (m - x) may be infinite.
-            if (k != argmax && e > 0.0f) {
-                a.r += e;
-                a.u += e * (a.m - v[k]);
-            }
+    const bool raised = chunk_max > a.m;
+    if (raised) {
+        // Short, so divergence here costs little: rescale what is there to the new max.
+        const float m = chunk_max;
+        if (a.m == CE_NEG_INF) {
+            a.r = 0.0f;
+            a.u = 0.0f;
+        } else {
+            const float c = exp_nonpositive(a.m - m);
+            const float s = 1.0f + a.r;
+            a.u = c * (a.u + (m - a.m) * s);
+            a.r = c * s;  // the old max's term is explicit now
         }
-        return;
+        a.m = m;
     }
     if (a.m == CE_NEG_INF) return;  // all -inf (or NaN) so far
+    int ties = 0;
 #pragma unroll
     for (int k = 0; k < N; ++k) {
         // Clamped so that a -inf logit gives e = 0 and 0 · 1e30 = 0, never 0 · inf; NaN is dropped alike.
         const float t = fmaxf(v[k] - a.m, -1e30f);
         const float e = exp_nonpositive(t);
-        a.r += e;
+        const bool tie = v[k] == a.m;
+        ties += tie;
+        a.r += tie ? 0.0f : e;
         a.u = fmaf(e, -t, a.u);
     }
+    // Each element equal to the max is a term of exactly 1, less the implicit one of a new max.
+    a.r += (float)(ties - (raised ? 1 : 0));
 }
 
 __device__ __forceinline__ Online online_merge(Online a, Online b) {
@@ -136,6 +141,24 @@ struct Vec16 {
     static constexpr int N = 16 / (int)sizeof(T);
 };
 
+// The N floats of a 16-byte vector. bf16 is the top half of an f32, so each 32-bit word gives two floats
+// for one shift and one mask (the generic per-element conversion costs the compiler a permute more).
+template <typename T, int N>
+__device__ __forceinline__ void unpack(const Packed<T, N> *src, float (&out)[N]) {
+    const Packed<T, N> p = *src;
+#pragma unroll
+    for (int k = 0; k < N; ++k) out[k] = to_float(p.v[k]);
+}
+template <>
+__device__ __forceinline__ void unpack<bf16, 8>(const Packed<bf16, 8> *src, float (&out)[8]) {
+    const Packed<u32, 4> w = *reinterpret_cast<const Packed<u32, 4> *>(src);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+        out[2 * k] = __uint_as_float(w.v[k] << 16);  // little-endian: the lower address is the low half
+        out[2 * k + 1] = __uint_as_float(w.v[k] & 0xffff0000u);
+    }
+}
+
 // This thread's share of the row's statistics: 16-byte loads where the row is aligned, then the tail.
 template <typename T>
 __device__ __forceinline__ Online row_statistics(const T *x, u64 vocab) {
@@ -150,22 +173,15 @@ __device__ __forceinline__ Online row_statistics(const T *x, u64 vocab) {
         // CE_LOADS 16-byte loads in flight per thread before any is used: the loop is bound by memory
         // latency, and one load per iteration leaves the SM with too few bytes outstanding.
         for (; v + (CE_LOADS - 1) * stride < vectors; v += CE_LOADS * stride) {
-            Packed<T, N> p[CE_LOADS];
+            float values[CE_LOADS][N];
 #pragma unroll
-            for (int l = 0; l < CE_LOADS; ++l) p[l] = xv[v + l * stride];
+            for (int l = 0; l < CE_LOADS; ++l) unpack<T, N>(xv + v + l * stride, values[l]);
 #pragma unroll
-            for (int l = 0; l < CE_LOADS; ++l) {
-                float values[N];
-#pragma unroll
-                for (int k = 0; k < N; ++k) values[k] = to_float(p[l].v[k]);
-                online_add_chunk<N>(local, values);
-            }
+            for (int l = 0; l < CE_LOADS; ++l) online_add_chunk<N>(local, values[l]);
         }
         for (; v < vectors; v += stride) {
-            const Packed<T, N> p = xv[v];
             float values[N];
-#pragma unroll
-            for (int k = 0; k < N; ++k) values[k] = to_float(p.v[k]);
+            unpack<T, N>(xv + v, values);
             online_add_chunk<N>(local, values);
         }
         tail = vectors * N;
