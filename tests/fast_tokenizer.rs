@@ -183,6 +183,9 @@ fn split_then_byte_level(regex: &str, use_regex: bool) -> serde_json::Value {
 
 const LLAMA3: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
+/// A change to the Qwen2 file's JSON.
+type Edit = Box<dyn FnOnce(&mut serde_json::Value)>;
+
 /// Every tokenizer configuration the fast engine claims, on both engines. `None` without the fixtures.
 fn all_pairs(test: &str, dir: &Path) -> Option<Vec<Pair>> {
     let shared = common::shared_dir(test)?;
@@ -192,7 +195,7 @@ fn all_pairs(test: &str, dir: &Path) -> Option<Vec<Pair>> {
         Pair::builtin("o200k_base"),
         Pair::builtin("cl100k_base"),
     ];
-    let variants: Vec<(&str, Box<dyn FnOnce(&mut serde_json::Value)>)> = vec![
+    let variants: Vec<(&str, Edit)> = vec![
         (
             "llama3-split",
             Box::new(|j| j["pre_tokenizer"] = split_then_byte_level(LLAMA3, false)),

@@ -37,7 +37,10 @@ fn pairs() -> &'static [Pair] {
                 reference: tokenizers::Tokenizer::from_file(&qwen2).unwrap(),
             });
         } else {
-            eprintln!("fixtures not found at {}: fuzzing the built-ins only", shared.display());
+            eprintln!(
+                "fixtures not found at {}: fuzzing the built-ins only",
+                shared.display()
+            );
         }
         pairs
     })
@@ -49,7 +52,12 @@ fuzz_target!(|data: &[u8]| {
     };
     for pair in pairs() {
         let got = pair.fast.encode(text).unwrap();
-        let want = pair.reference.encode_fast(text, false).unwrap().get_ids().to_vec();
+        let want = pair
+            .reference
+            .encode_fast(text, false)
+            .unwrap()
+            .get_ids()
+            .to_vec();
         assert_eq!(got, want, "{}: {text:?}", pair.fast.name());
     }
 });
