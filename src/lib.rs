@@ -29,7 +29,9 @@
 //! in `kernels/*.cu` are the same source on the GPU and (compiled as C++) in the emulator.
 //!
 //! ## Walkthrough
-//! 1. A [`Tokenizer`]: a `tokenizer.json` path or a built-in name (`o200k_base`, `cl100k_base`).
+//! 1. A [`Tokenizer`]: a `tokenizer.json` path or a built-in name (`o200k_base`, `cl100k_base`). Byte-level
+//!    BPE tokenizers run on the crate's fast encoder (the ids Hugging Face `tokenizers` gives, many times
+//!    faster), anything else on `tokenizers`; [`Tokenizer::engine`] says which.
 //! 2. A [`CollateSpec`]: pad id, `max_len` and [`Truncation`], `pad_to_multiple_of`, [`LabelFormat`],
 //!    [`IdDtype`], optional attention mask.
 //! 3. [`tokenize_and_pack`] (pairs) or [`tokenize_rows`] (segments: conversations) gives a

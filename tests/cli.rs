@@ -66,6 +66,9 @@ fn collate_writes_batches_equal_to_the_library() {
     assert_eq!(manifest["batches"], 3);
     assert_eq!(manifest["empty_response_rows"], 1);
     assert_eq!(manifest["tokenizer"], "o200k_base");
+    assert_eq!(manifest["tokenizer_engine"], "fast (o200k split)");
+    let cache = &manifest["tokenizer_cache"];
+    assert!(cache["hits"].as_u64().unwrap() + cache["misses"].as_u64().unwrap() > 0);
 
     // Every batch equals what the library gives for the same rows.
     let text = std::fs::read_to_string(sample()).unwrap();
@@ -161,6 +164,45 @@ fn a_bad_line_fails_naming_it_and_leaves_nothing_behind() {
         .arg(&out_dir));
     assert!(out.status.success());
     assert_eq!(dir_names(&out_dir).len(), 1 + 1); // 12 rows in one batch of 64, and the manifest.
+}
+
+#[test]
+fn the_engine_is_chosen_and_named() {
+    // Forcing tokenizers gives the same files, and the manifest says so.
+    let fast_dir = tempfile::tempdir().unwrap();
+    let slow_dir = tempfile::tempdir().unwrap();
+    for (dir, engine) in [(&fast_dir, "fast"), (&slow_dir, "tokenizers")] {
+        let out = run(bin()
+            .args([
+                "collate",
+                "--quiet",
+                "--tokenizer",
+                "cl100k_base",
+                "--tokenizer-engine",
+                engine,
+            ])
+            .arg("--input")
+            .arg(sample())
+            .arg("--output")
+            .arg(dir.path()));
+        assert!(out.status.success());
+    }
+    let read = |dir: &Path, name: &str| std::fs::read(dir.join(name)).unwrap();
+    assert_eq!(
+        read(fast_dir.path(), "batch-00000.safetensors"),
+        read(slow_dir.path(), "batch-00000.safetensors")
+    );
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&read(slow_dir.path(), "manifest.json")).unwrap();
+    assert_eq!(manifest["tokenizer_engine"], "tokenizers (asked for)");
+    assert!(manifest["tokenizer_cache"].is_null());
+
+    let out = run(bin().args(["doctor", "--tokenizer", "cl100k_base"]));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("tokenizer engine: fast (cl100k split)"),
+        "{stdout}"
+    );
 }
 
 #[test]

@@ -357,6 +357,21 @@ fn engine_choice_is_visible_and_falls_back() {
         "vocabulary strings"
     );
 
+    // The built-ins agree on the things collation asks of a tokenizer besides ids.
+    for name in sft_collate::BUILTIN_TOKENIZERS {
+        let fast = Tokenizer::builtin_with(name, EngineChoice::Fast).unwrap();
+        let slow = Tokenizer::builtin_with(name, EngineChoice::Tokenizers).unwrap();
+        assert_eq!(fast.vocab_size(), slow.vocab_size(), "{name}");
+        assert_eq!(fast.pad_id(), slow.pad_id(), "{name}");
+        for id in [0u32, 100, 1_000, 50_000, fast.pad_id().unwrap()] {
+            assert_eq!(
+                fast.token_text(id),
+                slow.token_text(id),
+                "{name} token {id}"
+            );
+        }
+    }
+
     // An unknown split regex: the fast engine refuses, auto falls back and says why.
     let odd = variant(&shared, dir.path(), "odd", |j| {
         j["pre_tokenizer"] = split_then_byte_level(r"\w+|\s+|[^\w\s]+", false)
