@@ -117,6 +117,8 @@ impl AddedSet {
 
 /// Entries one thread's cache holds before it starts afresh.
 const CACHE_ENTRIES: usize = 1 << 16;
+/// Longer pre-tokens are encoded every time.
+const CACHE_WORD_MAX: usize = 256;
 
 #[derive(Default)]
 struct Cache {
@@ -345,6 +347,11 @@ impl FastBpe {
         match self.ignore_merges.then(|| self.vocab.get(word)).flatten() {
             Some(&id) => out.push(id),
             None => self.merges.encode(word, out),
+        }
+        // Long pre-tokens (base64, long runs) rarely repeat; keeping them would let a few inputs fill the
+        // cache's memory.
+        if word.len() > CACHE_WORD_MAX {
+            return;
         }
         if cache.map.len() >= CACHE_ENTRIES {
             cache.map.clear();
