@@ -31,7 +31,7 @@ impl Merges {
         let entries = merges
             .par_iter()
             .enumerate()
-            .map(|(rank, (a, b))| {
+            .map_init(Vec::new, |joined, (rank, (a, b))| {
                 let id = |t: &[u8]| {
                     vocab.get(t).copied().ok_or_else(|| {
                         format!(
@@ -40,10 +40,12 @@ impl Merges {
                         )
                     })
                 };
-                let joined = [&a[..], &b[..]].concat();
+                joined.clear();
+                joined.extend_from_slice(a);
+                joined.extend_from_slice(b);
                 Ok((
                     (id(a)? as u64) << 32 | id(b)? as u64,
-                    (rank as u64) << 32 | id(&joined)? as u64,
+                    (rank as u64) << 32 | id(joined)? as u64,
                 ))
             })
             .collect::<Result<Vec<(u64, u64)>, String>>()?;

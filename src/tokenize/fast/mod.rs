@@ -159,13 +159,17 @@ fn byte_level_inverse() -> &'static [i16; 0x144] {
 /// The bytes a byte-level token string stands for, or `None` if it has a character outside the alphabet.
 fn from_byte_level(token: &str) -> Option<Vec<u8>> {
     let inverse = byte_level_inverse();
-    token
-        .chars()
-        .map(|c| {
-            let b = *inverse.get(c as usize)?;
-            (b >= 0).then_some(b as u8)
-        })
-        .collect()
+    // Exactly sized: these become hash keys, and a shrinking reallocation per token is measurable when
+    // loading 150k of them.
+    let mut out = Vec::with_capacity(token.chars().count());
+    for c in token.chars() {
+        let b = *inverse.get(c as usize)?;
+        if b < 0 {
+            return None;
+        }
+        out.push(b as u8);
+    }
+    Some(out)
 }
 
 impl FastBpe {
