@@ -395,6 +395,13 @@ fn engine_choice_is_visible_and_falls_back() {
         .to_vec();
     assert_eq!(fallback.encode(text).unwrap(), want);
 
+    // An id far beyond the vocabulary (a corrupted file) is refused, not allocated for.
+    let huge = variant(&shared, dir.path(), "huge-id", |j| {
+        j["model"]["vocab"]["zzzz"] = 4_000_000_000u32.into();
+    });
+    let err = Tokenizer::from_file_with(&huge, EngineChoice::Fast).unwrap_err();
+    assert!(err.to_string().contains("token id 4000000000"), "{err}");
+
     // A non-byte-level model (WordLevel) is refused with its reason.
     let wordlevel = dir.path().join("wordlevel.json");
     std::fs::write(

@@ -178,6 +178,13 @@ impl FastBpe {
         let mut vocab: FxHashMap<Box<[u8]>, u32> = FxHashMap::default();
         vocab.reserve(spec.vocab.len());
         let max_id = spec.vocab.iter().map(|v| v.1).max().unwrap_or(0);
+        // Ids index a table below; a file with ids far beyond its size is not one this engine takes.
+        if max_id as usize > 4 * spec.vocab.len() + (1 << 20) {
+            return Err(format!(
+                "token id {max_id} in a vocabulary of {}",
+                spec.vocab.len()
+            ));
+        }
         let mut spans = vec![(0u32, 0u32); max_id as usize + 1];
         let mut bytes = Vec::new();
         for (token, id) in spec.vocab {
