@@ -417,3 +417,23 @@ fn engine_choice_is_visible_and_falls_back() {
     assert_eq!(wl.engine().name(), "tokenizers");
     assert_eq!(wl.encode("hi there").unwrap(), vec![1, 0]);
 }
+
+#[test]
+fn caches_survive_alternating_tokenizers() {
+    let a = Tokenizer::builtin_with("o200k_base", EngineChoice::Fast).unwrap();
+    let b = Tokenizer::builtin_with("cl100k_base", EngineChoice::Fast).unwrap();
+    let text =
+        "Alternating tokenizers on one thread keep their own caches: 12345 apples, 678 pears.";
+    let first = a.encode(text).unwrap();
+    let misses = a.cache_stats().unwrap().misses;
+    assert!(misses > 0);
+    b.encode(text).unwrap();
+    // Back on the first one: the same ids, and every pre-token a hit this time.
+    assert_eq!(a.encode(text).unwrap(), first);
+    assert_eq!(a.cache_stats().unwrap().misses, misses);
+    assert_ne!(
+        first,
+        b.encode(text).unwrap(),
+        "two vocabularies, two encodings"
+    );
+}

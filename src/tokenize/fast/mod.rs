@@ -129,8 +129,13 @@ struct Cache {
     misses: u64,
 }
 
+/// Tokenizers a thread keeps a cache for at once (a trainer may alternate between a policy's and a reward
+/// model's); the least recently used one is dropped for a new one.
+const CACHES_PER_THREAD: usize = 4;
+
 thread_local! {
-    static CACHE: RefCell<Cache> = RefCell::new(Cache::default());
+    /// Most recently used last.
+    static CACHES: RefCell<Vec<Cache>> = const { RefCell::new(Vec::new()) };
 }
 
 /// GPT-2's byte-to-character alphabet, inverted: `INVERSE[c]` is the byte that character `c` stands for
@@ -290,14 +295,24 @@ impl FastBpe {
     /// Encode one text (no special tokens added, as everywhere in this crate).
     pub(crate) fn encode(&self, text: &str) -> Vec<u32> {
         let mut out = Vec::with_capacity(text.len() / 3 + 1);
-        CACHE.with(|cache| {
-            let mut cache = cache.borrow_mut();
-            if cache.key != self.key {
-                *cache = Cache {
-                    key: self.key,
-                    ..Cache::default()
-                };
+        CACHES.with(|caches| {
+            let mut caches = caches.borrow_mut();
+            match caches.iter().position(|c| c.key == self.key) {
+                Some(at) => {
+                    let mine = caches.remove(at);
+                    caches.push(mine);
+                }
+                None => {
+                    if caches.len() == CACHES_PER_THREAD {
+                        caches.remove(0);
+                    }
+                    caches.push(Cache {
+                        key: self.key,
+                        ..Cache::default()
+                    });
+                }
             }
+            let cache = caches.last_mut().expect("just pushed");
             let (h0, m0) = (cache.hits, cache.misses);
             split_added(text, self.added_raw.as_ref(), |piece| match piece {
                 Piece::Added(id) => out.push(id),
@@ -313,7 +328,7 @@ impl FastBpe {
                         |piece| match piece {
                             Piece::Added(id) => out.push(id),
                             Piece::Text(t) => {
-                                self.pre_tokenize(t, &self.patterns, &mut cache, &mut out)
+                                self.pre_tokenize(t, &self.patterns, &mut *cache, &mut out)
                             }
                         },
                     );
