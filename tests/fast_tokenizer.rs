@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
+use sft_collate::tokenize::split_patterns::LLAMA3;
 use sft_collate::tokenize::{Engine, EngineChoice};
 use sft_collate::Tokenizer;
 
@@ -180,8 +181,6 @@ fn split_then_byte_level(regex: &str, use_regex: bool) -> serde_json::Value {
         {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex}
     ]})
 }
-
-const LLAMA3: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// A change to the Qwen2 file's JSON.
 type Edit = Box<dyn FnOnce(&mut serde_json::Value)>;

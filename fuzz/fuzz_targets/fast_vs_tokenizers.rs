@@ -1,7 +1,8 @@
 //! The fast encoder and Hugging Face `tokenizers` must give the same ids for any valid UTF-8 text.
 //!
 //! Tokenizers: the built-in o200k_base and cl100k_base, and the fixtures' Qwen2 when
-//! `$SFT_COLLATE_SHARED` (else `../shared` beside the crate) has it.
+//! `$SFT_COLLATE_SHARED` (else `../shared` beside the crate) has it, also with the Llama 3 and GPT-2 split
+//! patterns in place of its own.
 //!
 //!     cargo +nightly fuzz run fast_vs_tokenizers -- -max_total_time=300
 #![no_main]
@@ -10,6 +11,7 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
+use sft_collate::tokenize::split_patterns::LLAMA3;
 use sft_collate::{EngineChoice, Tokenizer};
 
 struct Pair {
@@ -32,10 +34,35 @@ fn pairs() -> &'static [Pair] {
             .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared"));
         let qwen2 = shared.join("fixtures/qwen2/tokenizer.json");
         if qwen2.exists() {
-            pairs.push(Pair {
-                fast: Tokenizer::from_file_with(&qwen2, EngineChoice::Fast).unwrap(),
-                reference: tokenizers::Tokenizer::from_file(&qwen2).unwrap(),
-            });
+            // Qwen2 as it is, and with the other split patterns the fast engine knows.
+            let json: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(&qwen2).unwrap()).unwrap();
+            let dir = std::env::temp_dir().join(format!("sft-collate-fuzz-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let variants = [
+                ("qwen2", None),
+                ("llama3", Some(split_then_byte_level(LLAMA3, false))),
+                ("llama3+gpt2", Some(split_then_byte_level(LLAMA3, true))),
+                (
+                    "gpt2",
+                    Some(
+                        serde_json::json!({"type": "ByteLevel", "add_prefix_space": false,
+                        "trim_offsets": true, "use_regex": true}),
+                    ),
+                ),
+            ];
+            for (name, pre_tokenizer) in variants {
+                let mut json = json.clone();
+                if let Some(p) = pre_tokenizer {
+                    json["pre_tokenizer"] = p;
+                }
+                let path = dir.join(format!("{name}.json"));
+                std::fs::write(&path, serde_json::to_string(&json).unwrap()).unwrap();
+                pairs.push(Pair {
+                    fast: Tokenizer::from_file_with(&path, EngineChoice::Fast).unwrap(),
+                    reference: tokenizers::Tokenizer::from_file(&path).unwrap(),
+                });
+            }
         } else {
             eprintln!(
                 "fixtures not found at {}: fuzzing the built-ins only",
@@ -44,6 +71,13 @@ fn pairs() -> &'static [Pair] {
         }
         pairs
     })
+}
+
+fn split_then_byte_level(regex: &str, use_regex: bool) -> serde_json::Value {
+    serde_json::json!({"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": false},
+        {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex}
+    ]})
 }
 
 fuzz_target!(|data: &[u8]| {

@@ -13,6 +13,12 @@ use rayon::prelude::*;
 pub use builtin::{builtin_tokenizer, BUILTIN_TOKENIZERS};
 pub use fast::CacheStats;
 
+/// Split regexes (as written in `tokenizer.json` files) that the fast engine runs natively, besides those
+/// of the built-ins. Any other `Split` regex sends a tokenizer to `tokenizers`.
+pub mod split_patterns {
+    pub use super::fast::pretok::{GPT2, LLAMA3, QWEN2};
+}
+
 use crate::{Error, Result};
 use fast::FastBpe;
 
