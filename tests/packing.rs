@@ -43,7 +43,7 @@ proptest! {
     fn packing_keeps_every_pair_and_crosses_no_boundary(
         raw in docs(),
         max_tokens in 2usize..40,
-        strategy in 0u8..3,
+        strategy in 0u8..4,
         split in any::<bool>(),
         ignore in any::<bool>(),
         pad_multiple in prop::option::of(1usize..8),
@@ -57,7 +57,7 @@ proptest! {
         };
         let pack_spec = PackSpec {
             max_tokens,
-            strategy: [PackStrategy::Greedy, PackStrategy::FirstFitDecreasing, PackStrategy::BestFitDecreasing][strategy as usize],
+            strategy: [PackStrategy::Greedy, PackStrategy::FirstFitDecreasing, PackStrategy::BestFitDecreasing, PackStrategy::ExactFill][strategy as usize],
             overflow: if split { Overflow::Split } else { Overflow::Truncate },
         };
         // The documents after the overflow policy.

@@ -56,12 +56,7 @@ pub struct CollateArgs {
     #[arg(long, value_name = "MAX_TOKENS", conflicts_with = "bucket")]
     pack: Option<usize>,
     /// How documents are assigned to packs.
-    #[arg(
-        long,
-        value_enum,
-        default_value = "best-fit-decreasing",
-        requires = "pack"
-    )]
+    #[arg(long, value_enum, default_value = "exact-fill", requires = "pack")]
     pack_strategy: PackStrategyArg,
     /// A document longer than --pack: error, truncate (by --truncate, prompt-left by default) or split.
     #[arg(long, value_enum, default_value = "error", requires = "pack")]
@@ -70,7 +65,7 @@ pub struct CollateArgs {
     /// then cut into batches, so a batch holds rows of similar length.
     #[arg(long, value_name = "WINDOW")]
     bucket: Option<usize>,
-    /// Rows read and tokenized together when packing (first fit decreasing works within it).
+    /// Rows read and tokenized together when packing (the packing strategy works within it).
     #[arg(long, default_value_t = 4096, value_name = "ROWS")]
     window: usize,
     /// Seed of the bucketing shuffle (same seed, same batches; change it per epoch).
@@ -93,6 +88,7 @@ pub enum PackStrategyArg {
     BestFitDecreasing,
     FirstFitDecreasing,
     Greedy,
+    ExactFill,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -173,6 +169,7 @@ pub fn run(args: CollateArgs) -> Result<()> {
                 PackStrategyArg::BestFitDecreasing => PackStrategy::BestFitDecreasing,
                 PackStrategyArg::FirstFitDecreasing => PackStrategy::FirstFitDecreasing,
                 PackStrategyArg::Greedy => PackStrategy::Greedy,
+                PackStrategyArg::ExactFill => PackStrategy::ExactFill,
             },
             overflow: match args.pack_overflow {
                 PackOverflowArg::Error => Overflow::Error,
