@@ -281,47 +281,48 @@ impl SubsetFill {
     /// that total, later (shorter, in a decreasing list) items are left out when possible.
     fn best(&mut self, lens: &[usize], room: usize) -> Vec<usize> {
         let words = room / 64 + 1;
-        // At most 2^24 words (128 MiB) of states: with more documents than that allows, the longest ones
-        // (the list is longest first) are the candidates.
-        let n = lens.len().min((1usize << 24) / words - 1);
-        let lens = &lens[..n];
+        // Only items that fit can be in the subset. At most 2^24 words (128 MiB) of states: with more
+        // candidates than that allows, the first ones (the longest, in a longest-first list) are used.
+        let cap = ((1usize << 24) / words).saturating_sub(1);
+        let candidates: Vec<usize> = (0..lens.len())
+            .filter(|&k| lens[k] <= room)
+            .take(cap)
+            .collect();
         self.states.clear();
-        self.states.resize((n + 1) * words, 0);
+        self.states.resize(words, 0);
         self.states[0] = 1; // total 0
-        let mut last = 0; // items processed
-        for (k, &len) in lens.iter().enumerate() {
-            let (before, after) = self.states.split_at_mut((k + 1) * words);
-            let prev = &before[k * words..];
-            let next = &mut after[..words];
-            next.copy_from_slice(prev);
-            if len <= room {
-                // next |= prev << len
-                let (word_shift, bit_shift) = (len / 64, len % 64);
-                for w in (word_shift..words).rev() {
-                    let src = w - word_shift;
-                    let mut v = prev[src] << bit_shift;
-                    if bit_shift > 0 && src > 0 {
-                        v |= prev[src - 1] >> (64 - bit_shift);
-                    }
-                    next[w] |= v;
+        let mut rows = 0; // candidates processed
+        for (r, &k) in candidates.iter().enumerate() {
+            // One row per candidate, added as it is processed: an exact fill often stops long before the
+            // end.
+            self.states.extend_from_within(r * words..(r + 1) * words);
+            let (before, next) = self.states.split_at_mut((r + 1) * words);
+            let prev = &before[r * words..];
+            // next |= prev << len (bits above `room` in the last word are never read)
+            let (word_shift, bit_shift) = (lens[k] / 64, lens[k] % 64);
+            for w in (word_shift..words).rev() {
+                let src = w - word_shift;
+                let mut v = prev[src] << bit_shift;
+                if bit_shift > 0 && src > 0 {
+                    v |= prev[src - 1] >> (64 - bit_shift);
                 }
-                // Bits above `room` in the last word are never read.
+                next[w] |= v;
             }
-            last = k + 1;
+            rows = r + 1;
             if next[room / 64] >> (room % 64) & 1 == 1 {
                 break; // an exact fill: nothing can do better
             }
         }
         let reachable =
-            |k: usize, total: usize| self.states[k * words + total / 64] >> (total % 64) & 1 == 1;
-        let mut total = (0..=room).rev().find(|&t| reachable(last, t)).unwrap_or(0);
+            |r: usize, total: usize| self.states[r * words + total / 64] >> (total % 64) & 1 == 1;
+        let mut total = (0..=room).rev().find(|&t| reachable(rows, t)).unwrap_or(0);
         let mut chosen = Vec::new();
-        for k in (0..last).rev() {
-            if reachable(k, total) {
-                continue; // reachable without item k
+        for r in (0..rows).rev() {
+            if reachable(r, total) {
+                continue; // reachable without candidate r
             }
-            chosen.push(k);
-            total -= lens[k];
+            chosen.push(candidates[r]);
+            total -= lens[candidates[r]];
         }
         chosen.reverse();
         chosen
@@ -427,6 +428,9 @@ mod tests {
                 .iter()
                 .all(|p| p.iter().map(|&i| lens[i]).sum::<usize>() <= 256));
         }
+        // Nothing fits beside anything: one pack each, and no subset-sum work for documents too long.
+        let big = vec![3000; 4096];
+        assert_eq!(plan_packs(&big, &PackSpec::new(4096)).unwrap().len(), 4096);
     }
 
     #[test]
