@@ -109,8 +109,14 @@ proptest! {
             prop_assert!(pieces.iter().all(|p| p.iter().map(|(t, _)| t.len()).sum::<usize>() <= max_tokens));
             if split {
                 prop_assert_eq!(flat, original);
+            } else if packed.trainable().is_none() {
+                // A batch of pairs (a row of one untrained and one trained segment is kept as a pair):
+                // prompt-left drops the start of the prompt, then the end of the output.
+                let excess = original.len().saturating_sub(max_tokens);
+                let front = excess.min(packed.row_parts(i).0.len());
+                prop_assert_eq!(&flat[..], &original[front..original.len() - (excess - front)]);
             } else {
-                // Prompt-left truncation keeps the end of the row.
+                // Segments: prompt-left drops the oldest tokens, so the end of the row is kept.
                 prop_assert_eq!(&flat[..], &original[original.len() - flat.len()..]);
             }
         }
