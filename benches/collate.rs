@@ -5,13 +5,12 @@
 //! The physical limit here is CPU cores: tokenization is the whole cost (`collate_only` shows how small the
 //! padding/shift/mask pass is beside it).
 
-use std::path::PathBuf;
-
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use sft_collate::input::{RowFormat, Template};
 use sft_collate::{cpu, tokenize_and_pack, CollateSpec, PackedBatch, Tokenizer};
 
 const BATCH: usize = 64;
+
+mod common;
 
 struct Corpus {
     name: &'static str,
@@ -21,40 +20,11 @@ struct Corpus {
 }
 
 fn corpus() -> Corpus {
-    let shared = std::env::var_os("SFT_COLLATE_SHARED")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared"));
-    let fixtures = shared.join("fixtures");
-    let (name, tokenizer, path, format) = if fixtures.join("gsm8k/train.jsonl").exists() {
-        let template = std::fs::read_to_string(fixtures.join("gsm8k/r1_zero.prompt")).unwrap();
-        (
-            "gsm8k_train_qwen2",
-            Tokenizer::from_file(fixtures.join("qwen2/tokenizer.json")).unwrap(),
-            fixtures.join("gsm8k/train.jsonl"),
-            RowFormat {
-                output_key: "answer".into(),
-                template: Some(Template::parse(&template).unwrap()),
-                ..Default::default()
-            },
-        )
-    } else {
-        eprintln!("shared fixtures not found: benchmarking examples/sample.jsonl with o200k_base");
-        (
-            "sample_o200k",
-            Tokenizer::load("o200k_base").unwrap(),
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/sample.jsonl"),
-            RowFormat::default(),
-        )
-    };
-    let text = std::fs::read_to_string(&path).unwrap();
-    let (prompts, outputs) = text
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| format.parse_line(l).unwrap())
-        .unzip();
+    let source = common::corpus_source();
+    let (prompts, outputs) = source.pairs.into_iter().unzip();
     Corpus {
-        name,
-        tokenizer,
+        name: source.name,
+        tokenizer: Tokenizer::load(&source.tokenizer).unwrap(),
         prompts,
         outputs,
     }
@@ -130,8 +100,6 @@ fn synthetic(rows: usize, max_len: usize) -> PackedBatch {
 /// (end to end).
 #[cfg(feature = "cuda")]
 fn cuda_bench(c: &mut Criterion) {
-    use std::time::{Duration, Instant};
-
     use sft_collate::cuda::{self, CudaCollator};
 
     if let Err(e) = cuda::device_count() {
@@ -146,15 +114,7 @@ fn cuda_bench(c: &mut Criterion) {
         pad_id: Some(151_643),
         ..Default::default()
     };
-    let time = |iters: u64, mut f: Box<dyn FnMut() + '_>| -> Duration {
-        stream.synchronize().unwrap();
-        let start = Instant::now();
-        for _ in 0..iters {
-            f();
-        }
-        stream.synchronize().unwrap();
-        start.elapsed()
-    };
+    let time = |iters: u64, f: Box<dyn FnMut() + '_>| common::time_on_stream(&stream, iters, f);
     for (rows, max_len) in [(8usize, 512usize), (64, 2048), (256, 8192)] {
         let packed = synthetic(rows, max_len);
         let width = max_len - 1;

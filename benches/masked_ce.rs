@@ -8,10 +8,10 @@
 
 use criterion::{criterion_group, criterion_main, Criterion};
 
+mod common;
+
 #[cfg(feature = "cuda")]
 fn masked_ce(c: &mut Criterion) {
-    use std::time::{Duration, Instant};
-
     use criterion::Throughput;
     use sft_collate::cuda::{self, bench::LossBench};
 
@@ -37,15 +37,7 @@ fn masked_ce(c: &mut Criterion) {
                 masked * 100.0
             ));
             group.sample_size(10);
-            let time = |iters: u64, f: &dyn Fn()| -> Duration {
-                stream.synchronize().unwrap();
-                let start = Instant::now();
-                for _ in 0..iters {
-                    f();
-                }
-                stream.synchronize().unwrap();
-                start.elapsed()
-            };
+            let time = |iters: u64, f: &dyn Fn()| common::time_on_stream(&stream, iters, f);
             group.throughput(Throughput::Bytes(bench.forward_bytes() as u64));
             group.bench_function("fused_forward", |b| {
                 b.iter_custom(|n| time(n, &|| bench.fused_forward().unwrap()))

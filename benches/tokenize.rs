@@ -11,11 +11,10 @@
 //! Throughput is in input bytes (criterion's MB/s); tokens/s per core and the cache hit rate are printed
 //! to stderr. The physical limit is the CPU cores.
 
-use std::path::PathBuf;
-
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
-use sft_collate::input::{RowFormat, Template};
 use sft_collate::{EngineChoice, Tokenizer};
+
+mod common;
 
 struct Corpus {
     name: &'static str,
@@ -23,43 +22,13 @@ struct Corpus {
     texts: Vec<String>,
 }
 
+/// Every prompt and every output of the corpus, as separate texts (what `collate` encodes).
 fn corpus() -> Corpus {
-    let shared = std::env::var_os("SFT_COLLATE_SHARED")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared"));
-    let fixtures = shared.join("fixtures");
-    let (name, source, path, format) = if fixtures.join("gsm8k/train.jsonl").exists() {
-        let template = std::fs::read_to_string(fixtures.join("gsm8k/r1_zero.prompt")).unwrap();
-        (
-            "gsm8k_train_qwen2",
-            fixtures.join("qwen2/tokenizer.json").display().to_string(),
-            fixtures.join("gsm8k/train.jsonl"),
-            RowFormat {
-                output_key: "answer".into(),
-                template: Some(Template::parse(&template).unwrap()),
-                ..Default::default()
-            },
-        )
-    } else {
-        eprintln!("shared fixtures not found: benchmarking examples/sample.jsonl with o200k_base");
-        (
-            "sample_o200k",
-            "o200k_base".to_string(),
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/sample.jsonl"),
-            RowFormat::default(),
-        )
-    };
-    let text = std::fs::read_to_string(&path).unwrap();
-    let mut texts = Vec::new();
-    for line in text.lines().filter(|l| !l.trim().is_empty()) {
-        let (prompt, output) = format.parse_line(line).unwrap();
-        texts.push(prompt);
-        texts.push(output);
-    }
+    let source = common::corpus_source();
     Corpus {
-        name,
-        source,
-        texts,
+        name: source.name,
+        texts: source.pairs.into_iter().flat_map(|(p, o)| [p, o]).collect(),
+        source: source.tokenizer,
     }
 }
 

@@ -1,9 +1,10 @@
 // The collation kernel: padding, shift and response-mask fill for a whole batch in one pass, from the
 // packed form (tokens row after row, row_offsets, prompt_lens). Must match src/cpu/collate.rs bit for bit.
 //
-// Layout: blockIdx.y walks rows (grid-stride, so any row count works with gridDim.y <= 65535), and each
-// thread of blockIdx.x writes COLLATE_VEC consecutive positions of its row. Positions are 64-bit, so
-// rows * width may exceed 2^32.
+// Layout: blockIdx.y walks rows (grid-stride, so any row count works with gridDim.y <= 65535); a block of
+// blockIdx.x covers COLLATE_VEC * blockDim.x positions of its row, each thread COLLATE_VEC of them,
+// blockDim.x apart (so a warp's accesses are consecutive). Positions are 64-bit, so rows * width may
+// exceed 2^32.
 #include "common.cuh"
 
 #define COLLATE_VEC 4

@@ -292,27 +292,32 @@ fn loss_reads_safetensors_and_writes_what_the_library_computes() {
         .collect();
     let labels: Vec<i32> = vec![1, 2, 3, 10, 0, 5];
     let mask: Vec<u8> = vec![0, 1, 1, 1, 0, 1];
-    let tensors = vec![
-        (
-            "logits",
-            TensorView::new(
-                Dtype::BF16,
-                vec![batch, seq, vocab],
-                bytemuck::cast_slice(&logits),
-            )
-            .unwrap(),
-        ),
-        (
-            "labels",
-            TensorView::new(Dtype::I32, vec![batch, seq], bytemuck::cast_slice(&labels)).unwrap(),
-        ),
-        (
-            "response_mask",
-            TensorView::new(Dtype::BOOL, vec![batch, seq], &mask).unwrap(),
-        ),
-    ];
+    // The loss command's input file: these logits and mask, and the given labels.
     let input_path = dir.path().join("in.safetensors");
-    std::fs::write(&input_path, safetensors::serialize(tensors, None).unwrap()).unwrap();
+    let write_input = |labels: &[i32]| {
+        let tensors = vec![
+            (
+                "logits",
+                TensorView::new(
+                    Dtype::BF16,
+                    vec![batch, seq, vocab],
+                    bytemuck::cast_slice(&logits),
+                )
+                .unwrap(),
+            ),
+            (
+                "labels",
+                TensorView::new(Dtype::I32, vec![batch, seq], bytemuck::cast_slice(labels))
+                    .unwrap(),
+            ),
+            (
+                "response_mask",
+                TensorView::new(Dtype::BOOL, vec![batch, seq], &mask).unwrap(),
+            ),
+        ];
+        std::fs::write(&input_path, safetensors::serialize(tensors, None).unwrap()).unwrap();
+    };
+    write_input(&labels);
 
     let bool_mask: Vec<bool> = mask.iter().map(|&m| m == 1).collect();
     let input = CeInput::new(&logits, vocab, Labels::I32(&labels), &bool_mask);
@@ -380,32 +385,7 @@ fn loss_reads_safetensors_and_writes_what_the_library_computes() {
     }
 
     // A label outside the vocabulary on a masked row: a clear error, no output file.
-    let bad_labels: Vec<i32> = vec![1, 99, 3, 10, 0, 5];
-    let tensors = vec![
-        (
-            "logits",
-            TensorView::new(
-                Dtype::BF16,
-                vec![batch, seq, vocab],
-                bytemuck::cast_slice(&logits),
-            )
-            .unwrap(),
-        ),
-        (
-            "labels",
-            TensorView::new(
-                Dtype::I32,
-                vec![batch, seq],
-                bytemuck::cast_slice(&bad_labels),
-            )
-            .unwrap(),
-        ),
-        (
-            "response_mask",
-            TensorView::new(Dtype::BOOL, vec![batch, seq], &mask).unwrap(),
-        ),
-    ];
-    std::fs::write(&input_path, safetensors::serialize(tensors, None).unwrap()).unwrap();
+    write_input(&[1, 99, 3, 10, 0, 5]);
     let output_path = dir.path().join("bad.safetensors");
     let out = run(bin()
         .args(["loss", "--device", "cpu", "--input"])

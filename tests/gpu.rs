@@ -7,7 +7,7 @@ mod common;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 use sft_collate::cuda::{self, CudaCollator};
-use sft_collate::{cpu, CollateSpec, IdDtype, LabelFormat, PackedBatch};
+use sft_collate::{cpu, CollateSpec, PackedBatch};
 
 #[test]
 fn probing_never_panics() {
@@ -25,26 +25,6 @@ fn collator() -> CudaCollator {
     collator
 }
 
-fn spec_strategy() -> impl Strategy<Value = CollateSpec> {
-    (
-        prop::option::of(1usize..70),
-        prop_oneof![Just(LabelFormat::Pad), Just(LabelFormat::IGNORE_INDEX)],
-        prop_oneof![Just(IdDtype::I32), Just(IdDtype::I64)],
-        0u32..200_000,
-        any::<bool>(),
-    )
-        .prop_map(
-            |(pad_to_multiple_of, label_format, id_dtype, pad, attention_mask)| CollateSpec {
-                pad_id: Some(pad),
-                pad_to_multiple_of,
-                label_format,
-                id_dtype,
-                attention_mask,
-                ..Default::default()
-            },
-        )
-}
-
 #[test]
 #[ignore = "needs a CUDA device"]
 fn cuda_kernel_matches_the_oracle_on_random_batches() {
@@ -59,7 +39,7 @@ fn cuda_kernel_matches_the_oracle_on_random_batches() {
     .prop_map(PackedBatch::from_pairs);
     let mut runner = TestRunner::new(Config::with_cases(300));
     runner
-        .run(&(batches, spec_strategy()), |(packed, spec)| {
+        .run(&(batches, common::spec_strategy(70)), |(packed, spec)| {
             let want = cpu::collate(&packed, &spec).unwrap();
             let got = collator.collate(&packed, &spec).unwrap().to_host().unwrap();
             prop_assert_eq!(got, want);
@@ -225,7 +205,7 @@ fn cuda_packed_layout_matches_the_oracle() {
     .prop_map(PackedBatch::from_pairs);
     let mut runner = TestRunner::new(Config::with_cases(200));
     runner
-        .run(&(batches, spec_strategy()), |(packed, spec)| {
+        .run(&(batches, common::spec_strategy(70)), |(packed, spec)| {
             let want = cpu::collate_packed(&packed, &spec).unwrap();
             let got = collator
                 .collate_packed(&packed, &spec)
@@ -251,7 +231,7 @@ fn cuda_follows_trainable_flags_of_multi_segment_rows() {
     );
     let mut runner = TestRunner::new(Config::with_cases(100));
     runner
-        .run(&(rows, spec_strategy()), |(rows, spec)| {
+        .run(&(rows, common::spec_strategy(70)), |(rows, spec)| {
             let segments: Vec<Vec<(&[u32], bool)>> = rows
                 .iter()
                 .map(|r| r.iter().map(|(t, f)| (t.as_slice(), *f)).collect())

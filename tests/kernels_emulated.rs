@@ -6,28 +6,7 @@ mod common;
 
 use proptest::prelude::*;
 use sft_collate::emulation::{selftest_reduce, EmulatedCollator};
-use sft_collate::{cpu, CollateSpec, IdDtype, LabelFormat, PackedBatch, Truncation};
-
-fn spec_strategy() -> impl Strategy<Value = CollateSpec> {
-    (
-        prop::option::of(1usize..12),
-        prop_oneof![Just(LabelFormat::Pad), Just(LabelFormat::IGNORE_INDEX)],
-        prop_oneof![Just(IdDtype::I32), Just(IdDtype::I64)],
-        0u32..200_000,
-        any::<bool>(),
-    )
-        .prop_map(
-            |(pad_to_multiple_of, label_format, id_dtype, pad, attention_mask)| CollateSpec {
-                pad_id: Some(pad),
-                max_len: None,
-                truncation: Truncation::Error,
-                pad_to_multiple_of,
-                label_format,
-                id_dtype,
-                attention_mask,
-            },
-        )
-}
+use sft_collate::{cpu, CollateSpec, IdDtype, LabelFormat, PackedBatch};
 
 fn packed_strategy(max_rows: usize, max_len: usize) -> impl Strategy<Value = PackedBatch> {
     prop::collection::vec(
@@ -44,7 +23,7 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(64))]
 
     #[test]
-    fn emulated_kernel_matches_the_oracle(packed in packed_strategy(9, 40), spec in spec_strategy()) {
+    fn emulated_kernel_matches_the_oracle(packed in packed_strategy(9, 40), spec in common::spec_strategy(12)) {
         let want = cpu::collate(&packed, &spec).unwrap();
         let got = EmulatedCollator::new().collate(&packed, &spec).unwrap();
         prop_assert_eq!(got, want);
@@ -55,7 +34,7 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(48))]
 
     #[test]
-    fn emulated_packed_layout_matches_the_oracle(packed in packed_strategy(12, 30), spec in spec_strategy()) {
+    fn emulated_packed_layout_matches_the_oracle(packed in packed_strategy(12, 30), spec in common::spec_strategy(12)) {
         let want = cpu::collate_packed(&packed, &spec).unwrap();
         let got = EmulatedCollator::new().collate_packed(&packed, &spec).unwrap();
         prop_assert_eq!(got, want);

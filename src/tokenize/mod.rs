@@ -140,6 +140,7 @@ impl Tokenizer {
             engine,
             fast,
             Source::Builtin(name.to_string()),
+            None,
         )
     }
 
@@ -156,17 +157,25 @@ impl Tokenizer {
             path.push("tokenizer.json");
         }
         let name = path.display().to_string();
-        let fast = match engine {
-            EngineChoice::Tokenizers => Err("asked for".to_string()),
+        let source = Source::File(path.clone());
+        let mut tokenizer = match engine {
+            EngineChoice::Tokenizers => {
+                Self::assemble(name, engine, Err("asked for".into()), source, None)?
+            }
             _ => {
                 let json = std::fs::read_to_string(&path).map_err(|e| Error::Tokenizer {
                     name: name.clone(),
                     reason: e.to_string(),
                 })?;
-                FastBpe::from_json(&json)
+                let fast = FastBpe::from_json(&json);
+                // A fallback parses the text already read rather than reading the file again.
+                let fallback = (fast.is_err() && engine == EngineChoice::Auto).then(|| {
+                    json.parse::<tokenizers::Tokenizer>()
+                        .map_err(|e| e.to_string())
+                });
+                Self::assemble(name, engine, fast, source, fallback)?
             }
         };
-        let mut tokenizer = Self::assemble(name, engine, fast, Source::File(path.clone()))?;
         if tokenizer.configured_pad.is_none() {
             tokenizer.configured_pad =
                 pad_from_config(&path.with_file_name("tokenizer_config.json"))
@@ -177,12 +186,18 @@ impl Tokenizer {
 
     /// The tokenizer from its engine attempt: the fast one, an error if it was required and failed, or
     /// `tokenizers` loaded now (so that a file it rejects fails here, not later).
+    /// `tokenizers_form`, when given, is the `tokenizers` form already built from the same source.
     fn assemble(
         name: String,
         choice: EngineChoice,
         fast: std::result::Result<FastBpe, String>,
         source: Source,
+        tokenizers_form: Option<std::result::Result<tokenizers::Tokenizer, String>>,
     ) -> Result<Self> {
+        let hf = OnceLock::new();
+        if let Some(built) = tokenizers_form {
+            let _ = hf.set(built);
+        }
         let mut tokenizer = Tokenizer {
             name,
             configured_pad: None,
@@ -191,7 +206,7 @@ impl Tokenizer {
                 reason: String::new(),
             },
             source: Arc::new(source),
-            hf: Arc::new(OnceLock::new()),
+            hf: Arc::new(hf),
         };
         match fast {
             Ok(fast) => {

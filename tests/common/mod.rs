@@ -35,6 +35,33 @@ pub fn fixture_json(shared: &std::path::Path, rel: &str) -> serde_json::Value {
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
+/// Random collation options for the kernel-vs-oracle tests: explicit pad id, optional
+/// `pad_to_multiple_of` below `max_multiple`, either label format and id dtype, with or without
+/// `attention_mask`; no truncation.
+pub fn spec_strategy(
+    max_multiple: usize,
+) -> impl proptest::strategy::Strategy<Value = sft_collate::CollateSpec> {
+    use proptest::prelude::*;
+    use sft_collate::{CollateSpec, IdDtype, LabelFormat};
+    (
+        prop::option::of(1usize..max_multiple),
+        prop_oneof![Just(LabelFormat::Pad), Just(LabelFormat::IGNORE_INDEX)],
+        prop_oneof![Just(IdDtype::I32), Just(IdDtype::I64)],
+        0u32..200_000,
+        any::<bool>(),
+    )
+        .prop_map(
+            |(pad_to_multiple_of, label_format, id_dtype, pad, attention_mask)| CollateSpec {
+                pad_id: Some(pad),
+                pad_to_multiple_of,
+                label_format,
+                id_dtype,
+                attention_mask,
+                ..Default::default()
+            },
+        )
+}
+
 /// The Qwen2 tokenizer of the fixtures.
 pub fn qwen2(shared: &std::path::Path) -> sft_collate::Tokenizer {
     sft_collate::Tokenizer::from_file(shared.join("fixtures/qwen2/tokenizer.json"))
