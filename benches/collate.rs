@@ -6,7 +6,8 @@
 //! padding/shift/mask pass is beside it).
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use sft_collate::{cpu, tokenize_and_pack, CollateSpec, PackedBatch, Tokenizer};
+use sft_collate::backend::cpu;
+use sft_collate::{tokenize_pairs, CollateSpec, RaggedBatch, Tokenizer};
 
 const BATCH: usize = 64;
 
@@ -36,12 +37,12 @@ fn bench(c: &mut Criterion) {
         pad_id: corpus.tokenizer.pad_id(),
         ..Default::default()
     };
-    let pack_all = || -> Vec<PackedBatch> {
+    let pack_all = || -> Vec<RaggedBatch> {
         corpus
             .prompts
             .chunks(BATCH)
             .zip(corpus.outputs.chunks(BATCH))
-            .map(|(p, o)| tokenize_and_pack(p, o, &corpus.tokenizer, &spec).unwrap())
+            .map(|(p, o)| tokenize_pairs(p, o, &corpus.tokenizer, &spec).unwrap())
             .collect()
     };
     let packed = pack_all();
@@ -70,7 +71,7 @@ fn bench(c: &mut Criterion) {
 /// A synthetic batch of `rows` rows whose lengths spread over [max_len / 2, max_len] (one row exactly
 /// max_len, so the width is max_len - 1), 30% prompt, ids below 150k.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-fn synthetic(rows: usize, max_len: usize) -> PackedBatch {
+fn synthetic(rows: usize, max_len: usize) -> RaggedBatch {
     let mut state = 0x2545_F491_4F6C_DD1Du64;
     let mut next = move |bound: usize| {
         state = state
@@ -90,7 +91,7 @@ fn synthetic(rows: usize, max_len: usize) -> PackedBatch {
             (ids[..prompt].to_vec(), ids[prompt..].to_vec())
         })
         .collect();
-    PackedBatch::from_pairs(pairs)
+    RaggedBatch::from_pairs(pairs)
 }
 
 /// `cuda_` cases: the kernel alone, the end-to-end path (packed host batch → device tensors) and the usual
@@ -100,7 +101,7 @@ fn synthetic(rows: usize, max_len: usize) -> PackedBatch {
 /// (end to end).
 #[cfg(feature = "cuda")]
 fn cuda_bench(c: &mut Criterion) {
-    use sft_collate::cuda::{self, CudaCollator};
+    use sft_collate::backend::cuda::{self, CudaCollator};
 
     if let Err(e) = cuda::device_count() {
         eprintln!("SKIPPED cuda_ benches: {e}");

@@ -13,7 +13,7 @@ mod common;
 #[cfg(feature = "cuda")]
 fn masked_ce(c: &mut Criterion) {
     use criterion::Throughput;
-    use sft_collate::cuda::{self, bench::LossBench};
+    use sft_collate::backend::cuda::{self, bench::LossBench};
 
     if let Err(e) = cuda::device_count() {
         eprintln!("SKIPPED masked_ce benches: {e}");

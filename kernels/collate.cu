@@ -5,23 +5,16 @@
 // blockIdx.x covers COLLATE_VEC * blockDim.x positions of its row, each thread COLLATE_VEC of them,
 // blockDim.x apart (so a warp's accesses are consecutive). Positions are 64-bit, so rows * width may
 // exceed 2^32.
-#include "common.cuh"
+#include "abi.cuh"
 
-#define COLLATE_VEC 4
-#define COLLATE_BLOCK 256
-
-// The kernels' parameters, written once for the kernels and for the emulation's launch wrappers.
-#define COLLATE_PARAMS(Id)                                                                          \
-    const u32 *__restrict__ tokens, const u64 *__restrict__ row_offsets,                          \
-        const u32 *__restrict__ prompt_lens, const u8 *__restrict__ trainable, u64 rows, u64 width, u32 pad_id, i64 ignore_index,   \
-        i32 use_ignore_index, Id *__restrict__ input_ids, Id *__restrict__ labels,                 \
-        u8 *__restrict__ response_mask, u8 *__restrict__ attention_mask
-#define COLLATE_ARGS                                                                                \
-    tokens, row_offsets, prompt_lens, trainable, rows, width, pad_id, ignore_index, use_ignore_index,         \
-        input_ids, labels, response_mask, attention_mask
-
+// Each kernel takes its argument struct (abi.cuh) by value and hands the fields to the implementation as
+// separate __restrict__ parameters (so no struct is ever addressed, which would put it on the stack).
 template <typename Id>
-__device__ __forceinline__ void collate_impl(COLLATE_PARAMS(Id)) {
+__device__ __forceinline__ void collate_impl(const u32 *__restrict__ tokens, const u64 *__restrict__ row_offsets,
+                                             const u32 *__restrict__ prompt_lens, const u8 *__restrict__ trainable,
+                                             u64 rows, u64 width, u32 pad_id, i64 ignore_index, i32 use_ignore_index,
+                                             Id *__restrict__ input_ids, Id *__restrict__ labels,
+                                             u8 *__restrict__ response_mask, u8 *__restrict__ attention_mask) {
     // The block covers COLLATE_VEC * blockDim.x positions of a row; thread t writes positions
     // base + t, base + t + blockDim.x, ... so that every load and store instruction of a warp touches 32
     // consecutive elements (one full line for ids) whatever the row's alignment. Widths are often odd
@@ -57,26 +50,19 @@ __device__ __forceinline__ void collate_impl(COLLATE_PARAMS(Id)) {
 }
 
 #define COLLATE_KERNEL(name, Id)                                                                    \
-    extern "C" __global__ void __launch_bounds__(COLLATE_BLOCK) name(COLLATE_PARAMS(Id)) {        \
-        collate_impl<Id>(COLLATE_ARGS);                                                             \
+    extern "C" __global__ void __launch_bounds__(COLLATE_BLOCK) name(const CollateArgs a) {       \
+        collate_impl<Id>(a.tokens, a.row_offsets, a.prompt_lens, a.trainable, a.rows, a.width, a.pad_id, \
+                         a.ignore_index, a.use_ignore_index, (Id *)a.input_ids, (Id *)a.labels,    \
+                         a.response_mask, a.attention_mask);                                        \
     }
 
 COLLATE_KERNEL(collate_i32, i32)
 COLLATE_KERNEL(collate_i64, i64)
 
-// ---- The packed (padding-free) layout: every row of the batch is a document, all concatenated into one
+// ---- The pack (padding-free) layout: every row of the batch is a document, all concatenated into one
 // stream of `total` positions (the real tokens, then an optional pad tail). Each thread writes
 // COLLATE_VEC consecutive positions; the document of a position is found by binary search in
-// row_offsets. Must match cpu::collate_packed bit for bit.
-#define COLLATE_PACKED_PARAMS(Id)                                                                   \
-    const u32 *__restrict__ tokens, const u64 *__restrict__ row_offsets,                          \
-        const u32 *__restrict__ prompt_lens, const u8 *__restrict__ trainable, u64 rows, u64 total, u32 pad_id, i64 ignore_index,   \
-        i32 use_ignore_index, Id *__restrict__ input_ids, Id *__restrict__ labels,                 \
-        u8 *__restrict__ response_mask, Id *__restrict__ position_ids, i32 *__restrict__ cu_seqlens
-#define COLLATE_PACKED_ARGS                                                                         \
-    tokens, row_offsets, prompt_lens, trainable, rows, total, pad_id, ignore_index, use_ignore_index,         \
-        input_ids, labels, response_mask, position_ids, cu_seqlens
-
+// row_offsets. Must match cpu::collate_pack bit for bit.
 // The document holding stream position t (< row_offsets[rows]): the last d with row_offsets[d] <= t,
 // skipping empty documents.
 __device__ __forceinline__ u64 document_of(const u64 *row_offsets, u64 rows, u64 t) {
@@ -89,7 +75,12 @@ __device__ __forceinline__ u64 document_of(const u64 *row_offsets, u64 rows, u64
 }
 
 template <typename Id>
-__device__ __forceinline__ void collate_packed_impl(COLLATE_PACKED_PARAMS(Id)) {
+__device__ __forceinline__ void collate_pack_impl(const u32 *__restrict__ tokens, const u64 *__restrict__ row_offsets,
+                                                  const u32 *__restrict__ prompt_lens,
+                                                  const u8 *__restrict__ trainable, u64 rows, u64 total, u32 pad_id,
+                                                  i64 ignore_index, i32 use_ignore_index, Id *__restrict__ input_ids,
+                                                  Id *__restrict__ labels, u8 *__restrict__ response_mask,
+                                                  Id *__restrict__ position_ids, i32 *__restrict__ cu_seqlens) {
     const u64 thread = (u64)blockIdx.x * blockDim.x + threadIdx.x;
     const u64 real = row_offsets[rows];
     // cu_seqlens: the document boundaries, then the end of the pad tail if there is one.
@@ -123,10 +114,12 @@ __device__ __forceinline__ void collate_packed_impl(COLLATE_PACKED_PARAMS(Id)) {
     }
 }
 
-#define COLLATE_PACKED_KERNEL(name, Id)                                                             \
-    extern "C" __global__ void __launch_bounds__(COLLATE_BLOCK) name(COLLATE_PACKED_PARAMS(Id)) { \
-        collate_packed_impl<Id>(COLLATE_PACKED_ARGS);                                               \
+#define COLLATE_PACK_KERNEL(name, Id)                                                               \
+    extern "C" __global__ void __launch_bounds__(COLLATE_BLOCK) name(const CollatePackArgs a) {   \
+        collate_pack_impl<Id>(a.tokens, a.row_offsets, a.prompt_lens, a.trainable, a.rows, a.total, a.pad_id, \
+                              a.ignore_index, a.use_ignore_index, (Id *)a.input_ids, (Id *)a.labels, \
+                              a.response_mask, (Id *)a.position_ids, a.cu_seqlens);                 \
     }
 
-COLLATE_PACKED_KERNEL(collate_packed_i32, i32)
-COLLATE_PACKED_KERNEL(collate_packed_i64, i64)
+COLLATE_PACK_KERNEL(collate_pack_i32, i32)
+COLLATE_PACK_KERNEL(collate_pack_i64, i64)

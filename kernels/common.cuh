@@ -11,13 +11,13 @@ typedef long long i64;
 // N consecutive elements moved as one aligned unit, so that the compiler emits one vector load or store
 // (st.global.v4.u32 for four i32, two st.global.v2.u64 for four i64, one st.global.u32 for four bytes).
 template <typename T, int N>
-struct alignas(sizeof(T) * N) Packed {
+struct alignas(sizeof(T) * N) Vector {
     T v[N];
 };
 
-// Whether `p` may be accessed as Packed<T, N>.
+// Whether `p` may be accessed as Vector<T, N>.
 template <typename T, int N>
-__device__ __forceinline__ bool is_packable(const T* p) {
+__device__ __forceinline__ bool is_vector_aligned(const T* p) {
     return (reinterpret_cast<u64>(p) % (sizeof(T) * N)) == 0;
 }
 
@@ -32,11 +32,11 @@ __device__ __forceinline__ float ex2_approx(float x) {
 #endif
 
 template <typename T, int N>
-__device__ __forceinline__ void store_packed(T* dst, const T (&src)[N]) {
-    Packed<T, N> p;
+__device__ __forceinline__ void store_vector(T* dst, const T (&src)[N]) {
+    Vector<T, N> p;
 #pragma unroll
     for (int k = 0; k < N; ++k) p.v[k] = src[k];
-    *reinterpret_cast<Packed<T, N>*>(dst) = p;
+    *reinterpret_cast<Vector<T, N>*>(dst) = p;
 }
 
 // ---- Floating-point storage types, converted by bits (the NVRTC wheels ship no cuda_fp16.h /

@@ -8,9 +8,8 @@
 // Forward+backward reads the row a second time (from L2 when it is still there) and writes the gradient
 // once: scale · w · (softmax(x) - onehot(label)), in f32, rounded once to the logits' dtype.
 // Unmasked rows are never read: their outputs are 0, their gradient rows zeros.
-#include "common.cuh"
+#include "abi.cuh"
 
-#define CE_BLOCK 256
 // 16-byte loads each thread keeps in flight in the forward pass.
 #define CE_LOADS 4
 
@@ -144,14 +143,14 @@ struct Vec16 {
 // The N floats of a 16-byte vector. bf16 is the top half of an f32, so each 32-bit word gives two floats
 // for one shift and one mask (the generic per-element conversion costs the compiler a permute more).
 template <typename T, int N>
-__device__ __forceinline__ void unpack(const Packed<T, N> *src, float (&out)[N]) {
-    const Packed<T, N> p = *src;
+__device__ __forceinline__ void unpack(const Vector<T, N> *src, float (&out)[N]) {
+    const Vector<T, N> p = *src;
 #pragma unroll
     for (int k = 0; k < N; ++k) out[k] = to_float(p.v[k]);
 }
 template <>
-__device__ __forceinline__ void unpack<bf16, 8>(const Packed<bf16, 8> *src, float (&out)[8]) {
-    const Packed<u32, 4> w = *reinterpret_cast<const Packed<u32, 4> *>(src);
+__device__ __forceinline__ void unpack<bf16, 8>(const Vector<bf16, 8> *src, float (&out)[8]) {
+    const Vector<u32, 4> w = *reinterpret_cast<const Vector<u32, 4> *>(src);
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
         out[2 * k] = __uint_as_float(w.v[k] << 16);  // little-endian: the lower address is the low half
@@ -165,9 +164,9 @@ __device__ __forceinline__ Online row_statistics(const T *x, u64 vocab) {
     constexpr int N = Vec16<T>::N;
     Online local = online_empty();
     u64 tail = 0;
-    if (is_packable<T, N>(x)) {
+    if (is_vector_aligned<T, N>(x)) {
         const u64 vectors = vocab / N;
-        const Packed<T, N> *xv = reinterpret_cast<const Packed<T, N> *>(x);
+        const Vector<T, N> *xv = reinterpret_cast<const Vector<T, N> *>(x);
         const u64 stride = blockDim.x;
         u64 v = threadIdx.x;
         // CE_LOADS 16-byte loads in flight per thread before any is used: the loop is bound by memory
@@ -195,13 +194,13 @@ template <typename T, typename F>
 __device__ __forceinline__ void write_row(T *g, u64 vocab, F value) {
     constexpr int N = Vec16<T>::N;
     u64 tail = 0;
-    if (is_packable<T, N>(g)) {
+    if (is_vector_aligned<T, N>(g)) {
         const u64 vectors = vocab / N;
         for (u64 v = threadIdx.x; v < vectors; v += blockDim.x) {
             T out[N];
 #pragma unroll
             for (int k = 0; k < N; ++k) store_float(value(v * N + k), &out[k]);
-            store_packed<T, N>(g + v * N, out);
+            store_vector<T, N>(g + v * N, out);
         }
         tail = vectors * N;
     }
@@ -214,44 +213,37 @@ template <typename T, typename F>
 __device__ __forceinline__ void transform_row(const T *x, T *g, u64 vocab, F f) {
     constexpr int N = Vec16<T>::N;
     u64 tail = 0;
-    if (is_packable<T, N>(x) && is_packable<T, N>(g)) {
+    if (is_vector_aligned<T, N>(x) && is_vector_aligned<T, N>(g)) {
         const u64 vectors = vocab / N;
         for (u64 v = threadIdx.x; v < vectors; v += blockDim.x) {
-            const Packed<T, N> p = reinterpret_cast<const Packed<T, N> *>(x)[v];
+            const Vector<T, N> p = reinterpret_cast<const Vector<T, N> *>(x)[v];
             T out[N];
 #pragma unroll
             for (int k = 0; k < N; ++k) store_float(f(v * N + k, to_float(p.v[k])), &out[k]);
-            store_packed<T, N>(g + v * N, out);
+            store_vector<T, N>(g + v * N, out);
         }
         tail = vectors * N;
     }
     for (u64 i = tail + threadIdx.x; i < vocab; i += blockDim.x) store_float(f(i, to_float(x[i])), &g[i]);
 }
 
-// How the summed loss is normalized (src/loss.rs `Normalization`).
-#define CE_NORM_SUM 0
-#define CE_NORM_TOKEN_MEAN 1
-#define CE_NORM_FIXED 2  // CS336: a fixed denominator nc · B · gas
-
+// How the summed loss is normalized: CE_NORM_* (abi.cuh), from src/loss `Normalization`.
 __device__ __forceinline__ float ce_denominator(i32 mode, float fixed, u32 count) {
     if (mode == CE_NORM_TOKEN_MEAN) return (float)count;
     if (mode == CE_NORM_FIXED) return fixed;
     return 1.0f;
 }
 
-#define CE_PARAMS(T)                                                                                \
-    const T *logits, u64 rows, u64 vocab, u64 logits_stride, const void *__restrict__ labels,      \
-        i32 labels_are_i64, const u8 *__restrict__ mask, const float *__restrict__ weights,        \
-        const u32 *__restrict__ count, i32 norm_mode, float norm_fixed, float upstream,            \
-        float *__restrict__ row_loss, float *__restrict__ log_probs, float *__restrict__ entropy,  \
-        float *__restrict__ lse, T *grad, u64 grad_stride, u32 *__restrict__ error_flag
-#define CE_ARGS                                                                                     \
-    logits, rows, vocab, logits_stride, labels, labels_are_i64, mask, weights, count, norm_mode,   \
-        norm_fixed, upstream, row_loss, log_probs, entropy, lse, grad, grad_stride, error_flag
-
 // `grad` may alias `logits` (in-place backward), so neither is __restrict__.
 template <typename T, bool BACKWARD>
-__device__ __forceinline__ void masked_ce_impl(CE_PARAMS(T)) {
+__device__ __forceinline__ void masked_ce_impl(const T *logits, u64 rows, u64 vocab, u64 logits_stride,
+                                               const void *__restrict__ labels, i32 labels_are_i64,
+                                               const u8 *__restrict__ mask, const float *__restrict__ weights,
+                                               const u32 *__restrict__ count, i32 norm_mode, float norm_fixed,
+                                               float upstream, float *__restrict__ row_loss,
+                                               float *__restrict__ log_probs, float *__restrict__ entropy,
+                                               float *__restrict__ lse, T *grad, u64 grad_stride,
+                                               u32 *__restrict__ error_flag) {
     __shared__ Online scratch[32];
     const float nan = __int_as_float(0x7fc00000);
     float scale_base = 0.0f;
@@ -302,13 +294,19 @@ __device__ __forceinline__ void masked_ce_impl(CE_PARAMS(T)) {
     }
 }
 
+// The struct's fields as the implementation's parameters (the struct itself is never addressed).
+#define CE_FIELDS(T)                                                                                \
+    (const T *)a.logits, a.rows, a.vocab, a.logits_stride, a.labels, a.labels_are_i64, a.mask,     \
+        a.weights, a.count, a.norm_mode, a.norm_fixed, a.upstream, a.row_loss, a.log_probs,        \
+        a.entropy, a.lse, (T *)a.grad, a.grad_stride, a.error_flag
+
 #define CE_KERNELS(suffix, T)                                                                       \
-    extern "C" __global__ void __launch_bounds__(CE_BLOCK) masked_ce_fwd_##suffix(CE_PARAMS(T)) { \
-        masked_ce_impl<T, false>(CE_ARGS);                                                          \
+    extern "C" __global__ void __launch_bounds__(CE_BLOCK) masked_ce_fwd_##suffix(const CeArgs a) { \
+        masked_ce_impl<T, false>(CE_FIELDS(T));                                                     \
     }                                                                                               \
     extern "C" __global__ void __launch_bounds__(CE_BLOCK)                                          \
-        masked_ce_fwd_bwd_##suffix(CE_PARAMS(T)) {                                                  \
-        masked_ce_impl<T, true>(CE_ARGS);                                                           \
+        masked_ce_fwd_bwd_##suffix(const CeArgs a) {                                                \
+        masked_ce_impl<T, true>(CE_FIELDS(T));                                                      \
     }
 
 CE_KERNELS(f32, float)
@@ -317,30 +315,26 @@ CE_KERNELS(bf16, bf16)
 
 // The number of masked rows, by one block in a fixed order (deterministic), before the main kernel so
 // that a token-mean gradient knows its denominator without a host round trip.
-#define CE_COUNT_PARAMS const u8 *__restrict__ mask, u64 rows, u32 *__restrict__ count
-#define CE_COUNT_ARGS mask, rows, count
-extern "C" __global__ void __launch_bounds__(CE_BLOCK) masked_ce_count(CE_COUNT_PARAMS) {
+extern "C" __global__ void __launch_bounds__(CE_BLOCK) masked_ce_count(const CeCountArgs a) {
     __shared__ u32 scratch[32];
+    const u8 *__restrict__ mask = a.mask;
     u32 mine = 0;
-    for (u64 i = threadIdx.x; i < rows; i += blockDim.x) mine += mask[i] != 0;
-    const u32 total = block_reduce(mine, [](u32 a, u32 b) { return a + b; }, 0u, scratch);
-    if (threadIdx.x == 0) *count = total;
+    for (u64 i = threadIdx.x; i < a.rows; i += blockDim.x) mine += mask[i] != 0;
+    const u32 total = block_reduce(mine, [](u32 x, u32 y) { return x + y; }, 0u, scratch);
+    if (threadIdx.x == 0) *a.count = total;
 }
 
 // Σ row_loss in f64 in a fixed order, and the normalized loss: out[0] = sum, out[1] = loss.
-#define CE_REDUCE_PARAMS                                                                            \
-    const float *__restrict__ row_loss, u64 rows, const u32 *__restrict__ count, i32 norm_mode,    \
-        float norm_fixed, float *__restrict__ out
-#define CE_REDUCE_ARGS row_loss, rows, count, norm_mode, norm_fixed, out
-extern "C" __global__ void __launch_bounds__(CE_BLOCK) masked_ce_reduce(CE_REDUCE_PARAMS) {
+extern "C" __global__ void __launch_bounds__(CE_BLOCK) masked_ce_reduce(const CeReduceArgs a) {
     __shared__ double scratch[32];
+    const float *__restrict__ row_loss = a.row_loss;
     double mine = 0.0;
-    for (u64 i = threadIdx.x; i < rows; i += blockDim.x) mine += (double)row_loss[i];
-    const double sum = block_reduce(mine, [](double a, double b) { return a + b; }, 0.0, scratch);
+    for (u64 i = threadIdx.x; i < a.rows; i += blockDim.x) mine += (double)row_loss[i];
+    const double sum = block_reduce(mine, [](double x, double y) { return x + y; }, 0.0, scratch);
     if (threadIdx.x == 0) {
-        const float denominator = ce_denominator(norm_mode, norm_fixed, *count);
-        out[0] = (float)sum;
+        const float denominator = ce_denominator(a.norm_mode, a.norm_fixed, *a.count);
+        a.out[0] = (float)sum;
         // A token mean over no tokens is 0, never NaN.
-        out[1] = denominator > 0.0f ? (float)(sum / (double)denominator) : 0.0f;
+        a.out[1] = denominator > 0.0f ? (float)(sum / (double)denominator) : 0.0f;
     }
 }

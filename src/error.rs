@@ -15,15 +15,49 @@ pub enum Error {
         right: usize,
     },
 
-    /// A sequence is longer than `max_len` under [`crate::Truncation::Error`].
-    #[error("row {row}: {len} tokens (prompt {prompt_len} + output {output_len}) exceed max_len {max_len}")]
+    /// A sequence is longer than a limit: `max_len` under [`crate::Truncation::Error`], or a pack's
+    /// `max_tokens` under [`crate::schedule::Overflow::Error`]. `limit` names the option (`max_len`,
+    /// `pack`). Which row it is comes from [`Error::At`] around it.
+    #[error("{len} tokens (prompt {prompt_len} + output {output_len}) exceed {limit} {max_len}")]
     SequenceTooLong {
-        row: usize,
         len: usize,
         prompt_len: usize,
         output_len: usize,
         max_len: usize,
+        limit: &'static str,
     },
+
+    /// An error about one row or line of the input.
+    #[error("{at}: {source}")]
+    At {
+        at: Location,
+        #[source]
+        source: Box<Error>,
+    },
+
+    /// A batch would be larger in memory than allowed (`max_batch_bytes`): `rows × width` positions at
+    /// `bytes_per_position` bytes (ids, labels and masks).
+    #[error(
+        "{what} would be {rows} rows x {width} positions = {} MB, over the {} MB allowed (max_batch_bytes); \
+         lower batch_size or pad_to_multiple_of, or set max_len",
+        bytes / 1_000_000,
+        limit / 1_000_000
+    )]
+    BatchTooLarge {
+        what: String,
+        rows: usize,
+        width: usize,
+        bytes: u64,
+        limit: u64,
+    },
+
+    /// A run produced no rows (every line bad, or an empty input) and an empty result was not allowed.
+    #[error("{0}")]
+    Empty(String),
+
+    /// Another run holds the output directory's lock.
+    #[error("{}: another sft-collate run is writing it{} (wait for it, or pass wait_for_lock)", path.display(), owner.map(|p| format!(" (pid {p})")).unwrap_or_default())]
+    OutputBusy { path: PathBuf, owner: Option<u32> },
 
     /// A token id (or the pad id, or the ignore index) does not fit the chosen id dtype.
     #[error("id {id} does not fit the id dtype {dtype}")]
@@ -37,9 +71,9 @@ pub enum Error {
     #[error("invalid option {name}: {reason}")]
     InvalidOption { name: &'static str, reason: String },
 
-    /// A [`crate::PackedBatch`] whose offsets, lengths or sizes are inconsistent.
+    /// A [`crate::RaggedBatch`] whose offsets, lengths or sizes are inconsistent.
     #[error("invalid packed batch: {0}")]
-    InvalidPackedBatch(String),
+    InvalidBatch(String),
 
     /// Tensor shapes that do not agree (loss functions and companions).
     #[error("shape mismatch: {0}")]
@@ -100,10 +134,44 @@ pub enum Error {
     Safetensors(String),
 }
 
+/// Where in the input an error is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Location {
+    /// Row `n` of a batch given in memory, counting from 0.
+    Row(usize),
+    /// Line `line` (from 1) of a file.
+    Line { path: String, line: usize },
+}
+
+impl std::fmt::Display for Location {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Location::Row(n) => write!(f, "row {n}"),
+            Location::Line { path, line } => write!(f, "{path}:{line}"),
+        }
+    }
+}
+
 /// The crate's result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
+    /// This error, said to be about `at`.
+    pub fn at(self, at: Location) -> Self {
+        Error::At {
+            at,
+            source: Box::new(self),
+        }
+    }
+
+    /// The error inside any [`Error::At`] wrappers.
+    pub fn innermost(&self) -> &Error {
+        match self {
+            Error::At { source, .. } => source.innermost(),
+            other => other,
+        }
+    }
+
     /// Attach a path to an I/O error.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {

@@ -18,3 +18,20 @@ include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
 pub fn kernel(name: &str) -> Option<&'static KernelSource> {
     KERNELS.iter().find(|k| k.name == name)
 }
+
+/// Write the embedded PTX of every kernel family to `dir` (for ptxas reports); the paths written.
+pub fn dump_ptx(dir: &std::path::Path) -> crate::Result<Vec<std::path::PathBuf>> {
+    use crate::Error;
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let mut written = Vec::new();
+    for kernel in KERNELS {
+        let ptx = kernel.ptx.ok_or_else(|| Error::InvalidOption {
+            name: "dump_ptx",
+            reason: "this build has no prebuilt PTX".into(),
+        })?;
+        let path = dir.join(format!("{}.ptx", kernel.name));
+        std::fs::write(&path, ptx).map_err(|e| Error::io(&path, e))?;
+        written.push(path);
+    }
+    Ok(written)
+}

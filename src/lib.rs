@@ -17,33 +17,38 @@
 //!
 //! ## CPU ↔ GPU
 //!
-//! | concept | CPU (the oracle) | CUDA (`cuda`, feature `cuda`) | emulation (feature `emulation`) |
+//! | concept | CPU (the oracle) | CUDA (feature `cuda`) | emulation (feature `emulation`) |
 //! | --- | --- | --- | --- |
-//! | a batch to collate | [`PackedBatch`] | one pinned copy → `DevicePackedBatch` | host slices |
-//! | padded tensors | [`cpu::collate()`] → [`Batch`] | `CudaCollator::collate` → `DeviceBatch` | `EmulatedCollator::collate` |
-//! | padding-free pack | [`cpu::collate_packed`] → [`PackedLayout`] | `CudaCollator::collate_packed` | `EmulatedCollator::collate_packed` |
-//! | masked cross-entropy | [`cpu::loss::masked_cross_entropy`] (f64) | `MaskedCrossEntropy` | `EmulatedMaskedCrossEntropy` |
-//! | results | host `Vec`s | `CudaSlice`s on the caller's stream, `to_host()` | host `Vec`s |
+//! | where it runs | [`Device::cpu`] | [`Device::new`]`(`[`DeviceChoice::Cuda`]`(n))`, or the caller's stream | `Device::emulated()` |
+//! | a batch to collate | [`RaggedBatch`] | one pinned copy up | host slices |
+//! | padded tensors | [`Device::collate`] → [`Batch`] | device buffers, [`Placed::to_host`] | [`Batch`] |
+//! | padding-free pack | [`Device::collate_pack`] → [`Pack`] | device buffers | [`Pack`] |
+//! | masked cross-entropy | [`Device::cross_entropy`] (f64 oracle, rounded once) | the fused kernel | the fused kernel |
 //!
-//! The three backends share one API, so every test runs the same case on each and compares; the kernels
-//! in `kernels/*.cu` are the same source on the GPU and (compiled as C++) in the emulator.
+//! [`Device`] is the one place a backend is chosen (`auto | cpu | cuda[:N] | emulated`), and the one
+//! interface all three are used through, so every test runs the same case on each and compares. The
+//! kernels in `kernels/*.cu` are the same source on the GPU and (compiled as C++) in the emulator, their
+//! arguments written once in `kernels/abi.cuh` ([`backend::abi`]).
 //!
-//! ## Walkthrough
-//! 1. A [`Tokenizer`]: a `tokenizer.json` path or a built-in name (`o200k_base`, `cl100k_base`). Byte-level
-//!    BPE tokenizers run on the crate's fast encoder (the ids Hugging Face `tokenizers` gives, many times
-//!    faster), anything else on `tokenizers`; [`Tokenizer::engine`] says which.
-//! 2. A [`CollateSpec`]: pad id, `max_len` and [`Truncation`], `pad_to_multiple_of`, [`LabelFormat`],
-//!    [`IdDtype`], optional attention mask.
-//! 3. [`tokenize_and_pack`] (pairs) or [`tokenize_rows`] (segments: conversations) gives a
-//!    [`PackedBatch`] (tokens row after row, `row_offsets`, `prompt_lens`, per-token trainable flags for
-//!    multi-segment rows): the compact form a backend takes.
-//! 4. [`cpu::collate()`] turns it into a [`Batch`] (row-major tensors and [`BatchStats`]);
-//!    [`cpu::collate_packed`] into the padding-free [`PackedLayout`] (`position_ids`, `cu_seqlens`);
-//!    [`pack::plan_packs`] and [`pack::bucket_order`] decide which rows go together.
-//!    [`tokenize_prompt_and_output`] does 1–4 in one call, as CS336's function.
-//! 5. [`cpu::loss`] holds the CS336 companions (entropy, log-probs, `masked_normalize`, `masked_mean`,
-//!    the SFT microbatch loss and its gradient) and the masked cross-entropy oracle, in f64; [`loss`]
-//!    the types the cross-entropy backends share.
+//! ## Walkthrough (modules in data-flow order)
+//! 1. [`input`]: JSONL lines become rows of segments: a (prompt, output) pair, or a conversation.
+//! 2. [`tokenize`]: a [`Tokenizer`] (a `tokenizer.json` or a built-in: `o200k_base`, `cl100k_base`).
+//!    Byte-level BPE tokenizers run on the crate's fast encoder (the ids Hugging Face `tokenizers`
+//!    gives, many times faster), anything else on `tokenizers`; [`Tokenizer::engine`] says which.
+//!    [`tokenize_pairs`] / [`tokenize_rows`] give a [`RaggedBatch`].
+//! 3. [`ragged`]: [`RaggedBatch`], tokens row after row with `row_offsets`, `prompt_lens` and per-token
+//!    trainable flags: the compact form a backend takes.
+//! 4. [`schedule`]: which rows go together: length bucketing, padding-free packing plans.
+//! 5. [`collate`]: [`CollateSpec`] (pad id, `max_len` and [`Truncation`], `pad_to_multiple_of`,
+//!    [`LabelFormat`], [`IdDtype`]) and the results, [`Batch`] and [`Pack`].
+//! 6. [`loss`]: the masked cross-entropy's types; [`backend::cpu::loss`] holds the oracle and CS336's
+//!    companions (entropy, log-probs, `masked_normalize`, `masked_mean`, the SFT microbatch loss).
+//! 7. [`backend`]: [`Device`], and the cpu, cuda and emulation backends.
+//! 8. [`dataset`]: the streamed job from a JSONL file to a directory of batch files and a manifest,
+//!    committed atomically (what `sft-collate collate` runs).
+//!
+//! [`tokenize_prompt_and_output`] does 2–5 in one call, as CS336's function. `docs/ARCHITECTURE.md`
+//! maps every module and says where to add a backend, a kernel, a tokenizer engine or an output format.
 //!
 //! ```
 //! use sft_collate::{tokenize_prompt_and_output, CollateSpec, LabelFormat, Tokenizer};
@@ -58,29 +63,34 @@
 //! # Ok::<(), sft_collate::Error>(())
 //! ```
 
-pub mod batch;
-pub mod cpu;
-#[cfg(feature = "cuda")]
-pub mod cuda;
-#[cfg(feature = "emulation")]
-pub mod emulation;
+// Modules in data-flow order (docs/ARCHITECTURE.md): text rows → tokens → a ragged batch → a schedule
+// → collation and the loss on a device → the dataset job.
+mod names;
+
+pub mod backend;
+pub mod collate;
+pub mod cs336;
+pub mod dataset;
 pub mod error;
 pub mod input;
+pub mod io;
 pub mod kernels;
 pub mod loss;
-pub mod pack;
-pub mod packed;
-pub mod pipeline;
-pub mod plan;
-pub mod spec;
+pub mod ragged;
+pub mod schedule;
+pub mod show;
 pub mod tokenize;
 
-pub use batch::{Batch, BatchStats, IdTensor, PackedLayout};
+pub use backend::{Device, DeviceChoice, DeviceKind, Placed};
+pub use collate::{
+    Batch, BatchStats, CollateSpec, IdDtype, IdTensor, LabelFormat, Pack, Truncation,
+};
+pub use cs336::tokenize_prompt_and_output;
 pub use error::{Error, Result};
-pub use packed::PackedBatch;
-pub use pipeline::{tokenize_and_pack, tokenize_prompt_and_output, tokenize_rows};
-pub use spec::{CollateSpec, IdDtype, LabelFormat, Truncation};
-pub use tokenize::{Engine, EngineChoice, Tokenizer, BUILTIN_TOKENIZERS};
+pub use ragged::RaggedBatch;
+pub use tokenize::{
+    tokenize_pairs, tokenize_rows, Engine, EngineChoice, Tokenizer, BUILTIN_TOKENIZERS,
+};
 
 /// The README's Rust examples run as doc tests, so they cannot rot.
 #[cfg(doctest)]

@@ -131,8 +131,10 @@ fn a_bad_line_fails_naming_it_and_leaves_nothing_behind() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("in.jsonl:131"), "{stderr}");
     assert!(stderr.contains("not a string"), "{stderr}");
-    // Earlier batches were written to staging and then removed: the directory is empty.
-    assert!(dir_names(&out_dir).is_empty(), "{:?}", dir_names(&out_dir));
+    // Earlier batches were written to staging and then removed: the output directory was never made, and
+    // nothing is left beside it.
+    assert!(!out_dir.exists());
+    assert_eq!(dir_names(dir.path()), [".out.sft-collate.lock", "in.jsonl"]);
 
     // With --skip-bad-lines the run succeeds and counts the line.
     let out = run(bin()
@@ -214,7 +216,13 @@ fn too_long_sequences_fail_or_truncate() {
         .arg("--output")
         .arg(dir.path()));
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("exceed max_len 8"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // In the user's terms: the file and line, the flag.
+    assert!(stderr.contains("sample.jsonl:1: "), "{stderr}");
+    assert!(
+        stderr.contains("exceed --max-len 8 (--truncate"),
+        "{stderr}"
+    );
     let out = run(bin()
         .args([
             "collate",
@@ -282,7 +290,7 @@ fn help_reads_well() {
 #[test]
 fn loss_reads_safetensors_and_writes_what_the_library_computes() {
     use safetensors::tensor::{Dtype, TensorView};
-    use sft_collate::cpu::loss::masked_cross_entropy;
+    use sft_collate::backend::cpu::loss::masked_cross_entropy;
     use sft_collate::loss::{CeInput, CeOptions, Labels, Normalization};
 
     let dir = tempfile::tempdir().unwrap();

@@ -4,7 +4,8 @@
 //! including empty prompts and outputs, every truncation policy, label format and id dtype.
 
 use proptest::prelude::*;
-use sft_collate::{cpu, CollateSpec, Error, IdDtype, LabelFormat, PackedBatch, Truncation};
+use sft_collate::backend::cpu;
+use sft_collate::{CollateSpec, Error, IdDtype, LabelFormat, RaggedBatch, Truncation};
 
 #[derive(Debug, Clone)]
 struct Case {
@@ -146,9 +147,9 @@ proptest! {
     #[test]
     fn collate_matches_the_contract(case in case()) {
         let truncated: Option<Vec<_>> = case.rows.iter().map(|(p, o)| truncate(p, o, &case.spec)).collect();
-        let packed = PackedBatch::from_pairs_truncated(case.rows.iter().map(|(p, o)| (p, o)), &case.spec);
+        let packed = RaggedBatch::from_pairs_truncated(case.rows.iter().map(|(p, o)| (p, o)), &case.spec);
         let Some(truncated) = truncated else {
-            let refused = matches!(packed, Err(Error::SequenceTooLong { .. }));
+            let refused = matches!(packed.as_ref().map_err(Error::innermost), Err(Error::SequenceTooLong { .. }));
             prop_assert!(refused);
             return Ok(());
         };
@@ -191,7 +192,7 @@ proptest! {
 
 #[test]
 fn the_visual_guide_example() {
-    let packed = PackedBatch::from_pairs([
+    let packed = RaggedBatch::from_pairs([
         (vec![1, 2, 3, 4], vec![5, 6, 7]),
         (vec![1, 2], vec![3, 4, 5, 6, 7]),
         (vec![1, 2, 3], vec![4, 5]),
@@ -217,12 +218,12 @@ fn edge_shapes() {
         ..Default::default()
     };
     // Empty batch: (0, 0).
-    let b = cpu::collate(&PackedBatch::new(), &spec).unwrap();
+    let b = cpu::collate(&RaggedBatch::new(), &spec).unwrap();
     assert_eq!(b.shape(), (0, 0));
     assert!(b.input_ids.is_empty());
     // All sequences of length <= 1: (B, 0), and every row is reported as having no response.
     let b = cpu::collate(
-        &PackedBatch::from_pairs([(vec![1], vec![]), (vec![], vec![2])]),
+        &RaggedBatch::from_pairs([(vec![1], vec![]), (vec![], vec![2])]),
         &spec,
     )
     .unwrap();
@@ -230,7 +231,7 @@ fn edge_shapes() {
     assert_eq!(b.stats.empty_response_rows, [0, 1]);
     assert_eq!(b.stats.padding_fraction, 0.0);
     // Empty prompt: the first output token is never a label.
-    let b = cpu::collate(&PackedBatch::from_pairs([(vec![], vec![5, 6, 7])]), &spec).unwrap();
+    let b = cpu::collate(&RaggedBatch::from_pairs([(vec![], vec![5, 6, 7])]), &spec).unwrap();
     assert_eq!(b.shape(), (1, 4));
     assert_eq!(b.response_mask, [true, true, false, false]);
     assert_eq!(b.labels.to_i64(), [6, 7, 9, 9]);
@@ -238,7 +239,7 @@ fn edge_shapes() {
 
 #[test]
 fn bad_specs_are_typed_errors() {
-    let packed = PackedBatch::from_pairs([(vec![1], vec![2])]);
+    let packed = RaggedBatch::from_pairs([(vec![1], vec![2])]);
     let no_pad = CollateSpec::default();
     assert!(matches!(
         cpu::collate(&packed, &no_pad),

@@ -5,7 +5,7 @@
 mod common;
 
 use serde_json::Value;
-use sft_collate::cpu::loss;
+use sft_collate::backend::cpu::loss;
 use sft_collate::{tokenize_prompt_and_output, CollateSpec, IdDtype};
 
 fn floats(v: &Value) -> Vec<f64> {
@@ -195,15 +195,34 @@ fn sft_microbatch_train_step_matches() {
     }
 }
 
-/// The CS336 vectors through the fused cross-entropy kernel (run by the emulator).
-#[cfg(feature = "emulation")]
-mod through_the_kernel {
+/// The CS336 vectors through every device's cross-entropy (the fused kernel on the emulator and the GPU).
+mod through_each_device {
     use super::*;
-    use sft_collate::emulation::EmulatedMaskedCrossEntropy;
-    use sft_collate::loss::{CeInput, CeOptions, Labels, LogitsShape, Normalization};
+    use sft_collate::loss::{
+        CeInput, CeOptions, CeOutput, CeRequest, Labels, LogitsShape, Normalization,
+    };
+    use sft_collate::Device;
 
-    #[test]
-    fn compute_entropy_through_the_kernel() {
+    crate::device_tests!(
+        compute_entropy_through_the_kernel,
+        masked_normalize_through_the_kernel_weights,
+        sft_microbatch_train_step_through_the_kernel,
+    );
+
+    fn run(
+        device: &Device,
+        input: &CeInput<'_, f32>,
+        options: &CeOptions,
+        grad: bool,
+    ) -> CeOutput<f32> {
+        device
+            .cross_entropy(input, options, CeRequest::default(), grad)
+            .unwrap()
+            .to_host()
+            .unwrap()
+    }
+
+    fn compute_entropy_through_the_kernel(device: &Device) {
         let Some(shared) = common::shared_dir("compute_entropy_through_the_kernel") else {
             return;
         };
@@ -213,9 +232,7 @@ mod through_the_kernel {
         let rows = logits.len() / vocab;
         let (labels, mask) = (vec![0i64; rows], vec![true; rows]);
         let input = CeInput::new(&logits, vocab, Labels::I64(&labels), &mask);
-        let out = EmulatedMaskedCrossEntropy::new()
-            .forward(&input, &CeOptions::default())
-            .unwrap();
+        let out = run(device, &input, &CeOptions::default(), false);
         let got: Vec<f64> = out.entropy.iter().map(|&x| f64::from(x)).collect();
         assert_close(&got, &floats(&fx["expected"]), "kernel entropy");
     }
@@ -227,15 +244,13 @@ mod through_the_kernel {
         ((0..rows).flat_map(|_| [0.0, z]).collect(), vec![0; rows])
     }
 
-    #[test]
-    fn masked_normalize_through_the_kernel_weights() {
+    fn masked_normalize_through_the_kernel_weights(device: &Device) {
         let Some(shared) = common::shared_dir("masked_normalize_through_the_kernel_weights") else {
             return;
         };
         let fx = common::fixture_json(&shared, "cs336/masked_normalize.json");
         let (x, mask, shape_) = tensor_and_mask(&shared);
         let c = fx["normalize_constant"].as_f64().unwrap();
-        let kernel = EmulatedMaskedCrossEntropy::new();
         let sum_normalization = CeOptions {
             normalization: Normalization::Sum,
             upstream: 1.0,
@@ -244,7 +259,7 @@ mod through_the_kernel {
         let (logits, labels) = unit_loss_rows(x.len());
         let mut input = CeInput::new(&logits, 2, Labels::I64(&labels), &mask);
         input.weights = Some(&x);
-        let out = kernel.forward(&input, &sum_normalization).unwrap();
+        let out = run(device, &input, &sum_normalization, false);
         let want = fx["cases"]["dimNone"]["expected"].as_f64().unwrap();
         assert_close(
             &[f64::from(out.sum) / c],
@@ -258,7 +273,7 @@ mod through_the_kernel {
         for (slice, (xs, ms)) in x.chunks(last).zip(mask.chunks(last)).enumerate() {
             let mut input = CeInput::new(&logits, 2, Labels::I64(&labels), ms);
             input.weights = Some(xs);
-            let out = kernel.forward(&input, &sum_normalization).unwrap();
+            let out = run(device, &input, &sum_normalization, false);
             assert_close(
                 &[f64::from(out.sum) / c],
                 &[want[slice]],
@@ -267,8 +282,7 @@ mod through_the_kernel {
         }
     }
 
-    #[test]
-    fn sft_microbatch_train_step_through_the_kernel() {
+    fn sft_microbatch_train_step_through_the_kernel(device: &Device) {
         let Some(shared) = common::shared_dir("sft_microbatch_train_step_through_the_kernel")
         else {
             return;
@@ -304,9 +318,7 @@ mod through_the_kernel {
                 },
                 upstream: 1.0,
             };
-            let out = EmulatedMaskedCrossEntropy::new()
-                .forward_backward(&input, &options)
-                .unwrap();
+            let out = run(device, &input, &options, true);
             // The loss is CS336's, applied to the kernel's own log-probs.
             let log_probs: Vec<f64> = out.log_probs.iter().map(|&x| f64::from(x)).collect();
             let (want_loss, _) =

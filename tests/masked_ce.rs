@@ -1,7 +1,7 @@
 //! The CPU oracle of the masked cross-entropy: its gradient against finite differences of its own loss,
 //! its edge cases, and its agreement with the CS336 companions it generalizes.
 
-use sft_collate::cpu::loss::{self, masked_cross_entropy};
+use sft_collate::backend::cpu::loss::{self, masked_cross_entropy};
 use sft_collate::loss::{CeInput, CeOptions, Labels, LogitsShape, Normalization};
 use sft_collate::Error;
 

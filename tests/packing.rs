@@ -5,8 +5,9 @@
 use std::collections::BTreeSet;
 
 use proptest::prelude::*;
-use sft_collate::pack::{bucket_order, plan_packs, Overflow, PackSpec, PackStrategy};
-use sft_collate::{cpu, CollateSpec, IdDtype, LabelFormat, PackedBatch};
+use sft_collate::backend::cpu;
+use sft_collate::schedule::{bucket_order, plan_packs, Overflow, PackSpec, PackStrategy};
+use sft_collate::{CollateSpec, IdDtype, LabelFormat, RaggedBatch};
 
 type Doc = (Vec<u32>, Vec<u32>);
 
@@ -25,7 +26,7 @@ fn docs() -> impl Strategy<Value = Vec<Doc>> {
 fn padded_pairs(docs: &[Doc], spec: &CollateSpec) -> BTreeSet<(usize, usize, i64)> {
     let mut pairs = BTreeSet::new();
     for (d, (p, o)) in docs.iter().enumerate() {
-        let batch = cpu::collate(&PackedBatch::from_pairs([(p, o)]), spec).unwrap();
+        let batch = cpu::collate(&RaggedBatch::from_pairs([(p, o)]), spec).unwrap();
         let labels = batch.labels.to_i64();
         for (j, &m) in batch.response_mask.iter().enumerate() {
             if m {
@@ -77,10 +78,10 @@ proptest! {
         let mut seen = vec![0usize; docs.len()];
         let mut packed_pairs = BTreeSet::new();
         for pack in &packs {
-            let batch = PackedBatch::from_pairs(pack.iter().map(|&d| (&docs[d].0, &docs[d].1)));
+            let batch = RaggedBatch::from_pairs(pack.iter().map(|&d| (&docs[d].0, &docs[d].1)));
             let real: usize = pack.iter().map(|&d| lens[d]).sum();
             prop_assert!(real <= max_tokens);
-            let layout = cpu::collate_packed(&batch, &spec).unwrap();
+            let layout = cpu::collate_pack(&batch, &spec).unwrap();
             let t = layout.response_mask.len();
             prop_assert_eq!(layout.cu_seqlens[0], 0);
             prop_assert_eq!(*layout.cu_seqlens.last().unwrap() as usize, t);

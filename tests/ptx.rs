@@ -10,8 +10,8 @@ const EXPECTED: &[(&str, &[&str])] = &[
         &[
             "collate_i32",
             "collate_i64",
-            "collate_packed_i32",
-            "collate_packed_i64",
+            "collate_pack_i32",
+            "collate_pack_i64",
         ],
     ),
     (
@@ -86,5 +86,60 @@ fn embedded_sources_are_self_contained() {
             "{} still has an #include",
             kernel.name
         );
+    }
+}
+
+/// The kernels that take an argument struct (kernels/abi.cuh), and which.
+const ABI_ENTRIES: &[(&str, &[&str], &str)] = &[
+    ("collate", &["collate_i32", "collate_i64"], "CollateArgs"),
+    (
+        "collate",
+        &["collate_pack_i32", "collate_pack_i64"],
+        "CollatePackArgs",
+    ),
+    (
+        "masked_ce",
+        &[
+            "masked_ce_fwd_f32",
+            "masked_ce_fwd_f16",
+            "masked_ce_fwd_bf16",
+            "masked_ce_fwd_bwd_f32",
+            "masked_ce_fwd_bwd_f16",
+            "masked_ce_fwd_bwd_bf16",
+        ],
+        "CeArgs",
+    ),
+    ("masked_ce", &["masked_ce_count"], "CeCountArgs"),
+    ("masked_ce", &["masked_ce_reduce"], "CeReduceArgs"),
+];
+
+#[test]
+fn each_kernel_takes_one_parameter_the_size_of_its_generated_struct() {
+    use sft_collate::backend::abi::ABI_LAYOUT;
+    for (family, entries, name) in ABI_ENTRIES {
+        let Some(ptx) = kernels::kernel(family).and_then(|k| k.ptx) else {
+            eprintln!("SKIPPED ABI check for {family}.cu: built without NVRTC");
+            continue;
+        };
+        let size = ABI_LAYOUT
+            .iter()
+            .find(|(what, _)| what == name)
+            .unwrap_or_else(|| panic!("{name} not generated"))
+            .1;
+        for entry in *entries {
+            let start = ptx
+                .find(&format!(".visible .entry {entry}("))
+                .unwrap_or_else(|| panic!("{entry} missing"));
+            let signature = &ptx[start..start + ptx[start..].find(')').unwrap()];
+            assert_eq!(
+                signature.matches(".param").count(),
+                1,
+                "{entry}: one parameter"
+            );
+            assert!(
+                signature.contains(&format!("{entry}_param_0[{size}]")),
+                "{entry} does not take {size} bytes ({name}): {signature}"
+            );
+        }
     }
 }

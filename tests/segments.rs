@@ -3,7 +3,8 @@
 //! (prompt, output) row given as two segments collates exactly as the pair does.
 
 use proptest::prelude::*;
-use sft_collate::{cpu, CollateSpec, IdDtype, LabelFormat, PackedBatch};
+use sft_collate::backend::cpu;
+use sft_collate::{CollateSpec, IdDtype, LabelFormat, RaggedBatch};
 
 type Row = Vec<(Vec<u32>, bool)>;
 
@@ -34,7 +35,7 @@ fn spec() -> impl Strategy<Value = CollateSpec> {
     )
 }
 
-fn batch(rows: &[Row]) -> PackedBatch {
+fn batch(rows: &[Row]) -> RaggedBatch {
     let segments: Vec<Vec<(&[u32], bool)>> = rows
         .iter()
         .map(|r| {
@@ -43,7 +44,7 @@ fn batch(rows: &[Row]) -> PackedBatch {
                 .collect()
         })
         .collect();
-    PackedBatch::from_segments(segments)
+    RaggedBatch::from_segments(segments)
 }
 
 proptest! {
@@ -70,17 +71,17 @@ proptest! {
         }
         prop_assert_eq!(out.stats.response_tokens, trained);
         // The packed layout trains the same (context, label) pairs.
-        let layout = cpu::collate_packed(&packed, &spec).unwrap();
+        let layout = cpu::collate_pack(&packed, &spec).unwrap();
         prop_assert_eq!(layout.stats.response_tokens, trained);
         prop_assert_eq!(layout.response_mask.iter().filter(|&&m| m).count(), trained);
     }
 
     #[test]
     fn two_segment_rows_collate_as_pairs(pairs in prop::collection::vec((prop::collection::vec(0u32..1000, 0..8), prop::collection::vec(0u32..1000, 0..8)), 0..6), spec in spec()) {
-        let as_pairs = PackedBatch::from_pairs(pairs.iter().map(|(p, o)| (p, o)));
+        let as_pairs = RaggedBatch::from_pairs(pairs.iter().map(|(p, o)| (p, o)));
         let as_segments = batch(&pairs.iter().map(|(p, o)| vec![(p.clone(), false), (o.clone(), true)]).collect::<Vec<_>>());
         prop_assert_eq!(cpu::collate(&as_segments, &spec).unwrap(), cpu::collate(&as_pairs, &spec).unwrap());
-        prop_assert_eq!(cpu::collate_packed(&as_segments, &spec).unwrap(), cpu::collate_packed(&as_pairs, &spec).unwrap());
+        prop_assert_eq!(cpu::collate_pack(&as_segments, &spec).unwrap(), cpu::collate_pack(&as_pairs, &spec).unwrap());
         // Selecting rows keeps the flags.
         let all: Vec<usize> = (0..pairs.len()).rev().collect();
         prop_assert_eq!(
@@ -95,7 +96,7 @@ proptest! {
 
     #[test]
     fn split_and_truncate_keep_each_tokens_flag(rows in rows(), max_tokens in 2usize..12, split in any::<bool>()) {
-        use sft_collate::pack::{Overflow, PackSpec};
+        use sft_collate::schedule::{Overflow, PackSpec};
         let packed = batch(&rows);
         let spec = CollateSpec { pad_id: Some(0), ..Default::default() };
         let pack = PackSpec { overflow: if split { Overflow::Split } else { Overflow::Truncate }, ..PackSpec::new(max_tokens) };
@@ -120,22 +121,6 @@ proptest! {
                 prop_assert_eq!(&flat[..], &original[original.len() - flat.len()..]);
             }
         }
-    }
-}
-
-#[cfg(feature = "emulation")]
-proptest! {
-    #![proptest_config(ProptestConfig::with_cases(40))]
-
-    #[test]
-    fn emulated_kernels_follow_the_flags(rows in rows(), spec in spec()) {
-        use sft_collate::emulation::EmulatedCollator;
-        let packed = batch(&rows);
-        prop_assert_eq!(EmulatedCollator::new().collate(&packed, &spec).unwrap(), cpu::collate(&packed, &spec).unwrap());
-        prop_assert_eq!(
-            EmulatedCollator::new().collate_packed(&packed, &spec).unwrap(),
-            cpu::collate_packed(&packed, &spec).unwrap()
-        );
     }
 }
 
@@ -165,10 +150,10 @@ fn a_conversation() {
         [false, false, false, false, true, true, false, true, true]
     );
     assert!(
-        PackedBatch::from_parts_with_trainable(vec![1, 2], vec![0, 2], vec![0], vec![0, 2])
+        RaggedBatch::from_parts_with_trainable(vec![1, 2], vec![0, 2], vec![0], vec![0, 2])
             .is_err()
     );
     assert!(
-        PackedBatch::from_parts_with_trainable(vec![1, 2], vec![0, 2], vec![0], vec![0]).is_err()
+        RaggedBatch::from_parts_with_trainable(vec![1, 2], vec![0, 2], vec![0], vec![0]).is_err()
     );
 }

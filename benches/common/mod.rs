@@ -59,7 +59,7 @@ pub fn corpus_source() -> CorpusSource {
 /// criterion's `iter_custom`.
 #[cfg(feature = "cuda")]
 pub fn time_on_stream(
-    stream: &sft_collate::cuda::CudaStream,
+    stream: &sft_collate::backend::cuda::CudaStream,
     iters: u64,
     mut f: impl FnMut(),
 ) -> std::time::Duration {

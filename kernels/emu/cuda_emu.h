@@ -13,6 +13,7 @@
 #include <cmath>
 #include <math.h>
 #include <condition_variable>
+#include <cstddef>
 #include <cstdint>
 #include <cstring>
 #include <memory>

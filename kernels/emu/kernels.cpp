@@ -6,24 +6,36 @@
 #include "collate.cu"
 #include "masked_ce.cu"
 
-#define COMMA ,
-#define EMU_WRAPPER(kernel, params, args)                                                           \
-    extern "C" void emu_##kernel(const EmuLaunch *cfg, params) {                                   \
-        emu::launch(*cfg, [&] { kernel(args); });                                                  \
+// Every kernel takes its argument struct (abi.cuh); the wrapper takes a pointer to the same struct the
+// Rust side fills for cuLaunchKernel, with host addresses in place of device ones.
+#define EMU_WRAPPER(kernel, Args)                                                                   \
+    extern "C" void emu_##kernel(const EmuLaunch *cfg, const Args *args) {                          \
+        emu::launch(*cfg, [&] { kernel(*args); });                                                 \
     }
 
-EMU_WRAPPER(collate_i32, COLLATE_PARAMS(i32), COLLATE_ARGS)
-EMU_WRAPPER(collate_i64, COLLATE_PARAMS(i64), COLLATE_ARGS)
-EMU_WRAPPER(collate_packed_i32, COLLATE_PACKED_PARAMS(i32), COLLATE_PACKED_ARGS)
-EMU_WRAPPER(collate_packed_i64, COLLATE_PACKED_PARAMS(i64), COLLATE_PACKED_ARGS)
-EMU_WRAPPER(masked_ce_fwd_f32, CE_PARAMS(float), CE_ARGS)
-EMU_WRAPPER(masked_ce_fwd_f16, CE_PARAMS(f16), CE_ARGS)
-EMU_WRAPPER(masked_ce_fwd_bf16, CE_PARAMS(bf16), CE_ARGS)
-EMU_WRAPPER(masked_ce_fwd_bwd_f32, CE_PARAMS(float), CE_ARGS)
-EMU_WRAPPER(masked_ce_fwd_bwd_f16, CE_PARAMS(f16), CE_ARGS)
-EMU_WRAPPER(masked_ce_fwd_bwd_bf16, CE_PARAMS(bf16), CE_ARGS)
-EMU_WRAPPER(masked_ce_count, CE_COUNT_PARAMS, CE_COUNT_ARGS)
-EMU_WRAPPER(masked_ce_reduce, CE_REDUCE_PARAMS, CE_REDUCE_ARGS)
+EMU_WRAPPER(collate_i32, CollateArgs)
+EMU_WRAPPER(collate_i64, CollateArgs)
+EMU_WRAPPER(collate_pack_i32, CollatePackArgs)
+EMU_WRAPPER(collate_pack_i64, CollatePackArgs)
+EMU_WRAPPER(masked_ce_fwd_f32, CeArgs)
+EMU_WRAPPER(masked_ce_fwd_f16, CeArgs)
+EMU_WRAPPER(masked_ce_fwd_bf16, CeArgs)
+EMU_WRAPPER(masked_ce_fwd_bwd_f32, CeArgs)
+EMU_WRAPPER(masked_ce_fwd_bwd_f16, CeArgs)
+EMU_WRAPPER(masked_ce_fwd_bwd_bf16, CeArgs)
+EMU_WRAPPER(masked_ce_count, CeCountArgs)
+EMU_WRAPPER(masked_ce_reduce, CeReduceArgs)
+
+// The size of every argument struct and the offset of every field, in the order build.rs lists them
+// for Rust (abi_layout.inc is generated from abi.cuh), so that a test can compare the two layouts.
+extern "C" unsigned long long emu_abi_layout(unsigned long long *out, unsigned long long capacity) {
+    const unsigned long long layout[] = {
+#include "abi_layout.inc"
+    };
+    const unsigned long long n = sizeof(layout) / sizeof(layout[0]);
+    for (unsigned long long i = 0; i < n && i < capacity; ++i) out[i] = layout[i];
+    return n;
+}
 
 // A test kernel for the shim itself: block reductions through shared memory and warp shuffles, the
 // pattern the fused cross-entropy kernel uses. For each block b (blockDim.x a multiple of 32):
@@ -59,4 +71,6 @@ extern "C" __global__ void selftest_reduce(const float *in, float *out, unsigned
     }
 }
 
-EMU_WRAPPER(selftest_reduce, const float *in COMMA float *out COMMA unsigned *ballots, in COMMA out COMMA ballots)
+extern "C" void emu_selftest_reduce(const EmuLaunch *cfg, const float *in, float *out, unsigned *ballots) {
+    emu::launch(*cfg, [&] { selftest_reduce(in, out, ballots); });
+}

@@ -1,11 +1,12 @@
-//! `sft-collate bench loss`: a microbenchmark of the masked cross-entropy: time, bytes moved, achieved
-//! bandwidth and its fraction of the device's peak, for the fused forward and forward+backward, with the
-//! unfused baseline (log-softmax written out, gather, masked sum, softmax-minus-one-hot) beside it.
+//! `sft-collate bench loss`: the masked cross-entropy's time, bytes moved, bandwidth and fraction of the
+//! device's peak, fused and unfused ([`sft_collate::backend::cuda::bench`]); on the CPU, the oracle's time
+//! for scale.
 
 use std::time::Instant;
 
 use clap::{Args, Subcommand, ValueEnum};
-use sft_collate::{Error, Result};
+use sft_collate::loss::{CeInput, CeOptions, CeRequest, Labels};
+use sft_collate::{Device, DeviceChoice, DeviceKind, Error, Result};
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
@@ -26,14 +27,6 @@ enum DtypeArg {
     Bf16,
 }
 
-#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
-enum BenchDevice {
-    /// The CUDA kernels on GPU 0.
-    Cuda,
-    /// The f64 CPU oracle (for scale only; it is not a fast path).
-    Cpu,
-}
-
 #[derive(Args, Debug)]
 struct BenchLossArgs {
     /// Rows (tokens) N.
@@ -47,8 +40,9 @@ struct BenchLossArgs {
     /// Fraction of rows masked (trained on).
     #[arg(long, default_value_t = 0.5)]
     masked: f64,
-    #[arg(long, value_enum, default_value = "cuda")]
-    device: BenchDevice,
+    /// cuda, cuda:N; or cpu / emulated, which time one f32 run through the same interface, for scale.
+    #[arg(long, default_value = "cuda")]
+    device: DeviceChoice,
     /// Timed repetitions of each case (after one warm-up).
     #[arg(long, default_value_t = 10)]
     iters: u32,
@@ -62,16 +56,22 @@ pub fn run(args: BenchArgs) -> Result<()> {
             reason: "must be in [0, 1]".into(),
         });
     }
-    match args.device {
-        BenchDevice::Cpu => cpu(&args),
-        BenchDevice::Cuda => cuda(&args),
+    let device = Device::new(args.device)?;
+    match device.kind() {
+        DeviceKind::Cuda => cuda(&args, &device),
+        _ => host(&args, &device),
     }
 }
 
-fn cpu(args: &BenchLossArgs) -> Result<()> {
-    use sft_collate::cpu::loss::masked_cross_entropy;
-    use sft_collate::loss::{CeInput, CeOptions, Labels};
-    let n = args.rows * args.vocab;
+/// The interface's own call on host data, timed.
+fn host(args: &BenchLossArgs, device: &Device) -> Result<()> {
+    let n = args
+        .rows
+        .checked_mul(args.vocab)
+        .ok_or(Error::InvalidOption {
+            name: "rows",
+            reason: "rows x vocab overflows".into(),
+        })?;
     let logits: Vec<f32> = (0..n)
         .map(|i| ((i * 2_654_435_761) % 16_001) as f32 / 1000.0 - 8.0)
         .collect();
@@ -83,51 +83,53 @@ fn cpu(args: &BenchLossArgs) -> Result<()> {
         .collect();
     let input = CeInput::new(&logits, args.vocab, Labels::I64(&labels), &mask);
     println!(
-        "device cpu (the f64 oracle; single thread); {} rows x {} vocab, f32",
-        args.rows, args.vocab
+        "device {}; {} rows x {} vocab, f32",
+        device.description(),
+        args.rows,
+        args.vocab
     );
-    for (name, grad) in [("oracle forward", false), ("oracle forward+backward", true)] {
+    for (name, grad) in [("forward", false), ("forward+backward", true)] {
         let start = Instant::now();
         for _ in 0..args.iters {
-            std::hint::black_box(masked_cross_entropy(&input, &CeOptions::default(), grad)?);
+            let out =
+                device.cross_entropy(&input, &CeOptions::default(), CeRequest::default(), grad)?;
+            std::hint::black_box(out.to_host()?);
         }
         println!(
             "{name:<28} {:>10.3} ms",
-            start.elapsed().as_secs_f64() * 1e3 / f64::from(args.iters)
+            start.elapsed().as_secs_f64() * 1e3 / f64::from(args.iters.max(1))
         );
     }
     Ok(())
 }
 
 #[cfg(not(feature = "cuda"))]
-fn cuda(_: &BenchLossArgs) -> Result<()> {
-    Err(Error::NoDevice(
-        "this build has no CUDA backend (feature `cuda`)".into(),
-    ))
+fn cuda(_: &BenchLossArgs, _: &Device) -> Result<()> {
+    unreachable!("a build without CUDA has no CUDA device")
 }
 
 #[cfg(feature = "cuda")]
-fn cuda(args: &BenchLossArgs) -> Result<()> {
+fn cuda(args: &BenchLossArgs, device: &Device) -> Result<()> {
     match args.dtype {
-        DtypeArg::F32 => cuda_typed::<f32>(args),
-        DtypeArg::F16 => cuda_typed::<half::f16>(args),
-        DtypeArg::Bf16 => cuda_typed::<half::bf16>(args),
+        DtypeArg::F32 => cuda_typed::<f32>(args, device),
+        DtypeArg::F16 => cuda_typed::<half::f16>(args, device),
+        DtypeArg::Bf16 => cuda_typed::<half::bf16>(args, device),
     }
 }
 
 #[cfg(feature = "cuda")]
-fn cuda_typed<T: sft_collate::loss::LogitElem + cudarc::driver::DeviceRepr>(
+fn cuda_typed<T: sft_collate::loss::LogitElem>(
     args: &BenchLossArgs,
+    device: &Device,
 ) -> Result<()> {
-    use sft_collate::cuda::{self, bench::LossBench};
-    let info = cuda::probe(0)?;
-    let stream = cuda::default_stream(0)?;
-    let peak = cuda::bench::peak_bandwidth(&stream)?;
-    let bench = LossBench::<T>::new(stream.clone(), args.rows, args.vocab, args.masked)?;
+    use sft_collate::backend::cuda::bench::LossBench;
+    let stream = device.as_cuda().expect("a CUDA device").stream().clone();
+    let bench = LossBench::<T>::new(stream, args.rows, args.vocab, args.masked)?;
+    let report = bench.measure(args.iters)?;
     println!(
         "device {} (peak {:.0} GB/s); {} rows ({} masked) x {} vocab, {}",
-        info.name,
-        peak / 1e9,
+        device.description(),
+        report.peak / 1e9,
         args.rows,
         bench.masked_rows(),
         args.vocab,
@@ -136,36 +138,23 @@ fn cuda_typed<T: sft_collate::loss::LogitElem + cudarc::driver::DeviceRepr>(
     println!(
         "bytes: forward = one read of the masked rows; forward+backward = that plus one write of the gradient"
     );
-    let time = |f: &dyn Fn() -> Result<()>| -> Result<f64> {
-        f()?;
-        cuda::cuda_result(stream.synchronize())?;
-        let start = Instant::now();
-        for _ in 0..args.iters {
-            f()?;
-        }
-        cuda::cuda_result(stream.synchronize())?;
-        Ok(start.elapsed().as_secs_f64() / f64::from(args.iters))
-    };
-    let fused_fwd = time(&|| bench.fused_forward())?;
-    let fused_both = time(&|| bench.fused_forward_backward())?;
-    let unfused_fwd = time(&|| bench.unfused_forward().map(drop))?;
-    let unfused_both = time(&|| bench.unfused_forward_backward())?;
     println!(
         "{:<26} {:>10} {:>10} {:>9} {:>10}",
         "case", "time (ms)", "bytes (GB)", "GB/s", "% of peak"
     );
+    let (fwd, both) = (report.forward_bytes, report.forward_backward_bytes);
     for (name, seconds, bytes) in [
-        ("fused forward", fused_fwd, bench.forward_bytes()),
+        ("fused forward", report.fused_forward, fwd),
         (
             "fused forward+backward",
-            fused_both,
-            bench.forward_backward_bytes(),
+            report.fused_forward_backward,
+            both,
         ),
-        ("unfused forward", unfused_fwd, bench.forward_bytes()),
+        ("unfused forward", report.unfused_forward, fwd),
         (
             "unfused forward+backward",
-            unfused_both,
-            bench.forward_backward_bytes(),
+            report.unfused_forward_backward,
+            both,
         ),
     ] {
         println!(
@@ -173,13 +162,13 @@ fn cuda_typed<T: sft_collate::loss::LogitElem + cudarc::driver::DeviceRepr>(
             seconds * 1e3,
             bytes / 1e9,
             bytes / seconds / 1e9,
-            100.0 * bytes / seconds / peak
+            100.0 * bytes / seconds / report.peak
         );
     }
     println!(
         "fused speed-up over unfused: forward {:.2}x, forward+backward {:.2}x",
-        unfused_fwd / fused_fwd,
-        unfused_both / fused_both
+        report.unfused_forward / report.fused_forward,
+        report.unfused_forward_backward / report.fused_forward_backward
     );
     Ok(())
 }

@@ -1,6 +1,6 @@
-//! Argument parsing and dispatch. Each subcommand lives in its own file.
+//! The command line: flags mapped to the library's configs, results printed. Every behaviour lives in the
+//! library; a subcommand is its flags and a call.
 
-mod backend;
 mod bench;
 mod collate;
 mod doctor;
@@ -8,11 +8,12 @@ mod loss;
 mod show;
 
 use std::process::ExitCode;
+use std::str::FromStr;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::builder::{PossibleValuesParser, TypedValueParser};
+use clap::{Args, Parser, Subcommand};
 use sft_collate::input::{MessageFormat, RowFormat, Template};
-use sft_collate::EngineChoice;
-use sft_collate::{CollateSpec, IdDtype, LabelFormat, Tokenizer, Truncation};
+use sft_collate::{CollateSpec, EngineChoice, Error, IdDtype, LabelFormat, Tokenizer, Truncation};
 
 /// Turn (prompt, output) text pairs into input_ids, labels and response_mask for supervised fine-tuning.
 ///
@@ -41,6 +42,14 @@ enum Command {
     Bench(bench::BenchArgs),
 }
 
+/// A library option enum as a flag value: its names are the possible values.
+fn choice<T>(names: &'static [&'static str]) -> impl TypedValueParser<Value = T>
+where
+    T: FromStr<Err = Error> + Clone + Send + Sync + 'static,
+{
+    PossibleValuesParser::new(names).map(|name| name.parse().expect("one of the names"))
+}
+
 /// Where the tokenizer comes from.
 #[derive(Args, Debug, Clone)]
 struct TokenizerArgs {
@@ -50,7 +59,7 @@ struct TokenizerArgs {
     /// Which encoder runs it: `auto` takes the fast byte-level BPE encoder when it supports the tokenizer
     /// (same ids as Hugging Face `tokenizers`) and `tokenizers` otherwise; `fast` fails instead of falling
     /// back; `tokenizers` always uses `tokenizers`. The manifest and `doctor --tokenizer` say which ran.
-    #[arg(long, value_enum, default_value_t = EngineChoice::Auto)]
+    #[arg(long, default_value = "auto", value_parser = choice::<EngineChoice>(EngineChoice::NAMES))]
     tokenizer_engine: EngineChoice,
 }
 
@@ -60,7 +69,7 @@ impl TokenizerArgs {
     }
 }
 
-/// How JSONL rows become (prompt, output) pairs.
+/// How JSONL rows become (prompt, output) pairs or conversations.
 #[derive(Args, Debug, Clone)]
 struct RowArgs {
     /// The key holding the prompt (ignored with --template).
@@ -86,20 +95,18 @@ struct RowArgs {
     train_roles: Vec<String>,
 }
 
+fn read_text(path: &std::path::Path) -> sft_collate::Result<String> {
+    std::fs::read_to_string(path).map_err(|e| Error::io(path, e))
+}
+
 impl RowArgs {
     fn row_format(&self) -> sft_collate::Result<RowFormat> {
         let template = match &self.template {
-            Some(path) => {
-                let text =
-                    std::fs::read_to_string(path).map_err(|e| sft_collate::Error::io(path, e))?;
-                Some(Template::parse(&text)?)
-            }
+            Some(path) => Some(Template::parse(&read_text(path)?)?),
             None => None,
         };
         let message_template = match &self.message_template {
-            Some(path) => {
-                Some(std::fs::read_to_string(path).map_err(|e| sft_collate::Error::io(path, e))?)
-            }
+            Some(path) => Some(read_text(path)?),
             None => None,
         };
         let mut messages =
@@ -114,27 +121,6 @@ impl RowArgs {
     }
 }
 
-#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
-enum TruncateArg {
-    Error,
-    PromptLeft,
-    OutputRight,
-}
-
-#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
-enum LabelsArg {
-    /// Labels hold pad_id past the end of the sequence (CS336); use the mask in the loss.
-    Pad,
-    /// Labels are -100 wherever the mask is false (PyTorch's ignore_index).
-    IgnoreIndex,
-}
-
-#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
-enum IdDtypeArg {
-    I32,
-    I64,
-}
-
 /// Everything that shapes the tensors.
 #[derive(Args, Debug, Clone)]
 struct SpecArgs {
@@ -142,17 +128,18 @@ struct SpecArgs {
     #[arg(long, value_name = "N")]
     max_len: Option<usize>,
     /// What to do with a sequence over --max-len.
-    #[arg(long, value_enum, default_value = "error")]
-    truncate: TruncateArg,
+    #[arg(long, default_value = "error", value_parser = choice::<Truncation>(Truncation::NAMES))]
+    truncate: Truncation,
     /// Round the tensors' width up to a multiple of M.
     #[arg(long, value_name = "M")]
     pad_to_multiple_of: Option<usize>,
-    /// How labels are written where the mask is false.
-    #[arg(long, value_enum, default_value = "pad")]
-    labels: LabelsArg,
+    /// How labels are written where the mask is false: pad_id (CS336; use the mask in the loss), or -100
+    /// (PyTorch's ignore_index).
+    #[arg(long, default_value = "pad", value_parser = choice::<LabelFormat>(LabelFormat::NAMES))]
+    labels: LabelFormat,
     /// Integer type of input_ids and labels.
-    #[arg(long, value_enum, default_value = "i32")]
-    id_dtype: IdDtypeArg,
+    #[arg(long, default_value = "i32", value_parser = choice::<IdDtype>(IdDtype::NAMES))]
+    id_dtype: IdDtype,
     /// The pad id (default: the tokenizer's pad token, else <|endoftext|>).
     #[arg(long, value_name = "ID")]
     pad_id: Option<u32>,
@@ -162,28 +149,66 @@ struct SpecArgs {
 }
 
 impl SpecArgs {
-    fn spec(&self, tokenizer: &Tokenizer) -> sft_collate::Result<CollateSpec> {
-        let spec = CollateSpec {
-            pad_id: Some(tokenizer.resolve_pad_id(self.pad_id)?),
+    fn spec(&self) -> CollateSpec {
+        CollateSpec {
+            pad_id: self.pad_id,
             max_len: self.max_len,
-            truncation: match self.truncate {
-                TruncateArg::Error => Truncation::Error,
-                TruncateArg::PromptLeft => Truncation::PromptLeft,
-                TruncateArg::OutputRight => Truncation::OutputRight,
-            },
+            truncation: self.truncate,
             pad_to_multiple_of: self.pad_to_multiple_of,
-            label_format: match self.labels {
-                LabelsArg::Pad => LabelFormat::Pad,
-                LabelsArg::IgnoreIndex => LabelFormat::IGNORE_INDEX,
-            },
-            id_dtype: match self.id_dtype {
-                IdDtypeArg::I32 => IdDtype::I32,
-                IdDtypeArg::I64 => IdDtype::I64,
-            },
+            label_format: self.labels,
+            id_dtype: self.id_dtype,
             attention_mask: self.attention_mask,
-        };
-        spec.validate()?;
-        Ok(spec)
+        }
+    }
+}
+
+/// An option's flag, from the library's name for it (`max_len` → `--max-len`).
+fn flag(name: &str) -> String {
+    format!("--{}", name.replace('_', "-"))
+}
+
+/// An error in the user's terms: options as the flags they typed.
+fn describe(error: &Error) -> String {
+    match error {
+        Error::At { at, source } => format!("{at}: {}", describe(source)),
+        Error::InvalidOption { name, reason } => format!(
+            "{} {}",
+            flag(name),
+            reason
+                .replace("pass overwrite", "pass --overwrite")
+                .replace("allow_pad_id_outside_vocab", "--allow-pad-id-outside-vocab")
+        ),
+        Error::SequenceTooLong {
+            len,
+            prompt_len,
+            output_len,
+            max_len,
+            limit,
+        } => {
+            let hint = match *limit {
+                "pack" => "--pack-overflow truncate or split to cut it",
+                _ => "--truncate prompt-left or output-right to cut it",
+            };
+            format!(
+                "{len} tokens (prompt {prompt_len} + output {output_len}) exceed {} {max_len} ({hint})",
+                flag(limit)
+            )
+        }
+        Error::BatchTooLarge {
+            what,
+            rows,
+            width,
+            bytes,
+            limit,
+        } => format!(
+            "{what} would be {rows} rows x {width} positions = {} MB, over the {} MB allowed \
+             (--max-batch-bytes); lower --batch-size or --pad-to-multiple-of, or set --max-len",
+            bytes / 1_000_000,
+            limit / 1_000_000
+        ),
+        Error::Empty(message) => message.replace("allow_empty", "--allow-empty"),
+        Error::OutputBusy { .. } => error.to_string().replace("wait_for_lock", "--wait"),
+        other => other.to_string(),
     }
 }
 
@@ -199,7 +224,7 @@ pub fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e}");
+            eprintln!("error: {}", describe(&e));
             ExitCode::FAILURE
         }
     }

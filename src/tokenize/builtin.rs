@@ -17,17 +17,12 @@ use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::{AddedToken, SplitDelimiterBehavior};
 
-use super::fast::pretok::Pattern;
-use super::fast::{AddedSpec, BpeSpec};
+use super::fast::patterns::{self, Pattern};
+use super::fast::{to_byte_level, AddedSpec, BpeSpec};
 use crate::{Error, Result};
 
 /// Names accepted by [`builtin_tokenizer`] and wherever a tokenizer is taken.
 pub const BUILTIN_TOKENIZERS: &[&str] = &["o200k_base", "cl100k_base"];
-
-/// tiktoken's split pattern for cl100k_base. One change for Oniguruma: `\p{N}{1,3}+` (possessive in
-/// tiktoken's regex engine) means `(\p{N}{1,3})+` in Oniguruma's Ruby syntax, so it is written `\p{N}{1,3}`,
-/// which matches the same since nothing follows it in its alternative.
-pub(crate) const CL100K_PATTERN: &str = r"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s";
 
 /// What a built-in tokenizer is made of, from which both engines are built.
 pub(crate) struct BuiltinParts {
@@ -43,13 +38,15 @@ pub(crate) struct BuiltinParts {
 /// The parts of a built-in tokenizer by name. The conversion takes a moment, so each is done once per
 /// process.
 pub(crate) fn builtin_parts(name: &str) -> Result<&'static BuiltinParts> {
-    static O200K: OnceLock<Parts> = OnceLock::new();
-    static CL100K: OnceLock<Parts> = OnceLock::new();
+    static O200K_PARTS: OnceLock<Parts> = OnceLock::new();
+    static CL100K_PARTS: OnceLock<Parts> = OnceLock::new();
     let parts = match name {
         "o200k_base" => {
-            O200K.get_or_init(|| parts(tiktoken_rs::o200k_base(), tiktoken_rs::O200K_BASE_PAT_STR))
+            O200K_PARTS.get_or_init(|| parts(tiktoken_rs::o200k_base(), patterns::O200K))
         }
-        "cl100k_base" => CL100K.get_or_init(|| parts(tiktoken_rs::cl100k_base(), CL100K_PATTERN)),
+        "cl100k_base" => {
+            CL100K_PARTS.get_or_init(|| parts(tiktoken_rs::cl100k_base(), patterns::CL100K))
+        }
         _ => {
             return Err(Error::Tokenizer {
                 name: name.to_string(),
@@ -161,8 +158,7 @@ fn parts(
 }
 
 fn to_tokenizers(parts: &BuiltinParts) -> std::result::Result<tokenizers::Tokenizer, String> {
-    let alphabet = byte_to_unicode();
-    let to_str = |bytes: &[u8]| -> String { bytes.iter().map(|&b| alphabet[b as usize]).collect() };
+    let to_str = to_byte_level;
     let mut vocab: tokenizers::models::bpe::Vocab = parts
         .by_rank
         .iter()
@@ -237,23 +233,4 @@ fn replay_merges<'a>(
         parts.remove(i + 1);
     }
     parts.iter().map(|&(s, e)| &token[s..e]).collect()
-}
-
-/// GPT-2's reversible mapping from bytes to printable unicode characters, which byte-level BPE
-/// vocabularies are written in.
-fn byte_to_unicode() -> [char; 256] {
-    let mut table = ['\0'; 256];
-    let printable = |b: u32| {
-        (0x21..=0x7E).contains(&b) || (0xA1..=0xAC).contains(&b) || (0xAE..=0xFF).contains(&b)
-    };
-    let mut next = 256u32;
-    for b in 0..256u32 {
-        table[b as usize] = if printable(b) {
-            char::from_u32(b).expect("Latin-1 is valid")
-        } else {
-            next += 1;
-            char::from_u32(next - 1).expect("below the surrogates")
-        };
-    }
-    table
 }

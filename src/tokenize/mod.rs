@@ -4,6 +4,7 @@
 
 mod builtin;
 pub(crate) mod fast;
+mod rows;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
@@ -12,11 +13,12 @@ use rayon::prelude::*;
 
 pub use builtin::{builtin_tokenizer, BUILTIN_TOKENIZERS};
 pub use fast::CacheStats;
+pub use rows::{tokenize_pairs, tokenize_rows};
 
-/// Split regexes (as written in `tokenizer.json` files) that the fast engine runs natively, besides those
-/// of the built-ins. Any other `Split` regex sends a tokenizer to `tokenizers`.
+/// Split regexes (as written in `tokenizer.json` files) that the fast engine runs natively. Any other
+/// `Split` regex sends a tokenizer to `tokenizers`.
 pub mod split_patterns {
-    pub use super::fast::pretok::{GPT2, LLAMA3, QWEN2};
+    pub use super::fast::patterns::{CL100K, GPT2, LLAMA3, O200K, QWEN2};
 }
 
 use crate::{Error, Result};
@@ -25,8 +27,8 @@ use fast::FastBpe;
 /// The token used as padding when neither the caller nor the tokenizer names one.
 pub const ENDOFTEXT: &str = "<|endoftext|>";
 
-/// Which encoder a [`Tokenizer`] runs.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+/// Which encoder a [`Tokenizer`] runs: `auto`, `fast` or `tokenizers`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum EngineChoice {
     /// The fast encoder when it supports the tokenizer, else `tokenizers`.
     #[default]
@@ -36,6 +38,12 @@ pub enum EngineChoice {
     /// Hugging Face `tokenizers`.
     Tokenizers,
 }
+
+crate::names::named_enum!(EngineChoice {
+    Auto = "auto",
+    Fast = "fast",
+    Tokenizers = "tokenizers",
+});
 
 /// The encoder a [`Tokenizer`] runs, and why.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -65,6 +73,16 @@ impl Engine {
     }
 }
 
+/// The encoder that runs, held once.
+#[derive(Clone)]
+enum Encoder {
+    Fast(Arc<FastBpe>),
+    /// Hugging Face `tokenizers`; `reason` says why (asked for, or why the fast one could not).
+    Tokenizers {
+        reason: String,
+    },
+}
+
 /// Where the `tokenizers` form comes from when it is first needed.
 enum Source {
     File(PathBuf),
@@ -81,8 +99,7 @@ enum Source {
 pub struct Tokenizer {
     name: String,
     configured_pad: Option<u32>,
-    fast: Option<Arc<FastBpe>>,
-    engine: Engine,
+    encoder: Encoder,
     source: Arc<Source>,
     hf: Arc<OnceLock<std::result::Result<tokenizers::Tokenizer, String>>>,
 }
@@ -91,7 +108,7 @@ impl std::fmt::Debug for Tokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Tokenizer")
             .field("name", &self.name)
-            .field("engine", &self.engine)
+            .field("engine", &self.engine())
             .field("vocab_size", &self.vocab_size())
             .field("pad_id", &self.pad_id())
             .finish()
@@ -201,20 +218,14 @@ impl Tokenizer {
         let mut tokenizer = Tokenizer {
             name,
             configured_pad: None,
-            fast: None,
-            engine: Engine::Tokenizers {
+            encoder: Encoder::Tokenizers {
                 reason: String::new(),
             },
             source: Arc::new(source),
             hf: Arc::new(hf),
         };
         match fast {
-            Ok(fast) => {
-                tokenizer.engine = Engine::Fast {
-                    detail: fast.describe(),
-                };
-                tokenizer.fast = Some(Arc::new(fast));
-            }
+            Ok(fast) => tokenizer.encoder = Encoder::Fast(Arc::new(fast)),
             Err(reason) if choice == EngineChoice::Fast => {
                 return Err(Error::Tokenizer {
                     name: tokenizer.name,
@@ -222,7 +233,7 @@ impl Tokenizer {
                 })
             }
             Err(reason) => {
-                tokenizer.engine = Engine::Tokenizers {
+                tokenizer.encoder = Encoder::Tokenizers {
                     reason: if choice == EngineChoice::Tokenizers {
                         reason
                     } else {
@@ -242,8 +253,7 @@ impl Tokenizer {
         Tokenizer {
             name: name.into(),
             configured_pad,
-            fast: None,
-            engine: Engine::Tokenizers {
+            encoder: Encoder::Tokenizers {
                 reason: "given as a tokenizers::Tokenizer".into(),
             },
             source: Arc::new(Source::Given),
@@ -257,14 +267,29 @@ impl Tokenizer {
     }
 
     /// Which encoder runs, and why.
-    pub fn engine(&self) -> &Engine {
-        &self.engine
+    pub fn engine(&self) -> Engine {
+        match &self.encoder {
+            Encoder::Fast(fast) => Engine::Fast {
+                detail: fast.describe(),
+            },
+            Encoder::Tokenizers { reason } => Engine::Tokenizers {
+                reason: reason.clone(),
+            },
+        }
+    }
+
+    /// The fast encoder, when it is the one that runs.
+    fn fast(&self) -> Option<&FastBpe> {
+        match &self.encoder {
+            Encoder::Fast(fast) => Some(fast),
+            Encoder::Tokenizers { .. } => None,
+        }
     }
 
     /// The fast encoder's cache counters since the tokenizer was loaded (shared by its clones); `None` on
     /// `tokenizers`.
     pub fn cache_stats(&self) -> Option<CacheStats> {
-        self.fast.as_ref().map(|f| f.cache_stats())
+        self.fast().map(FastBpe::cache_stats)
     }
 
     /// The `tokenizers::Tokenizer` of the same file or built-in, built on first use.
@@ -282,7 +307,7 @@ impl Tokenizer {
 
     /// Vocabulary size, added tokens included (as `tokenizers` counts it).
     pub fn vocab_size(&self) -> usize {
-        match &self.fast {
+        match self.fast() {
             Some(fast) => fast.vocab_size(),
             None => self.inner().map_or(0, |t| t.get_vocab_size(true)),
         }
@@ -291,7 +316,7 @@ impl Tokenizer {
     /// The id of a token string (an added token's content, or a vocabulary entry as `tokenizers` writes
     /// it).
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
-        match &self.fast {
+        match self.fast() {
             Some(fast) => fast.token_to_id(token),
             None => self.inner().ok()?.token_to_id(token),
         }
@@ -309,7 +334,7 @@ impl Tokenizer {
 
     /// Encode each text separately, without special tokens, in parallel over the CPU cores.
     pub fn encode_batch(&self, texts: &[&str]) -> Result<Vec<Vec<u32>>> {
-        if let Some(fast) = &self.fast {
+        if let Some(fast) = self.fast() {
             return Ok(texts.par_iter().map(|t| fast.encode(t)).collect());
         }
         let encodings = self
@@ -327,7 +352,7 @@ impl Tokenizer {
 
     /// Encode one text without special tokens.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        if let Some(fast) = &self.fast {
+        if let Some(fast) = self.fast() {
             return Ok(fast.encode(text));
         }
         Ok(self.encode_batch(&[text])?.pop().unwrap_or_default())
@@ -336,7 +361,7 @@ impl Tokenizer {
     /// The text of one token, as it decodes on its own (a token holding part of a UTF-8 character decodes
     /// to U+FFFD).
     pub fn token_text(&self, id: u32) -> String {
-        if let Some(fast) = &self.fast {
+        if let Some(fast) = self.fast() {
             return fast.token_text(id).unwrap_or_default();
         }
         let Ok(inner) = self.inner() else {

@@ -3,7 +3,7 @@
 //! comparison of kernel outputs with the f64 oracle.
 
 use proptest::prelude::*;
-use sft_collate::cpu::loss::CeReference;
+use sft_collate::backend::cpu::loss::CeReference;
 use sft_collate::loss::{CeOptions, CeOutput, LogitElem, Normalization};
 
 /// |got - want| <= rtol·|want| + atol, NaN only where NaN is expected.

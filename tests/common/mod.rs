@@ -4,6 +4,29 @@
 
 pub mod ce;
 
+/// One test per property and device: `on_cpu::name`, `on_emulator::name`, `on_cuda::name` (ignored
+/// without a GPU), each calling `name(&Device)` of the enclosing module.
+#[macro_export]
+macro_rules! device_tests {
+    ($($name:ident),* $(,)?) => {
+        mod on_cpu {
+            $(#[test] fn $name() { super::$name(&sft_collate::Device::cpu()); })*
+        }
+        #[cfg(feature = "emulation")]
+        mod on_emulator {
+            $(#[test] fn $name() { super::$name(&sft_collate::Device::emulated()); })*
+        }
+        #[cfg(feature = "cuda")]
+        mod on_cuda {
+            $(
+                #[test]
+                #[ignore = "needs a CUDA device"]
+                fn $name() { super::$name(&sft_collate::Device::cuda(0).expect("a CUDA device")); }
+            )*
+        }
+    };
+}
+
 use std::path::PathBuf;
 
 /// `$SFT_COLLATE_SHARED`, else `../shared` beside the crate. `None` (after saying so on stderr) when it is

@@ -1,0 +1,163 @@
+//! The collation rule, written position by position so it can be read against the contract:
+//!
+//! ```text
+//! seq_i            = prompt_i ++ output_i, right-padded with pad_id
+//! input_ids[i, j]  = seq_i[j]
+//! labels[i, j]     = seq_i[j + 1]                       (LabelFormat::Pad)
+//! response_mask[i, j] = j + 1 < len_i and token j + 1 is trainable
+//!                       (prompt_len_i <= j + 1 for a (prompt, output) row: the label is an output token)
+//! attention_mask[i, j] = j < len_i                      (on request)
+//! ```
+//!
+//! `prompt_len <= j + 1` is the `prompt_len - 1` rule of the visual guide: the first output token sits at
+//! `prompt_len` in the sequence and so at `prompt_len - 1` among the labels. Written this way it also holds
+//! at the edges: with an empty prompt the first output token is never a label (nothing predicts it), and an
+//! empty output gives an all-false row.
+
+use crate::collate::{Batch, CollatePlan, CollateSpec, IdDtype, IdTensor, Pack};
+use crate::{RaggedBatch, Result};
+
+/// Collate a ragged batch into padded, shifted, masked tensors on the host. This is the reference every
+/// other backend must match bit for bit.
+///
+/// ```
+/// use sft_collate::backend::cpu;
+/// use sft_collate::{CollateSpec, RaggedBatch};
+/// let batch = RaggedBatch::from_pairs([(vec![10, 20, 30, 40], vec![50, 60, 70, 80])]);
+/// let spec = CollateSpec { pad_id: Some(0), ..Default::default() };
+/// let batch = cpu::collate(&batch, &spec).unwrap();
+/// assert_eq!(batch.input_ids.to_i64(), [10, 20, 30, 40, 50, 60, 70]);
+/// assert_eq!(batch.labels.to_i64(), [20, 30, 40, 50, 60, 70, 80]);
+/// assert_eq!(batch.response_mask, [false, false, false, true, true, true, true]);
+/// ```
+pub fn collate(batch: &RaggedBatch, spec: &CollateSpec) -> Result<Batch> {
+    let plan = CollatePlan::new(batch, spec)?;
+    let (input_ids, labels, response_mask, attention_mask) = match spec.id_dtype {
+        IdDtype::I32 => {
+            let (i, l, m, a) = fill::<i32>(batch, &plan, spec.attention_mask);
+            (IdTensor::I32(i), IdTensor::I32(l), m, a)
+        }
+        IdDtype::I64 => {
+            let (i, l, m, a) = fill::<i64>(batch, &plan, spec.attention_mask);
+            (IdTensor::I64(i), IdTensor::I64(l), m, a)
+        }
+    };
+    Ok(Batch {
+        input_ids,
+        labels,
+        response_mask,
+        attention_mask,
+        stats: plan.stats(batch),
+    })
+}
+
+/// An integer type `input_ids` and `labels` are written in.
+trait IdElem: Copy {
+    /// `CollatePlan` checked the range first, so the cast never truncates.
+    fn from_i64(v: i64) -> Self;
+}
+
+macro_rules! id_elem {
+    ($($t:ty),*) => {$(
+        impl IdElem for $t {
+            #[inline]
+            fn from_i64(v: i64) -> Self { v as $t }
+        }
+    )*};
+}
+id_elem!(i32, i64);
+
+type Filled<T> = (Vec<T>, Vec<T>, Vec<bool>, Option<Vec<bool>>);
+
+/// The padded layout, position by position, straight into the id dtype.
+fn fill<T: IdElem>(batch: &RaggedBatch, plan: &CollatePlan, attention: bool) -> Filled<T> {
+    let n = plan.len();
+    let (mut input_ids, mut labels) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    let mut response_mask = Vec::with_capacity(n);
+    let mut attention_mask = attention.then(|| Vec::with_capacity(n));
+    for i in 0..batch.rows() {
+        let seq = batch.row(i);
+        let trainable = batch.trainable_in_row(i);
+        let token = |k: usize| i64::from(seq.get(k).copied().unwrap_or(plan.pad_id));
+        for j in 0..plan.width {
+            // The label is token j + 1: trained when it is (an output / trainable-segment token).
+            let is_response = j + 1 < seq.len() && trainable(j + 1);
+            input_ids.push(T::from_i64(token(j)));
+            labels.push(T::from_i64(match plan.ignore_index {
+                Some(ignore) if !is_response => ignore,
+                _ => token(j + 1),
+            }));
+            response_mask.push(is_response);
+            if let Some(attention) = &mut attention_mask {
+                attention.push(j < seq.len());
+            }
+        }
+    }
+    (input_ids, labels, response_mask, attention_mask)
+}
+
+/// Collate one pack in the padding-free layout: every row of `batch` is a document, concatenated in
+/// order into one row of T tokens. Within document `d` at local position `p`:
+///
+/// ```text
+/// input_ids[t]     = doc[p]
+/// labels[t]        = doc[p + 1]   (pad_id / the ignore index at the document's last token)
+/// response_mask[t] = p + 1 < len and token p + 1 is trainable   (never across a boundary)
+/// position_ids[t]  = p
+/// ```
+///
+/// so the (context, label) pairs are exactly those of the padded layout, and no token is trained to
+/// predict the next document's first token. `pad_to_multiple_of` pads T with one more segment of pad
+/// tokens (its own `cu_seqlens` entry, positions from 0, nothing trained).
+///
+/// ```
+/// use sft_collate::backend::cpu;
+/// use sft_collate::{CollateSpec, RaggedBatch};
+/// let pack = RaggedBatch::from_pairs([(vec![1, 2], vec![3]), (vec![4], vec![5, 6])]);
+/// let spec = CollateSpec { pad_id: Some(0), ..Default::default() };
+/// let layout = cpu::collate_pack(&pack, &spec).unwrap();
+/// assert_eq!(layout.input_ids.to_i64(), [1, 2, 3, 4, 5, 6]);
+/// assert_eq!(layout.labels.to_i64(), [2, 3, 0, 5, 6, 0]);
+/// assert_eq!(layout.response_mask, [false, true, false, true, true, false]);
+/// assert_eq!(layout.position_ids.to_i64(), [0, 1, 2, 0, 1, 2]);
+/// assert_eq!(layout.cu_seqlens, [0, 3, 6]);
+/// ```
+pub fn collate_pack(batch: &RaggedBatch, spec: &CollateSpec) -> Result<Pack> {
+    let plan = CollatePlan::new(batch, spec)?;
+    let real = batch.tokens().len();
+    let total = CollatePlan::pack_total(real, spec)?;
+    let mut input_ids = IdTensor::with_capacity(spec.id_dtype, total);
+    let mut labels = IdTensor::with_capacity(spec.id_dtype, total);
+    let mut position_ids = IdTensor::with_capacity(spec.id_dtype, total);
+    let mut response_mask = Vec::with_capacity(total);
+    let not_trained = |label: i64| plan.ignore_index.unwrap_or(label);
+    for d in 0..batch.rows() {
+        let doc = batch.row(d);
+        let trainable = batch.trainable_in_row(d);
+        for (p, &token) in doc.iter().enumerate() {
+            let is_response = p + 1 < doc.len() && trainable(p + 1);
+            let next = i64::from(doc.get(p + 1).copied().unwrap_or(plan.pad_id));
+            input_ids.push(i64::from(token));
+            labels.push(if is_response { next } else { not_trained(next) });
+            response_mask.push(is_response);
+            position_ids.push(p as i64);
+        }
+    }
+    // The padded tail: one segment of untrained pad tokens, positions from 0.
+    for p in 0..total - real {
+        input_ids.push(i64::from(plan.pad_id));
+        labels.push(not_trained(i64::from(plan.pad_id)));
+        response_mask.push(false);
+        position_ids.push(p as i64);
+    }
+    let (cu_seqlens, max_seqlen) = CollatePlan::pack_boundaries(batch.row_offsets(), total);
+    Ok(Pack {
+        input_ids,
+        labels,
+        response_mask,
+        position_ids,
+        cu_seqlens,
+        max_seqlen,
+        stats: plan.pack_stats(batch, total),
+    })
+}

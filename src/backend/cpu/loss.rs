@@ -1,0 +1,413 @@
+//! The CS336 companions of `tokenize_prompt_and_output`, on the CPU with f64 accumulation. They define the
+//! numbers the fused masked cross-entropy kernel must reproduce.
+//!
+//! Logits come as `[N, V]` row-major slices (any leading batch dimensions flattened into `N`); the generic
+//! tensors of `masked_normalize` / `masked_mean` come with an explicit shape. Every element type that
+//! implements [`Float`] (f32, f64, `half::f16`, `half::bf16`) is widened to f64 before any arithmetic.
+
+use crate::loss::Float;
+use crate::{Error, Result};
+
+/// Split a `[N, V]` buffer into rows, refusing a length that is not a multiple of `vocab`.
+fn rows<T>(logits: &[T], vocab: usize) -> Result<std::slice::Chunks<'_, T>> {
+    if vocab == 0 || logits.len() % vocab != 0 {
+        return Err(Error::Shape(format!(
+            "{} logits is not a whole number of rows of vocab {vocab}",
+            logits.len()
+        )));
+    }
+    Ok(logits.chunks(vocab))
+}
+
+/// Softmax statistics of one row relative to its max `m`: `r = Σ e^(x-m) - 1` (the sum without the
+/// max's own term, so that `ln(1 + r)` keeps its precision when one logit dominates) and
+/// `u = Σ e^(x-m)·(m-x)`. Entries at -inf have probability 0 and are skipped. `None` for a row with no
+/// finite max (all -inf, or a NaN).
+fn row_statistics<T: Float>(row: &[T]) -> Option<(f64, f64, f64)> {
+    let (argmax, max) =
+        row.iter()
+            .map(|x| x.to_f64())
+            .enumerate()
+            .fold((0, f64::NEG_INFINITY), |best, (i, x)| {
+                if x > best.1 {
+                    (i, x)
+                } else {
+                    best
+                }
+            });
+    if max == f64::NEG_INFINITY || row.iter().any(|x| x.to_f64().is_nan()) {
+        return None;
+    }
+    let (mut r, mut u) = (0.0, 0.0);
+    for (i, x) in row.iter().map(|x| x.to_f64()).enumerate() {
+        let e = (x - max).exp();
+        if i != argmax && e > 0.0 {
+            r += e;
+            u += e * (max - x);
+        }
+    }
+    Some((max, r, u))
+}
+
+/// `logsumexp` of one row: `m + ln(1 + Σ e^(x-m) - 1)`, shifted by the max so that no `exp` overflows.
+/// -inf for a row of -inf, NaN for a row with a NaN (as torch gives).
+pub fn logsumexp<T: Float>(row: &[T]) -> f64 {
+    match row_statistics(row) {
+        Some((m, r, _)) => m + r.ln_1p(),
+        None if row.iter().any(|x| x.to_f64().is_nan()) => f64::NAN,
+        None => f64::NEG_INFINITY,
+    }
+}
+
+/// Entropy of the softmax of one row, `H = lse - Σ p·x`, computed as `ln(1 + r) + u / (1 + r)` (see
+/// `row_statistics`): both terms are non-negative, so a peaked row (entropy near 0 next to logits of
+/// 1e4) loses nothing to cancellation. Entries at -inf contribute 0; a row of -inf has no entropy (NaN).
+pub fn entropy_of_row<T: Float>(row: &[T]) -> f64 {
+    match row_statistics(row) {
+        Some((_, r, u)) => r.ln_1p() + u / (1.0 + r),
+        None => f64::NAN,
+    }
+}
+
+/// CS336 `compute_entropy`: the entropy of the next-token distribution at each of the `N` positions of
+/// `logits [N, V]`.
+pub fn compute_entropy<T: Float>(logits: &[T], vocab: usize) -> Result<Vec<f64>> {
+    Ok(rows(logits, vocab)?.map(entropy_of_row).collect())
+}
+
+/// `log_softmax(logits)[label]` at each of the `N` positions: the per-token log-probability of the label
+/// (what CS336's `get_response_log_probs` returns, computed from logits instead of a model). A label outside
+/// `[0, V)` is an error, never an out-of-bounds read.
+pub fn log_probs<T: Float, L: Copy + Into<i64>>(
+    logits: &[T],
+    vocab: usize,
+    labels: &[L],
+) -> Result<Vec<f64>> {
+    let rows = rows(logits, vocab)?;
+    if rows.len() != labels.len() {
+        return Err(Error::LengthMismatch {
+            what: "logits rows vs labels",
+            left: rows.len(),
+            right: labels.len(),
+        });
+    }
+    rows.zip(labels)
+        .enumerate()
+        .map(|(row_index, (row, &label))| {
+            let label: i64 = label.into();
+            let at = usize::try_from(label).ok().filter(|&at| at < vocab).ok_or(
+                Error::LabelOutOfRange {
+                    row: row_index,
+                    label,
+                    vocab,
+                },
+            )?;
+            Ok(row[at].to_f64() - logsumexp(row))
+        })
+        .collect()
+}
+
+/// Masked sum along `dim` (negative counts from the end, `None` sums everything), with the number of
+/// masked elements in each output slot. Returns (sums, counts, output shape).
+fn masked_reduce<T: Float>(
+    x: &[T],
+    mask: &[bool],
+    shape: &[usize],
+    dim: Option<isize>,
+) -> Result<(Vec<f64>, Vec<usize>, Vec<usize>)> {
+    let numel: usize = shape.iter().product();
+    if x.len() != numel || mask.len() != numel {
+        return Err(Error::Shape(format!(
+            "shape {shape:?} has {numel} elements, tensor {} and mask {}",
+            x.len(),
+            mask.len()
+        )));
+    }
+    let Some(dim) = dim else {
+        let (sum, count) = x
+            .iter()
+            .zip(mask)
+            .filter(|(_, &m)| m)
+            .fold((0.0, 0), |(s, c), (v, _)| (s + v.to_f64(), c + 1));
+        return Ok((vec![sum], vec![count], vec![]));
+    };
+    let ndim = shape.len() as isize;
+    let d = if dim < 0 { dim + ndim } else { dim };
+    if !(0..ndim).contains(&d) {
+        return Err(Error::Shape(format!(
+            "dim {dim} out of range for shape {shape:?}"
+        )));
+    }
+    let d = d as usize;
+    // View the tensor as [outer, n, inner] and sum over the middle axis.
+    let outer: usize = shape[..d].iter().product();
+    let n = shape[d];
+    let inner: usize = shape[d + 1..].iter().product();
+    let mut sums = vec![0.0; outer * inner];
+    let mut counts = vec![0; outer * inner];
+    for o in 0..outer {
+        for k in 0..n {
+            for i in 0..inner {
+                let at = (o * n + k) * inner + i;
+                if mask[at] {
+                    sums[o * inner + i] += x[at].to_f64();
+                    counts[o * inner + i] += 1;
+                }
+            }
+        }
+    }
+    let mut out_shape = shape.to_vec();
+    out_shape.remove(d);
+    Ok((sums, counts, out_shape))
+}
+
+/// CS336 `masked_normalize(tensor, mask, dim, normalize_constant)`: `sum(tensor * mask, dim) /
+/// normalize_constant`. Returns the values and their shape (`[]` when `dim` is `None`).
+pub fn masked_normalize<T: Float>(
+    x: &[T],
+    mask: &[bool],
+    shape: &[usize],
+    dim: Option<isize>,
+    normalize_constant: f64,
+) -> Result<(Vec<f64>, Vec<usize>)> {
+    let (sums, _, out_shape) = masked_reduce(x, mask, shape, dim)?;
+    Ok((
+        sums.into_iter().map(|s| s / normalize_constant).collect(),
+        out_shape,
+    ))
+}
+
+/// CS336 `masked_mean(tensor, mask, dim)`: the mean over masked elements. A slot with no masked element is
+/// NaN (0/0), as upstream; use [`crate::BatchStats::empty_response_rows`] to drop such rows first.
+pub fn masked_mean<T: Float>(
+    x: &[T],
+    mask: &[bool],
+    shape: &[usize],
+    dim: Option<isize>,
+) -> Result<(Vec<f64>, Vec<usize>)> {
+    let (sums, counts, out_shape) = masked_reduce(x, mask, shape, dim)?;
+    Ok((
+        sums.iter()
+            .zip(&counts)
+            .map(|(&s, &c)| s / c as f64)
+            .collect(),
+        out_shape,
+    ))
+}
+
+/// The loss of CS336 `sft_microbatch_train_step` and its gradient with respect to `log_probs`, for
+/// `log_probs` and `mask` of shape `[batch_size, T]`:
+///
+/// `loss = -Σ(log_probs · mask) / (normalize_constant · batch_size · gradient_accumulation_steps)`, and
+/// `d loss / d log_probs = -mask / (normalize_constant · batch_size · gradient_accumulation_steps)`.
+pub fn sft_microbatch_loss<T: Float>(
+    log_probs: &[T],
+    mask: &[bool],
+    batch_size: usize,
+    gradient_accumulation_steps: usize,
+    normalize_constant: f64,
+) -> Result<(f64, Vec<f64>)> {
+    if batch_size == 0 || log_probs.len() % batch_size != 0 {
+        return Err(Error::Shape(format!(
+            "{} log-probs is not a whole number of rows of a batch of {batch_size}",
+            log_probs.len()
+        )));
+    }
+    if gradient_accumulation_steps == 0 {
+        return Err(Error::InvalidOption {
+            name: "gradient_accumulation_steps",
+            reason: "must be at least 1".into(),
+        });
+    }
+    let shape = [log_probs.len()];
+    let (sum, _) = masked_normalize(log_probs, mask, &shape, None, 1.0)?;
+    let denominator = normalize_constant * batch_size as f64 * gradient_accumulation_steps as f64;
+    let grad = mask
+        .iter()
+        .map(|&m| if m { -1.0 / denominator } else { 0.0 })
+        .collect();
+    Ok((-sum[0] / denominator, grad))
+}
+
+/// The masked cross-entropy of [`crate::loss`], in f64: the oracle of the fused kernel.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CeReference {
+    pub log_probs: Vec<f64>,
+    pub entropy: Vec<f64>,
+    pub lse: Vec<f64>,
+    /// `Σ w·(-log_prob)` over masked rows.
+    pub sum: f64,
+    pub count: usize,
+    pub loss: f64,
+    /// `d loss / d logits`, dense `[N, vocab]`, when asked for.
+    pub grad: Option<Vec<f64>>,
+}
+
+impl CeReference {
+    /// Round to what the kernels produce (f32 values, the gradient in the logits' dtype), keeping the
+    /// per-token outputs `request` asks for (the others come back empty, as from every backend).
+    pub fn to_output<T: crate::loss::LogitElem>(
+        &self,
+        request: crate::loss::CeRequest,
+    ) -> crate::loss::CeOutput<T> {
+        let f32s = |wanted: bool, v: &[f64]| match wanted {
+            true => v.iter().map(|&x| x as f32).collect(),
+            false => Vec::new(),
+        };
+        crate::loss::CeOutput {
+            log_probs: f32s(request.log_probs, &self.log_probs),
+            entropy: f32s(request.entropy, &self.entropy),
+            lse: f32s(request.lse, &self.lse),
+            sum: self.sum as f32,
+            count: self.count as u32,
+            loss: self.loss as f32,
+            grad: self
+                .grad
+                .as_ref()
+                .map(|g| g.iter().map(|&x| T::from_f32(x as f32)).collect()),
+        }
+    }
+}
+
+/// Masked cross-entropy on the CPU in f64: per-token log-probs, entropy and logsumexp over masked rows,
+/// the weighted sum, the count, the normalized loss and, with `with_grad`, `d loss / d logits =
+/// mask · scale · w · (softmax(row) - onehot(label))` with `scale = upstream / denominator`. A label
+/// outside `[0, vocab)` on a masked row is an error.
+pub fn masked_cross_entropy<T: Float>(
+    input: &crate::loss::CeInput<'_, T>,
+    options: &crate::loss::CeOptions,
+    with_grad: bool,
+) -> Result<CeReference> {
+    input.validate()?;
+    options.normalization.validate()?;
+    let shape = input.shape;
+    let n = shape.rows;
+    let mut out = CeReference {
+        log_probs: vec![0.0; n],
+        entropy: vec![0.0; n],
+        lse: vec![0.0; n],
+        sum: 0.0,
+        count: 0,
+        loss: 0.0,
+        grad: with_grad.then(|| vec![0.0; n * shape.vocab]),
+    };
+    for row in (0..n).filter(|&r| input.mask[r]) {
+        let x = &input.logits[row * shape.row_stride..row * shape.row_stride + shape.vocab];
+        let label = input.labels.get(row);
+        let at = usize::try_from(label)
+            .ok()
+            .filter(|&at| at < shape.vocab)
+            .ok_or(Error::LabelOutOfRange {
+                row,
+                label,
+                vocab: shape.vocab,
+            })?;
+        let lse = logsumexp(x);
+        out.lse[row] = lse;
+        out.log_probs[row] = x[at].to_f64() - lse;
+        out.entropy[row] = entropy_of_row(x);
+        out.sum -= f64::from(input.weights.map_or(1.0, |w| w[row])) * out.log_probs[row];
+        out.count += 1;
+    }
+    let denominator = options.normalization.denominator(out.count);
+    out.loss = if denominator > 0.0 {
+        out.sum / denominator
+    } else {
+        0.0
+    };
+    if let Some(grad) = &mut out.grad {
+        let scale = if denominator > 0.0 {
+            f64::from(options.upstream) / denominator
+        } else {
+            0.0
+        };
+        for row in (0..n).filter(|&r| input.mask[r]) {
+            let x = &input.logits[row * shape.row_stride..row * shape.row_stride + shape.vocab];
+            let w = f64::from(input.weights.map_or(1.0, |w| w[row]));
+            let label = input.labels.get(row) as usize;
+            let Some((m, r, _)) = row_statistics(x) else {
+                continue; // No finite max: nothing sensible to differentiate.
+            };
+            let log_s = r.ln_1p();
+            for (i, g) in grad[row * shape.vocab..(row + 1) * shape.vocab]
+                .iter_mut()
+                .enumerate()
+            {
+                let x = x[i].to_f64();
+                // p - 1 at the label as -(r - expm1(x - m)) / (1 + r): no cancellation when p is near 1.
+                let d = if i == label {
+                    -(r - (x - m).exp_m1()) / (1.0 + r)
+                } else {
+                    ((x - m) - log_s).exp()
+                };
+                *g = scale * w * d;
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uniform_row_has_log_vocab_entropy() {
+        let row = [0.5f32; 7];
+        assert!((entropy_of_row(&row) - 7f64.ln()).abs() < 1e-12);
+        // A peaked row next to large logits: tiny but exact, not lost to cancellation.
+        let peaked = [1e4f64, 1e4 - 30.0];
+        let p = (-30f64).exp() / (1.0 + (-30f64).exp());
+        let want = -(p * p.ln() + (1.0 - p) * (-p).ln_1p());
+        assert!((entropy_of_row(&peaked) - want).abs() < 1e-12 * want);
+    }
+
+    #[test]
+    fn minus_infinity_entries_do_not_poison_the_entropy() {
+        let row = [0.0f32, f32::NEG_INFINITY, 0.0];
+        assert!((entropy_of_row(&row) - 2f64.ln()).abs() < 1e-12);
+    }
+
+    #[test]
+    fn extreme_logits_stay_finite() {
+        let row = [1e4f32, -1e4, 0.0];
+        assert!(entropy_of_row(&row).abs() < 1e-12);
+        let lp = log_probs(&row, 3, &[1i64]).unwrap();
+        assert!((lp[0] + 2e4).abs() < 1e-6);
+    }
+
+    #[test]
+    fn dtypes_agree_on_representable_values() {
+        let f: Vec<f32> = vec![0.5, -1.0, 2.0, 0.25];
+        let h: Vec<half::f16> = f.iter().map(|&x| half::f16::from_f32(x)).collect();
+        let b: Vec<half::bf16> = f.iter().map(|&x| half::bf16::from_f32(x)).collect();
+        let e = compute_entropy(&f, 4).unwrap();
+        assert_eq!(e, compute_entropy(&h, 4).unwrap());
+        assert_eq!(e, compute_entropy(&b, 4).unwrap());
+    }
+
+    #[test]
+    fn bad_labels_and_shapes_are_errors() {
+        let row = [0f32; 4];
+        assert!(matches!(
+            log_probs(&row, 4, &[4i64]),
+            Err(Error::LabelOutOfRange { label: 4, .. })
+        ));
+        assert!(matches!(
+            log_probs(&row, 4, &[-1i32]),
+            Err(Error::LabelOutOfRange { label: -1, .. })
+        ));
+        assert!(matches!(compute_entropy(&row, 3), Err(Error::Shape(_))));
+        assert!(matches!(
+            masked_mean(&row, &[true; 4], &[2, 2], Some(2)),
+            Err(Error::Shape(_))
+        ));
+    }
+
+    #[test]
+    fn masked_mean_of_nothing_is_nan() {
+        let (m, shape) = masked_mean(&[1f32, 2.0], &[false, false], &[2], Some(0)).unwrap();
+        assert!(m[0].is_nan());
+        assert!(shape.is_empty());
+    }
+}

@@ -1,0 +1,278 @@
+//! Benchmark support for the masked cross-entropy (used by `sft-collate bench loss` and
+//! `benches/masked_ce.rs`): device-made inputs, the fused kernels and the unfused baseline, each one
+//! launch sequence on the stream with no synchronization, and the byte counts bandwidth is judged by.
+
+use std::sync::Arc;
+
+use cudarc::driver::{sys, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
+
+use super::loss::{DeviceCeTargets, DeviceLabels, MaskedCrossEntropy};
+use super::{cuda_err, module};
+use crate::loss::{CeOptions, CeRequest, LogitElem, LogitsShape};
+use crate::Result;
+
+/// The device's theoretical memory bandwidth in bytes/s (2 × memory clock × bus width), the physical
+/// limit the kernels are judged against.
+pub fn peak_bandwidth(stream: &Arc<CudaStream>) -> Result<f64> {
+    let ctx = stream.context();
+    let clock_khz = ctx
+        .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MEMORY_CLOCK_RATE)
+        .map_err(cuda_err)?;
+    let bus_bits = ctx
+        .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_GLOBAL_MEMORY_BUS_WIDTH)
+        .map_err(cuda_err)?;
+    Ok(2.0 * f64::from(clock_khz) * 1e3 * f64::from(bus_bits) / 8.0)
+}
+
+fn blocks_of_256(blocks: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (blocks as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// A masked cross-entropy problem held on the device, ready to be run repeatedly.
+pub struct LossBench<T> {
+    stream: Arc<CudaStream>,
+    fused: MaskedCrossEntropy,
+    /// The unfused baseline's kernels for `T`, looked up once: log-softmax, gather, sum, backward.
+    unfused: [CudaFunction; 4],
+    logits: CudaSlice<T>,
+    labels: CudaSlice<i64>,
+    mask: CudaSlice<u8>,
+    shape: LogitsShape,
+    masked_rows: usize,
+    options: CeOptions,
+}
+
+impl<T: LogitElem> LossBench<T> {
+    /// `rows × vocab` logits uniform in [-8, 8) made on the device, random labels, and a random
+    /// `masked_fraction` of the rows masked.
+    pub fn new(
+        stream: Arc<CudaStream>,
+        rows: usize,
+        vocab: usize,
+        masked_fraction: f64,
+    ) -> Result<Self> {
+        let fused = MaskedCrossEntropy::new(stream.clone())?;
+        let (unfused_module, _) = module::load(
+            stream.context(),
+            crate::kernels::kernel("unfused_ce").expect("embedded"),
+        )?;
+        let (fill, _) = module::load(
+            stream.context(),
+            crate::kernels::kernel("fill").expect("embedded"),
+        )?;
+        let n = rows * vocab;
+        // SAFETY: the fill kernel below writes all n elements before any use.
+        let mut logits = unsafe { stream.alloc::<T>(n.max(1)) }.map_err(cuda_err)?;
+        let fill_fn = fill
+            .load_function(&format!("fill_logits_{}", T::SUFFIX))
+            .map_err(cuda_err)?;
+        let (n64, seed, spread) = (n as u64, 0x5eed_u64, 8.0f32);
+        // SAFETY: the kernel writes out[i] for i < n only (grid-stride), and `logits` holds n elements.
+        unsafe {
+            stream
+                .launch_builder(&fill_fn)
+                .arg(&mut logits)
+                .arg(&n64)
+                .arg(&seed)
+                .arg(&spread)
+                .launch(blocks_of_256(4096))
+        }
+        .map_err(cuda_err)?;
+        let mut state = 0x2545_F491_4F6C_DD1Du64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let labels: Vec<i64> = (0..rows).map(|_| (next() % vocab as u64) as i64).collect();
+        // Each row is masked with probability `masked_fraction` (uniform draw from the top 53 bits).
+        let mask: Vec<u8> = (0..rows)
+            .map(|_| u8::from(((next() >> 11) as f64 / (1u64 << 53) as f64) < masked_fraction))
+            .collect();
+        let masked_rows = mask.iter().filter(|&&m| m == 1).count();
+        Ok(LossBench {
+            labels: stream.clone_htod(&labels).map_err(cuda_err)?,
+            mask: stream.clone_htod(&mask).map_err(cuda_err)?,
+            stream,
+            fused,
+            unfused: [
+                format!("unfused_log_softmax_{}", T::SUFFIX),
+                "unfused_gather_nll".to_string(),
+                "unfused_sum".to_string(),
+                format!("unfused_softmax_grad_{}", T::SUFFIX),
+            ]
+            .map(|name| unfused_module.load_function(&name).map_err(cuda_err))
+            .into_iter()
+            .collect::<Result<Vec<_>>>()?
+            .try_into()
+            .expect("four kernels"),
+            logits,
+            shape: LogitsShape::dense(rows, vocab),
+            masked_rows,
+            options: CeOptions::default(),
+        })
+    }
+
+    /// One 256-thread block per row (grid-stride past 2^20 rows), as the baseline's row kernels take.
+    fn per_row(&self) -> LaunchConfig {
+        blocks_of_256(self.shape.rows.clamp(1, 1 << 20))
+    }
+
+    pub fn masked_rows(&self) -> usize {
+        self.masked_rows
+    }
+
+    fn targets(&self) -> DeviceCeTargets<'_> {
+        DeviceCeTargets {
+            shape: self.shape,
+            labels: DeviceLabels::I64(&self.labels),
+            mask: &self.mask,
+            weights: None,
+        }
+    }
+
+    /// Bytes the fused forward must move: one read of every masked row.
+    pub fn forward_bytes(&self) -> f64 {
+        (self.masked_rows * self.shape.vocab * std::mem::size_of::<T>()) as f64
+    }
+
+    /// Bytes the fused forward+backward must move at the least: one read of every masked row and one write
+    /// of the whole gradient (zeros on unmasked rows).
+    pub fn forward_backward_bytes(&self) -> f64 {
+        self.forward_bytes()
+            + (self.shape.rows * self.shape.vocab * std::mem::size_of::<T>()) as f64
+    }
+
+    /// The fused forward (per-token log-probs and the loss), not synchronized.
+    pub fn fused_forward(&self) -> Result<()> {
+        let request = CeRequest {
+            log_probs: true,
+            entropy: false,
+            lse: false,
+        };
+        self.fused
+            .forward(&self.logits, &self.targets(), &self.options, request)
+            .map(drop)
+    }
+
+    /// The fused forward+backward into a new gradient buffer, not synchronized.
+    pub fn fused_forward_backward(&self) -> Result<()> {
+        let request = CeRequest {
+            log_probs: true,
+            entropy: false,
+            lse: false,
+        };
+        self.fused
+            .forward_backward(&self.logits, &self.targets(), &self.options, request)
+            .map(drop)
+    }
+
+    /// The unfused baseline's forward: log-softmax of every row written in f32, gather, masked sum.
+    pub fn unfused_forward(&self) -> Result<CudaSlice<f32>> {
+        let (rows, vocab) = (self.shape.rows as u64, self.shape.vocab as u64);
+        let s = &self.stream;
+        // SAFETY: both buffers are fully written by the kernels below before they are read.
+        let mut logsm = unsafe { s.alloc::<f32>((self.shape.rows * self.shape.vocab).max(1)) }
+            .map_err(cuda_err)?;
+        let mut nll = unsafe { s.alloc::<f32>(self.shape.rows.max(1)) }.map_err(cuda_err)?;
+        let mut total = s.alloc_zeros::<f32>(1).map_err(cuda_err)?;
+        let per_thread = blocks_of_256(self.shape.rows.div_ceil(256).max(1));
+        let [log_softmax, gather, sum, _] = &self.unfused;
+        // SAFETY: logits hold rows × vocab elements, logsm as many f32, labels and mask one per row (made
+        // in `new`, labels in [0, vocab)); each kernel stays inside those bounds.
+        unsafe {
+            s.launch_builder(log_softmax)
+                .arg(&self.logits)
+                .arg(&rows)
+                .arg(&vocab)
+                .arg(&mut logsm)
+                .launch(self.per_row())
+                .map_err(cuda_err)?;
+            s.launch_builder(gather)
+                .arg(&logsm)
+                .arg(&self.labels)
+                .arg(&self.mask)
+                .arg(&rows)
+                .arg(&vocab)
+                .arg(&mut nll)
+                .launch(per_thread)
+                .map_err(cuda_err)?;
+            s.launch_builder(sum)
+                .arg(&nll)
+                .arg(&rows)
+                .arg(&mut total)
+                .launch(blocks_of_256(1))
+                .map_err(cuda_err)?;
+        }
+        Ok(logsm)
+    }
+
+    /// The unfused baseline's forward then backward (softmax minus one-hot from the stored log-softmax).
+    pub fn unfused_forward_backward(&self) -> Result<()> {
+        let logsm = self.unfused_forward()?;
+        let (rows, vocab) = (self.shape.rows as u64, self.shape.vocab as u64);
+        let s = &self.stream;
+        // SAFETY: the kernel writes every element of the gradient.
+        let mut grad = unsafe { s.alloc::<T>((self.shape.rows * self.shape.vocab).max(1)) }
+            .map_err(cuda_err)?;
+        let backward = &self.unfused[3];
+        let scale = 1.0f32 / self.masked_rows.max(1) as f32;
+        // SAFETY: logsm and grad hold rows × vocab elements; labels and mask one per row.
+        unsafe {
+            s.launch_builder(backward)
+                .arg(&logsm)
+                .arg(&self.labels)
+                .arg(&self.mask)
+                .arg(&rows)
+                .arg(&vocab)
+                .arg(&scale)
+                .arg(&mut grad)
+                .launch(self.per_row())
+        }
+        .map_err(cuda_err)?;
+        Ok(())
+    }
+}
+
+/// Times of the four cases of [`LossBench`], in seconds per call, and the bytes each must move.
+#[derive(Clone, Copy, Debug)]
+pub struct LossBenchReport {
+    pub fused_forward: f64,
+    pub fused_forward_backward: f64,
+    pub unfused_forward: f64,
+    pub unfused_forward_backward: f64,
+    pub forward_bytes: f64,
+    pub forward_backward_bytes: f64,
+    /// The device's peak memory bandwidth, bytes/s.
+    pub peak: f64,
+}
+
+impl<T: LogitElem> LossBench<T> {
+    /// Each case once to warm up, then `iters` times between two synchronizations.
+    pub fn measure(&self, iters: u32) -> Result<LossBenchReport> {
+        let time = |f: &dyn Fn() -> Result<()>| -> Result<f64> {
+            f()?;
+            self.stream.synchronize().map_err(cuda_err)?;
+            let start = std::time::Instant::now();
+            for _ in 0..iters {
+                f()?;
+            }
+            self.stream.synchronize().map_err(cuda_err)?;
+            Ok(start.elapsed().as_secs_f64() / f64::from(iters.max(1)))
+        };
+        Ok(LossBenchReport {
+            fused_forward: time(&|| self.fused_forward())?,
+            fused_forward_backward: time(&|| self.fused_forward_backward())?,
+            unfused_forward: time(&|| self.unfused_forward().map(drop))?,
+            unfused_forward_backward: time(&|| self.unfused_forward_backward())?,
+            forward_bytes: self.forward_bytes(),
+            forward_backward_bytes: self.forward_backward_bytes(),
+            peak: peak_bandwidth(&self.stream)?,
+        })
+    }
+}

@@ -1,0 +1,220 @@
+//! The CUDA backend: the kernels of `kernels/` on a real GPU, through cudarc's driver API (loaded at run
+//! time, so the crate builds and runs where no CUDA is installed).
+//!
+//! | CPU                         | CUDA                                   |
+//! | --------------------------- | -------------------------------------- |
+//! | [`crate::RaggedBatch`]      | one pinned staging copy, one H2D copy  |
+//! | [`crate::backend::cpu::collate()`] | [`CudaCollator::collate`] (one launch) |
+//! | [`crate::Batch`]            | [`DeviceBatch`] (`CudaSlice`s), [`DeviceBatch::to_host`] |
+//!
+//! Most callers reach it through [`crate::Device`]; the types here are for trainers that keep their
+//! tensors on the device.
+//!
+//! 1. Get a stream: your own (`Arc<CudaStream>` from your context), or [`default_stream`].
+//! 2. `CudaCollator::new(stream)` loads the kernels (prebuilt PTX, else NVRTC at run time).
+//! 3. `collate(&packed, &spec)` validates the batch on the host, copies it once, launches once and
+//!    returns device tensors without synchronizing the host.
+
+pub mod bench;
+mod collate;
+mod loss;
+mod module;
+
+use std::sync::{Arc, OnceLock};
+
+pub use collate::{CudaCollator, DeviceBatch, DeviceIds, DevicePack, DeviceRaggedBatch};
+pub use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
+pub use loss::{DeviceCeOutput, DeviceCeTargets, DeviceLabels, MaskedCrossEntropy};
+pub use module::ModuleOrigin;
+
+use crate::backend::abi::Launch;
+use crate::{Error, Result};
+
+/// A launch shape as cudarc takes it.
+pub(crate) fn launch_config(launch: Launch) -> cudarc::driver::LaunchConfig {
+    cudarc::driver::LaunchConfig {
+        grid_dim: (launch.grid[0], launch.grid[1], launch.grid[2]),
+        block_dim: (launch.block[0], launch.block[1], launch.block[2]),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// The CUDA backend of a [`crate::Device`]: a stream, and the kernels, loaded into its context at first
+/// use.
+pub struct CudaDevice {
+    stream: Arc<CudaStream>,
+    collator: OnceLock<CudaCollator>,
+    cross_entropy: OnceLock<MaskedCrossEntropy>,
+}
+
+impl std::fmt::Debug for CudaDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CudaDevice")
+            .field("ordinal", &self.stream.context().ordinal())
+            .finish()
+    }
+}
+
+impl CudaDevice {
+    /// Everything on `stream`; nothing is loaded yet.
+    pub fn new(stream: Arc<CudaStream>) -> Result<Self> {
+        Ok(CudaDevice {
+            stream,
+            collator: OnceLock::new(),
+            cross_entropy: OnceLock::new(),
+        })
+    }
+
+    /// The stream every copy and launch goes on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// The collation kernels (loaded on first use).
+    pub fn collator(&self) -> Result<&CudaCollator> {
+        if let Some(collator) = self.collator.get() {
+            return Ok(collator);
+        }
+        let loaded = CudaCollator::new(self.stream.clone())?;
+        Ok(self.collator.get_or_init(|| loaded))
+    }
+
+    /// The cross-entropy kernels (loaded on first use).
+    pub fn masked_cross_entropy(&self) -> Result<&MaskedCrossEntropy> {
+        if let Some(kernels) = self.cross_entropy.get() {
+            return Ok(kernels);
+        }
+        let loaded = MaskedCrossEntropy::new(self.stream.clone())?;
+        Ok(self.cross_entropy.get_or_init(|| loaded))
+    }
+
+    /// The cross-entropy of host inputs: copied up, computed, left on the device.
+    pub(crate) fn cross_entropy<T: crate::loss::LogitElem>(
+        &self,
+        input: &crate::loss::CeInput<'_, T>,
+        options: &crate::loss::CeOptions,
+        request: crate::loss::CeRequest,
+        with_grad: bool,
+    ) -> Result<DeviceCeOutput<T>> {
+        use crate::loss::Labels;
+        input.validate()?;
+        let kernels = self.masked_cross_entropy()?;
+        let stream = &self.stream;
+        let logits = cuda_result(stream.clone_htod(input.logits))?;
+        let mask: Vec<u8> = input.mask.iter().map(|&m| u8::from(m)).collect();
+        let mask = cuda_result(stream.clone_htod(&mask))?;
+        let weights = match input.weights {
+            Some(w) => Some(cuda_result(stream.clone_htod(w))?),
+            None => None,
+        };
+        let (labels32, labels64) = match input.labels {
+            Labels::I32(l) => (Some(cuda_result(stream.clone_htod(l))?), None),
+            Labels::I64(l) => (None, Some(cuda_result(stream.clone_htod(l))?)),
+        };
+        let labels = match (&labels32, &labels64) {
+            (Some(l), _) => DeviceLabels::I32(l),
+            (_, Some(l)) => DeviceLabels::I64(l),
+            _ => unreachable!("one of the two was uploaded"),
+        };
+        let targets = DeviceCeTargets {
+            shape: input.shape,
+            labels,
+            mask: &mask,
+            weights: weights.as_ref(),
+        };
+        match with_grad {
+            true => kernels.forward_backward(&logits, &targets, options, request),
+            false => kernels.forward(&logits, &targets, options, request),
+        }
+    }
+}
+
+/// What [`probe`] found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceInfo {
+    pub ordinal: usize,
+    pub name: String,
+    pub compute_capability: (i32, i32),
+    /// The driver's CUDA version as (major, minor), e.g. (13, 0).
+    pub driver_version: (i32, i32),
+    pub total_memory: usize,
+}
+
+/// Find out whether a CUDA device is usable, without ever panicking: the driver library is looked for
+/// first (cudarc panics on calls when it is absent), then `cuInit`, then the device count.
+pub fn device_count() -> Result<usize> {
+    // SAFETY: probing for a shared library has no preconditions.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return Err(Error::NoDevice(
+            "the CUDA driver library (libcuda) was not found".into(),
+        ));
+    }
+    cudarc::driver::result::init().map_err(|e| Error::NoDevice(format!("cuInit failed: {e}")))?;
+    let count = cudarc::driver::result::device::get_count()
+        .map_err(|e| Error::NoDevice(format!("cuDeviceGetCount failed: {e}")))?;
+    if count <= 0 {
+        return Err(Error::NoDevice("the driver reports no devices".into()));
+    }
+    Ok(count as usize)
+}
+
+/// Facts about device `ordinal` (after [`device_count`] succeeded).
+pub fn probe(ordinal: usize) -> Result<DeviceInfo> {
+    let count = device_count()?;
+    if ordinal >= count {
+        return Err(Error::NoDevice(format!(
+            "device {ordinal} requested, {count} present"
+        )));
+    }
+    let ctx = CudaContext::new(ordinal).map_err(cuda_err)?;
+    let mut version = 0;
+    // SAFETY: the driver is loaded and initialized (device_count), and the pointer is valid for a write.
+    unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut version) }
+        .result()
+        .map_err(cuda_err)?;
+    Ok(DeviceInfo {
+        ordinal,
+        name: ctx.name().map_err(cuda_err)?,
+        compute_capability: ctx.compute_capability().map_err(cuda_err)?,
+        driver_version: (version / 1000, version % 1000 / 10),
+        total_memory: ctx.total_mem().map_err(cuda_err)?,
+    })
+}
+
+/// The default stream of device `ordinal`'s primary context, after a probe that never panics.
+pub fn default_stream(ordinal: usize) -> Result<Arc<CudaStream>> {
+    device_count()?;
+    Ok(CudaContext::new(ordinal)
+        .map_err(cuda_err)?
+        .default_stream())
+}
+
+/// A cudarc result as this crate's (for callers that use cudarc's own calls next to ours).
+pub fn cuda_result<T>(r: std::result::Result<T, cudarc::driver::DriverError>) -> Result<T> {
+    r.map_err(cuda_err)
+}
+
+pub(crate) fn cuda_err(e: impl std::fmt::Display) -> Error {
+    Error::Cuda(e.to_string())
+}
+
+impl crate::backend::ToHost for DeviceBatch {
+    type Host = crate::collate::Batch;
+    fn to_host(&self) -> Result<Self::Host> {
+        DeviceBatch::to_host(self)
+    }
+}
+
+impl crate::backend::ToHost for DevicePack {
+    type Host = crate::collate::Pack;
+    fn to_host(&self) -> Result<Self::Host> {
+        DevicePack::to_host(self)
+    }
+}
+
+impl<T: crate::loss::LogitElem> crate::backend::ToHost for DeviceCeOutput<T> {
+    type Host = crate::loss::CeOutput<T>;
+    fn to_host(&self) -> Result<Self::Host> {
+        DeviceCeOutput::to_host(self)
+    }
+}

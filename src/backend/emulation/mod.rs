@@ -1,0 +1,131 @@
+//! The emulation backend: the very same `kernels/*.cu` compiled as C++ (cargo feature `emulation`) and run
+//! on CPU threads, one OS thread per CUDA thread, with real barriers, shared memory and warp shuffles (see
+//! `kernels/emu/cuda_emu.h`). It fills the same argument structs ([`crate::backend::abi`]) and uses the
+//! same launch shapes as the CUDA backend, with host addresses, so the tests that compare it with the CPU
+//! oracle check the kernels' logic on machines without a GPU. It is a checking tool, not a fast path.
+
+mod collate;
+mod loss;
+
+use crate::backend::abi::{
+    CeArgs, CeCountArgs, CeReduceArgs, CollateArgs, CollatePackArgs, Launch,
+};
+
+pub use loss::Grad;
+
+/// The emulator: the CUDA kernels run on CPU threads. Stateless; every call is synchronous.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Emulator;
+
+impl Emulator {
+    pub fn new() -> Self {
+        Emulator
+    }
+}
+
+extern "C" {
+    fn emu_collate_i32(cfg: *const Launch, args: *const CollateArgs);
+    fn emu_collate_i64(cfg: *const Launch, args: *const CollateArgs);
+    fn emu_collate_pack_i32(cfg: *const Launch, args: *const CollatePackArgs);
+    fn emu_collate_pack_i64(cfg: *const Launch, args: *const CollatePackArgs);
+    fn emu_masked_ce_fwd_f32(cfg: *const Launch, args: *const CeArgs);
+    fn emu_masked_ce_fwd_f16(cfg: *const Launch, args: *const CeArgs);
+    fn emu_masked_ce_fwd_bf16(cfg: *const Launch, args: *const CeArgs);
+    fn emu_masked_ce_fwd_bwd_f32(cfg: *const Launch, args: *const CeArgs);
+    fn emu_masked_ce_fwd_bwd_f16(cfg: *const Launch, args: *const CeArgs);
+    fn emu_masked_ce_fwd_bwd_bf16(cfg: *const Launch, args: *const CeArgs);
+    fn emu_masked_ce_count(cfg: *const Launch, args: *const CeCountArgs);
+    fn emu_masked_ce_reduce(cfg: *const Launch, args: *const CeReduceArgs);
+    fn emu_selftest_reduce(cfg: *const Launch, input: *const f32, out: *mut f32, ballots: *mut u32);
+    fn emu_abi_layout(out: *mut u64, capacity: u64) -> u64;
+}
+
+/// The size of every argument struct and the offset of every field as the C++ compiler lays them out, in
+/// the order of [`crate::backend::abi::ABI_LAYOUT`].
+pub fn abi_layout() -> Vec<u64> {
+    let mut out = vec![0u64; 4096];
+    // SAFETY: the function writes at most `capacity` entries into `out` and returns how many it has.
+    let n = unsafe { emu_abi_layout(out.as_mut_ptr(), out.len() as u64) };
+    out.truncate(n as usize);
+    out
+}
+
+/// A host address as the kernels' ABI carries it.
+fn addr<T>(p: *const T) -> u64 {
+    p as u64
+}
+
+/// A host buffer aligned like device memory (256 bytes), so that the kernels' vector paths run here as
+/// they do on the GPU.
+pub(crate) struct DeviceLikeBuffer {
+    chunks: Vec<Chunk>,
+}
+
+#[derive(Clone, Copy, bytemuck::Zeroable, bytemuck::Pod)]
+#[repr(C, align(256))]
+struct Chunk([u8; 256]);
+
+impl DeviceLikeBuffer {
+    pub fn zeroed(bytes: usize) -> Self {
+        DeviceLikeBuffer {
+            chunks: vec![Chunk([0; 256]); bytes.div_ceil(256).max(1)],
+        }
+    }
+
+    /// A copy of `data` in aligned memory.
+    pub fn from_slice<T: bytemuck::Pod>(data: &[T]) -> Self {
+        let mut buffer = Self::zeroed(std::mem::size_of_val(data));
+        buffer.as_mut_slice::<T>(data.len()).copy_from_slice(data);
+        buffer
+    }
+
+    pub fn as_mut_slice<T: bytemuck::Pod>(&mut self, len: usize) -> &mut [T] {
+        &mut bytemuck::cast_slice_mut::<Chunk, T>(&mut self.chunks)[..len]
+    }
+
+    pub fn as_slice<T: bytemuck::Pod>(&self, len: usize) -> &[T] {
+        &bytemuck::cast_slice::<Chunk, T>(&self.chunks)[..len]
+    }
+
+    /// The buffer's address, for the kernels' argument structs.
+    pub fn addr(&mut self) -> u64 {
+        self.chunks.as_mut_ptr() as u64
+    }
+
+    /// The first `len` elements as ids of `dtype`.
+    pub fn ids(&self, dtype: crate::IdDtype, len: usize) -> crate::collate::IdTensor {
+        use crate::collate::IdTensor;
+        match dtype {
+            crate::IdDtype::I32 => IdTensor::I32(self.as_slice::<i32>(len).to_vec()),
+            crate::IdDtype::I64 => IdTensor::I64(self.as_slice::<i64>(len).to_vec()),
+        }
+    }
+}
+
+/// Run the shim's self-test kernel: for each block of `block` threads, (sum by xor shuffles, sum by down
+/// shuffles, sum by atomicAdd) and each warp's ballot of `x > 0`. `input.len()` must be a multiple of
+/// `block`, and `block` a multiple of 32 up to 1024.
+pub fn selftest_reduce(input: &[f32], block: u32) -> (Vec<[f32; 3]>, Vec<u32>) {
+    assert!(block % 32 == 0 && (32..=1024).contains(&block));
+    assert_eq!(input.len() % block as usize, 0);
+    let blocks = input.len() / block as usize;
+    let mut out = vec![[0f32; 3]; blocks];
+    let mut ballots = vec![0u32; blocks * (block as usize / 32)];
+    let cfg = Launch {
+        grid: [blocks as u32, 1, 1],
+        block: [block, 1, 1],
+    };
+    if blocks > 0 {
+        // SAFETY: `input` has blocks × block elements, `out` 3 per block, `ballots` one per warp, which is
+        // exactly what the kernel indexes.
+        unsafe {
+            emu_selftest_reduce(
+                &cfg,
+                input.as_ptr(),
+                out.as_mut_ptr().cast(),
+                ballots.as_mut_ptr(),
+            )
+        };
+    }
+    (out, ballots)
+}

@@ -1,0 +1,377 @@
+//! Hand-compiled split patterns. Each known `Split` regex (and GPT-2's `ByteLevel` regex) is written here
+//! as the alternatives Oniguruma tries, in order, at each position; a small backtracking matcher runs them
+//! with the same greedy / possessive semantics, over classes looked up in a table instead of a regex
+//! engine's general machinery. Only patterns listed in [`Pattern::recognize`] are taken: any other regex
+//! sends the tokenizer to the `tokenizers` fallback, so an unknown pattern can never split differently.
+
+use super::unicode::{self, *};
+
+/// One piece of an alternative.
+#[derive(Clone, Copy, Debug)]
+enum Atom {
+    /// A character class (`mask` any-of, or none-of when `negated`) repeated `min..=max` times, greedy
+    /// (backtracks) or possessive (does not).
+    Class {
+        mask: u32,
+        negated: bool,
+        min: u32,
+        max: u32,
+        possessive: bool,
+    },
+    /// `'s|'t|'re|'ve|'m|'ll|'d`, case-insensitive with `(?i:…)`, optional with `(…)?`.
+    Contraction {
+        case_insensitive: bool,
+        optional: bool,
+    },
+    /// Ruby-syntax `$`: at the end of the text or before `\n`.
+    EndOfLine,
+    /// `(?!\S)`: at the end of the text or before a `\s` character.
+    NotBeforeNonSpace,
+}
+
+const INF: u32 = u32::MAX;
+
+const fn class(mask: u32, min: u32, max: u32) -> Atom {
+    Atom::Class {
+        mask,
+        negated: false,
+        min,
+        max,
+        possessive: false,
+    }
+}
+const fn not_class(mask: u32, min: u32, max: u32) -> Atom {
+    Atom::Class {
+        mask,
+        negated: true,
+        min,
+        max,
+        possessive: false,
+    }
+}
+const fn possessive(atom: Atom) -> Atom {
+    match atom {
+        Atom::Class {
+            mask,
+            negated,
+            min,
+            max,
+            ..
+        } => Atom::Class {
+            mask,
+            negated,
+            min,
+            max,
+            possessive: true,
+        },
+        other => other,
+    }
+}
+const CONTRACTION_CI: Atom = Atom::Contraction {
+    case_insensitive: true,
+    optional: false,
+};
+const UPPERISH: u32 = LU | LT | LM | LO | M;
+const LOWERISH: u32 = LL | LM | LO | M;
+
+/// GPT-2 (`ByteLevel` with `use_regex`), also found as a `Split` regex.
+pub const GPT2: &str =
+    r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
+/// Llama 3 (and cl100k_base as `transformers` converts it).
+pub const LLAMA3: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// Qwen2, Qwen2.5, Qwen3: Llama 3's with single digits.
+pub const QWEN2: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// tiktoken's split pattern for cl100k_base. One change for Oniguruma: `\p{N}{1,3}+` (possessive in
+/// tiktoken's regex engine) means `(\p{N}{1,3})+` in Oniguruma's Ruby syntax, so it is written `\p{N}{1,3}`,
+/// which matches the same since nothing follows it in its alternative.
+pub const CL100K: &str = r"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s";
+/// o200k_base's split pattern, as tiktoken writes it.
+pub const O200K: &str = tiktoken_rs::O200K_BASE_PAT_STR;
+
+/// A split pattern this module can run.
+#[derive(Debug)]
+pub(crate) struct Pattern {
+    name: &'static str,
+    alternatives: Vec<Vec<Atom>>,
+}
+
+impl Pattern {
+    /// The compiled form of a known regex, or `None`.
+    pub(crate) fn recognize(regex: &str) -> Option<Pattern> {
+        let sp = class(SPACE, 0, 1);
+        let ws_tail = |alts: &mut Vec<Vec<Atom>>| {
+            alts.push(vec![class(S, 0, INF), class(CR | LF, 1, INF)]);
+            alts.push(vec![class(S, 1, INF), Atom::NotBeforeNonSpace]);
+            alts.push(vec![class(S, 1, INF)]);
+        };
+        let llama_like = |digits: u32| {
+            let mut alts = vec![
+                vec![CONTRACTION_CI],
+                vec![not_class(CR | LF | L | N, 0, 1), class(L, 1, INF)],
+                vec![class(N, 1, digits)],
+                vec![sp, not_class(S | L | N, 1, INF), class(CR | LF, 0, INF)],
+            ];
+            ws_tail(&mut alts);
+            alts
+        };
+        let (name, alternatives) = if regex == GPT2 {
+            let alts = vec![
+                vec![Atom::Contraction {
+                    case_insensitive: false,
+                    optional: false,
+                }],
+                vec![sp, class(L, 1, INF)],
+                vec![sp, class(N, 1, INF)],
+                vec![sp, not_class(S | L | N, 1, INF)],
+                vec![class(S, 1, INF), Atom::NotBeforeNonSpace],
+                vec![class(S, 1, INF)],
+            ];
+            ("gpt2", alts)
+        } else if regex == LLAMA3 {
+            ("llama3", llama_like(3))
+        } else if regex == QWEN2 {
+            ("qwen2", llama_like(1))
+        } else if regex == CL100K {
+            // Possessive where tiktoken wrote `?+`, `++`, `*+`; `\p{N}{1,3}` plain (see builtin.rs).
+            let alts = vec![
+                vec![CONTRACTION_CI],
+                vec![
+                    possessive(not_class(CR | LF | L | N, 0, 1)),
+                    possessive(class(L, 1, INF)),
+                ],
+                vec![class(N, 1, 3)],
+                vec![
+                    sp,
+                    possessive(not_class(S | L | N, 1, INF)),
+                    possessive(class(CR | LF, 0, INF)),
+                ],
+                vec![possessive(class(S, 1, INF)), Atom::EndOfLine],
+                vec![class(S, 0, INF), class(CR | LF, 1, 1)],
+                vec![class(S, 1, INF), Atom::NotBeforeNonSpace],
+                vec![class(S, 1, 1)],
+            ];
+            ("cl100k", alts)
+        } else if regex == O200K {
+            let contraction = Atom::Contraction {
+                case_insensitive: true,
+                optional: true,
+            };
+            let lead = not_class(CR | LF | L | N, 0, 1);
+            let mut alts = vec![
+                vec![
+                    lead,
+                    class(UPPERISH, 0, INF),
+                    class(LOWERISH, 1, INF),
+                    contraction,
+                ],
+                vec![
+                    lead,
+                    class(UPPERISH, 1, INF),
+                    class(LOWERISH, 0, INF),
+                    contraction,
+                ],
+                vec![class(N, 1, 3)],
+                vec![
+                    sp,
+                    not_class(S | L | N, 1, INF),
+                    class(CR | LF | SLASH, 0, INF),
+                ],
+            ];
+            ws_tail(&mut alts);
+            ("o200k", alts)
+        } else {
+            return None;
+        };
+        Some(Pattern { name, alternatives })
+    }
+
+    /// A short name for reports.
+    pub(crate) fn name(&self) -> &'static str {
+        self.name
+    }
+
+    /// Call `piece` with each piece of `text`, in order, as `tokenizers`' `Split` with `Isolated`
+    /// behaviour cuts it: every match, and every stretch between matches.
+    pub(crate) fn split<'t>(
+        &self,
+        text: &'t str,
+        ascii: &[u32; 128],
+        mut piece: impl FnMut(&'t str),
+    ) {
+        let bytes = text.as_bytes();
+        let m = Matcher { bytes, ascii };
+        let (mut pos, mut gap_start) = (0usize, 0usize);
+        while pos < bytes.len() {
+            match self.alternatives.iter().find_map(|alt| m.seq(alt, pos)) {
+                Some(end) if end > pos => {
+                    if gap_start < pos {
+                        piece(&text[gap_start..pos]);
+                    }
+                    piece(&text[pos..end]);
+                    pos = end;
+                    gap_start = end;
+                }
+                // No match here (or an empty one): the character joins the gap before the next match.
+                _ => pos += m.decode(pos).1,
+            }
+        }
+        if gap_start < bytes.len() {
+            piece(&text[gap_start..]);
+        }
+    }
+}
+
+struct Matcher<'a> {
+    bytes: &'a [u8],
+    ascii: &'a [u32; 128],
+}
+
+impl Matcher<'_> {
+    /// The code point at `pos` (a char boundary before the end) and its length in bytes.
+    #[inline(always)]
+    fn decode(&self, pos: usize) -> (u32, usize) {
+        let b = self.bytes;
+        let b0 = b[pos] as u32;
+        if b0 < 0x80 {
+            (b0, 1)
+        } else if b0 < 0xE0 {
+            (((b0 & 0x1F) << 6) | (b[pos + 1] as u32 & 0x3F), 2)
+        } else if b0 < 0xF0 {
+            (
+                ((b0 & 0x0F) << 12)
+                    | ((b[pos + 1] as u32 & 0x3F) << 6)
+                    | (b[pos + 2] as u32 & 0x3F),
+                3,
+            )
+        } else {
+            (
+                ((b0 & 0x07) << 18)
+                    | ((b[pos + 1] as u32 & 0x3F) << 12)
+                    | ((b[pos + 2] as u32 & 0x3F) << 6)
+                    | (b[pos + 3] as u32 & 0x3F),
+                4,
+            )
+        }
+    }
+
+    #[inline(always)]
+    fn flags_at(&self, pos: usize) -> (u32, usize) {
+        let b0 = self.bytes[pos];
+        if b0 < 0x80 {
+            (self.ascii[b0 as usize], 1)
+        } else {
+            let (c, len) = self.decode(pos);
+            (unicode::flags(c), len)
+        }
+    }
+
+    /// The end of the first way `atoms` match at `pos`, trying longer repetitions first, as a
+    /// backtracking regex engine does.
+    fn seq(&self, atoms: &[Atom], pos: usize) -> Option<usize> {
+        let Some((atom, rest)) = atoms.split_first() else {
+            return Some(pos);
+        };
+        let len = self.bytes.len();
+        match *atom {
+            Atom::Class {
+                mask,
+                negated,
+                min,
+                max,
+                possessive,
+            } => {
+                let (mut end, mut count) = (pos, 0u32);
+                while count < max && end < len {
+                    let (f, w) = self.flags_at(end);
+                    if ((f & mask) != 0) == negated {
+                        break;
+                    }
+                    end += w;
+                    count += 1;
+                }
+                if count < min {
+                    return None;
+                }
+                if possessive {
+                    return self.seq(rest, end);
+                }
+                loop {
+                    if let Some(e) = self.seq(rest, end) {
+                        return Some(e);
+                    }
+                    if count == min {
+                        return None;
+                    }
+                    // Give back one character.
+                    end -= 1;
+                    while self.bytes[end] & 0xC0 == 0x80 {
+                        end -= 1;
+                    }
+                    count -= 1;
+                }
+            }
+            Atom::Contraction {
+                case_insensitive,
+                optional,
+            } => {
+                if let Some(e) = self.contraction(pos, case_insensitive) {
+                    if let Some(end) = self.seq(rest, e) {
+                        return Some(end);
+                    }
+                }
+                if optional {
+                    self.seq(rest, pos)
+                } else {
+                    None
+                }
+            }
+            Atom::EndOfLine => (pos == len || self.bytes[pos] == b'\n')
+                .then(|| self.seq(rest, pos))
+                .flatten(),
+            Atom::NotBeforeNonSpace => (pos == len || self.flags_at(pos).0 & S != 0)
+                .then(|| self.seq(rest, pos))
+                .flatten(),
+        }
+    }
+
+    /// `'s|'t|'re|'ve|'m|'ll|'d` at `pos`: the end of the one that matches (they exclude each other).
+    fn contraction(&self, pos: usize, case_insensitive: bool) -> Option<usize> {
+        if self.bytes.get(pos) != Some(&b'\'') {
+            return None;
+        }
+        // Each letter's flag, and the letter itself for the case-sensitive form.
+        let letter = |at: usize, flag: u32, ch: u8| -> Option<usize> {
+            if at >= self.bytes.len() {
+                return None;
+            }
+            if case_insensitive {
+                let (f, w) = self.flags_at(at);
+                (f & flag != 0).then_some(at + w)
+            } else {
+                (self.bytes[at] == ch).then_some(at + 1)
+            }
+        };
+        let p = pos + 1;
+        for (flag, ch) in [
+            (FOLD_S, b's'),
+            (FOLD_T, b't'),
+            (FOLD_M, b'm'),
+            (FOLD_D, b'd'),
+        ] {
+            if let Some(e) = letter(p, flag, ch) {
+                return Some(e);
+            }
+        }
+        for [(f1, c1), (f2, c2)] in [
+            [(FOLD_R, b'r'), (FOLD_E, b'e')],
+            [(FOLD_V, b'v'), (FOLD_E, b'e')],
+            [(FOLD_L, b'l'), (FOLD_L, b'l')],
+        ] {
+            if let Some(e) = letter(p, f1, c1).and_then(|q| letter(q, f2, c2)) {
+                return Some(e);
+            }
+        }
+        None
+    }
+}
