@@ -42,7 +42,7 @@ fn bench(c: &mut Criterion) {
             .prompts
             .chunks(BATCH)
             .zip(corpus.outputs.chunks(BATCH))
-            .map(|(p, o)| tokenize_pairs(p, o, &corpus.tokenizer, &spec).unwrap())
+            .map(|(p, o)| tokenize_pairs(p, o, &corpus.tokenizer, spec.limit()).unwrap())
             .collect()
     };
     let packed = pack_all();

@@ -20,7 +20,7 @@ for line in sys.stdin:
         print("  " + msg["target"]["name"])
 ' "$out"
 }
-cargo test --release --all-features --no-run --message-format=json --test gpu | copy_executables
+cargo test --release --all-features --no-run --message-format=json --test backends --test cuda --test cs336 | copy_executables
 cargo bench --all-features --no-run --message-format=json --bench collate --bench masked_ce --bench tokenize | copy_executables
 strip --strip-debug "$out"/*
 ls -la "$out"

@@ -51,12 +51,18 @@ if ! command -v nvidia-smi >/dev/null || ! nvidia-smi -L >/dev/null 2>&1; then
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 step doctor "$bin_dir/sft-collate" doctor
-step gpu-tests "$bin_dir/gpu" --ignored --test-threads=1
+# The #[ignore]d tests are the GPU instances of every kernel property (tests/backends.rs, tests/cs336.rs)
+# and the CUDA-only API (tests/cuda.rs).
+for t in backends cuda cs336; do
+    step "gpu-tests-$t" "$bin_dir/$t" --ignored --test-threads=1
+done
 if command -v compute-sanitizer >/dev/null; then
-    step sanitizer-memcheck compute-sanitizer --tool memcheck --error-exitcode 1 \
-        "$bin_dir/gpu" --ignored --test-threads=1
+    for t in backends cuda; do
+        step "sanitizer-memcheck-$t" compute-sanitizer --tool memcheck --error-exitcode 1 \
+            "$bin_dir/$t" --ignored --test-threads=1
+    done
     step sanitizer-initcheck compute-sanitizer --tool initcheck --error-exitcode 1 \
-        "$bin_dir/gpu" --ignored --test-threads=1 cuda_large_batch_and_edges
+        "$bin_dir/backends" --ignored --test-threads=1 on_cuda::wide_rows_and_many_rows
 else
     summary+=("SKIP  compute-sanitizer (not installed)")
 fi

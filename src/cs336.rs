@@ -36,10 +36,10 @@ where
     P: AsRef<str>,
     O: AsRef<str>,
 {
-    let packed = tokenize_pairs(prompts, outputs, tokenizer, spec)?;
+    let ragged = tokenize_pairs(prompts, outputs, tokenizer, spec.limit())?;
     let spec = CollateSpec {
         pad_id: Some(tokenizer.resolve_pad_id(spec.pad_id)?),
         ..spec.clone()
     };
-    cpu::collate(&packed, &spec)
+    cpu::collate(&ragged, &spec)
 }

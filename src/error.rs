@@ -61,7 +61,7 @@ pub enum Error {
 
     /// A token id (or the pad id, or the ignore index) does not fit the chosen id dtype.
     #[error("id {id} does not fit the id dtype {dtype}")]
-    IdOverflow { id: i64, dtype: crate::IdDtype },
+    IdOverflow { id: i64, dtype: &'static str },
 
     /// No pad id was given, the tokenizer configures none and its vocabulary has no `<|endoftext|>`.
     #[error("no pad token: pass pad_id explicitly (the tokenizer configures none and has no <|endoftext|>)")]

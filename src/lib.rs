@@ -63,31 +63,45 @@
 //! # Ok::<(), sft_collate::Error>(())
 //! ```
 
-// Modules in data-flow order (docs/ARCHITECTURE.md): text rows → tokens → a ragged batch → a schedule
-// → collation and the loss on a device → the dataset job.
+// Modules in data-flow order (docs/ARCHITECTURE.md); each depends only on those above it (checked by
+// tests/architecture.rs).
+pub mod error;
+pub mod io;
 mod names;
 
-pub mod backend;
-pub mod collate;
-pub mod cs336;
-pub mod dataset;
-pub mod error;
+// Text rows → (a ragged batch of) tokens. The ragged batch comes first: the tokenizer stage makes one.
 pub mod input;
-pub mod io;
-pub mod kernels;
-pub mod loss;
+
 pub mod ragged;
-pub mod schedule;
-pub mod show;
+
 pub mod tokenize;
 
+// Which rows go together, then the tensors and the loss.
+pub mod schedule;
+
+pub mod collate;
+
+pub mod loss;
+
+// Where it runs: one Device, three backends, the kernels they share.
+pub mod kernels;
+
+pub mod backend;
+
+// What is built from all of it: CS336's one call, the dataset job, the loss of a file, the show table.
+pub mod cs336;
+
+pub mod dataset;
+
+pub mod loss_file;
+
+pub mod show;
+
 pub use backend::{Device, DeviceChoice, DeviceKind, Placed};
-pub use collate::{
-    Batch, BatchStats, CollateSpec, IdDtype, IdTensor, LabelFormat, Pack, Truncation,
-};
+pub use collate::{Batch, BatchStats, CollateSpec, IdDtype, IdTensor, LabelFormat, Pack};
 pub use cs336::tokenize_prompt_and_output;
 pub use error::{Error, Result};
-pub use ragged::RaggedBatch;
+pub use ragged::{LengthLimit, RaggedBatch, Truncation};
 pub use tokenize::{
     tokenize_pairs, tokenize_rows, Engine, EngineChoice, Tokenizer, BUILTIN_TOKENIZERS,
 };

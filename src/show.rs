@@ -131,7 +131,7 @@ pub fn row_table(
         pad_id: Some(tokenizer.resolve_pad_id(spec.pad_id)?),
         ..spec.clone()
     };
-    let ragged = tokenize_rows(&[segments.to_vec()], tokenizer, &spec)?;
+    let ragged = tokenize_rows(&[segments.to_vec()], tokenizer, spec.limit())?;
     let batch = cpu::collate(&ragged, &spec)?;
     let len = ragged.row_len(0);
     let trained = (0..len).filter(|&k| ragged.is_trainable(0, k)).count();
@@ -197,11 +197,11 @@ pub fn pack_table(
         pad_id: Some(tokenizer.resolve_pad_id(spec.pad_id)?),
         ..spec.clone()
     };
-    let ragged = tokenize_rows(rows, tokenizer, &spec)?;
+    let ragged = tokenize_rows(rows, tokenizer, spec.limit())?;
     let pack_spec = PackSpec::new(max_tokens);
     let mut documents = RaggedBatch::new();
     for i in 0..ragged.rows() {
-        for segments in pack_spec.fit_row(&ragged, i, &spec)? {
+        for segments in pack_spec.fit_row(&ragged, i, spec.truncation)? {
             let refs: Vec<(&[u32], bool)> =
                 segments.iter().map(|(t, f)| (t.as_slice(), *f)).collect();
             documents.push_segments(&refs);

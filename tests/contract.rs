@@ -147,7 +147,7 @@ proptest! {
     #[test]
     fn collate_matches_the_contract(case in case()) {
         let truncated: Option<Vec<_>> = case.rows.iter().map(|(p, o)| truncate(p, o, &case.spec)).collect();
-        let packed = RaggedBatch::from_pairs_truncated(case.rows.iter().map(|(p, o)| (p, o)), &case.spec);
+        let packed = RaggedBatch::from_pairs_truncated(case.rows.iter().map(|(p, o)| (p, o)), case.spec.limit());
         let Some(truncated) = truncated else {
             let refused = matches!(packed.as_ref().map_err(Error::innermost), Err(Error::SequenceTooLong { .. }));
             prop_assert!(refused);

@@ -65,7 +65,7 @@ proptest! {
         let docs: Vec<Doc> = raw
             .iter()
             .enumerate()
-            .flat_map(|(i, (p, o))| pack_spec.fit(i, p, o, &spec).unwrap())
+            .flat_map(|(i, (p, o))| pack_spec.fit(i, p, o, spec.truncation).unwrap())
             .collect();
         if split {
             // Splitting loses no token.

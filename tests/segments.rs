@@ -102,7 +102,7 @@ proptest! {
         let pack = PackSpec { overflow: if split { Overflow::Split } else { Overflow::Truncate }, ..PackSpec::new(max_tokens) };
         for i in 0..packed.rows() {
             let original: Vec<(u32, bool)> = (0..packed.row_len(i)).map(|k| (packed.row(i)[k], packed.is_trainable(i, k))).collect();
-            let pieces = pack.fit_row(&packed, i, &spec).unwrap();
+            let pieces = pack.fit_row(&packed, i, spec.truncation).unwrap();
             let flat: Vec<(u32, bool)> = pieces
                 .iter()
                 .flat_map(|segments| segments.iter().flat_map(|(t, f)| t.iter().map(move |&x| (x, *f))))

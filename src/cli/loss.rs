@@ -1,10 +1,10 @@
 //! `sft-collate loss`: the masked cross-entropy of a safetensors file on any device
-//! ([`sft_collate::loss::file`]).
+//! ([`sft_collate::loss_file`]).
 
 use std::path::PathBuf;
 
 use clap::Args;
-use sft_collate::loss::file::{run_loss_file, LossJob, NormalizationKind};
+use sft_collate::loss_file::{run_loss_file, LossJob, NormalizationKind};
 use sft_collate::{Device, DeviceChoice, Result};
 
 use super::choice;

@@ -17,7 +17,7 @@ mod spec;
 
 pub use batch::{Batch, BatchStats, IdTensor, Pack};
 pub use plan::CollatePlan;
-pub use spec::{CollateSpec, IdDtype, LabelFormat, Truncation};
+pub use spec::{CollateSpec, IdDtype, LabelFormat};
 
 #[cfg(any(feature = "cuda", feature = "emulation"))]
 pub(crate) use batch::bools_from_bytes;

@@ -37,7 +37,7 @@ impl CollatePlan {
             if !spec.id_dtype.fits(i64::from(id)) {
                 return Err(Error::IdOverflow {
                     id: i64::from(id),
-                    dtype: spec.id_dtype,
+                    dtype: spec.id_dtype.name(),
                 });
             }
         }

@@ -429,7 +429,8 @@ impl Stages<'_> {
                 },
                 other => other,
             };
-            let ragged = tokenize_rows(&raw.rows, self.tokenizer, self.spec).map_err(at_line)?;
+            let ragged =
+                tokenize_rows(&raw.rows, self.tokenizer, self.spec.limit()).map_err(at_line)?;
             let lines = |rows: &[usize]| -> String {
                 let (first, last) = (
                     rows.iter().map(|&r| raw.lines[r]).min().unwrap_or(0),
@@ -637,7 +638,7 @@ fn documents(
     let mut documents = RaggedBatch::new();
     let mut source = Vec::new();
     for i in 0..ragged.rows() {
-        for segments in pack.fit_row(&ragged, i, spec)? {
+        for segments in pack.fit_row(&ragged, i, spec.truncation)? {
             let refs: Vec<(&[u32], bool)> =
                 segments.iter().map(|(t, f)| (t.as_slice(), *f)).collect();
             documents.push_segments(&refs);

@@ -7,8 +7,6 @@
 //! `entropy = lse - Σ p·row`, and the row's loss term `w · (-log_prob)` (`w` = 1 without weights).
 //! Rows with mask false are not read: their outputs are 0 and their gradient rows zeros.
 
-pub mod file;
-
 use crate::{Error, Result};
 
 /// How the summed loss `Σ w·(-log_prob)` over masked rows is normalized. The gradient is scaled the same

@@ -5,9 +5,8 @@
 //! (`input_ids`, `labels`, `response_mask`, `position_ids` restarting per document, `cu_seqlens`,
 //! `max_seqlen`), with the shift done per document.
 
-use crate::collate::{CollateSpec, Truncation};
 use crate::error::Location;
-use crate::ragged::OwnedSegments;
+use crate::ragged::{LengthLimit, OwnedSegments, Truncation};
 use crate::{Error, RaggedBatch, Result};
 
 /// How documents are assigned to packs.
@@ -40,7 +39,7 @@ pub enum Overflow {
     /// Refuse it ([`Error::SequenceTooLong`]).
     #[default]
     Error,
-    /// Cut it to `max_tokens` by the spec's truncation policy (prompt-left if the spec says error).
+    /// Cut it to `max_tokens` by the truncation policy given (prompt-left if that says error).
     Truncate,
     /// Cut it into documents of at most `max_tokens` (the first token of each later piece is never a
     /// label: nothing in its document predicts it).
@@ -67,6 +66,18 @@ impl PackSpec {
             max_tokens,
             strategy: PackStrategy::ExactFill,
             overflow: Overflow::Error,
+        }
+    }
+
+    /// The limit `Overflow::Truncate` cuts a document to: the pack size, by the given policy
+    /// (prompt-left when it says error).
+    fn cut(&self, truncation: Truncation) -> LengthLimit {
+        LengthLimit {
+            max_len: Some(self.max_tokens),
+            truncation: match truncation {
+                Truncation::Error => Truncation::PromptLeft,
+                other => other,
+            },
         }
     }
 
@@ -99,7 +110,7 @@ impl PackSpec {
         row: usize,
         prompt: &[u32],
         output: &[u32],
-        spec: &CollateSpec,
+        truncation: Truncation,
     ) -> Result<Vec<(Vec<u32>, Vec<u32>)>> {
         self.validate()?;
         let len = prompt.len() + output.len();
@@ -109,16 +120,7 @@ impl PackSpec {
         match self.overflow {
             Overflow::Error => Err(self.too_long(row, len, prompt.len())),
             Overflow::Truncate => {
-                let truncation = match spec.truncation {
-                    Truncation::Error => Truncation::PromptLeft,
-                    other => other,
-                };
-                let cut = CollateSpec {
-                    max_len: Some(self.max_tokens),
-                    truncation,
-                    ..spec.clone()
-                };
-                let (p, o) = cut.truncate(row, prompt, output)?;
+                let (p, o) = self.cut(truncation).truncate_pair(row, prompt, output)?;
                 Ok(vec![(p.to_vec(), o.to_vec())])
             }
             Overflow::Split => {
@@ -139,19 +141,19 @@ impl PackSpec {
 
 impl PackSpec {
     /// [`PackSpec::fit`] for row `i` of a batch, whatever its segments: pairs as pairs; multi-segment rows
-    /// truncated from the start or end (see [`CollateSpec::truncate_segments`]) or split into pieces that
+    /// truncated from the start or end (see [`LengthLimit::truncate_segments`]) or split into pieces that
     /// keep every token's flag.
     pub fn fit_row(
         &self,
         batch: &RaggedBatch,
         i: usize,
-        spec: &CollateSpec,
+        truncation: Truncation,
     ) -> Result<Vec<OwnedSegments>> {
         self.validate()?;
         if batch.trainable().is_none() {
             let (prompt, output) = batch.row_parts(i);
             return Ok(self
-                .fit(i, prompt, output, spec)?
+                .fit(i, prompt, output, truncation)?
                 .into_iter()
                 .map(|(p, o)| vec![(p, false), (o, true)])
                 .collect());
@@ -167,18 +169,9 @@ impl PackSpec {
         }
         match self.overflow {
             Overflow::Error => Err(self.too_long(i, len, batch.prompt_lens()[i] as usize)),
-            Overflow::Truncate => {
-                let truncation = match spec.truncation {
-                    Truncation::Error => Truncation::PromptLeft,
-                    other => other,
-                };
-                let cut = CollateSpec {
-                    max_len: Some(self.max_tokens),
-                    truncation,
-                    ..spec.clone()
-                };
-                Ok(vec![cut.truncate_segments(i, &segments)?])
-            }
+            Overflow::Truncate => Ok(vec![self
+                .cut(truncation)
+                .truncate_segments(i, &segments)?]),
             Overflow::Split => {
                 let flat: Vec<(u32, bool)> = segments
                     .iter()
@@ -428,7 +421,7 @@ mod tests {
             ..PackSpec::new(4)
         };
         let docs = spec
-            .fit(0, &[1, 2, 3, 4, 5], &[6, 7], &CollateSpec::default())
+            .fit(0, &[1, 2, 3, 4, 5], &[6, 7], Truncation::Error)
             .unwrap();
         assert_eq!(
             docs,

@@ -1,16 +1,17 @@
 //! Text rows to a [`RaggedBatch`]: every segment tokenized separately (no merge crosses a boundary),
 //! without special tokens, on all cores, then `max_len` and the truncation policy applied.
 
-use crate::collate::CollateSpec;
+use crate::ragged::LengthLimit;
 use crate::{Error, RaggedBatch, Result, Tokenizer};
 
 /// Tokenize prompts and outputs (separately, without special tokens, in parallel), apply `max_len` and
-/// the truncation policy, and pack them. The spec's `pad_id` is not needed here.
+/// the truncation policy (`limit`; a [`crate::CollateSpec`] gives its own with `spec.limit()`), and pack
+/// them.
 pub fn tokenize_pairs<P, O>(
     prompts: &[P],
     outputs: &[O],
     tokenizer: &Tokenizer,
-    spec: &CollateSpec,
+    limit: LengthLimit,
 ) -> Result<RaggedBatch>
 where
     P: AsRef<str>,
@@ -28,23 +29,23 @@ where
         .zip(outputs)
         .map(|(p, o)| [(p.as_ref(), false), (o.as_ref(), true)])
         .collect();
-    tokenize_rows(&rows, tokenizer, spec)
+    tokenize_rows(&rows, tokenizer, limit)
 }
 
 /// Tokenize rows given as segments (text, trainable), each segment separately, without special tokens,
 /// in parallel; apply `max_len` (pairs by the pair truncation policy, longer rows by
-/// [`CollateSpec::truncate_segments`]) and pack them. A row of exactly one untrainable then one trainable
+/// [`crate::LengthLimit::truncate_segments`]) and pack them. A row of exactly one untrainable then one trainable
 /// segment is packed as a (prompt, output) pair; any other row carries per-token trainable flags.
 pub fn tokenize_rows<R, S>(
     rows: &[R],
     tokenizer: &Tokenizer,
-    spec: &CollateSpec,
+    limit: LengthLimit,
 ) -> Result<RaggedBatch>
 where
     R: AsRef<[(S, bool)]>,
     S: AsRef<str>,
 {
-    spec.validate()?;
+    limit.validate()?;
     // One call for every segment of every row, so the tokenizer's thread pool sees them all at once.
     let texts: Vec<&str> = rows
         .iter()
@@ -60,11 +61,11 @@ where
             .collect();
         match segments.as_slice() {
             [(prompt, false), (output, true)] => {
-                let (prompt, output) = spec.truncate(r, prompt, output)?;
+                let (prompt, output) = limit.truncate_pair(r, prompt, output)?;
                 batch.push_row(prompt, output);
             }
             _ => {
-                let kept = spec.truncate_segments(r, &segments)?;
+                let kept = limit.truncate_segments(r, &segments)?;
                 let refs: Vec<(&[u32], bool)> =
                     kept.iter().map(|(t, f)| (t.as_slice(), *f)).collect();
                 batch.push_segments(&refs);

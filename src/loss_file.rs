@@ -13,8 +13,8 @@ use std::path::Path;
 use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;
 
-use super::{CeInput, CeOptions, CeOutput, CeRequest, Labels, LogitElem, Normalization};
 use crate::io::write_atomically;
+use crate::loss::{CeInput, CeOptions, CeOutput, CeRequest, Labels, LogitElem, Normalization};
 use crate::{Device, Error, Result};
 
 /// How the loss of a file is normalized (`normalization` in the CLI).

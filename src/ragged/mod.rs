@@ -3,7 +3,10 @@
 //! is what travels from the tokenizer to a backend (and, for the GPU, the only thing copied to the
 //! device): its size is the number of real tokens, not `rows × width`.
 
-use crate::collate::CollateSpec;
+mod limit;
+
+pub use limit::{LengthLimit, Truncation};
+
 use crate::{Error, Result};
 
 /// A row as owned segments: tokens and whether they are trainable.
@@ -108,10 +111,10 @@ impl RaggedBatch {
         batch
     }
 
-    /// Pack pairs after applying `spec.max_len` and its truncation policy.
+    /// Pack pairs after applying `limit` (`max_len` and its truncation policy).
     pub fn from_pairs_truncated<P, O>(
         pairs: impl IntoIterator<Item = (P, O)>,
-        spec: &CollateSpec,
+        limit: LengthLimit,
     ) -> Result<Self>
     where
         P: AsRef<[u32]>,
@@ -119,7 +122,7 @@ impl RaggedBatch {
     {
         let mut batch = RaggedBatch::new();
         for (row, (prompt, output)) in pairs.into_iter().enumerate() {
-            let (prompt, output) = spec.truncate(row, prompt.as_ref(), output.as_ref())?;
+            let (prompt, output) = limit.truncate_pair(row, prompt.as_ref(), output.as_ref())?;
             batch.push_row(prompt, output);
         }
         Ok(batch)
