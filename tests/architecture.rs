@@ -81,7 +81,7 @@ fn references(
             .chars()
             .take_while(|c| c.is_alphanumeric() || *c == '_')
             .collect();
-        if modules.iter().any(|m| *m == head) {
+        if modules.contains(&head) {
             found.insert(head);
         } else if let Some(m) = roots.get(&head) {
             found.insert(m.clone());
