@@ -1,6 +1,10 @@
 // Fused masked cross-entropy: loss, per-token log-probs, entropy, logsumexp and (optionally) the gradient
 // over the response rows only, one thread block per row. Must agree with src/cpu/loss.rs.
 //
+// Non-finite logits follow PyTorch (and src/backend/cpu/loss.rs): a NaN poisons the row's outputs and
+// gradient; a row of -inf has lse -inf and NaN elsewhere; a +inf gives lse +inf, log-prob -inf (NaN for a
+// +inf label), entropy NaN, gradient NaN at +inf entries.
+//
 // Forward reads each masked row once, keeping an online (max m, Σ e^(x-m), Σ e^(x-m)(m-x)) triple per
 // thread, merged across the block; from it:
 //   log Σ e^x = m + log s,  log p(label) = (x_label - m) - log s,  entropy = log s + u / s.
@@ -44,10 +48,14 @@ __device__ __forceinline__ void online_rebase(Online &a, float m) {
 __device__ __forceinline__ void online_add(Online &a, float x) {
     if (x == CE_NEG_INF) return;  // probability 0, contributes nothing
     if (a.m == CE_NEG_INF || x > a.m) {
-        online_rebase(a, x);
+        online_rebase(a, x);  // a NaN first element makes m NaN: the row is poisoned, as it must be
         return;
     }
-    const float e = expf(x - a.m);
+    if (x == a.m) {  // a tie, counted exactly (also when both are +inf, where x - m would be NaN)
+        a.r += 1.0f;
+        return;
+    }
+    const float e = expf(x - a.m);  // NaN for a NaN x: r and u become NaN
     a.r += e;
     a.u += e * (a.m - x);
 }
@@ -69,7 +77,8 @@ __device__ __forceinline__ void online_add_chunk(Online &a, const float (&v)[N])
     float chunk_max = v[0];
 #pragma unroll
     for (int k = 1; k < N; ++k) chunk_max = fmaxf(chunk_max, v[k]);
-    const bool raised = chunk_max > a.m;
+    // Not `>`: a chunk of NaN only (fmaxf drops a NaN beside a number) makes m NaN, poisoning the row.
+    const bool raised = !(chunk_max <= a.m);
     if (raised) {
         // Short, so divergence here costs little: rescale what is there to the new max.
         const float m = chunk_max;
@@ -88,13 +97,15 @@ __device__ __forceinline__ void online_add_chunk(Online &a, const float (&v)[N])
     int ties = 0;
 #pragma unroll
     for (int k = 0; k < N; ++k) {
-        // Clamped so that a -inf logit gives e = 0 and 0 · 1e30 = 0, never 0 · inf; NaN is dropped alike.
-        const float t = fmaxf(v[k] - a.m, -1e30f);
+        // A -inf logit gives t = -inf and e = 0, and its u term 0 · min(inf, 1e30) = 0, never 0 · inf. A NaN
+        // logit gives e = NaN, which r and u carry to every output of the row (PyTorch's semantics). A +inf
+        // max makes t NaN for the +inf entries (ties, counted exactly) and -inf for the others.
+        const float t = v[k] - a.m;
         const float e = exp_nonpositive(t);
         const bool tie = v[k] == a.m;
         ties += tie;
         a.r += tie ? 0.0f : e;
-        a.u = fmaf(e, -t, a.u);
+        a.u = fmaf(e, fminf(-t, 1e30f), a.u);
     }
     // Each element equal to the max is a term of exactly 1, less the implicit one of a new max.
     a.r += (float)(ties - (raised ? 1 : 0));
@@ -108,8 +119,9 @@ __device__ __forceinline__ Online online_merge(Online a, Online b) {
         a = b;
         b = t;
     }
-    // a holds the max; b's terms are all scaled by c = e^(b.m - a.m), its implicit 1 included.
-    const float c = expf(b.m - a.m);
+    // a holds the max; b's terms are all scaled by c = e^(b.m - a.m), its implicit 1 included (exactly 1
+    // for equal maxima, also two +inf ones).
+    const float c = b.m == a.m ? 1.0f : expf(b.m - a.m);
     const float sb = 1.0f + b.r;
     return Online{a.m, a.r + c * sb, a.u + c * (b.u + (a.m - b.m) * sb)};
 }
@@ -278,7 +290,8 @@ __device__ __forceinline__ void masked_ce_impl(const T *logits, u64 rows, u64 vo
         if (threadIdx.x == 0) {
             row_loss[row] = -w * log_prob;
             if (log_probs) log_probs[row] = log_prob;
-            if (entropy) entropy[row] = log_s + total.u / (1.0f + total.r);
+            // A row of -inf only has no distribution: NaN (its lse stays -inf, its log-prob is NaN).
+            if (entropy) entropy[row] = total.m == CE_NEG_INF ? nan : log_s + total.u / (1.0f + total.r);
             if (lse) lse[row] = total.m + log_s;
         }
         if (BACKWARD) {

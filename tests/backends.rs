@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::ce::{case_strategy, check, extreme_rows_case, Case};
+use common::ce::{case_strategy, check, extreme_rows_case, non_finite_case, Case};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 use sft_collate::backend::cpu;
@@ -27,6 +27,7 @@ device_tests!(
     cross_entropy_all_or_nothing_masked,
     cross_entropy_strided_rows,
     cross_entropy_bad_labels,
+    cross_entropy_non_finite_logits,
 );
 
 /// Random cases per property: many where a case is cheap (CPU, GPU), fewer on the emulator (a thread
@@ -293,7 +294,8 @@ fn run_ce_case<T: LogitElem>(device: &Device, case: &Case, labels_i32: bool) {
         .to_host()
         .unwrap();
     assert!(out.log_probs.is_empty() && out.entropy.is_empty() && out.lse.is_empty());
-    assert_eq!(out.loss, forward.loss, "{what}: lean forward");
+    let same = out.loss == forward.loss || (out.loss.is_nan() && forward.loss.is_nan());
+    assert!(same, "{what}: lean forward {} vs {}", out.loss, forward.loss);
 }
 
 fn cross_entropy_matches_the_oracle(device: &Device) {
@@ -421,4 +423,15 @@ fn cross_entropy_bad_labels(device: &Device) {
     }
     // On an unmasked row a bad label is never looked at.
     assert!(run(&[3, -100]).is_ok());
+}
+
+fn cross_entropy_non_finite_logits(device: &Device) {
+    // NaN and infinities as PyTorch treats them, on every device as in the oracle (tests/masked_ce.rs
+    // pins the oracle's own values): the tail path (vocab 37), the vector path (1000).
+    for vocab in [37, 1000] {
+        let case = non_finite_case(vocab);
+        run_ce_case::<f32>(device, &case, false);
+        run_ce_case::<half::bf16>(device, &case, true);
+        run_ce_case::<half::f16>(device, &case, false);
+    }
 }

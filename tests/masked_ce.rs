@@ -125,3 +125,72 @@ fn edges_are_typed_errors_or_zeros() {
     };
     assert!(masked_cross_entropy(&input, &zero_denominator, false).is_err());
 }
+
+#[test]
+fn non_finite_logits_follow_pytorch() {
+    use std::f64::{INFINITY as INF, NAN};
+    let vocab = 4;
+    let rows: Vec<[f64; 4]> = vec![
+        [0.0, NAN, 1.0, 2.0],     // a NaN: every output NaN
+        [-INF, -INF, -INF, -INF], // all -inf: lse -inf, the rest NaN
+        [0.0, INF, 1.0, 2.0],     // +inf, label 0 finite
+        [0.0, INF, 1.0, 2.0],     // +inf at the label
+        [0.0, -INF, 1.0, 2.0],    // finite, with a -inf entry
+    ];
+    let logits: Vec<f64> = rows.concat();
+    let labels = [0i64, 0, 0, 1, 0];
+    let mask = [true; 5];
+    let input = CeInput::new(&logits, vocab, Labels::I64(&labels), &mask);
+    let options = CeOptions {
+        normalization: Normalization::Sum,
+        upstream: 1.0,
+    };
+    let out = masked_cross_entropy(&input, &options, true).unwrap();
+    let grad = out.grad.as_ref().unwrap();
+    let g = |r: usize| &grad[r * vocab..(r + 1) * vocab];
+    // NaN row.
+    assert!(out.log_probs[0].is_nan() && out.entropy[0].is_nan() && out.lse[0].is_nan());
+    assert!(g(0).iter().all(|x| x.is_nan()));
+    // All -inf.
+    assert_eq!(out.lse[1], -INF);
+    assert!(out.log_probs[1].is_nan() && out.entropy[1].is_nan());
+    assert!(g(1).iter().all(|x| x.is_nan()));
+    // +inf with a finite label: log p = -inf, the gradient NaN at the +inf, -1 at the label, 0 elsewhere.
+    assert_eq!((out.lse[2], out.log_probs[2]), (INF, -INF));
+    assert!(out.entropy[2].is_nan());
+    assert!(g(2)[1].is_nan());
+    assert_eq!((g(2)[0], g(2)[2], g(2)[3]), (-1.0, 0.0, 0.0));
+    // +inf at the label: log p NaN.
+    assert!(out.log_probs[3].is_nan() && g(3)[1].is_nan());
+    // A finite row with a -inf entry is an ordinary row.
+    let p = |x: f64| x.exp() / (1.0 + 1f64.exp() + 2f64.exp());
+    assert!((out.log_probs[4] - p(0.0).ln()).abs() < 1e-12);
+    assert_eq!(g(4)[1], 0.0);
+    // One NaN row makes the loss NaN.
+    assert!(out.sum.is_nan() && out.loss.is_nan());
+    // Unmasked, the same rows change nothing.
+    let mask = [false, false, false, false, true];
+    let input = CeInput::new(&logits, vocab, Labels::I64(&labels), &mask);
+    let out = masked_cross_entropy(&input, &options, true).unwrap();
+    assert!((out.loss + p(0.0).ln()).abs() < 1e-12);
+    assert!(out.grad.unwrap()[..4 * vocab].iter().all(|&x| x == 0.0));
+}
+
+#[test]
+fn huge_logits_keep_full_precision() {
+    // Two equal maxima: log p = -ln 2 exactly, however large the logits (m + ln 2 is not representable
+    // next to 1e12 or 1e16; the oracle never forms it).
+    for big in [1e12f64, 1e16, 1e30] {
+        let logits = [big, big, 0.0];
+        let input = CeInput::new(&logits, 3, Labels::I64(&[0]), &[true]);
+        let out = masked_cross_entropy(&input, &CeOptions::default(), true).unwrap();
+        assert!(
+            (out.log_probs[0] + std::f64::consts::LN_2).abs() < 1e-15,
+            "{big}: {}",
+            out.log_probs[0]
+        );
+        assert!((out.loss - std::f64::consts::LN_2).abs() < 1e-15);
+        let grad = out.grad.unwrap();
+        assert!((grad[0] + 0.5).abs() < 1e-15 && (grad[1] - 0.5).abs() < 1e-15);
+    }
+}

@@ -6,10 +6,14 @@ use proptest::prelude::*;
 use sft_collate::backend::cpu::loss::CeReference;
 use sft_collate::loss::{CeOptions, CeOutput, LogitElem, Normalization};
 
-/// |got - want| <= rtol·|want| + atol, NaN only where NaN is expected.
+/// |got - want| <= rtol·|want| + atol; NaN only where NaN is expected, an infinity only where the same
+/// infinity is.
 pub fn close(got: f64, want: f64, rtol: f64, atol: f64) -> bool {
     if want.is_nan() {
         return got.is_nan();
+    }
+    if want.is_infinite() || got.is_infinite() {
+        return got == want;
     }
     (got - want).abs() <= rtol * want.abs() + atol
 }
@@ -161,4 +165,60 @@ pub fn extreme_rows_case() -> Case {
         vec![huge, mixed, with_inf, vec![3.0; v], peaked.clone(), peaked],
         vec![3, 7, 500, 999, 0, 1],
     )
+}
+
+/// Rows with NaN and infinities where the kernels read them differently (inside 16-byte vectors, in a
+/// whole vector, in the scalar tail, in different threads), and one finite row; row 1 is unmasked, so its
+/// NaN must change nothing.
+pub fn non_finite_case(vocab: usize) -> Case {
+    let base = |r: usize| -> Vec<f32> {
+        (0..vocab)
+            .map(|i| ((i * 7 + r * 13) % 29) as f32 * 0.5 - 7.0)
+            .collect()
+    };
+    let nan = f32::NAN;
+    let mut rows = Vec::new();
+    let mut labels = Vec::new();
+    let mut push = |row: Vec<f32>, label: usize| {
+        rows.push(row);
+        labels.push(label as i64);
+    };
+    let mut r = base(0);
+    r[5] = nan;
+    push(r, 1); // a NaN inside a vector
+    let mut r = base(1);
+    r[2] = nan;
+    push(r, 0); // unmasked
+    let mut r = base(2);
+    r[vocab - 1] = nan;
+    push(r, 3); // a NaN in the scalar tail
+    let mut r = base(3);
+    for x in r.iter_mut().take(24.min(vocab)).skip(16.min(vocab)) {
+        *x = nan;
+    }
+    push(r, 2); // a whole vector of NaN
+    push(vec![f32::NEG_INFINITY; vocab], 4); // nothing but -inf
+    let mut r = base(5);
+    r[3] = f32::INFINITY;
+    push(r, 6); // +inf, the label finite
+    let mut r = base(6);
+    r[7] = f32::INFINITY;
+    push(r, 7); // +inf at the label
+    let mut r = base(7);
+    r[1] = f32::INFINITY;
+    r[vocab - 2] = f32::INFINITY;
+    push(r, 5); // two +inf, far apart (different threads)
+    let mut r = base(8);
+    r[9] = f32::NEG_INFINITY;
+    push(r, 0); // finite, with a -inf entry
+    let n = rows.len();
+    Case {
+        rows: n,
+        vocab,
+        logits: rows.concat(),
+        labels,
+        mask: (0..n).map(|r| r != 1).collect(),
+        weights: None,
+        options: CeOptions::default(),
+    }
 }

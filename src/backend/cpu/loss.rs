@@ -19,25 +19,43 @@ fn rows<T>(logits: &[T], vocab: usize) -> Result<std::slice::Chunks<'_, T>> {
     Ok(logits.chunks(vocab))
 }
 
-/// Softmax statistics of one row relative to its max `m`: `r = Σ e^(x-m) - 1` (the sum without the
-/// max's own term, so that `ln(1 + r)` keeps its precision when one logit dominates) and
-/// `u = Σ e^(x-m)·(m-x)`. Entries at -inf have probability 0 and are skipped. `None` for a row with no
-/// finite max (all -inf, or a NaN).
-fn row_statistics<T: Float>(row: &[T]) -> Option<(f64, f64, f64)> {
-    let (argmax, max) =
-        row.iter()
-            .map(|x| x.to_f64())
-            .enumerate()
-            .fold((0, f64::NEG_INFINITY), |best, (i, x)| {
-                if x > best.1 {
-                    (i, x)
-                } else {
-                    best
-                }
-            });
-    if max == f64::NEG_INFINITY || row.iter().any(|x| x.to_f64().is_nan()) {
-        return None;
+/// A row of logits as the softmax sees it, with NaN and infinities treated as PyTorch does.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Row {
+    /// A finite max `m`, with `r = Σ e^(x-m) - 1` (every term but the max's own 1, so that `ln(1 + r)`
+    /// keeps its precision when one logit dominates) and `u = Σ e^(x-m)·(m-x)`. Entries at -inf have
+    /// probability 0 and add nothing.
+    Finite { m: f64, r: f64, u: f64 },
+    /// Every entry -inf: `logsumexp` is -inf and nothing else is defined (NaN).
+    AllNegInf,
+    /// A NaN somewhere: every output of the row is NaN.
+    Nan,
+    /// +inf somewhere and no NaN: `logsumexp` is +inf; a +inf entry's probability is NaN (inf - inf),
+    /// any other entry's 0; the entropy is NaN.
+    PosInf,
+}
+
+fn classify<T: Float>(row: &[T]) -> Row {
+    let mut argmax = None;
+    let mut max = f64::NEG_INFINITY;
+    for (i, x) in row.iter().map(|x| x.to_f64()).enumerate() {
+        if x.is_nan() {
+            return Row::Nan;
+        }
+        if x > max {
+            (argmax, max) = (Some(i), x);
+        }
     }
+    if max == f64::INFINITY {
+        return if row.iter().any(|x| x.to_f64().is_nan()) {
+            Row::Nan
+        } else {
+            Row::PosInf
+        };
+    }
+    let Some(argmax) = argmax else {
+        return Row::AllNegInf;
+    };
     let (mut r, mut u) = (0.0, 0.0);
     for (i, x) in row.iter().map(|x| x.to_f64()).enumerate() {
         let e = (x - max).exp();
@@ -46,27 +64,63 @@ fn row_statistics<T: Float>(row: &[T]) -> Option<(f64, f64, f64)> {
             u += e * (max - x);
         }
     }
-    Some((max, r, u))
+    Row::Finite { m: max, r, u }
+}
+
+impl Row {
+    fn logsumexp(self) -> f64 {
+        match self {
+            Row::Finite { m, r, .. } => m + r.ln_1p(),
+            Row::AllNegInf => f64::NEG_INFINITY,
+            Row::Nan => f64::NAN,
+            Row::PosInf => f64::INFINITY,
+        }
+    }
+
+    /// `log p(label)` for the label's logit `x`: `(x - m) - ln(1 + r)`, in that order, so that no
+    /// rounding of a large `m + ln(1 + r)` is subtracted from a large `x` (two equal maxima at 1e12 give
+    /// exactly -ln 2).
+    fn log_prob(self, x: f64) -> f64 {
+        match self {
+            Row::Finite { m, r, .. } => (x - m) - r.ln_1p(),
+            Row::AllNegInf | Row::Nan => f64::NAN,
+            Row::PosInf if x == f64::INFINITY => f64::NAN,
+            Row::PosInf => f64::NEG_INFINITY,
+        }
+    }
+
+    /// `H = lse - Σ p·x` as `ln(1 + r) + u / (1 + r)`: both terms are non-negative, so a peaked row
+    /// (entropy near 0 next to logits of 1e4) loses nothing to cancellation.
+    fn entropy(self) -> f64 {
+        match self {
+            Row::Finite { r, u, .. } => r.ln_1p() + u / (1.0 + r),
+            _ => f64::NAN,
+        }
+    }
+
+    /// `softmax(row)_i - onehot(label)_i` for entry `i` of logit `x`.
+    fn softmax_minus_onehot(self, x: f64, is_label: bool) -> f64 {
+        match self {
+            // p - 1 at the label as -(r - expm1(x - m)) / (1 + r): no cancellation when p is near 1.
+            Row::Finite { m, r, .. } if is_label => -(r - (x - m).exp_m1()) / (1.0 + r),
+            Row::Finite { m, r, .. } => ((x - m) - r.ln_1p()).exp(),
+            Row::AllNegInf | Row::Nan => f64::NAN,
+            Row::PosInf if x == f64::INFINITY => f64::NAN,
+            Row::PosInf => -f64::from(u8::from(is_label)),
+        }
+    }
 }
 
 /// `logsumexp` of one row: `m + ln(1 + Σ e^(x-m) - 1)`, shifted by the max so that no `exp` overflows.
-/// -inf for a row of -inf, NaN for a row with a NaN (as torch gives).
+/// -inf for a row of -inf, +inf with a +inf entry, NaN for a row with a NaN (as torch gives).
 pub fn logsumexp<T: Float>(row: &[T]) -> f64 {
-    match row_statistics(row) {
-        Some((m, r, _)) => m + r.ln_1p(),
-        None if row.iter().any(|x| x.to_f64().is_nan()) => f64::NAN,
-        None => f64::NEG_INFINITY,
-    }
+    classify(row).logsumexp()
 }
 
-/// Entropy of the softmax of one row, `H = lse - Σ p·x`, computed as `ln(1 + r) + u / (1 + r)` (see
-/// `row_statistics`): both terms are non-negative, so a peaked row (entropy near 0 next to logits of
-/// 1e4) loses nothing to cancellation. Entries at -inf contribute 0; a row of -inf has no entropy (NaN).
+/// Entropy of the softmax of one row, `H = lse - Σ p·x`, computed without cancellation (see `Row`).
+/// Entries at -inf contribute 0; a row of -inf, with a +inf entry or with a NaN has no entropy (NaN).
 pub fn entropy_of_row<T: Float>(row: &[T]) -> f64 {
-    match row_statistics(row) {
-        Some((_, r, u)) => r.ln_1p() + u / (1.0 + r),
-        None => f64::NAN,
-    }
+    classify(row).entropy()
 }
 
 /// CS336 `compute_entropy`: the entropy of the next-token distribution at each of the `N` positions of
@@ -102,7 +156,7 @@ pub fn log_probs<T: Float, L: Copy + Into<i64>>(
                     vocab,
                 },
             )?;
-            Ok(row[at].to_f64() - logsumexp(row))
+            Ok(classify(row).log_prob(row[at].to_f64()))
         })
         .collect()
 }
@@ -273,6 +327,11 @@ impl CeReference {
 /// the weighted sum, the count, the normalized loss and, with `with_grad`, `d loss / d logits =
 /// mask · scale · w · (softmax(row) - onehot(label))` with `scale = upstream / denominator`. A label
 /// outside `[0, vocab)` on a masked row is an error.
+///
+/// Non-finite logits, as PyTorch: a NaN anywhere in a masked row makes its log-prob, entropy, lse,
+/// loss term and gradient row NaN (and so the loss); a row of only -inf has lse -inf and everything
+/// else NaN; a +inf entry gives lse +inf, log-prob -inf (NaN when the label's logit is the +inf),
+/// entropy NaN, and a gradient of NaN at +inf entries, -1·scale·w at a finite label, 0 elsewhere.
 pub fn masked_cross_entropy<T: Float>(
     input: &crate::loss::CeInput<'_, T>,
     options: &crate::loss::CeOptions,
@@ -291,21 +350,28 @@ pub fn masked_cross_entropy<T: Float>(
         loss: 0.0,
         grad: with_grad.then(|| vec![0.0; n * shape.vocab]),
     };
-    for row in (0..n).filter(|&r| input.mask[r]) {
+    let rows: Vec<(usize, Row)> = (0..n)
+        .filter(|&r| input.mask[r])
+        .map(|row| {
+            let x = &input.logits[row * shape.row_stride..row * shape.row_stride + shape.vocab];
+            let label = input.labels.get(row);
+            usize::try_from(label)
+                .ok()
+                .filter(|&at| at < shape.vocab)
+                .ok_or(Error::LabelOutOfRange {
+                    row,
+                    label,
+                    vocab: shape.vocab,
+                })?;
+            Ok((row, classify(x)))
+        })
+        .collect::<Result<_>>()?;
+    for &(row, kind) in &rows {
         let x = &input.logits[row * shape.row_stride..row * shape.row_stride + shape.vocab];
-        let label = input.labels.get(row);
-        let at = usize::try_from(label)
-            .ok()
-            .filter(|&at| at < shape.vocab)
-            .ok_or(Error::LabelOutOfRange {
-                row,
-                label,
-                vocab: shape.vocab,
-            })?;
-        let lse = logsumexp(x);
-        out.lse[row] = lse;
-        out.log_probs[row] = x[at].to_f64() - lse;
-        out.entropy[row] = entropy_of_row(x);
+        let x_label = x[input.labels.get(row) as usize].to_f64();
+        out.lse[row] = kind.logsumexp();
+        out.log_probs[row] = kind.log_prob(x_label);
+        out.entropy[row] = kind.entropy();
         out.sum -= f64::from(input.weights.map_or(1.0, |w| w[row])) * out.log_probs[row];
         out.count += 1;
     }
@@ -321,26 +387,15 @@ pub fn masked_cross_entropy<T: Float>(
         } else {
             0.0
         };
-        for row in (0..n).filter(|&r| input.mask[r]) {
+        for &(row, kind) in &rows {
             let x = &input.logits[row * shape.row_stride..row * shape.row_stride + shape.vocab];
             let w = f64::from(input.weights.map_or(1.0, |w| w[row]));
             let label = input.labels.get(row) as usize;
-            let Some((m, r, _)) = row_statistics(x) else {
-                continue; // No finite max: nothing sensible to differentiate.
-            };
-            let log_s = r.ln_1p();
             for (i, g) in grad[row * shape.vocab..(row + 1) * shape.vocab]
                 .iter_mut()
                 .enumerate()
             {
-                let x = x[i].to_f64();
-                // p - 1 at the label as -(r - expm1(x - m)) / (1 + r): no cancellation when p is near 1.
-                let d = if i == label {
-                    -(r - (x - m).exp_m1()) / (1.0 + r)
-                } else {
-                    ((x - m) - log_s).exp()
-                };
-                *g = scale * w * d;
+                *g = scale * w * kind.softmax_minus_onehot(x[i].to_f64(), i == label);
             }
         }
     }
