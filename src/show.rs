@@ -114,7 +114,7 @@ fn cut_note(out: &mut String, shown: usize, total: usize) {
     if shown < total {
         let _ = writeln!(
             out,
-            "… {} more positions not shown (of {total}; raise max_positions to see them)",
+            "… {} more positions not shown (of {total}; the table is cut at {shown})",
             total - shown
         );
     }

@@ -295,7 +295,11 @@ fn run_ce_case<T: LogitElem>(device: &Device, case: &Case, labels_i32: bool) {
         .unwrap();
     assert!(out.log_probs.is_empty() && out.entropy.is_empty() && out.lse.is_empty());
     let same = out.loss == forward.loss || (out.loss.is_nan() && forward.loss.is_nan());
-    assert!(same, "{what}: lean forward {} vs {}", out.loss, forward.loss);
+    assert!(
+        same,
+        "{what}: lean forward {} vs {}",
+        out.loss, forward.loss
+    );
 }
 
 fn cross_entropy_matches_the_oracle(device: &Device) {

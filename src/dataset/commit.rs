@@ -24,6 +24,17 @@ use std::path::{Path, PathBuf};
 use super::manifest::MANIFEST_FILE;
 use crate::{Error, Result};
 
+/// For the crash-consistency tests: when `SFT_COLLATE_TEST_CRASH_AT` names this point, the process
+/// aborts here (no destructor runs, as under `kill -9`). Points: `staged-N` (N files written to the
+/// staging directory), `before-commit`, `after-exchange`.
+pub(crate) fn crash_point(point: &str) {
+    static AT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    let at = AT.get_or_init(|| std::env::var("SFT_COLLATE_TEST_CRASH_AT").ok());
+    if at.as_deref() == Some(point) {
+        std::process::abort();
+    }
+}
+
 /// The name of a batch file this crate writes.
 pub fn is_batch_file(name: &str) -> bool {
     name.starts_with("batch-") && name.ends_with(".safetensors")
@@ -77,8 +88,12 @@ impl OutputDir {
         Ok((dir, removed))
     }
 
+    fn lock_path(&self) -> PathBuf {
+        self.parent.join(format!(".{}.sft-collate.lock", self.name))
+    }
+
     fn lock(&self, wait: bool) -> Result<File> {
-        let path = self.parent.join(format!(".{}.sft-collate.lock", self.name));
+        let path = self.lock_path();
         let mut file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -186,6 +201,7 @@ impl OutputDir {
             .path
             .take()
             .expect("a staging directory commits once");
+        crash_point("before-commit");
         let result = if self.output.exists() {
             exchange(&from, &self.output)
         } else {
@@ -193,6 +209,7 @@ impl OutputDir {
         };
         match result {
             Ok(()) => {
+                crash_point("after-exchange");
                 // `from` now holds the old dataset (or nothing, after a plain rename).
                 if from.exists() {
                     std::fs::remove_dir_all(&from).map_err(|e| Error::io(&from, e))?;
@@ -209,8 +226,11 @@ impl OutputDir {
 }
 
 impl Drop for OutputDir {
-    /// A run that did not commit leaves no directory it created.
+    /// A run that did not commit leaves no directory it created (nor the lock file in it).
     fn drop(&mut self) {
+        if !self.created.is_empty() {
+            let _ = std::fs::remove_file(self.lock_path());
+        }
         for dir in self.created.iter().rev() {
             let _ = std::fs::remove_dir(dir);
         }

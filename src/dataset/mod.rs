@@ -528,6 +528,7 @@ impl Stages<'_> {
                 Collated::Packed(pack) => pack.to_safetensors(Some(metadata.clone()))?,
             };
             write_atomically(&dir.join(&name), &bytes)?;
+            commit::crash_point(&format!("staged-{}", index + 1));
             let stats = work.collated.stats();
             rows += stats.rows;
             files.push(FileEntry::new(name, stats, work.rows));
