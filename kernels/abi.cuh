@@ -60,6 +60,7 @@ struct CeArgs {
     const u8 *mask;          // rows, 0 or 1
     const float *weights;    // rows, or null
     const u32 *count;        // the number of masked rows (masked_ce_count)
+    const float *upstream_ptr;  // d final loss / d this loss on the device, or null: `upstream` below
     float *row_loss;         // rows: w · (-log_prob)
     float *log_probs;        // rows, or null
     float *entropy;          // rows, or null

@@ -21,3 +21,13 @@ __device__ __forceinline__ u64 mix64(u64 x) {
 FILL_KERNEL(f32, float)
 FILL_KERNEL(f16, f16)
 FILL_KERNEL(bf16, bf16)
+
+// Keep the stream busy for `nanos` nanoseconds (one thread reading the global timer), so that a test can
+// tell whether a call returned before the device got to it, i.e. whether it waited for the device.
+extern "C" __global__ void spin(u64 nanos) {
+    u64 start, now;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(start));
+    do {
+        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
+    } while (now - start < nanos);
+}

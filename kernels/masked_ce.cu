@@ -252,7 +252,8 @@ __device__ __forceinline__ void masked_ce_impl(const T *logits, u64 rows, u64 vo
                                                const void *__restrict__ labels, i32 labels_are_i64,
                                                const u8 *__restrict__ mask, const float *__restrict__ weights,
                                                const u32 *__restrict__ count, i32 norm_mode, float norm_fixed,
-                                               float upstream, float *__restrict__ row_loss,
+                                               float upstream, const float *__restrict__ upstream_ptr,
+                                               float *__restrict__ row_loss,
                                                float *__restrict__ log_probs, float *__restrict__ entropy,
                                                float *__restrict__ lse, T *grad, u64 grad_stride,
                                                u32 *__restrict__ error_flag) {
@@ -261,7 +262,9 @@ __device__ __forceinline__ void masked_ce_impl(const T *logits, u64 rows, u64 vo
     float scale_base = 0.0f;
     if (BACKWARD) {
         const float denominator = ce_denominator(norm_mode, norm_fixed, *count);
-        scale_base = denominator > 0.0f ? upstream / denominator : 0.0f;
+        // The upstream gradient from the device when given (a framework's grad_output): no host read.
+        const float up = upstream_ptr != nullptr ? *upstream_ptr : upstream;
+        scale_base = denominator > 0.0f ? up / denominator : 0.0f;
     }
     for (u64 row = blockIdx.x; row < rows; row += gridDim.x) {
         const T *x = logits + row * logits_stride;
@@ -310,7 +313,8 @@ __device__ __forceinline__ void masked_ce_impl(const T *logits, u64 rows, u64 vo
 // The struct's fields as the implementation's parameters (the struct itself is never addressed).
 #define CE_FIELDS(T)                                                                                \
     (const T *)a.logits, a.rows, a.vocab, a.logits_stride, a.labels, a.labels_are_i64, a.mask,     \
-        a.weights, a.count, a.norm_mode, a.norm_fixed, a.upstream, a.row_loss, a.log_probs,        \
+        a.weights, a.count, a.norm_mode, a.norm_fixed, a.upstream, a.upstream_ptr, a.row_loss,     \
+        a.log_probs,                                                                               \
         a.entropy, a.lse, (T *)a.grad, a.grad_stride, a.error_flag
 
 #define CE_KERNELS(suffix, T)                                                                       \

@@ -83,3 +83,29 @@ fn in_place_gradient_equals_the_separate_one_and_spares_the_stride() {
         );
     }
 }
+
+#[test]
+fn the_upstream_gradient_by_pointer_equals_by_value() {
+    use sft_collate::loss::Normalization;
+    let (rows, vocab) = (7, 301);
+    let logits: Vec<f32> = (0..rows * vocab)
+        .map(|i| ((i * 7919) % 1009) as f32 / 50.0 - 10.0)
+        .collect();
+    let labels: Vec<i64> = (0..rows as i64).map(|r| r * 41 % vocab as i64).collect();
+    let mask = vec![true, true, false, true, true, false, true];
+    let input = CeInput::new(&logits, vocab, Labels::I64(&labels), &mask);
+    let options = CeOptions {
+        normalization: Normalization::Sum,
+        upstream: -2.75,
+    };
+    let run = |upstream_by_pointer| {
+        Emulator {
+            upstream_by_pointer,
+        }
+        .cross_entropy(&input, &options, CeRequest::default(), Grad::Separate)
+        .unwrap()
+    };
+    let (by_value, by_pointer) = (run(false), run(true));
+    assert_eq!(by_value, by_pointer);
+    assert!(by_value.grad.unwrap().iter().any(|&g| g != 0.0));
+}

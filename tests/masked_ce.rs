@@ -128,7 +128,8 @@ fn edges_are_typed_errors_or_zeros() {
 
 #[test]
 fn non_finite_logits_follow_pytorch() {
-    use std::f64::{INFINITY as INF, NAN};
+    const INF: f64 = f64::INFINITY;
+    const NAN: f64 = f64::NAN;
     let vocab = 4;
     let rows: Vec<[f64; 4]> = vec![
         [0.0, NAN, 1.0, 2.0],     // a NaN: every output NaN

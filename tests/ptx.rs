@@ -16,7 +16,12 @@ const EXPECTED: &[(&str, &[&str])] = &[
     ),
     (
         "fill",
-        &["fill_logits_f32", "fill_logits_f16", "fill_logits_bf16"],
+        &[
+            "fill_logits_f32",
+            "fill_logits_f16",
+            "fill_logits_bf16",
+            "spin",
+        ],
     ),
     (
         "masked_ce",

@@ -1,7 +1,7 @@
 //! Collation: from a [`crate::RaggedBatch`] to the tensors a trainer takes, padded ([`Batch`]) or
 //! packed padding-free ([`Pack`]).
 //!
-//! - [`CollateSpec`] says what the tensors look like (pad id, `max_len` and [`Truncation`],
+//! - [`CollateSpec`] says what the tensors look like (pad id, `max_len` and [`crate::Truncation`],
 //!   `pad_to_multiple_of`, [`LabelFormat`], [`IdDtype`], attention mask).
 //! - [`CollatePlan`] is what every backend checks and computes before writing an element: the resolved
 //!   pad id, the shape, the statistics. A plan exists only for a valid batch and spec.

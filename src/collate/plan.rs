@@ -18,10 +18,10 @@ pub struct CollatePlan {
 impl CollatePlan {
     /// Validate `packed` and `spec` together: offsets and lengths consistent, a pad id, every id within the
     /// id dtype, and `rows × width` elements of every output addressable.
-    pub fn new(packed: &RaggedBatch, spec: &CollateSpec) -> Result<Self> {
-        packed.validate()?;
-        let max_token = packed.tokens().iter().copied().max().unwrap_or(0);
-        Self::for_validated(packed.row_offsets(), max_token, spec)
+    pub fn new(batch: &RaggedBatch, spec: &CollateSpec) -> Result<Self> {
+        batch.validate()?;
+        let max_token = batch.tokens().iter().copied().max().unwrap_or(0);
+        Self::for_validated(batch.row_offsets(), max_token, spec)
     }
 
     /// The same checks for a batch whose offsets were validated already (a device copy keeps only its
@@ -108,9 +108,25 @@ impl CollatePlan {
 
     /// The statistics of the packed layout: as the padded layout's, with width T and the pad tail as
     /// the padding.
-    pub(crate) fn pack_stats(&self, packed: &RaggedBatch, total: usize) -> BatchStats {
-        let row_offsets = packed.row_offsets();
-        let mut stats = self.stats(packed);
+    pub(crate) fn pack_stats(&self, batch: &RaggedBatch, total: usize) -> BatchStats {
+        self.pack_stats_from(
+            batch.row_offsets(),
+            batch.prompt_lens(),
+            batch.trainable(),
+            total,
+        )
+    }
+
+    /// [`CollatePlan::pack_stats`] from the batch's arrays (a device copy keeps them on the host).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(crate) fn pack_stats_from(
+        &self,
+        row_offsets: &[u64],
+        prompt_lens: &[u32],
+        trainable: Option<&[u8]>,
+        total: usize,
+    ) -> BatchStats {
+        let mut stats = self.stats_from(row_offsets, prompt_lens, trainable);
         let real = row_offsets.last().copied().unwrap_or(0) as usize;
         stats.width = total;
         stats.padding_fraction = if total == 0 {
@@ -123,12 +139,8 @@ impl CollatePlan {
 
     /// The statistics of the batch, from the packed rows alone (so a device backend needs no copy back):
     /// row `i` has `len - max(prompt_len, 1)` response labels when that is positive.
-    pub fn stats(&self, packed: &RaggedBatch) -> BatchStats {
-        self.stats_from(
-            packed.row_offsets(),
-            packed.prompt_lens(),
-            packed.trainable(),
-        )
+    pub fn stats(&self, batch: &RaggedBatch) -> BatchStats {
+        self.stats_from(batch.row_offsets(), batch.prompt_lens(), batch.trainable())
     }
 
     pub(crate) fn stats_from(

@@ -24,6 +24,24 @@ pub fn peak_bandwidth(stream: &Arc<CudaStream>) -> Result<f64> {
     Ok(2.0 * f64::from(clock_khz) * 1e3 * f64::from(bus_bits) / 8.0)
 }
 
+/// Keep `stream` busy for `nanos` nanoseconds: one thread spinning on the device's global timer. For tests
+/// that must tell whether a call waited for the device (it returns before the spin ends if it did not).
+pub fn spin(stream: &Arc<CudaStream>, nanos: u64) -> Result<()> {
+    let (module, _) = module::load(
+        stream.context(),
+        crate::kernels::kernel("fill").expect("embedded"),
+    )?;
+    let spin = module.load_function("spin").map_err(cuda_err)?;
+    let one = LaunchConfig {
+        grid_dim: (1, 1, 1),
+        block_dim: (1, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: the kernel reads the timer and touches no memory.
+    unsafe { stream.launch_builder(&spin).arg(&nanos).launch(one) }.map_err(cuda_err)?;
+    Ok(())
+}
+
 fn blocks_of_256(blocks: usize) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (blocks as u32, 1, 1),
@@ -128,12 +146,7 @@ impl<T: LogitElem> LossBench<T> {
     }
 
     fn targets(&self) -> DeviceCeTargets<'_> {
-        DeviceCeTargets {
-            shape: self.shape,
-            labels: DeviceLabels::I64(&self.labels),
-            mask: &self.mask,
-            weights: None,
-        }
+        DeviceCeTargets::new(self.shape, DeviceLabels::I64(&self.labels), &self.mask)
     }
 
     /// Bytes the fused forward must move: one read of every masked row.

@@ -7,6 +7,7 @@ use cudarc::driver::{
     PushKernelArg, SyncOnDrop,
 };
 
+use super::memory::DeviceWrite;
 use super::module::{self, ModuleOrigin};
 use super::{cuda_err, launch_config};
 use crate::backend::abi::{self, CollateArgs, CollatePackArgs, CollateScalars};
@@ -120,14 +121,78 @@ impl DeviceIds {
         })
     }
 
-    /// The address a kernel writes through; the guard records the write on `stream` when dropped after
-    /// the launch.
-    fn addr_mut<'a>(&'a mut self, stream: &'a CudaStream) -> (u64, SyncOnDrop<'a>) {
+    /// As the kernels' output argument.
+    fn as_mut(&mut self) -> DeviceIdsMut<'_> {
         match self {
-            DeviceIds::I32(v) => v.device_ptr_mut(stream),
-            DeviceIds::I64(v) => v.device_ptr_mut(stream),
+            DeviceIds::I32(v) => DeviceIdsMut::I32(v),
+            DeviceIds::I64(v) => DeviceIdsMut::I64(v),
         }
     }
+}
+
+/// Ids a kernel writes, in the spec's dtype: any writable device memory (a `CudaSlice`, a view of part
+/// of one, a framework's buffer).
+pub enum DeviceIdsMut<'a> {
+    I32(&'a mut dyn DeviceWrite<i32>),
+    I64(&'a mut dyn DeviceWrite<i64>),
+}
+
+impl DeviceIdsMut<'_> {
+    /// Refuse a buffer of the wrong dtype or with fewer than `n` elements.
+    fn check(&self, name: &'static str, dtype: IdDtype, n: usize) -> Result<()> {
+        let (got, len) = match self {
+            DeviceIdsMut::I32(b) => (IdDtype::I32, b.len()),
+            DeviceIdsMut::I64(b) => (IdDtype::I64, b.len()),
+        };
+        if got != dtype {
+            return Err(Error::InvalidOption {
+                name: "id_dtype",
+                reason: format!("{name} is a buffer of {got}, the spec says {dtype}"),
+            });
+        }
+        check_len(name, len, n)
+    }
+
+    fn write_addr<'a>(&'a mut self, stream: &'a CudaStream) -> (u64, SyncOnDrop<'a>) {
+        match self {
+            DeviceIdsMut::I32(b) => b.write_addr(stream),
+            DeviceIdsMut::I64(b) => b.write_addr(stream),
+        }
+    }
+}
+
+fn check_len(name: &str, len: usize, needed: usize) -> Result<()> {
+    if len < needed {
+        return Err(Error::Shape(format!(
+            "{name}: a buffer of {len} elements for {needed}"
+        )));
+    }
+    Ok(())
+}
+
+/// The caller's buffers for the padded layout.
+pub struct BatchBuffers<'a> {
+    pub input_ids: DeviceIdsMut<'a>,
+    pub labels: DeviceIdsMut<'a>,
+    pub response_mask: &'a mut dyn DeviceWrite<u8>,
+    pub attention_mask: Option<&'a mut dyn DeviceWrite<u8>>,
+}
+
+/// The caller's buffers for the padding-free layout.
+pub struct PackBuffers<'a> {
+    pub input_ids: DeviceIdsMut<'a>,
+    pub labels: DeviceIdsMut<'a>,
+    pub response_mask: &'a mut dyn DeviceWrite<u8>,
+    pub position_ids: DeviceIdsMut<'a>,
+    pub cu_seqlens: &'a mut dyn DeviceWrite<i32>,
+}
+
+/// What the host knows of a pack written to the device, without reading it back.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PackLayout {
+    pub stats: BatchStats,
+    pub cu_seqlens: Vec<i32>,
+    pub max_seqlen: usize,
 }
 
 /// `n` elements of uninitialized device memory (an empty slice for 0).
@@ -144,6 +209,9 @@ fn alloc<T: cudarc::driver::DeviceRepr>(
     unsafe { stream.alloc::<T>(n) }.map_err(cuda_err)
 }
 
+/// Pinned staging buffers an uploader keeps at most (each one copy in flight).
+const MAX_STAGING: usize = 8;
+
 /// A pinned host buffer for the ragged batch, and the event of the copy that last read it.
 struct Staging {
     buffer: PinnedHostSlice<u8>,
@@ -158,9 +226,10 @@ pub struct CudaCollator {
     collate_pack_i32: CudaFunction,
     collate_pack_i64: CudaFunction,
     origin: ModuleOrigin,
-    /// Two staging buffers used in turn, so that filling one never waits for the copy of the batch just
+    /// Pinned staging buffers: an upload takes one whose last copy has completed, so it never waits for
+    /// the device (see `copy_to_device`).
     /// submitted (only, rarely, for the one before it).
-    staging: Mutex<([Option<Staging>; 2], usize)>,
+    staging: Mutex<Vec<Staging>>,
 }
 
 impl std::fmt::Debug for CudaCollator {
@@ -252,7 +321,7 @@ impl CudaCollator {
             collate_pack_i64: load("collate_pack_i64")?,
             stream,
             origin,
-            staging: Mutex::new(([None, None], 0)),
+            staging: Mutex::new(Vec::new()),
         })
     }
 
@@ -288,7 +357,8 @@ impl CudaCollator {
         })
     }
 
-    /// The kernel alone, on a batch already on the device (one launch, no host synchronization).
+    /// The kernel alone, on a batch already on the device (one launch, no host synchronization), into
+    /// new buffers.
     pub fn collate_uploaded(
         &self,
         batch: &DeviceRaggedBatch,
@@ -297,26 +367,90 @@ impl CudaCollator {
         let plan = CollatePlan::for_validated(&batch.row_offsets, batch.max_token, spec)?;
         let stream = &self.stream;
         let n = plan.len();
-        let alloc_bytes = |n: usize| alloc::<u8>(stream, n);
         let mut input_ids = DeviceIds::alloc(stream, spec.id_dtype, n)?;
         let mut labels = DeviceIds::alloc(stream, spec.id_dtype, n)?;
-        let mut response_mask = alloc_bytes(n)?;
-        let mut attention_mask = if spec.attention_mask {
-            Some(alloc_bytes(n)?)
-        } else {
-            None
+        let mut response_mask = alloc::<u8>(stream, n)?;
+        let mut attention_mask = match spec.attention_mask {
+            true => Some(alloc::<u8>(stream, n)?),
+            false => None,
         };
+        let stats = self.collate_uploaded_into(
+            batch,
+            spec,
+            &mut BatchBuffers {
+                input_ids: input_ids.as_mut(),
+                labels: labels.as_mut(),
+                response_mask: &mut response_mask,
+                attention_mask: attention_mask
+                    .as_mut()
+                    .map(|m| m as &mut dyn DeviceWrite<u8>),
+            },
+        )?;
+        Ok(DeviceBatch {
+            input_ids,
+            labels,
+            response_mask,
+            attention_mask,
+            stats,
+            stream: stream.clone(),
+        })
+    }
 
+    /// Collate into the caller's buffers (a trainer reusing its allocations every step): one copy of
+    /// the ragged batch up, one launch, no host synchronization. Each buffer needs at least `rows ×
+    /// width` elements of the spec's id dtype (the first `rows × width` are written; the shape is in the
+    /// returned statistics), and `attention_mask` exactly when the spec asks for it.
+    pub fn collate_into(
+        &self,
+        batch: &RaggedBatch,
+        spec: &CollateSpec,
+        out: &mut BatchBuffers<'_>,
+    ) -> Result<BatchStats> {
+        let uploaded = self.upload(batch)?;
+        self.collate_uploaded_into(&uploaded, spec, out)
+    }
+
+    /// [`CudaCollator::collate_into`] on a batch already on the device.
+    pub fn collate_uploaded_into(
+        &self,
+        batch: &DeviceRaggedBatch,
+        spec: &CollateSpec,
+        out: &mut BatchBuffers<'_>,
+    ) -> Result<BatchStats> {
+        let plan = CollatePlan::for_validated(&batch.row_offsets, batch.max_token, spec)?;
+        let stream = &self.stream;
+        let n = plan.len();
+        out.input_ids.check("input_ids", spec.id_dtype, n)?;
+        out.labels.check("labels", spec.id_dtype, n)?;
+        check_len("response_mask", out.response_mask.len(), n)?;
+        match (&out.attention_mask, spec.attention_mask) {
+            (Some(m), true) => check_len("attention_mask", m.len(), n)?,
+            (None, false) => {}
+            (given, _) => {
+                return Err(Error::InvalidOption {
+                    name: "attention_mask",
+                    reason: format!(
+                        "the spec {} an attention mask and {} buffer was given",
+                        if spec.attention_mask {
+                            "asks for"
+                        } else {
+                            "has no"
+                        },
+                        if given.is_some() { "a" } else { "no" }
+                    ),
+                })
+            }
+        }
         if n > 0 {
             let (inputs, read_guard) = batch.input_addrs(stream);
             let [tokens, row_offsets, prompt_lens, trainable] = inputs;
             let scalars = CollateScalars::of(&plan);
-            let (input_ids_addr, g1) = input_ids.addr_mut(stream);
-            let (labels_addr, g2) = labels.addr_mut(stream);
-            let (mask_addr, g3) = response_mask.device_ptr_mut(stream);
-            let (attention_addr, g4) = match &mut attention_mask {
+            let (input_ids, g1) = out.input_ids.write_addr(stream);
+            let (labels, g2) = out.labels.write_addr(stream);
+            let (response_mask, g3) = out.response_mask.write_addr(stream);
+            let (attention_mask, g4) = match &mut out.attention_mask {
                 Some(m) => {
-                    let (a, g) = m.device_ptr_mut(stream);
+                    let (a, g) = m.write_addr(stream);
                     (a, Some(g))
                 }
                 None => (0, None),
@@ -326,10 +460,10 @@ impl CudaCollator {
                 row_offsets,
                 prompt_lens,
                 trainable,
-                input_ids: input_ids_addr,
-                labels: labels_addr,
-                response_mask: mask_addr,
-                attention_mask: attention_addr,
+                input_ids,
+                labels,
+                response_mask,
+                attention_mask,
                 rows: scalars.rows,
                 width: plan.width as u64,
                 ignore_index: scalars.ignore_index,
@@ -344,59 +478,113 @@ impl CudaCollator {
             launch.arg(&args);
             // SAFETY: `upload` validated the ragged batch on the host (offsets start at 0, never decrease
             // and end at the token count; every prompt fits its row) and the device copy is byte for byte
-            // that batch, so every `tokens[start + pos]` the kernel reads (pos < len) is in bounds. The
-            // outputs hold rows × width elements, and the kernel writes only positions below width of
-            // rows below rows. `args` is the kernel's one parameter (abi.cuh).
+            // that batch, so every `tokens[start + pos]` the kernel reads (pos < len) is in bounds. Every
+            // output holds at least rows × width elements of its type (checked above), and the kernel
+            // writes only positions below width of rows below rows. `args` is the kernel's one parameter
+            // (abi.cuh).
             unsafe { launch.launch(launch_config(abi::collate_launch(&plan))) }
                 .map_err(cuda_err)?;
             drop((read_guard, g1, g2, g3, g4));
         }
-        Ok(DeviceBatch {
+        Ok(plan.stats_from(
+            &batch.row_offsets,
+            &batch.prompt_lens,
+            batch.trainable.as_deref(),
+        ))
+    }
+
+    /// The padding-free layout, every row a document, into new buffers: one copy, one launch, no host
+    /// sync. Bit-identical to [`crate::backend::cpu::collate_pack`].
+    pub fn collate_pack(&self, batch: &RaggedBatch, spec: &CollateSpec) -> Result<DevicePack> {
+        let uploaded = self.upload(batch)?;
+        let plan = CollatePlan::for_validated(batch.row_offsets(), uploaded.max_token, spec)?;
+        let total = CollatePlan::pack_total(batch.tokens().len(), spec)?;
+        let stream = &self.stream;
+        let ids = |n: usize| DeviceIds::alloc(stream, spec.id_dtype, n);
+        // Every position and every cu_seqlens entry is written by the kernel.
+        let (mut input_ids, mut labels, mut position_ids) = (ids(total)?, ids(total)?, ids(total)?);
+        let mut response_mask = alloc::<u8>(stream, total)?;
+        let mut cu_seqlens = alloc::<i32>(
+            stream,
+            CollatePlan::pack_boundaries(batch.row_offsets(), total)
+                .0
+                .len(),
+        )?;
+        let layout = self.pack_uploaded_into(
+            &uploaded,
+            &plan,
+            total,
+            spec,
+            &mut PackBuffers {
+                input_ids: input_ids.as_mut(),
+                labels: labels.as_mut(),
+                response_mask: &mut response_mask,
+                position_ids: position_ids.as_mut(),
+                cu_seqlens: &mut cu_seqlens,
+            },
+        )?;
+        Ok(DevicePack {
             input_ids,
             labels,
             response_mask,
-            attention_mask,
-            stats: plan.stats_from(
-                &batch.row_offsets,
-                &batch.prompt_lens,
-                batch.trainable.as_deref(),
-            ),
+            position_ids,
+            cu_seqlens,
+            host_cu_seqlens: layout.cu_seqlens,
+            max_seqlen: layout.max_seqlen,
+            stats: layout.stats,
             stream: stream.clone(),
         })
     }
 
-    /// The batch (padding-free) layout, every row a document: one copy, one launch, no host sync.
-    /// Bit-identical to [`crate::backend::cpu::collate_pack`].
-    pub fn collate_pack(&self, batch: &RaggedBatch, spec: &CollateSpec) -> Result<DevicePack> {
-        // `upload` validates the batch once; the plan reuses what it found.
+    /// The padding-free layout into the caller's buffers: `input_ids`, `labels`, `position_ids` and
+    /// `response_mask` of at least `total` positions (the returned [`PackLayout`] says how many), and
+    /// `cu_seqlens` of at least its length. The host learns `cu_seqlens` and `max_seqlen` from the
+    /// offsets alone, without a device round trip.
+    pub fn collate_pack_into(
+        &self,
+        batch: &RaggedBatch,
+        spec: &CollateSpec,
+        out: &mut PackBuffers<'_>,
+    ) -> Result<PackLayout> {
         let uploaded = self.upload(batch)?;
         let plan = CollatePlan::for_validated(batch.row_offsets(), uploaded.max_token, spec)?;
         let total = CollatePlan::pack_total(batch.tokens().len(), spec)?;
-        let (host_cu_seqlens, max_seqlen) =
-            CollatePlan::pack_boundaries(batch.row_offsets(), total);
+        self.pack_uploaded_into(&uploaded, &plan, total, spec, out)
+    }
+
+    fn pack_uploaded_into(
+        &self,
+        uploaded: &DeviceRaggedBatch,
+        plan: &CollatePlan,
+        total: usize,
+        spec: &CollateSpec,
+        out: &mut PackBuffers<'_>,
+    ) -> Result<PackLayout> {
+        let (cu_seqlens, max_seqlen) = CollatePlan::pack_boundaries(&uploaded.row_offsets, total);
+        out.input_ids.check("input_ids", spec.id_dtype, total)?;
+        out.labels.check("labels", spec.id_dtype, total)?;
+        out.position_ids
+            .check("position_ids", spec.id_dtype, total)?;
+        check_len("response_mask", out.response_mask.len(), total)?;
+        check_len("cu_seqlens", out.cu_seqlens.len(), cu_seqlens.len())?;
         let stream = &self.stream;
-        let ids = |n: usize| DeviceIds::alloc(stream, spec.id_dtype, n);
-        // Every position and every cu_seqlens entry is written by the kernel below.
-        let (mut input_ids, mut labels, mut position_ids) = (ids(total)?, ids(total)?, ids(total)?);
-        let mut response_mask = alloc::<u8>(stream, total)?;
-        let mut cu_seqlens = alloc::<i32>(stream, host_cu_seqlens.len())?;
         let (inputs, read_guard) = uploaded.input_addrs(stream);
         let [tokens, row_offsets, prompt_lens, trainable] = inputs;
-        let scalars = CollateScalars::of(&plan);
-        let (input_ids_addr, g1) = input_ids.addr_mut(stream);
-        let (labels_addr, g2) = labels.addr_mut(stream);
-        let (positions_addr, g3) = position_ids.addr_mut(stream);
-        let (mask_addr, g4) = response_mask.device_ptr_mut(stream);
-        let (cu_seqlens_addr, g5) = cu_seqlens.device_ptr_mut(stream);
+        let scalars = CollateScalars::of(plan);
+        let (input_ids, g1) = out.input_ids.write_addr(stream);
+        let (labels, g2) = out.labels.write_addr(stream);
+        let (position_ids, g3) = out.position_ids.write_addr(stream);
+        let (response_mask, g4) = out.response_mask.write_addr(stream);
+        let (cu_seqlens_addr, g5) = out.cu_seqlens.write_addr(stream);
         let args = CollatePackArgs {
             tokens,
             row_offsets,
             prompt_lens,
             trainable,
-            input_ids: input_ids_addr,
-            labels: labels_addr,
-            response_mask: mask_addr,
-            position_ids: positions_addr,
+            input_ids,
+            labels,
+            response_mask,
+            position_ids,
             cu_seqlens: cu_seqlens_addr,
             rows: scalars.rows,
             total: total as u64,
@@ -411,46 +599,66 @@ impl CudaCollator {
         let mut launch = stream.launch_builder(function);
         launch.arg(&args);
         // SAFETY: `upload` validated the batch on the host and the device copy is that batch, so every
-        // token read (t + 1 < end of its document) is in bounds; the outputs hold `total` positions,
-        // cu_seqlens rows + 1 (+ 1 with a pad tail) entries, and the grid has at least rows + 2 threads.
-        // `args` is the kernel's one parameter (abi.cuh).
-        unsafe { launch.launch(launch_config(abi::collate_pack_launch(&plan, total))) }
+        // token read (t + 1 < end of its document) is in bounds; the outputs hold at least `total`
+        // positions and cu_seqlens rows + 1 (+ 1 with a pad tail) entries (checked above), and the grid
+        // has at least rows + 2 threads. `args` is the kernel's one parameter (abi.cuh).
+        unsafe { launch.launch(launch_config(abi::collate_pack_launch(plan, total))) }
             .map_err(cuda_err)?;
         drop((read_guard, g1, g2, g3, g4, g5));
-        Ok(DevicePack {
-            input_ids,
-            labels,
-            response_mask,
-            position_ids,
+        Ok(PackLayout {
+            stats: plan.pack_stats_from(
+                &uploaded.row_offsets,
+                &uploaded.prompt_lens,
+                uploaded.trainable.as_deref(),
+                total,
+            ),
             cu_seqlens,
-            host_cu_seqlens,
             max_seqlen,
-            stats: plan.pack_stats(batch, total),
-            stream: stream.clone(),
         })
     }
 
-    /// Copy the ragged batch to the device in one transfer through the next staging buffer.
+    /// Copy the ragged batch to the device in one transfer through a pinned staging buffer. The host never
+    /// waits for the device here: a buffer whose last copy is still in flight is not reused, another is
+    /// taken or made (pinned memory is kept, never freed, which would synchronize), up to
+    /// [`MAX_STAGING`] buffers; only with that many copies in flight does an upload wait for the oldest.
     fn copy_to_device(&self, batch: &RaggedBatch, layout: &InputLayout) -> Result<CudaSlice<u8>> {
         let stream = &self.stream;
-        let mut guard = self
+        let mut pool = self
             .staging
             .lock()
             .map_err(|_| Error::Cuda("staging lock poisoned".into()))?;
-        let (buffers, next) = &mut *guard;
-        let slot = &mut buffers[*next];
-        *next = (*next + 1) % 2;
-        if slot.as_ref().is_none_or(|s| s.buffer.len() < layout.bytes) {
+        let ctx = stream.context();
+        let new_buffer = || -> Result<Staging> {
             let capacity = layout.bytes.next_power_of_two().max(1 << 16);
-            let ctx = stream.context();
             // SAFETY: the buffer's contents are written below before the copy reads them.
             let buffer = unsafe { ctx.alloc_pinned::<u8>(capacity) }.map_err(cuda_err)?;
             let copied = ctx.new_event(None).map_err(cuda_err)?;
-            *slot = Some(Staging { buffer, copied });
-        }
-        let staging = slot.as_mut().expect("allocated above");
-        // The copy that last read this buffer (two batches ago) must be done before it is overwritten.
-        staging.copied.synchronize().map_err(cuda_err)?;
+            Ok(Staging { buffer, copied })
+        };
+        let free = |s: &Staging| s.copied.try_is_complete().unwrap_or(false);
+        let at = match pool
+            .iter()
+            .position(|s| s.buffer.len() >= layout.bytes && free(s))
+        {
+            Some(at) => at,
+            None if pool.len() < MAX_STAGING => {
+                pool.push(new_buffer()?);
+                pool.len() - 1
+            }
+            None => {
+                // Every buffer is in flight or too small: the one whose copy is oldest (the front, as
+                // taking moves a buffer to the back), waited for, and grown if it is too small.
+                pool[0].copied.synchronize().map_err(cuda_err)?;
+                if pool[0].buffer.len() < layout.bytes {
+                    pool[0] = new_buffer()?;
+                }
+                0
+            }
+        };
+        // Most recently used last: the front is always the oldest copy.
+        let taken = pool.remove(at);
+        pool.push(taken);
+        let staging = pool.last_mut().expect("just pushed");
         let host = staging.buffer.as_mut_slice().map_err(cuda_err)?;
         let bytes = &mut host[..layout.bytes];
         bytes[..layout.tokens_at].copy_from_slice(bytemuck::cast_slice(batch.row_offsets()));

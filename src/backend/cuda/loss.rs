@@ -1,11 +1,14 @@
-//! [`MaskedCrossEntropy`]: the fused masked cross-entropy kernels on the caller's stream.
+//! [`MaskedCrossEntropy`]: the fused masked cross-entropy kernels on the caller's stream, over the
+//! caller's buffers (any [`DeviceRead`] / [`DeviceWrite`]: cudarc slices and views, or memory a framework
+//! owns), with the upstream gradient on the host or the device. Nothing here synchronizes the host.
 
 use std::sync::Arc;
 
 use cudarc::driver::{
-    CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, PushKernelArg, SyncOnDrop,
+    CudaFunction, CudaSlice, CudaStream, DevicePtrMut, PushKernelArg, SyncOnDrop,
 };
 
+use super::memory::{DeviceRead, DeviceWrite};
 use super::module::{self, ModuleOrigin};
 use super::{cuda_err, launch_config};
 use crate::backend::abi::{self, CeArgs, CeCountArgs, CeReduceArgs};
@@ -13,10 +16,10 @@ use crate::loss::{CeOptions, CeOutput, CeRequest, LogitElem, LogitsShape};
 use crate::{Error, Result};
 
 /// Labels on the device, as the collator writes them.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy)]
 pub enum DeviceLabels<'a> {
-    I32(&'a CudaSlice<i32>),
-    I64(&'a CudaSlice<i64>),
+    I32(&'a dyn DeviceRead<i32>),
+    I64(&'a dyn DeviceRead<i64>),
 }
 
 impl DeviceLabels<'_> {
@@ -28,14 +31,30 @@ impl DeviceLabels<'_> {
     }
 }
 
-/// What the loss is computed against: the logits' shape, labels, mask (one byte per row, 0 or 1) and
-/// optional per-token weights, all on the device.
-#[derive(Clone, Copy, Debug)]
+/// What the loss is computed against, on the device: the logits' shape (rows, vocab, row stride),
+/// labels, mask (one byte per row, 0 or 1), optional per-token weights, and optionally the upstream
+/// gradient `d final loss / d this loss` as a one-element device buffer (a framework's `grad_output`),
+/// which then replaces [`CeOptions::upstream`] without the host ever reading it.
+#[derive(Clone, Copy)]
 pub struct DeviceCeTargets<'a> {
     pub shape: LogitsShape,
     pub labels: DeviceLabels<'a>,
-    pub mask: &'a CudaSlice<u8>,
-    pub weights: Option<&'a CudaSlice<f32>>,
+    pub mask: &'a dyn DeviceRead<u8>,
+    pub weights: Option<&'a dyn DeviceRead<f32>>,
+    pub upstream: Option<&'a dyn DeviceRead<f32>>,
+}
+
+impl<'a> DeviceCeTargets<'a> {
+    /// Labels, mask and shape; no weights, the upstream gradient from [`CeOptions`].
+    pub fn new(shape: LogitsShape, labels: DeviceLabels<'a>, mask: &'a dyn DeviceRead<u8>) -> Self {
+        DeviceCeTargets {
+            shape,
+            labels,
+            mask,
+            weights: None,
+            upstream: None,
+        }
+    }
 }
 
 /// Results on the device. Nothing here has synchronized the host: read [`DeviceCeOutput::to_host`] (or
@@ -51,7 +70,7 @@ pub struct DeviceCeOutput<T> {
     pub scalars: CudaSlice<f32>,
     /// `[count]`.
     pub count: CudaSlice<u32>,
-    /// The gradient (dense `[N, vocab]`) when computed into a separate buffer.
+    /// The gradient (dense `[N, vocab]`) when computed into a new buffer.
     pub grad: Option<CudaSlice<T>>,
     error_flag: CudaSlice<u32>,
     stream: Arc<CudaStream>,
@@ -92,6 +111,40 @@ impl<T: LogitElem> DeviceCeOutput<T> {
     }
 }
 
+/// Keep the guard of an address a kernel is about to use (it records the use when dropped after the
+/// launch) and return the address.
+fn keep<'a>(guards: &mut Vec<SyncOnDrop<'a>>, (addr, guard): (u64, SyncOnDrop<'a>)) -> u64 {
+    guards.push(guard);
+    addr
+}
+
+/// [`keep`] for an output that may not have been requested (0: the kernel writes nothing there).
+fn keep_optional<'a>(
+    guards: &mut Vec<SyncOnDrop<'a>>,
+    stream: &'a CudaStream,
+    slot: &'a mut Option<CudaSlice<f32>>,
+) -> u64 {
+    slot.as_mut()
+        .map_or(0, |s| keep(guards, s.device_ptr_mut(stream)))
+}
+
+/// Where the gradient goes.
+enum Grad<'a, T> {
+    None,
+    /// A new dense `[N, vocab]` buffer.
+    New,
+    /// The caller's buffer, rows `row_stride` apart.
+    Into(&'a mut dyn DeviceWrite<T>, usize),
+    /// Over the logits themselves.
+    InPlace,
+}
+
+/// The logits: read only, or (in place) read and overwritten with the gradient.
+enum Logits<'a, T> {
+    Read(&'a dyn DeviceRead<T>),
+    Write(&'a mut dyn DeviceWrite<T>),
+}
+
 /// The fused masked cross-entropy kernels, loaded on the caller's stream.
 pub struct MaskedCrossEntropy {
     stream: Arc<CudaStream>,
@@ -110,30 +163,8 @@ impl std::fmt::Debug for MaskedCrossEntropy {
     }
 }
 
-/// Keep the guard of an address a kernel is about to use (it records the use when dropped after the
-/// launch) and return the address.
-fn keep<'a>(guards: &mut Vec<SyncOnDrop<'a>>, (addr, guard): (u64, SyncOnDrop<'a>)) -> u64 {
-    guards.push(guard);
-    addr
-}
-
-/// [`keep`] for an output that may not have been requested (0: the kernel writes nothing there).
-fn keep_optional<'a>(
-    guards: &mut Vec<SyncOnDrop<'a>>,
-    stream: &'a CudaStream,
-    slot: &'a mut Option<CudaSlice<f32>>,
-) -> u64 {
-    slot.as_mut()
-        .map_or(0, |s| keep(guards, s.device_ptr_mut(stream)))
-}
-
-enum GradTarget<'a, T> {
-    None,
-    Separate,
-    InPlace(&'a mut CudaSlice<T>),
-}
-
 impl MaskedCrossEntropy {
+    /// Load the kernels into the stream's context; every launch goes on `stream`.
     pub fn new(stream: Arc<CudaStream>) -> Result<Self> {
         let kernel = crate::kernels::kernel("masked_ce").expect("masked_ce.cu is embedded");
         let (module, origin) = module::load(stream.context(), kernel)?;
@@ -158,60 +189,85 @@ impl MaskedCrossEntropy {
         &self.origin
     }
 
+    /// The stream every launch goes on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
     /// Loss, sum, count and the requested per-token outputs. Masked rows are read once.
     pub fn forward<T: LogitElem>(
         &self,
-        logits: &CudaSlice<T>,
+        logits: &dyn DeviceRead<T>,
         targets: &DeviceCeTargets<'_>,
         options: &CeOptions,
         request: CeRequest,
     ) -> Result<DeviceCeOutput<T>> {
-        self.run(Some(logits), targets, options, request, GradTarget::None)
+        self.run(Logits::Read(logits), targets, options, request, Grad::None)
     }
 
     /// The same plus `d loss / d logits` into a new dense `[N, vocab]` buffer (masked rows read twice,
     /// the gradient written once; unmasked rows get zeros).
     pub fn forward_backward<T: LogitElem>(
         &self,
-        logits: &CudaSlice<T>,
+        logits: &dyn DeviceRead<T>,
+        targets: &DeviceCeTargets<'_>,
+        options: &CeOptions,
+        request: CeRequest,
+    ) -> Result<DeviceCeOutput<T>> {
+        self.run(Logits::Read(logits), targets, options, request, Grad::New)
+    }
+
+    /// The same with the gradient written into the caller's buffer (a framework's gradient tensor), rows
+    /// `grad_row_stride` elements apart (at least `vocab`; the columns past it are not touched).
+    pub fn forward_backward_into<T: LogitElem>(
+        &self,
+        logits: &dyn DeviceRead<T>,
+        targets: &DeviceCeTargets<'_>,
+        options: &CeOptions,
+        request: CeRequest,
+        grad: &mut dyn DeviceWrite<T>,
+        grad_row_stride: usize,
+    ) -> Result<DeviceCeOutput<T>> {
+        self.run(
+            Logits::Read(logits),
+            targets,
+            options,
+            request,
+            Grad::Into(grad, grad_row_stride),
+        )
+    }
+
+    /// The same with the gradient written over the logits, in their layout (explicit opt-in: the logits
+    /// are gone after).
+    pub fn forward_backward_in_place<T: LogitElem>(
+        &self,
+        logits: &mut dyn DeviceWrite<T>,
         targets: &DeviceCeTargets<'_>,
         options: &CeOptions,
         request: CeRequest,
     ) -> Result<DeviceCeOutput<T>> {
         self.run(
-            Some(logits),
+            Logits::Write(logits),
             targets,
             options,
             request,
-            GradTarget::Separate,
+            Grad::InPlace,
         )
-    }
-
-    /// The same with the gradient written over the logits (explicit opt-in: the logits are gone after).
-    pub fn forward_backward_in_place<T: LogitElem>(
-        &self,
-        logits: &mut CudaSlice<T>,
-        targets: &DeviceCeTargets<'_>,
-        options: &CeOptions,
-        request: CeRequest,
-    ) -> Result<DeviceCeOutput<T>> {
-        self.run(None, targets, options, request, GradTarget::InPlace(logits))
     }
 
     fn run<T: LogitElem>(
         &self,
-        logits: Option<&CudaSlice<T>>,
+        mut logits: Logits<'_, T>,
         targets: &DeviceCeTargets<'_>,
         options: &CeOptions,
         request: CeRequest,
-        mut grad_target: GradTarget<'_, T>,
+        mut grad: Grad<'_, T>,
     ) -> Result<DeviceCeOutput<T>> {
         let stream = &self.stream;
         let shape = targets.shape;
-        let logits_len = match (&logits, &grad_target) {
-            (Some(l), _) => l.len(),
-            (None, GradTarget::InPlace(l)) => l.len(),
-            _ => unreachable!("logits come one way or the other"),
+        let logits_len = match &logits {
+            Logits::Read(l) => l.len(),
+            Logits::Write(l) => l.len(),
         };
         shape.validate(
             logits_len,
@@ -220,6 +276,30 @@ impl MaskedCrossEntropy {
             targets.weights.map(|w| w.len()),
         )?;
         options.normalization.validate()?;
+        if let Some(upstream) = targets.upstream {
+            if upstream.len() != 1 {
+                return Err(Error::Shape(format!(
+                    "the upstream gradient has {} elements, not 1",
+                    upstream.len()
+                )));
+            }
+        }
+        if let Grad::Into(buffer, stride) = &grad {
+            let rows_fit = match shape.rows {
+                0 => Some(0),
+                r => (r - 1)
+                    .checked_mul(*stride)
+                    .and_then(|n| n.checked_add(shape.vocab)),
+            };
+            if *stride < shape.vocab || rows_fit.is_none_or(|n| n > buffer.len()) {
+                return Err(Error::Shape(format!(
+                    "a gradient buffer of {} elements, rows {stride} apart, cannot hold {} rows of {}",
+                    buffer.len(),
+                    shape.rows,
+                    shape.vocab
+                )));
+            }
+        }
         let n = shape.rows;
         // An empty batch gets empty (null) per-row outputs, as the other backends give.
         let zeros_f32 = |len: usize| {
@@ -243,15 +323,10 @@ impl MaskedCrossEntropy {
             row_loss: zeros_f32(n)?,
             scalars: stream.alloc_zeros::<f32>(2).map_err(cuda_err)?,
             count: stream.alloc_zeros::<u32>(1).map_err(cuda_err)?,
-            grad: match grad_target {
-                GradTarget::Separate => {
-                    // SAFETY: the kernel writes every element of every row (zeros on unmasked rows).
-                    Some(if n == 0 {
-                        stream.null::<T>().map_err(cuda_err)?
-                    } else {
-                        unsafe { stream.alloc::<T>(n * shape.vocab) }.map_err(cuda_err)?
-                    })
-                }
+            grad: match grad {
+                Grad::New if n == 0 => Some(stream.null::<T>().map_err(cuda_err)?),
+                // SAFETY: the kernel writes every element of every row (zeros on unmasked rows).
+                Grad::New => Some(unsafe { stream.alloc::<T>(n * shape.vocab) }.map_err(cuda_err)?),
                 _ => None,
             },
             error_flag: stream.alloc_zeros::<u32>(1).map_err(cuda_err)?,
@@ -261,7 +336,7 @@ impl MaskedCrossEntropy {
             return Ok(out);
         }
         let (norm_mode, norm_fixed) = abi::norm_args(&options.normalization);
-        let backward = !matches!(grad_target, GradTarget::None);
+        let backward = !matches!(grad, Grad::None);
         let name = format!(
             "masked_ce_{}_{}",
             if backward { "fwd_bwd" } else { "fwd" },
@@ -271,35 +346,28 @@ impl MaskedCrossEntropy {
         // Addresses for the argument structs; each guard records this stream's use of its buffer when
         // dropped after the launches.
         let mut guards: Vec<SyncOnDrop<'_>> = Vec::new();
-        let (logits_addr, grad_addr, grad_stride) = match (logits, &mut grad_target) {
-            (Some(l), GradTarget::Separate) => {
-                let (l, g) = l.device_ptr(stream);
-                guards.push(g);
-                let grad = out.grad.as_mut().expect("allocated above");
-                let (d, g) = grad.device_ptr_mut(stream);
-                guards.push(g);
-                (l, d, shape.vocab as u64)
-            }
-            (Some(l), _) => {
-                let (l, g) = l.device_ptr(stream);
-                guards.push(g);
-                (l, 0, 0)
-            }
-            // In place: logits and gradient are one buffer, read then overwritten row by row.
-            (None, GradTarget::InPlace(l)) => {
-                let (ptr, g) = l.device_ptr_mut(stream);
-                guards.push(g);
-                (ptr, ptr, shape.row_stride as u64)
-            }
-            (None, _) => unreachable!("logits come one way or the other"),
-        };
         let g = &mut guards;
-        let (labels, labels_are_i64) = match targets.labels {
-            DeviceLabels::I32(l) => (keep(g, l.device_ptr(stream)), 0),
-            DeviceLabels::I64(l) => (keep(g, l.device_ptr(stream)), 1),
+        let logits_addr = match &mut logits {
+            Logits::Read(l) => keep(g, l.read_addr(stream)),
+            // In place: logits and gradient are one buffer, read then overwritten row by row.
+            Logits::Write(l) => keep(g, l.write_addr(stream)),
         };
-        let mask = keep(g, targets.mask.device_ptr(stream));
-        let weights = targets.weights.map_or(0, |w| keep(g, w.device_ptr(stream)));
+        let (grad_addr, grad_stride) = match &mut grad {
+            Grad::None => (0, 0),
+            Grad::New => {
+                let buffer = out.grad.as_mut().expect("allocated above");
+                (keep(g, buffer.device_ptr_mut(stream)), shape.vocab as u64)
+            }
+            Grad::Into(buffer, stride) => (keep(g, buffer.write_addr(stream)), *stride as u64),
+            Grad::InPlace => (logits_addr, shape.row_stride as u64),
+        };
+        let (labels, labels_are_i64) = match targets.labels {
+            DeviceLabels::I32(l) => (keep(g, l.read_addr(stream)), 0),
+            DeviceLabels::I64(l) => (keep(g, l.read_addr(stream)), 1),
+        };
+        let mask = keep(g, targets.mask.read_addr(stream));
+        let weights = targets.weights.map_or(0, |w| keep(g, w.read_addr(stream)));
+        let upstream_ptr = targets.upstream.map_or(0, |u| keep(g, u.read_addr(stream)));
         let count = keep(g, out.count.device_ptr_mut(stream));
         let row_loss = keep(g, out.row_loss.device_ptr_mut(stream));
         let log_probs = keep_optional(g, stream, &mut out.log_probs);
@@ -314,6 +382,7 @@ impl MaskedCrossEntropy {
             mask,
             weights,
             count,
+            upstream_ptr,
             row_loss,
             log_probs,
             entropy,
@@ -339,12 +408,13 @@ impl MaskedCrossEntropy {
             norm_mode,
         };
         // SAFETY: `validate` checked that the logits hold `rows` rows of `row_stride` with `vocab`
-        // elements, and that labels, mask and weights have one entry per row; per-row outputs have
-        // `rows` entries (absent ones are null, which the kernel checks), the gradient `rows × vocab`
-        // (or the logits' own layout in place). The kernel dereferences a label only after checking it
-        // is in [0, vocab). The count kernel reads `rows` mask bytes and writes one u32; the reduce
-        // kernel reads `rows` row losses and the count and writes two floats. Each struct is its
-        // kernel's one parameter (abi.cuh).
+        // elements, and that labels, mask and weights have one entry per row (the upstream gradient one
+        // element); per-row outputs have `rows` entries (absent ones are null, which the kernel checks),
+        // the gradient `rows` rows of `grad_stride` (checked above for a caller's buffer; the logits' own
+        // layout in place). The kernel dereferences a label only after checking it is in [0, vocab). The
+        // count kernel reads `rows` mask bytes and writes one u32; the reduce kernel reads `rows` row
+        // losses and the count and writes two floats. Each struct is its kernel's one parameter
+        // (abi.cuh).
         unsafe {
             stream
                 .launch_builder(&self.count)

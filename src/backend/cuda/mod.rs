@@ -18,13 +18,18 @@
 pub mod bench;
 mod collate;
 mod loss;
+pub mod memory;
 mod module;
 
 use std::sync::{Arc, OnceLock};
 
-pub use collate::{CudaCollator, DeviceBatch, DeviceIds, DevicePack, DeviceRaggedBatch};
+pub use collate::{
+    BatchBuffers, CudaCollator, DeviceBatch, DeviceIds, DeviceIdsMut, DevicePack,
+    DeviceRaggedBatch, PackBuffers, PackLayout,
+};
 pub use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
 pub use loss::{DeviceCeOutput, DeviceCeTargets, DeviceLabels, MaskedCrossEntropy};
+pub use memory::{borrowed_stream, hand_off, DeviceRead, DeviceWrite, ForeignSlice};
 pub use module::ModuleOrigin;
 
 use crate::backend::abi::Launch;
@@ -117,10 +122,8 @@ impl CudaDevice {
             _ => unreachable!("one of the two was uploaded"),
         };
         let targets = DeviceCeTargets {
-            shape: input.shape,
-            labels,
-            mask: &mask,
-            weights: weights.as_ref(),
+            weights: weights.as_ref().map(|w| w as &dyn DeviceRead<f32>),
+            ..DeviceCeTargets::new(input.shape, labels, &mask)
         };
         match with_grad {
             true => kernels.forward_backward(&logits, &targets, options, request),
@@ -143,8 +146,7 @@ pub struct DeviceInfo {
 /// Find out whether a CUDA device is usable, without ever panicking: the driver library is looked for
 /// first (cudarc panics on calls when it is absent), then `cuInit`, then the device count.
 pub fn device_count() -> Result<usize> {
-    // SAFETY: probing for a shared library has no preconditions.
-    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+    if !library_present(&["libcuda.so.1", "libcuda.so"]) {
         return Err(Error::NoDevice(
             "the CUDA driver library (libcuda) was not found".into(),
         ));
@@ -187,6 +189,17 @@ pub fn default_stream(ordinal: usize) -> Result<Arc<CudaStream>> {
     Ok(CudaContext::new(ordinal)
         .map_err(cuda_err)?
         .default_stream())
+}
+
+/// Whether one of `names` loads (as cudarc's own loader would find it). Cudarc's `is_culib_present`
+/// exists only when cudarc loads the CUDA libraries at run time; this probe works however a downstream
+/// crate has cudarc link them (when linked, the library is already loaded and the soname found).
+pub(crate) fn library_present(names: &[&str]) -> bool {
+    names.iter().any(|name| {
+        // SAFETY: loading a CUDA library runs only its initializers; the handle is dropped at once (the
+        // library stays loaded for as long as anything else holds it).
+        unsafe { libloading::Library::new(*name) }.is_ok()
+    })
 }
 
 /// A cudarc result as this crate's (for callers that use cudarc's own calls next to ours).

@@ -52,8 +52,19 @@ fn runtime_ptx(kernel: &KernelSource, arch: &str) -> std::result::Result<String,
         return Ok(ptx.clone());
     }
     preload_nvrtc();
-    // SAFETY: probing for a shared library has no preconditions; cudarc panics on NVRTC calls without it.
-    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+    // Cudarc panics on NVRTC calls without it. These names are among those cudarc tries for any CUDA
+    // version; .so.13 only when this crate does not pin cudarc to 12.8 (whose loader does not try it).
+    let names: &[&str] = if cfg!(feature = "cuda-12080") {
+        &["libnvrtc.so.12", "libnvrtc.so", "libnvrtc.so.11"]
+    } else {
+        &[
+            "libnvrtc.so.12",
+            "libnvrtc.so.13",
+            "libnvrtc.so",
+            "libnvrtc.so.11",
+        ]
+    };
+    if !super::library_present(names) {
         return Err(
             "NVRTC (libnvrtc.so.12) not found: install nvidia-cuda-nvrtc-cu12 and point SFT_COLLATE_NVRTC \
              or LD_LIBRARY_PATH at it"

@@ -73,6 +73,10 @@ impl Emulator {
             mask: addr(mask.as_ptr()),
             weights: input.weights.map_or(0, |w| addr(w.as_ptr())),
             count: count_addr,
+            upstream_ptr: match self.upstream_by_pointer {
+                true => addr(&options.upstream),
+                false => 0,
+            },
             row_loss: addr(row_loss.as_mut_ptr()),
             log_probs: out_addr(&mut log_probs),
             entropy: out_addr(&mut entropy),
@@ -84,7 +88,11 @@ impl Emulator {
             logits_stride: shape.row_stride as u64,
             grad_stride,
             norm_fixed,
-            upstream: options.upstream,
+            // By pointer, the by-value field is poisoned: a kernel that read it would give NaN.
+            upstream: match self.upstream_by_pointer {
+                true => f32::NAN,
+                false => options.upstream,
+            },
             labels_are_i64,
             norm_mode,
         };

@@ -13,13 +13,17 @@ use crate::backend::abi::{
 
 pub use loss::Grad;
 
-/// The emulator: the CUDA kernels run on CPU threads. Stateless; every call is synchronous.
+/// The emulator: the CUDA kernels run on CPU threads. Every call is synchronous.
 #[derive(Debug, Default, Clone, Copy)]
-pub struct Emulator;
+pub struct Emulator {
+    /// Hand the cross-entropy kernel its upstream gradient through a pointer (as a trainer's device
+    /// scalar) instead of by value, so both of the kernel's paths are checked.
+    pub upstream_by_pointer: bool,
+}
 
 impl Emulator {
     pub fn new() -> Self {
-        Emulator
+        Emulator::default()
     }
 }
 
