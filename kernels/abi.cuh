@@ -77,10 +77,11 @@ struct CeArgs {
     i32 norm_mode;           // CE_NORM_*
 };
 
-// masked_ce_count: the number of masked rows, deterministically.
+// masked_ce_count: the number of masked rows, deterministically; also clears the error flag.
 struct CeCountArgs {
     const u8 *mask;
     u32 *count;
+    u32 *error_flag;
     u64 rows;
 };
 

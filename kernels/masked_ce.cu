@@ -273,15 +273,17 @@ __device__ __forceinline__ void masked_ce_impl(const T *logits, u64 rows, u64 vo
         const bool label_ok = label >= 0 && (u64)label < vocab;
         if (!masked || !label_ok) {
             // Not read. A bad label on a masked row is reported through the flag, never dereferenced.
+            // A bad label's row is NaN everywhere, so the loss shows it even to a caller who never reads
+            // the flag (which would synchronize).
+            const float fill = masked ? nan : 0.0f;
             if (threadIdx.x == 0) {
                 if (masked) atomicOr(error_flag, 1u);
-                row_loss[row] = 0.0f;
-                const float fill = masked ? nan : 0.0f;
+                row_loss[row] = fill;
                 if (log_probs) log_probs[row] = fill;
                 if (entropy) entropy[row] = fill;
                 if (lse) lse[row] = fill;
             }
-            if (BACKWARD) write_row(grad + row * grad_stride, vocab, [&](u64) { return 0.0f; });
+            if (BACKWARD) write_row(grad + row * grad_stride, vocab, [&](u64) { return fill; });
             continue;
         }
         // Read before any thread can overwrite the row in place.
@@ -338,7 +340,10 @@ extern "C" __global__ void __launch_bounds__(CE_BLOCK) masked_ce_count(const CeC
     u32 mine = 0;
     for (u64 i = threadIdx.x; i < a.rows; i += blockDim.x) mine += mask[i] != 0;
     const u32 total = block_reduce(mine, [](u32 x, u32 y) { return x + y; }, 0u, scratch);
-    if (threadIdx.x == 0) *a.count = total;
+    if (threadIdx.x == 0) {
+        *a.count = total;
+        *a.error_flag = 0;  // before the main kernel, on the same stream, may set it
+    }
 }
 
 // Σ row_loss in f64 in a fixed order, and the normalized loss: out[0] = sum, out[1] = loss.

@@ -87,6 +87,7 @@ enum Encoder {
 enum Source {
     File(PathBuf),
     Builtin(String),
+    Json(Arc<str>),
     Given,
 }
 
@@ -174,23 +175,20 @@ impl Tokenizer {
             path.push("tokenizer.json");
         }
         let name = path.display().to_string();
-        let source = Source::File(path.clone());
         let mut tokenizer = match engine {
-            EngineChoice::Tokenizers => {
-                Self::assemble(name, engine, Err("asked for".into()), source, None)?
-            }
+            EngineChoice::Tokenizers => Self::assemble(
+                name,
+                engine,
+                Err("asked for".into()),
+                Source::File(path.clone()),
+                None,
+            )?,
             _ => {
                 let json = std::fs::read_to_string(&path).map_err(|e| Error::Tokenizer {
                     name: name.clone(),
                     reason: e.to_string(),
                 })?;
-                let fast = FastBpe::from_json(&json);
-                // A fallback parses the text already read rather than reading the file again.
-                let fallback = (fast.is_err() && engine == EngineChoice::Auto).then(|| {
-                    json.parse::<tokenizers::Tokenizer>()
-                        .map_err(|e| e.to_string())
-                });
-                Self::assemble(name, engine, fast, source, fallback)?
+                Self::from_json_text(&json, name, engine, Source::File(path.clone()))?
             }
         };
         if tokenizer.configured_pad.is_none() {
@@ -199,6 +197,35 @@ impl Tokenizer {
                     .and_then(|token| tokenizer.token_to_id(&token));
         }
         Ok(tokenizer)
+    }
+
+    /// A tokenizer from the text of a `tokenizer.json` (what `tokenizers.Tokenizer.to_str()` gives in
+    /// Python); `name` is what manifests and messages call it.
+    pub fn from_json_str(
+        json: &str,
+        name: impl Into<String>,
+        engine: EngineChoice,
+    ) -> Result<Self> {
+        let source = Source::Json(Arc::from(json));
+        Self::from_json_text(json, name.into(), engine, source)
+    }
+
+    fn from_json_text(
+        json: &str,
+        name: String,
+        engine: EngineChoice,
+        source: Source,
+    ) -> Result<Self> {
+        let fast = match engine {
+            EngineChoice::Tokenizers => Err("asked for".to_string()),
+            _ => FastBpe::from_json(json),
+        };
+        // A fallback parses the text already read rather than reading it again.
+        let fallback = (fast.is_err() && engine != EngineChoice::Fast).then(|| {
+            json.parse::<tokenizers::Tokenizer>()
+                .map_err(|e| e.to_string())
+        });
+        Self::assemble(name, engine, fast, source, fallback)
     }
 
     /// The tokenizer from its engine attempt: the fast one, an error if it was required and failed, or
@@ -297,6 +324,7 @@ impl Tokenizer {
         let built = self.hf.get_or_init(|| match &*self.source {
             Source::File(path) => tokenizers::Tokenizer::from_file(path).map_err(|e| e.to_string()),
             Source::Builtin(name) => builtin_tokenizer(name).map_err(|e| e.to_string()),
+            Source::Json(json) => json.parse().map_err(|e: tokenizers::Error| e.to_string()),
             Source::Given => Err("no tokenizers form".to_string()),
         });
         built.as_ref().map_err(|reason| Error::Tokenizer {

@@ -4,9 +4,7 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{
-    CudaFunction, CudaSlice, CudaStream, DevicePtrMut, PushKernelArg, SyncOnDrop,
-};
+use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, PushKernelArg, SyncOnDrop};
 
 use super::memory::{DeviceRead, DeviceWrite};
 use super::module::{self, ModuleOrigin};
@@ -122,27 +120,42 @@ fn keep<'a>(guards: &mut Vec<SyncOnDrop<'a>>, (addr, guard): (u64, SyncOnDrop<'a
 fn keep_optional<'a>(
     guards: &mut Vec<SyncOnDrop<'a>>,
     stream: &'a CudaStream,
-    slot: &'a mut Option<CudaSlice<f32>>,
+    slot: &'a mut Option<&mut dyn DeviceWrite<f32>>,
 ) -> u64 {
-    slot.as_mut()
-        .map_or(0, |s| keep(guards, s.device_ptr_mut(stream)))
+    match slot {
+        Some(buffer) => keep(guards, buffer.write_addr(stream)),
+        None => 0,
+    }
 }
 
 /// Where the gradient goes.
-enum Grad<'a, T> {
+pub enum CeGrad<'a, T> {
+    /// No gradient (forward only).
     None,
-    /// A new dense `[N, vocab]` buffer.
-    New,
-    /// The caller's buffer, rows `row_stride` apart.
+    /// Into the caller's buffer, rows `row_stride` elements apart (at least `vocab`; the columns past it
+    /// are not touched).
     Into(&'a mut dyn DeviceWrite<T>, usize),
-    /// Over the logits themselves.
+    /// Over the logits themselves, in their layout ([`CeLogits::InPlace`]).
     InPlace,
 }
 
-/// The logits: read only, or (in place) read and overwritten with the gradient.
-enum Logits<'a, T> {
+/// The logits: read, or (with [`CeGrad::InPlace`]) read and overwritten with the gradient.
+pub enum CeLogits<'a, T> {
     Read(&'a dyn DeviceRead<T>),
-    Write(&'a mut dyn DeviceWrite<T>),
+    InPlace(&'a mut dyn DeviceWrite<T>),
+}
+
+/// The caller's buffers for the outputs: per-row ones of `rows` elements (`None`: not computed),
+/// `scalars` `[sum, loss]`, `count` `[masked rows]`, `error_flag` `[1]` (set when a masked row's label
+/// is outside `[0, vocab)`). Every element is written; nothing needs zeroing first.
+pub struct CeBuffers<'a> {
+    pub row_loss: &'a mut dyn DeviceWrite<f32>,
+    pub log_probs: Option<&'a mut dyn DeviceWrite<f32>>,
+    pub entropy: Option<&'a mut dyn DeviceWrite<f32>>,
+    pub lse: Option<&'a mut dyn DeviceWrite<f32>>,
+    pub scalars: &'a mut dyn DeviceWrite<f32>,
+    pub count: &'a mut dyn DeviceWrite<u32>,
+    pub error_flag: &'a mut dyn DeviceWrite<u32>,
 }
 
 /// The fused masked cross-entropy kernels, loaded on the caller's stream.
@@ -202,7 +215,14 @@ impl MaskedCrossEntropy {
         options: &CeOptions,
         request: CeRequest,
     ) -> Result<DeviceCeOutput<T>> {
-        self.run(Logits::Read(logits), targets, options, request, Grad::None)
+        self.run(
+            CeLogits::Read(logits),
+            targets,
+            options,
+            request,
+            CeGrad::None,
+            true,
+        )
     }
 
     /// The same plus `d loss / d logits` into a new dense `[N, vocab]` buffer (masked rows read twice,
@@ -214,7 +234,14 @@ impl MaskedCrossEntropy {
         options: &CeOptions,
         request: CeRequest,
     ) -> Result<DeviceCeOutput<T>> {
-        self.run(Logits::Read(logits), targets, options, request, Grad::New)
+        self.run(
+            CeLogits::Read(logits),
+            targets,
+            options,
+            request,
+            CeGrad::None,
+            false,
+        )
     }
 
     /// The same with the gradient written into the caller's buffer (a framework's gradient tensor), rows
@@ -229,11 +256,12 @@ impl MaskedCrossEntropy {
         grad_row_stride: usize,
     ) -> Result<DeviceCeOutput<T>> {
         self.run(
-            Logits::Read(logits),
+            CeLogits::Read(logits),
             targets,
             options,
             request,
-            Grad::Into(grad, grad_row_stride),
+            CeGrad::Into(grad, grad_row_stride),
+            true,
         )
     }
 
@@ -247,27 +275,104 @@ impl MaskedCrossEntropy {
         request: CeRequest,
     ) -> Result<DeviceCeOutput<T>> {
         self.run(
-            Logits::Write(logits),
+            CeLogits::InPlace(logits),
             targets,
             options,
             request,
-            Grad::InPlace,
+            CeGrad::InPlace,
+            true,
         )
     }
 
+    /// Allocate the outputs (and, with `CeGrad::None` and `!forward_only`, a new gradient buffer) and
+    /// compute into them.
     fn run<T: LogitElem>(
         &self,
-        mut logits: Logits<'_, T>,
+        logits: CeLogits<'_, T>,
         targets: &DeviceCeTargets<'_>,
         options: &CeOptions,
         request: CeRequest,
-        mut grad: Grad<'_, T>,
+        grad: CeGrad<'_, T>,
+        forward_only: bool,
     ) -> Result<DeviceCeOutput<T>> {
+        let stream = &self.stream;
+        let n = targets.shape.rows;
+        // An empty batch gets empty (null) per-row outputs, as the other backends give.
+        let floats = |len: usize| {
+            if len == 0 {
+                stream.null::<f32>().map_err(cuda_err)
+            } else {
+                // SAFETY: the kernels write every element (see `compute`).
+                unsafe { stream.alloc::<f32>(len) }.map_err(cuda_err)
+            }
+        };
+        let optional = |wanted: bool| wanted.then(|| floats(n)).transpose();
+        let mut out = DeviceCeOutput {
+            log_probs: optional(request.log_probs)?,
+            entropy: optional(request.entropy)?,
+            lse: optional(request.lse)?,
+            row_loss: floats(n)?,
+            scalars: floats(2)?,
+            // SAFETY: written by the count kernel.
+            count: unsafe { stream.alloc::<u32>(1) }.map_err(cuda_err)?,
+            grad: match (&grad, forward_only) {
+                (CeGrad::None, false) if n == 0 => Some(stream.null::<T>().map_err(cuda_err)?),
+                // SAFETY: the kernel writes every element of every row (zeros on unmasked rows).
+                (CeGrad::None, false) => {
+                    Some(unsafe { stream.alloc::<T>(n * targets.shape.vocab) }.map_err(cuda_err)?)
+                }
+                _ => None,
+            },
+            // SAFETY: cleared by the count kernel before the main one may set it.
+            error_flag: unsafe { stream.alloc::<u32>(1) }.map_err(cuda_err)?,
+            stream: stream.clone(),
+        };
+        let vocab = targets.shape.vocab;
+        let DeviceCeOutput {
+            log_probs,
+            entropy,
+            lse,
+            row_loss,
+            scalars,
+            count,
+            grad: new_grad,
+            error_flag,
+            ..
+        } = &mut out;
+        let mut buffers = CeBuffers {
+            row_loss,
+            log_probs: log_probs.as_mut().map(|b| b as &mut dyn DeviceWrite<f32>),
+            entropy: entropy.as_mut().map(|b| b as &mut dyn DeviceWrite<f32>),
+            lse: lse.as_mut().map(|b| b as &mut dyn DeviceWrite<f32>),
+            scalars,
+            count,
+            error_flag,
+        };
+        match (grad, new_grad.as_mut()) {
+            (CeGrad::None, Some(buffer)) => {
+                let grad = CeGrad::Into(buffer, vocab);
+                self.compute(logits, targets, options, grad, &mut buffers)?
+            }
+            (grad, _) => self.compute(logits, targets, options, grad, &mut buffers)?,
+        }
+        Ok(out)
+    }
+
+    /// The general form every other call is made of: the loss of `logits` against `targets` into the
+    /// caller's `outputs`, the gradient as `grad` says, all on this stream, nothing synchronized.
+    pub fn compute<T: LogitElem>(
+        &self,
+        mut logits: CeLogits<'_, T>,
+        targets: &DeviceCeTargets<'_>,
+        options: &CeOptions,
+        mut grad: CeGrad<'_, T>,
+        outputs: &mut CeBuffers<'_>,
+    ) -> Result<()> {
         let stream = &self.stream;
         let shape = targets.shape;
         let logits_len = match &logits {
-            Logits::Read(l) => l.len(),
-            Logits::Write(l) => l.len(),
+            CeLogits::Read(l) => l.len(),
+            CeLogits::InPlace(l) => l.len(),
         };
         shape.validate(
             logits_len,
@@ -276,67 +381,71 @@ impl MaskedCrossEntropy {
             targets.weights.map(|w| w.len()),
         )?;
         options.normalization.validate()?;
-        if let Some(upstream) = targets.upstream {
-            if upstream.len() != 1 {
-                return Err(Error::Shape(format!(
-                    "the upstream gradient has {} elements, not 1",
-                    upstream.len()
-                )));
+        let n = shape.rows;
+        let short = |what: &str, len: usize, needed: usize| {
+            (len < needed)
+                .then(|| Error::Shape(format!("{what}: a buffer of {len} elements for {needed}")))
+        };
+        let checks = [
+            targets.upstream.and_then(|u| {
+                (u.len() != 1).then(|| {
+                    Error::Shape(format!(
+                        "the upstream gradient has {} elements, not 1",
+                        u.len()
+                    ))
+                })
+            }),
+            short("row_loss", outputs.row_loss.len(), n),
+            outputs
+                .log_probs
+                .as_ref()
+                .and_then(|b| short("log_probs", b.len(), n)),
+            outputs
+                .entropy
+                .as_ref()
+                .and_then(|b| short("entropy", b.len(), n)),
+            outputs.lse.as_ref().and_then(|b| short("lse", b.len(), n)),
+            short("scalars", outputs.scalars.len(), 2),
+            short("count", outputs.count.len(), 1),
+            short("error_flag", outputs.error_flag.len(), 1),
+        ];
+        if let Some(error) = checks.into_iter().flatten().next() {
+            return Err(error);
+        }
+        match (&logits, &grad) {
+            (CeLogits::InPlace(_), CeGrad::InPlace) | (CeLogits::Read(_), _) => {}
+            _ => {
+                return Err(Error::InvalidOption {
+                    name: "grad",
+                    reason: "logits given for writing are for an in-place gradient only".into(),
+                })
             }
         }
-        if let Grad::Into(buffer, stride) = &grad {
-            let rows_fit = match shape.rows {
+        if let CeGrad::InPlace = &grad {
+            if !matches!(logits, CeLogits::InPlace(_)) {
+                return Err(Error::InvalidOption {
+                    name: "grad",
+                    reason: "an in-place gradient needs the logits given for writing".into(),
+                });
+            }
+        }
+        if let CeGrad::Into(buffer, stride) = &grad {
+            let rows_fit = match n {
                 0 => Some(0),
                 r => (r - 1)
                     .checked_mul(*stride)
-                    .and_then(|n| n.checked_add(shape.vocab)),
+                    .and_then(|x| x.checked_add(shape.vocab)),
             };
-            if *stride < shape.vocab || rows_fit.is_none_or(|n| n > buffer.len()) {
+            if *stride < shape.vocab || rows_fit.is_none_or(|x| x > buffer.len()) {
                 return Err(Error::Shape(format!(
-                    "a gradient buffer of {} elements, rows {stride} apart, cannot hold {} rows of {}",
+                    "a gradient buffer of {} elements, rows {stride} apart, cannot hold {n} rows of {}",
                     buffer.len(),
-                    shape.rows,
                     shape.vocab
                 )));
             }
         }
-        let n = shape.rows;
-        // An empty batch gets empty (null) per-row outputs, as the other backends give.
-        let zeros_f32 = |len: usize| {
-            if len == 0 {
-                stream.null::<f32>().map_err(cuda_err)
-            } else {
-                stream.alloc_zeros::<f32>(len).map_err(cuda_err)
-            }
-        };
-        let optional = |wanted: bool| -> Result<Option<CudaSlice<f32>>> {
-            if wanted {
-                zeros_f32(n).map(Some)
-            } else {
-                Ok(None)
-            }
-        };
-        let mut out = DeviceCeOutput {
-            log_probs: optional(request.log_probs)?,
-            entropy: optional(request.entropy)?,
-            lse: optional(request.lse)?,
-            row_loss: zeros_f32(n)?,
-            scalars: stream.alloc_zeros::<f32>(2).map_err(cuda_err)?,
-            count: stream.alloc_zeros::<u32>(1).map_err(cuda_err)?,
-            grad: match grad {
-                Grad::New if n == 0 => Some(stream.null::<T>().map_err(cuda_err)?),
-                // SAFETY: the kernel writes every element of every row (zeros on unmasked rows).
-                Grad::New => Some(unsafe { stream.alloc::<T>(n * shape.vocab) }.map_err(cuda_err)?),
-                _ => None,
-            },
-            error_flag: stream.alloc_zeros::<u32>(1).map_err(cuda_err)?,
-            stream: stream.clone(),
-        };
-        if n == 0 {
-            return Ok(out);
-        }
         let (norm_mode, norm_fixed) = abi::norm_args(&options.normalization);
-        let backward = !matches!(grad, Grad::None);
+        let backward = !matches!(grad, CeGrad::None);
         let name = format!(
             "masked_ce_{}_{}",
             if backward { "fwd_bwd" } else { "fwd" },
@@ -348,18 +457,14 @@ impl MaskedCrossEntropy {
         let mut guards: Vec<SyncOnDrop<'_>> = Vec::new();
         let g = &mut guards;
         let logits_addr = match &mut logits {
-            Logits::Read(l) => keep(g, l.read_addr(stream)),
+            CeLogits::Read(l) => keep(g, l.read_addr(stream)),
             // In place: logits and gradient are one buffer, read then overwritten row by row.
-            Logits::Write(l) => keep(g, l.write_addr(stream)),
+            CeLogits::InPlace(l) => keep(g, l.write_addr(stream)),
         };
         let (grad_addr, grad_stride) = match &mut grad {
-            Grad::None => (0, 0),
-            Grad::New => {
-                let buffer = out.grad.as_mut().expect("allocated above");
-                (keep(g, buffer.device_ptr_mut(stream)), shape.vocab as u64)
-            }
-            Grad::Into(buffer, stride) => (keep(g, buffer.write_addr(stream)), *stride as u64),
-            Grad::InPlace => (logits_addr, shape.row_stride as u64),
+            CeGrad::None => (0, 0),
+            CeGrad::Into(buffer, stride) => (keep(g, buffer.write_addr(stream)), *stride as u64),
+            CeGrad::InPlace => (logits_addr, shape.row_stride as u64),
         };
         let (labels, labels_are_i64) = match targets.labels {
             DeviceLabels::I32(l) => (keep(g, l.read_addr(stream)), 0),
@@ -368,13 +473,13 @@ impl MaskedCrossEntropy {
         let mask = keep(g, targets.mask.read_addr(stream));
         let weights = targets.weights.map_or(0, |w| keep(g, w.read_addr(stream)));
         let upstream_ptr = targets.upstream.map_or(0, |u| keep(g, u.read_addr(stream)));
-        let count = keep(g, out.count.device_ptr_mut(stream));
-        let row_loss = keep(g, out.row_loss.device_ptr_mut(stream));
-        let log_probs = keep_optional(g, stream, &mut out.log_probs);
-        let entropy = keep_optional(g, stream, &mut out.entropy);
-        let lse = keep_optional(g, stream, &mut out.lse);
-        let error_flag = keep(g, out.error_flag.device_ptr_mut(stream));
-        let scalars = keep(g, out.scalars.device_ptr_mut(stream));
+        let count = keep(g, outputs.count.write_addr(stream));
+        let row_loss = keep(g, outputs.row_loss.write_addr(stream));
+        let log_probs = keep_optional(g, stream, &mut outputs.log_probs);
+        let entropy = keep_optional(g, stream, &mut outputs.entropy);
+        let lse = keep_optional(g, stream, &mut outputs.lse);
+        let error_flag = keep(g, outputs.error_flag.write_addr(stream));
+        let scalars = keep(g, outputs.scalars.write_addr(stream));
         let rows = n as u64;
         let args = CeArgs {
             logits: logits_addr,
@@ -398,7 +503,12 @@ impl MaskedCrossEntropy {
             labels_are_i64,
             norm_mode,
         };
-        let count_args = CeCountArgs { mask, count, rows };
+        let count_args = CeCountArgs {
+            mask,
+            count,
+            error_flag,
+            rows,
+        };
         let reduce_args = CeReduceArgs {
             row_loss,
             count,
@@ -409,11 +519,12 @@ impl MaskedCrossEntropy {
         };
         // SAFETY: `validate` checked that the logits hold `rows` rows of `row_stride` with `vocab`
         // elements, and that labels, mask and weights have one entry per row (the upstream gradient one
-        // element); per-row outputs have `rows` entries (absent ones are null, which the kernel checks),
-        // the gradient `rows` rows of `grad_stride` (checked above for a caller's buffer; the logits' own
-        // layout in place). The kernel dereferences a label only after checking it is in [0, vocab). The
-        // count kernel reads `rows` mask bytes and writes one u32; the reduce kernel reads `rows` row
-        // losses and the count and writes two floats. Each struct is its kernel's one parameter
+        // element); per-row outputs have at least `rows` entries (absent ones are null, which the kernel
+        // checks), the gradient `rows` rows of `grad_stride` (checked above; the logits' own layout in
+        // place). The kernel dereferences a label only after checking it is in [0, vocab). The count
+        // kernel reads `rows` mask bytes and writes the count and the cleared flag; the reduce kernel
+        // reads `rows` row losses and the count and writes two floats. With no rows, the kernels write
+        // only the count, the flag and the two scalars. Each struct is its kernel's one parameter
         // (abi.cuh).
         unsafe {
             stream
@@ -433,6 +544,6 @@ impl MaskedCrossEntropy {
                 .map_err(cuda_err)?;
         }
         drop(guards);
-        Ok(out)
+        Ok(())
     }
 }

@@ -56,7 +56,8 @@ impl Emulator {
             Grad::Separate => grad_len * std::mem::size_of::<T>(),
             _ => 0,
         });
-        let (mut count, mut scalars, mut error_flag) = (0u32, [0f32; 2], 0u32);
+        // Garbage where the kernels must write (as uninitialized device memory would be).
+        let (mut count, mut scalars, mut error_flag) = (u32::MAX, [f32::NAN; 2], 0xDEADu32);
         // The kernels write these through their addresses: take them from raw mutable pointers.
         let count_addr = addr(std::ptr::addr_of_mut!(count));
         let error_flag_addr = addr(std::ptr::addr_of_mut!(error_flag));
@@ -99,6 +100,7 @@ impl Emulator {
         let count_args = CeCountArgs {
             mask: args.mask,
             count: count_addr,
+            error_flag: error_flag_addr,
             rows: n as u64,
         };
         let reduce_args = CeReduceArgs {
@@ -117,12 +119,13 @@ impl Emulator {
             (_, "f16") => super::emu_masked_ce_fwd_bwd_f16,
             (_, _) => super::emu_masked_ce_fwd_bwd_bf16,
         };
-        if n > 0 {
+        {
             // SAFETY: `validate` checked that the logits hold rows of `row_stride` with `vocab` elements,
             // and that labels, mask and weights have one entry per row; every requested output has one
             // entry per row (absent ones are null, which the kernel checks), the gradient buffer rows ×
             // vocab (or the logits' own layout in place). Labels are dereferenced only after the kernel's
-            // range check. Every address outlives these synchronous launches.
+            // range check. With no rows no row array is touched. Every address outlives these synchronous
+            // launches.
             unsafe {
                 super::emu_masked_ce_count(&abi::ce_one_block(), &count_args);
                 kernel(&abi::ce_rows_launch(n), &args);
