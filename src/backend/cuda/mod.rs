@@ -28,7 +28,9 @@ pub use collate::{
     DeviceRaggedBatch, PackBuffers, PackLayout,
 };
 pub use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
-pub use loss::{DeviceCeOutput, DeviceCeTargets, DeviceLabels, MaskedCrossEntropy};
+pub use loss::{
+    CeBuffers, CeGrad, CeLogits, DeviceCeOutput, DeviceCeTargets, DeviceLabels, MaskedCrossEntropy,
+};
 pub use memory::{borrowed_stream, hand_off, DeviceRead, DeviceWrite, ForeignSlice};
 pub use module::ModuleOrigin;
 

@@ -1,0 +1,48 @@
+"""sft-collate: CS336's ``tokenize_prompt_and_output`` (and conversations, packing, bucketing) and a fused
+masked cross-entropy, in Rust and CUDA, for PyTorch.
+
+- :func:`tokenize_prompt_and_output`, :func:`tokenize_conversations`, :func:`pack`, :func:`bucket_order`
+- :func:`masked_cross_entropy` (autograd; on CUDA the fused kernel on torch's current stream)
+- :class:`Tokenizer`, :func:`load_tokenizer` (a path, a built-in, ``tokenizers`` or ``transformers``)
+- :mod:`sft_collate.cs336`: CS336's functions with CS336's signatures
+"""
+
+from . import _native
+from ._api import (
+    bucket_order,
+    load_tokenizer,
+    pack,
+    tokenize_conversations,
+    tokenize_prompt_and_output,
+)
+from ._native import BUILTIN_TOKENIZERS, Tokenizer, __version__
+
+
+def cuda_available() -> bool:
+    """Whether this build can use a CUDA device here (driver, device), without touching torch."""
+    return _native.cuda_status()[0]
+
+
+def __getattr__(name):
+    # The cross-entropy needs torch; importing it lazily keeps `import sft_collate` working without.
+    import importlib
+
+    if name == "masked_cross_entropy":
+        return importlib.import_module("._loss", __name__).masked_cross_entropy
+    if name == "cs336":
+        return importlib.import_module(".cs336", __name__)
+    raise AttributeError(f"module 'sft_collate' has no attribute {name!r}")
+
+
+__all__ = [
+    "BUILTIN_TOKENIZERS",
+    "Tokenizer",
+    "__version__",
+    "bucket_order",
+    "cuda_available",
+    "load_tokenizer",
+    "masked_cross_entropy",
+    "pack",
+    "tokenize_conversations",
+    "tokenize_prompt_and_output",
+]

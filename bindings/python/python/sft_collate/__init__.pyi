@@ -1,0 +1,85 @@
+from os import PathLike
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from ._native import BUILTIN_TOKENIZERS as BUILTIN_TOKENIZERS
+from ._native import Tokenizer as Tokenizer
+from ._native import __version__ as __version__
+
+try:
+    import torch
+
+    Tensor = Union[torch.Tensor, np.ndarray]
+except ImportError:
+    Tensor = np.ndarray
+
+TokenizerLike = Union[Tokenizer, str, PathLike, Any]
+Device = Union[None, str, Any]
+
+def cuda_available() -> bool: ...
+def load_tokenizer(tokenizer: TokenizerLike, engine: str = "auto") -> Tuple[Tokenizer, Optional[int]]: ...
+def tokenize_prompt_and_output(
+    prompt_strs: Sequence[str],
+    output_strs: Sequence[str],
+    tokenizer: TokenizerLike,
+    *,
+    device: Device = None,
+    max_len: Optional[int] = None,
+    truncation: str = "error",
+    pad_to_multiple_of: Optional[int] = None,
+    labels: str = "pad",
+    ignore_index: int = -100,
+    dtype: Any = None,
+    pad_id: Optional[int] = None,
+    attention_mask: bool = False,
+    engine: str = "auto",
+) -> Dict[str, Tensor]: ...
+def tokenize_conversations(
+    conversations: Sequence[Sequence[Dict[str, str]]],
+    tokenizer: TokenizerLike,
+    *,
+    message_template: Optional[str] = None,
+    train_roles: Sequence[str] = ("assistant",),
+    device: Device = None,
+    max_len: Optional[int] = None,
+    truncation: str = "error",
+    pad_to_multiple_of: Optional[int] = None,
+    labels: str = "pad",
+    ignore_index: int = -100,
+    dtype: Any = None,
+    pad_id: Optional[int] = None,
+    attention_mask: bool = False,
+    engine: str = "auto",
+) -> Dict[str, Tensor]: ...
+def pack(
+    prompt_strs: Sequence[str],
+    output_strs: Sequence[str],
+    tokenizer: TokenizerLike,
+    max_tokens: int,
+    *,
+    strategy: str = "exact-fill",
+    overflow: str = "error",
+    device: Device = None,
+    max_len: Optional[int] = None,
+    truncation: str = "error",
+    pad_to_multiple_of: Optional[int] = None,
+    labels: str = "pad",
+    ignore_index: int = -100,
+    dtype: Any = None,
+    pad_id: Optional[int] = None,
+    engine: str = "auto",
+) -> List[Dict[str, Any]]: ...
+def bucket_order(lengths: Sequence[int], window: int, seed: int = 0) -> List[int]: ...
+def masked_cross_entropy(
+    logits: Any,
+    labels: Any,
+    response_mask: Any = None,
+    *,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    normalization: Optional[Tuple[float, int, int]] = None,
+    weights: Any = None,
+    return_log_probs: bool = False,
+    return_entropy: bool = False,
+) -> Any: ...

@@ -1,0 +1,322 @@
+"""The Python API: arguments mapped to the native module, tensors allocated with torch (or numpy) and
+handed over by address. Every behaviour lives in the Rust library; this layer checks devices, dtypes
+and shapes, allocates outputs, and turns results into tensors."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from . import _native
+
+try:  # torch is optional: without it, results are numpy arrays
+    import torch
+except ImportError:  # pragma: no cover - exercised where torch is absent
+    torch = None  # type: ignore[assignment]
+
+_ID_DTYPES = {"int32": "i32", "int64": "i64"}
+
+
+def _require_torch(what: str) -> None:
+    if torch is None:
+        raise ImportError(f"{what} needs PyTorch (pip install torch)")
+
+
+# ---- tokenizers
+
+
+def load_tokenizer(tokenizer: Any, engine: str = "auto") -> Tuple[_native.Tokenizer, Optional[int]]:
+    """A native tokenizer and the pad id the given one configures (``None``: the tokenizer's own
+    default). Takes what users already have: a :class:`sft_collate.Tokenizer`, a path to a
+    ``tokenizer.json`` (or a directory holding one), a built-in name (``o200k_base``, ``cl100k_base``),
+    a ``tokenizers.Tokenizer``, or a ``transformers`` fast tokenizer (its ``backend_tokenizer``, and its
+    ``pad_token_id``)."""
+    if isinstance(tokenizer, _native.Tokenizer):
+        return tokenizer, None
+    if isinstance(tokenizer, (str, os.PathLike)):
+        return _native.Tokenizer(os.fspath(tokenizer), engine), None
+    pad_id = None
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:  # transformers' PreTrainedTokenizerFast
+        pad_id = getattr(tokenizer, "pad_token_id", None)
+        name = getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__
+        tokenizer = backend
+    else:
+        name = "tokenizers.Tokenizer"
+    to_str = getattr(tokenizer, "to_str", None)
+    if to_str is None:
+        raise TypeError(
+            "tokenizer: expected a path, a built-in name, sft_collate.Tokenizer, tokenizers.Tokenizer "
+            f"or a transformers fast tokenizer, not {type(tokenizer).__name__}"
+        )
+    return _native.Tokenizer.from_json(to_str(), str(name), engine), pad_id
+
+
+# ---- devices and tensors
+
+
+def _device(device: Any) -> Tuple[str, int]:
+    """("cpu", 0) or ("cuda", index) for None, a string or a torch.device."""
+    if device is None:
+        return "cpu", 0
+    text = str(device)
+    if text == "cpu":
+        return "cpu", 0
+    if text == "cuda" or text.startswith("cuda:"):
+        _require_torch("a CUDA device")
+        index = torch.device(text).index
+        if index is None:
+            index = torch.cuda.current_device()
+        return "cuda", index
+    raise ValueError(f"device {device!r}: cpu, cuda or cuda:N")
+
+
+def _stream(kind: str, index: int) -> int:
+    """Torch's current stream on the device: the kernels run there, after the work already queued."""
+    if kind != "cuda":
+        return 0
+    return int(torch.cuda.current_stream(index).cuda_stream)
+
+
+def _empty(shape: Sequence[int], dtype: str, kind: str, index: int) -> Any:
+    if torch is None:
+        return np.empty(tuple(shape), dtype=np.dtype(dtype))
+    device = torch.device("cuda", index) if kind == "cuda" else torch.device("cpu")
+    return torch.empty(tuple(shape), dtype=getattr(torch, dtype), device=device)
+
+
+def _ptr(tensor: Any) -> int:
+    if tensor is None:
+        return 0
+    if torch is not None and isinstance(tensor, torch.Tensor):
+        return int(tensor.data_ptr()) if tensor.numel() else 0
+    return int(tensor.ctypes.data) if tensor.size else 0
+
+
+def _id_dtype(dtype: Any) -> str:
+    if dtype is None:
+        return "int64"
+    name = str(dtype).replace("torch.", "")
+    if name not in _ID_DTYPES:
+        raise ValueError(f"dtype {dtype!r}: torch.int32 or torch.int64")
+    return name
+
+
+def _labels(labels: str, ignore_index: int) -> Optional[int]:
+    if labels == "pad":
+        return None
+    if labels == "ignore_index":
+        return int(ignore_index)
+    raise ValueError(f"labels={labels!r}: 'pad' (CS336) or 'ignore_index'")
+
+
+# ---- collation
+
+
+def _collate(
+    ragged: _native.Ragged,
+    pad_id: int,
+    device: Any,
+    pad_to_multiple_of: Optional[int],
+    labels: str,
+    ignore_index: int,
+    dtype: Any,
+    attention_mask: bool,
+) -> Dict[str, Any]:
+    kind, index = _device(device)
+    id_dtype = _id_dtype(dtype)
+    ignore = _labels(labels, ignore_index)
+    code = _ID_DTYPES[id_dtype]
+    rows, width = ragged.padded_shape(pad_id, pad_to_multiple_of, ignore, code, attention_mask)
+    out = {
+        "input_ids": _empty((rows, width), id_dtype, kind, index),
+        "labels": _empty((rows, width), id_dtype, kind, index),
+        "response_mask": _empty((rows, width), "bool", kind, index),
+    }
+    if attention_mask:
+        out["attention_mask"] = _empty((rows, width), "bool", kind, index)
+    ragged.collate(
+        kind,
+        index,
+        _stream(kind, index),
+        pad_id,
+        pad_to_multiple_of,
+        ignore,
+        code,
+        attention_mask,
+        _ptr(out["input_ids"]),
+        _ptr(out["labels"]),
+        _ptr(out["response_mask"]),
+        _ptr(out.get("attention_mask")),
+    )
+    return out
+
+
+def _pad_id(tokenizer: _native.Tokenizer, configured: Optional[int], explicit: Optional[int]) -> int:
+    for candidate in (explicit, configured, tokenizer.pad_id):
+        if candidate is not None:
+            return int(candidate)
+    raise ValueError("no pad token: pass pad_id (the tokenizer configures none and has no <|endoftext|>)")
+
+
+def tokenize_prompt_and_output(
+    prompt_strs: Sequence[str],
+    output_strs: Sequence[str],
+    tokenizer: Any,
+    *,
+    device: Any = None,
+    max_len: Optional[int] = None,
+    truncation: str = "error",
+    pad_to_multiple_of: Optional[int] = None,
+    labels: str = "pad",
+    ignore_index: int = -100,
+    dtype: Any = None,
+    pad_id: Optional[int] = None,
+    attention_mask: bool = False,
+    engine: str = "auto",
+) -> Dict[str, Any]:
+    """CS336's ``tokenize_prompt_and_output``: prompts and outputs tokenized separately (no special
+    tokens), concatenated, right-padded with the pad id, shifted by one. Returns ``input_ids``,
+    ``labels`` (``(B, L-1)``, int64 unless ``dtype`` says int32) and ``response_mask`` (bool: the label is
+    an output token), and ``attention_mask`` on request. ``labels="ignore_index"`` writes
+    ``ignore_index`` wherever the mask is false. On a CUDA ``device`` the collation kernel runs on
+    torch's current stream and writes straight into the returned tensors; nothing waits."""
+    native, configured = load_tokenizer(tokenizer, engine)
+    if len(prompt_strs) != len(output_strs):
+        raise ValueError(f"{len(prompt_strs)} prompts but {len(output_strs)} outputs")
+    ragged = _native.tokenize_pairs(native, list(prompt_strs), list(output_strs), max_len, truncation)
+    return _collate(
+        ragged,
+        _pad_id(native, configured, pad_id),
+        device,
+        pad_to_multiple_of,
+        labels,
+        ignore_index,
+        dtype,
+        attention_mask,
+    )
+
+
+def _conversation_ragged(
+    conversations: Sequence[Sequence[Dict[str, str]]],
+    native: _native.Tokenizer,
+    message_template: Optional[str],
+    train_roles: Sequence[str],
+    max_len: Optional[int],
+    truncation: str,
+) -> _native.Ragged:
+    rows = _native.conversation_segments(
+        [json.dumps(list(c)) for c in conversations], message_template, list(train_roles)
+    )
+    return _native.tokenize_rows(native, rows, max_len, truncation)
+
+
+def tokenize_conversations(
+    conversations: Sequence[Sequence[Dict[str, str]]],
+    tokenizer: Any,
+    *,
+    message_template: Optional[str] = None,
+    train_roles: Sequence[str] = ("assistant",),
+    device: Any = None,
+    max_len: Optional[int] = None,
+    truncation: str = "error",
+    pad_to_multiple_of: Optional[int] = None,
+    labels: str = "pad",
+    ignore_index: int = -100,
+    dtype: Any = None,
+    pad_id: Optional[int] = None,
+    attention_mask: bool = False,
+    engine: str = "auto",
+) -> Dict[str, Any]:
+    """Conversations (lists of ``{"role", "content"}``) rendered message by message by
+    ``message_template`` (``{role}``, ``{content}``; what precedes ``{content}`` is never trained), each
+    piece tokenized separately; the messages of ``train_roles`` are trained. The same tensors as
+    :func:`tokenize_prompt_and_output`."""
+    native, configured = load_tokenizer(tokenizer, engine)
+    ragged = _conversation_ragged(conversations, native, message_template, train_roles, max_len, truncation)
+    return _collate(
+        ragged,
+        _pad_id(native, configured, pad_id),
+        device,
+        pad_to_multiple_of,
+        labels,
+        ignore_index,
+        dtype,
+        attention_mask,
+    )
+
+
+def pack(
+    prompt_strs: Sequence[str],
+    output_strs: Sequence[str],
+    tokenizer: Any,
+    max_tokens: int,
+    *,
+    strategy: str = "exact-fill",
+    overflow: str = "error",
+    device: Any = None,
+    max_len: Optional[int] = None,
+    truncation: str = "error",
+    pad_to_multiple_of: Optional[int] = None,
+    labels: str = "pad",
+    ignore_index: int = -100,
+    dtype: Any = None,
+    pad_id: Optional[int] = None,
+    engine: str = "auto",
+) -> List[Dict[str, Any]]:
+    """Padding-free packing: whole (prompt, output) documents into packs of at most ``max_tokens``
+    tokens, each pack ``[1, T]`` tensors ``input_ids``, ``labels``, ``response_mask``, ``position_ids``
+    (restarting per document) and what flash-attention's varlen API takes: ``cu_seqlens`` (int32) and
+    ``max_seqlen``; plus ``rows``, the input rows in the pack. The shift is done per document, so no token
+    is trained to predict the next document."""
+    native, configured = load_tokenizer(tokenizer, engine)
+    ragged = _native.tokenize_pairs(native, list(prompt_strs), list(output_strs), max_len, truncation)
+    documents, source = _native.pack_documents(ragged, max_tokens, overflow, truncation)
+    plan = _native.pack_plan(documents.row_lens(), max_tokens, strategy)
+    kind, index = _device(device)
+    id_dtype = _id_dtype(dtype)
+    code = _ID_DTYPES[id_dtype]
+    ignore = _labels(labels, ignore_index)
+    resolved_pad = _pad_id(native, configured, pad_id)
+    packs = []
+    for docs in plan:
+        one = documents.select(docs)
+        total, entries = one.pack_shape(pad_to_multiple_of)
+        out = {
+            "input_ids": _empty((1, total), id_dtype, kind, index),
+            "labels": _empty((1, total), id_dtype, kind, index),
+            "response_mask": _empty((1, total), "bool", kind, index),
+            "position_ids": _empty((1, total), id_dtype, kind, index),
+            "cu_seqlens": _empty((entries,), "int32", kind, index),
+        }
+        max_seqlen, _, _ = one.collate_pack(
+            kind,
+            index,
+            _stream(kind, index),
+            resolved_pad,
+            pad_to_multiple_of,
+            ignore,
+            code,
+            _ptr(out["input_ids"]),
+            _ptr(out["labels"]),
+            _ptr(out["response_mask"]),
+            _ptr(out["position_ids"]),
+            _ptr(out["cu_seqlens"]),
+        )
+        out["max_seqlen"] = max_seqlen
+        out["rows"] = [source[d] for d in docs]
+        packs.append(out)
+    return packs
+
+
+def bucket_order(lengths: Sequence[int], window: int, seed: int = 0) -> List[int]:
+    """Length bucketing: a seeded shuffle of the row indices, then each window of ``window`` rows sorted
+    by length, so consecutive batches hold rows of similar length."""
+    return _native.bucket_order([int(n) for n in lengths], int(window), int(seed))
+
+
+Tensor = Any
+Normalization = Union[str, Tuple[str, float, int, int]]

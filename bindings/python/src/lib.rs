@@ -1,0 +1,998 @@
+//! `sft_collate._native`: the library's operations for the Python package, mapped argument for argument.
+//! Tensors cross as raw addresses (a tensor's `data_ptr()`), lengths and dtypes: the Python layer
+//! (`python/sft_collate/`) allocates every output with torch or numpy, checks devices, dtypes, shapes
+//! and contiguity, and keeps the tensors alive for the call; this layer wraps the addresses
+//! (`ForeignSlice` on the GPU, slices on the host) and calls the library. On a GPU everything runs on the
+//! stream Python names (torch's current stream), and nothing synchronizes the host.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use pyo3::exceptions::{PyRuntimeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+use sft_collate::backend::cpu;
+use sft_collate::backend::cuda::{
+    self, BatchBuffers, CeBuffers, CeGrad, CeLogits, CudaCollator, CudaStream, DeviceCeTargets,
+    DeviceIdsMut, DeviceLabels, DeviceWrite, ForeignSlice, MaskedCrossEntropy, PackBuffers,
+};
+use sft_collate::collate::CollatePlan;
+use sft_collate::input::MessageFormat;
+use sft_collate::loss::{CeInput, CeOptions, Labels, LogitElem, LogitsShape, Normalization};
+use sft_collate::schedule::{bucket_order as bucket, plan_packs, Overflow, PackSpec, PackStrategy};
+use sft_collate::{
+    BatchStats, CollateSpec, EngineChoice, IdDtype, LabelFormat, LengthLimit, RaggedBatch,
+    Truncation,
+};
+
+/// A library error as a Python exception: bad input is a `ValueError`, the rest a `RuntimeError`.
+fn py_err(e: sft_collate::Error) -> PyErr {
+    use sft_collate::Error as E;
+    let message = e.to_string();
+    match e.innermost() {
+        E::Cuda(_) | E::NoDevice(_) | E::KernelCompile { .. } | E::Io { .. } => {
+            PyRuntimeError::new_err(message)
+        }
+        _ => PyValueError::new_err(message),
+    }
+}
+
+fn parse<T: std::str::FromStr<Err = sft_collate::Error>>(value: &str) -> PyResult<T> {
+    value.parse().map_err(py_err)
+}
+
+/// A tokenizer: a `tokenizer.json` path, a built-in name, or a `tokenizer.json` text.
+#[pyclass(frozen, module = "sft_collate._native")]
+struct Tokenizer {
+    inner: sft_collate::Tokenizer,
+}
+
+#[pymethods]
+impl Tokenizer {
+    #[new]
+    #[pyo3(signature = (source, engine = "auto"))]
+    fn new(py: Python<'_>, source: &str, engine: &str) -> PyResult<Self> {
+        let engine: EngineChoice = parse(engine)?;
+        let inner = py
+            .detach(|| sft_collate::Tokenizer::load_with(source, engine))
+            .map_err(py_err)?;
+        Ok(Tokenizer { inner })
+    }
+
+    /// From a `tokenizer.json` text (what `tokenizers.Tokenizer.to_str()` gives).
+    #[staticmethod]
+    #[pyo3(signature = (json, name, engine = "auto"))]
+    fn from_json(py: Python<'_>, json: &str, name: &str, engine: &str) -> PyResult<Self> {
+        let engine: EngineChoice = parse(engine)?;
+        let inner = py
+            .detach(|| sft_collate::Tokenizer::from_json_str(json, name, engine))
+            .map_err(py_err)?;
+        Ok(Tokenizer { inner })
+    }
+
+    #[getter]
+    fn name(&self) -> String {
+        self.inner.name().to_string()
+    }
+
+    #[getter]
+    fn engine(&self) -> String {
+        self.inner.engine().to_string()
+    }
+
+    #[getter]
+    fn vocab_size(&self) -> usize {
+        self.inner.vocab_size()
+    }
+
+    #[getter]
+    fn pad_id(&self) -> Option<u32> {
+        self.inner.pad_id()
+    }
+
+    fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    fn encode(&self, py: Python<'_>, text: &str) -> PyResult<Vec<u32>> {
+        py.detach(|| self.inner.encode(text)).map_err(py_err)
+    }
+
+    fn encode_batch(&self, py: Python<'_>, texts: Vec<String>) -> PyResult<Vec<Vec<u32>>> {
+        py.detach(|| {
+            let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+            self.inner.encode_batch(&refs)
+        })
+        .map_err(py_err)
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "Tokenizer({:?}, engine={:?})",
+            self.inner.name(),
+            self.inner.engine().to_string()
+        )
+    }
+}
+
+/// The collation options, as Python names them.
+#[derive(Clone)]
+struct Spec(CollateSpec);
+
+fn spec(
+    pad_id: u32,
+    pad_to_multiple_of: Option<usize>,
+    ignore_index: Option<i64>,
+    id_dtype: &str,
+    attention_mask: bool,
+) -> PyResult<Spec> {
+    let spec = CollateSpec {
+        pad_id: Some(pad_id),
+        pad_to_multiple_of,
+        label_format: match ignore_index {
+            Some(v) => LabelFormat::IgnoreIndex(v),
+            None => LabelFormat::Pad,
+        },
+        id_dtype: parse(id_dtype)?,
+        attention_mask,
+        ..Default::default()
+    };
+    spec.validate().map_err(py_err)?;
+    Ok(Spec(spec))
+}
+
+/// A tokenized batch (tokens row after row), ready to collate on any device.
+#[pyclass(frozen, module = "sft_collate._native")]
+struct Ragged {
+    inner: RaggedBatch,
+}
+
+fn limit(max_len: Option<usize>, truncation: &str) -> PyResult<LengthLimit> {
+    let limit = LengthLimit {
+        max_len,
+        truncation: parse::<Truncation>(truncation)?,
+    };
+    limit.validate().map_err(py_err)?;
+    Ok(limit)
+}
+
+/// Prompts and outputs, tokenized separately (no special tokens), cut to `max_len` by `truncation`.
+#[pyfunction]
+#[pyo3(signature = (tokenizer, prompts, outputs, max_len = None, truncation = "error"))]
+fn tokenize_pairs(
+    py: Python<'_>,
+    tokenizer: &Tokenizer,
+    prompts: Vec<String>,
+    outputs: Vec<String>,
+    max_len: Option<usize>,
+    truncation: &str,
+) -> PyResult<Ragged> {
+    let limit = limit(max_len, truncation)?;
+    let inner = py
+        .detach(|| sft_collate::tokenize_pairs(&prompts, &outputs, &tokenizer.inner, limit))
+        .map_err(py_err)?;
+    Ok(Ragged { inner })
+}
+
+/// Rows of (text, trained) segments, each tokenized separately.
+#[pyfunction]
+#[pyo3(signature = (tokenizer, rows, max_len = None, truncation = "error"))]
+fn tokenize_rows(
+    py: Python<'_>,
+    tokenizer: &Tokenizer,
+    rows: Vec<Vec<(String, bool)>>,
+    max_len: Option<usize>,
+    truncation: &str,
+) -> PyResult<Ragged> {
+    let limit = limit(max_len, truncation)?;
+    let inner = py
+        .detach(|| sft_collate::tokenize_rows(&rows, &tokenizer.inner, limit))
+        .map_err(py_err)?;
+    Ok(Ragged { inner })
+}
+
+/// Conversations (each a JSON list of `{"role", "content"}`) as segments, rendered by a message template
+/// (`{role}`, `{content}`; what precedes `{content}` is never trained) with `train_roles` trained.
+#[pyfunction]
+#[pyo3(signature = (conversations, template = None, train_roles = vec!["assistant".to_string()]))]
+fn conversation_segments(
+    conversations: Vec<String>,
+    template: Option<&str>,
+    train_roles: Vec<String>,
+) -> PyResult<Vec<Vec<(String, bool)>>> {
+    let format = MessageFormat::new(template, train_roles).map_err(py_err)?;
+    conversations
+        .iter()
+        .enumerate()
+        .map(|(i, json)| {
+            let value: serde_json::Value = serde_json::from_str(json)
+                .map_err(|e| PyValueError::new_err(format!("conversation {i}: {e}")))?;
+            let serde_json::Value::Array(messages) = value else {
+                return Err(PyValueError::new_err(format!(
+                    "conversation {i}: not a list of messages"
+                )));
+            };
+            format
+                .segments(&messages)
+                .map_err(|e| PyValueError::new_err(format!("conversation {i}: {e}")))
+        })
+        .collect()
+}
+
+fn stats_dict<'py>(py: Python<'py>, stats: &BatchStats) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("rows", stats.rows)?;
+    d.set_item("width", stats.width)?;
+    d.set_item("tokens", stats.tokens)?;
+    d.set_item("response_tokens", stats.response_tokens)?;
+    d.set_item("padding_fraction", stats.padding_fraction)?;
+    d.set_item("empty_response_rows", stats.empty_response_rows.clone())?;
+    Ok(d)
+}
+
+/// The collators and loss kernels per (device, stream): loaded once per context, reused every call.
+struct Loaded {
+    stream: Arc<CudaStream>,
+    collator: OnceLock<Arc<CudaCollator>>,
+    cross_entropy: OnceLock<Arc<MaskedCrossEntropy>>,
+}
+
+/// [`Loaded`] per (device, stream handle).
+type LoadedCache = Mutex<HashMap<(usize, u64), Arc<Loaded>>>;
+
+fn loaded(device_index: usize, stream: u64) -> PyResult<Arc<Loaded>> {
+    static CACHE: OnceLock<LoadedCache> = OnceLock::new();
+    let cache = CACHE.get_or_init(Default::default);
+    let mut cache = cache.lock().expect("no panics while held");
+    if let Some(found) = cache.get(&(device_index, stream)) {
+        return Ok(found.clone());
+    }
+    // SAFETY: the Python layer passes torch's stream of this device (its `cuda_stream`), which torch keeps
+    // alive as long as the process uses it.
+    let borrowed = unsafe { cuda::borrowed_stream(device_index, stream) }.map_err(py_err)?;
+    let entry = Arc::new(Loaded {
+        stream: borrowed,
+        collator: OnceLock::new(),
+        cross_entropy: OnceLock::new(),
+    });
+    cache.insert((device_index, stream), entry.clone());
+    Ok(entry)
+}
+
+impl Loaded {
+    fn collator(&self) -> PyResult<Arc<CudaCollator>> {
+        if let Some(c) = self.collator.get() {
+            return Ok(c.clone());
+        }
+        let c = Arc::new(CudaCollator::new(self.stream.clone()).map_err(py_err)?);
+        Ok(self.collator.get_or_init(|| c).clone())
+    }
+
+    fn cross_entropy(&self) -> PyResult<Arc<MaskedCrossEntropy>> {
+        if let Some(c) = self.cross_entropy.get() {
+            return Ok(c.clone());
+        }
+        let c = Arc::new(MaskedCrossEntropy::new(self.stream.clone()).map_err(py_err)?);
+        Ok(self.cross_entropy.get_or_init(|| c).clone())
+    }
+
+    /// `len` elements at `ptr` on this device.
+    ///
+    /// # Safety
+    /// As [`ForeignSlice::new`]: the Python layer passes a live, contiguous tensor of that length.
+    unsafe fn foreign<T>(&self, ptr: u64, len: usize) -> ForeignSlice<T> {
+        unsafe { ForeignSlice::new(self.stream.clone(), ptr, len) }
+    }
+}
+
+enum Ids<T32, T64> {
+    I32(T32),
+    I64(T64),
+}
+
+/// Foreign id buffers of the spec's dtype.
+///
+/// # Safety
+/// As [`Loaded::foreign`].
+unsafe fn foreign_ids(
+    loaded: &Loaded,
+    dtype: IdDtype,
+    ptr: u64,
+    len: usize,
+) -> Ids<ForeignSlice<i32>, ForeignSlice<i64>> {
+    unsafe {
+        match dtype {
+            IdDtype::I32 => Ids::I32(loaded.foreign(ptr, len)),
+            IdDtype::I64 => Ids::I64(loaded.foreign(ptr, len)),
+        }
+    }
+}
+
+fn ids_mut(ids: &mut Ids<ForeignSlice<i32>, ForeignSlice<i64>>) -> DeviceIdsMut<'_> {
+    match ids {
+        Ids::I32(b) => DeviceIdsMut::I32(b),
+        Ids::I64(b) => DeviceIdsMut::I64(b),
+    }
+}
+
+/// Host memory at `ptr`, `len` elements of `T`.
+///
+/// # Safety
+/// The Python layer passes a live, contiguous, writable CPU tensor of that length and type.
+unsafe fn host_mut<'a, T>(ptr: u64, len: usize) -> &'a mut [T] {
+    if len == 0 {
+        return &mut [];
+    }
+    unsafe { std::slice::from_raw_parts_mut(ptr as *mut T, len) }
+}
+
+/// # Safety
+/// As [`host_mut`], read only.
+unsafe fn host<'a, T>(ptr: u64, len: usize) -> &'a [T] {
+    if len == 0 {
+        return &[];
+    }
+    unsafe { std::slice::from_raw_parts(ptr as *const T, len) }
+}
+
+fn write_ids(dst_ptr: u64, ids: &sft_collate::IdTensor) {
+    match ids {
+        // SAFETY: the Python layer allocated `ids.len()` elements of the spec's dtype at `dst_ptr`.
+        sft_collate::IdTensor::I32(v) => {
+            unsafe { host_mut::<i32>(dst_ptr, v.len()) }.copy_from_slice(v)
+        }
+        sft_collate::IdTensor::I64(v) => {
+            unsafe { host_mut::<i64>(dst_ptr, v.len()) }.copy_from_slice(v)
+        }
+    }
+}
+
+fn write_bools(dst_ptr: u64, values: &[bool]) {
+    // SAFETY: the Python layer allocated `values.len()` bools (one byte each) at `dst_ptr`.
+    let dst = unsafe { host_mut::<u8>(dst_ptr, values.len()) };
+    for (d, &v) in dst.iter_mut().zip(values) {
+        *d = u8::from(v);
+    }
+}
+
+#[pymethods]
+impl Ragged {
+    #[getter]
+    fn rows(&self) -> usize {
+        self.inner.rows()
+    }
+
+    #[getter]
+    fn tokens(&self) -> usize {
+        self.inner.tokens().len()
+    }
+
+    fn row_lens(&self) -> Vec<usize> {
+        (0..self.inner.rows())
+            .map(|i| self.inner.row_len(i))
+            .collect()
+    }
+
+    /// The tokens of row `i` and which of them are trained.
+    fn row(&self, i: usize) -> PyResult<(Vec<u32>, Vec<bool>)> {
+        if i >= self.inner.rows() {
+            return Err(PyValueError::new_err(format!(
+                "row {i} of {}",
+                self.inner.rows()
+            )));
+        }
+        let trained = (0..self.inner.row_len(i))
+            .map(|k| self.inner.is_trainable(i, k))
+            .collect();
+        Ok((self.inner.row(i).to_vec(), trained))
+    }
+
+    /// A batch of the given rows, in that order.
+    fn select(&self, rows: Vec<usize>) -> PyResult<Ragged> {
+        if let Some(&bad) = rows.iter().find(|&&r| r >= self.inner.rows()) {
+            return Err(PyValueError::new_err(format!(
+                "row {bad} of {}",
+                self.inner.rows()
+            )));
+        }
+        Ok(Ragged {
+            inner: self.inner.select(&rows),
+        })
+    }
+
+    /// `(rows, width)` of the padded tensors.
+    #[pyo3(signature = (pad_id, pad_to_multiple_of = None, ignore_index = None, id_dtype = "i64", attention_mask = false))]
+    fn padded_shape(
+        &self,
+        pad_id: u32,
+        pad_to_multiple_of: Option<usize>,
+        ignore_index: Option<i64>,
+        id_dtype: &str,
+        attention_mask: bool,
+    ) -> PyResult<(usize, usize)> {
+        let spec = spec(
+            pad_id,
+            pad_to_multiple_of,
+            ignore_index,
+            id_dtype,
+            attention_mask,
+        )?;
+        let plan = CollatePlan::new(&self.inner, &spec.0).map_err(py_err)?;
+        Ok((plan.rows, plan.width))
+    }
+
+    /// `(positions, cu_seqlens entries)` of the padding-free layout.
+    #[pyo3(signature = (pad_to_multiple_of = None))]
+    fn pack_shape(&self, pad_to_multiple_of: Option<usize>) -> PyResult<(usize, usize)> {
+        let spec = CollateSpec {
+            pad_to_multiple_of,
+            ..Default::default()
+        };
+        let total = CollatePlan::pack_total(self.inner.tokens().len(), &spec).map_err(py_err)?;
+        Ok((
+            total,
+            CollatePlan::pack_boundaries(self.inner.row_offsets(), total)
+                .0
+                .len(),
+        ))
+    }
+
+    /// Collate into the given tensors (`rows × width` each, of the spec's id dtype; masks one byte per
+    /// element; `attention_mask` 0 for none), on the CPU or on CUDA device `device_index` on `stream`.
+    /// Returns the batch's statistics.
+    #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (device, device_index, stream, pad_id, pad_to_multiple_of, ignore_index, id_dtype, attention_mask, input_ids, labels, response_mask, attention_mask_ptr))]
+    fn collate<'py>(
+        &self,
+        py: Python<'py>,
+        device: &str,
+        device_index: usize,
+        stream: u64,
+        pad_id: u32,
+        pad_to_multiple_of: Option<usize>,
+        ignore_index: Option<i64>,
+        id_dtype: &str,
+        attention_mask: bool,
+        input_ids: u64,
+        labels: u64,
+        response_mask: u64,
+        attention_mask_ptr: u64,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let Spec(spec) = spec(
+            pad_id,
+            pad_to_multiple_of,
+            ignore_index,
+            id_dtype,
+            attention_mask,
+        )?;
+        let stats = match device {
+            "cpu" => {
+                let batch = py
+                    .detach(|| cpu::collate(&self.inner, &spec))
+                    .map_err(py_err)?;
+                write_ids(input_ids, &batch.input_ids);
+                write_ids(labels, &batch.labels);
+                write_bools(response_mask, &batch.response_mask);
+                if let Some(mask) = &batch.attention_mask {
+                    write_bools(attention_mask_ptr, mask);
+                }
+                batch.stats
+            }
+            "cuda" => {
+                let loaded = loaded(device_index, stream)?;
+                let plan = CollatePlan::new(&self.inner, &spec).map_err(py_err)?;
+                let n = plan.len();
+                // SAFETY: the Python layer allocated each tensor with rows × width elements of the
+                // spec's dtype (bytes for the masks) on this device, contiguous, alive for the call.
+                let (mut ids, mut lab, mut mask, mut att) = unsafe {
+                    (
+                        foreign_ids(&loaded, spec.id_dtype, input_ids, n),
+                        foreign_ids(&loaded, spec.id_dtype, labels, n),
+                        loaded.foreign::<u8>(response_mask, n),
+                        loaded.foreign::<u8>(attention_mask_ptr, n),
+                    )
+                };
+                let mut buffers = BatchBuffers {
+                    input_ids: ids_mut(&mut ids),
+                    labels: ids_mut(&mut lab),
+                    response_mask: &mut mask,
+                    attention_mask: spec
+                        .attention_mask
+                        .then_some(&mut att as &mut dyn DeviceWrite<u8>),
+                };
+                loaded
+                    .collator()?
+                    .collate_into(&self.inner, &spec, &mut buffers)
+                    .map_err(py_err)?
+            }
+            other => {
+                return Err(PyValueError::new_err(format!(
+                    "device {other:?}: cpu or cuda"
+                )))
+            }
+        };
+        stats_dict(py, &stats)
+    }
+
+    /// The padding-free layout into the given tensors (`positions` each, `cu_seqlens` entries, from
+    /// `pack_shape`). Returns `(max_seqlen, cu_seqlens as a list, statistics)`.
+    #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (device, device_index, stream, pad_id, pad_to_multiple_of, ignore_index, id_dtype, input_ids, labels, response_mask, position_ids, cu_seqlens))]
+    fn collate_pack<'py>(
+        &self,
+        py: Python<'py>,
+        device: &str,
+        device_index: usize,
+        stream: u64,
+        pad_id: u32,
+        pad_to_multiple_of: Option<usize>,
+        ignore_index: Option<i64>,
+        id_dtype: &str,
+        input_ids: u64,
+        labels: u64,
+        response_mask: u64,
+        position_ids: u64,
+        cu_seqlens: u64,
+    ) -> PyResult<(usize, Vec<i32>, Bound<'py, PyDict>)> {
+        let Spec(spec) = spec(pad_id, pad_to_multiple_of, ignore_index, id_dtype, false)?;
+        match device {
+            "cpu" => {
+                let pack = py
+                    .detach(|| cpu::collate_pack(&self.inner, &spec))
+                    .map_err(py_err)?;
+                write_ids(input_ids, &pack.input_ids);
+                write_ids(labels, &pack.labels);
+                write_ids(position_ids, &pack.position_ids);
+                write_bools(response_mask, &pack.response_mask);
+                // SAFETY: `pack_shape` told the Python layer how many entries to allocate.
+                unsafe { host_mut::<i32>(cu_seqlens, pack.cu_seqlens.len()) }
+                    .copy_from_slice(&pack.cu_seqlens);
+                let stats = stats_dict(py, &pack.stats)?;
+                Ok((pack.max_seqlen, pack.cu_seqlens, stats))
+            }
+            "cuda" => {
+                let loaded = loaded(device_index, stream)?;
+                let (total, entries) = self.pack_shape(spec.pad_to_multiple_of)?;
+                // SAFETY: allocated by the Python layer from `pack_shape`, on this device.
+                let (mut ids, mut lab, mut pos, mut mask, mut cu) = unsafe {
+                    (
+                        foreign_ids(&loaded, spec.id_dtype, input_ids, total),
+                        foreign_ids(&loaded, spec.id_dtype, labels, total),
+                        foreign_ids(&loaded, spec.id_dtype, position_ids, total),
+                        loaded.foreign::<u8>(response_mask, total),
+                        loaded.foreign::<i32>(cu_seqlens, entries),
+                    )
+                };
+                let layout = loaded
+                    .collator()?
+                    .collate_pack_into(
+                        &self.inner,
+                        &spec,
+                        &mut PackBuffers {
+                            input_ids: ids_mut(&mut ids),
+                            labels: ids_mut(&mut lab),
+                            response_mask: &mut mask,
+                            position_ids: ids_mut(&mut pos),
+                            cu_seqlens: &mut cu,
+                        },
+                    )
+                    .map_err(py_err)?;
+                let stats = stats_dict(py, &layout.stats)?;
+                Ok((layout.max_seqlen, layout.cu_seqlens, stats))
+            }
+            other => Err(PyValueError::new_err(format!(
+                "device {other:?}: cpu or cuda"
+            ))),
+        }
+    }
+}
+
+/// Documents for packing: each row after the pack's overflow policy, with the row each came from.
+#[pyfunction]
+#[pyo3(signature = (ragged, max_tokens, overflow = "error", truncation = "error"))]
+fn pack_documents(
+    ragged: &Ragged,
+    max_tokens: usize,
+    overflow: &str,
+    truncation: &str,
+) -> PyResult<(Ragged, Vec<usize>)> {
+    let pack = PackSpec {
+        overflow: parse::<Overflow>(overflow)?,
+        ..PackSpec::new(max_tokens)
+    };
+    let truncation: Truncation = parse(truncation)?;
+    let mut documents = RaggedBatch::new();
+    let mut source = Vec::new();
+    for i in 0..ragged.inner.rows() {
+        for segments in pack.fit_row(&ragged.inner, i, truncation).map_err(py_err)? {
+            let refs: Vec<(&[u32], bool)> =
+                segments.iter().map(|(t, f)| (t.as_slice(), *f)).collect();
+            documents.push_segments(&refs);
+            source.push(i);
+        }
+    }
+    Ok((Ragged { inner: documents }, source))
+}
+
+/// Packs of documents of these lengths, at most `max_tokens` each (document indices, input order).
+#[pyfunction]
+#[pyo3(signature = (lens, max_tokens, strategy = "exact-fill"))]
+fn pack_plan(lens: Vec<usize>, max_tokens: usize, strategy: &str) -> PyResult<Vec<Vec<usize>>> {
+    let spec = PackSpec {
+        strategy: parse::<PackStrategy>(strategy)?,
+        ..PackSpec::new(max_tokens)
+    };
+    plan_packs(&lens, &spec).map_err(py_err)
+}
+
+/// Length bucketing: a seeded shuffle, then each window sorted by length.
+#[pyfunction]
+fn bucket_order(lens: Vec<usize>, window: usize, seed: u64) -> Vec<usize> {
+    bucket(&lens, window, seed)
+}
+
+/// The masked cross-entropy of `logits` (`rows` rows `row_stride` apart, `vocab` used; dtype `f32`, `f16`,
+/// `bf16` or, on the CPU, `f64`), all tensors given by address. Outputs: `row_loss`, optional
+/// `log_probs`, `entropy`, `lse` (0 for none; f32, or f64 for f64 logits on the CPU), `scalars` (sum,
+/// loss), `count` (i32 on the CPU, u32 on the GPU: one element), `error_flag` (GPU), and the gradient
+/// (`grad`, rows `grad_stride` apart, 0 for none; `grad == logits` for in place). On the CPU a bad
+/// label is a `ValueError`; on the GPU it sets the flag and makes its row NaN, and nothing waits.
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+#[pyo3(signature = (device, device_index, stream, dtype, rows, vocab, row_stride, logits, labels, labels_i64, mask, weights, normalization, normalize_constant, batch_size, gradient_accumulation_steps, upstream, upstream_ptr, row_loss, log_probs, entropy, lse, scalars, count, error_flag, grad, grad_stride))]
+fn masked_cross_entropy(
+    py: Python<'_>,
+    device: &str,
+    device_index: usize,
+    stream: u64,
+    dtype: &str,
+    rows: usize,
+    vocab: usize,
+    row_stride: usize,
+    logits: u64,
+    labels: u64,
+    labels_i64: bool,
+    mask: u64,
+    weights: u64,
+    normalization: &str,
+    normalize_constant: f64,
+    batch_size: usize,
+    gradient_accumulation_steps: usize,
+    upstream: f32,
+    upstream_ptr: u64,
+    row_loss: u64,
+    log_probs: u64,
+    entropy: u64,
+    lse: u64,
+    scalars: u64,
+    count: u64,
+    error_flag: u64,
+    grad: u64,
+    grad_stride: usize,
+) -> PyResult<()> {
+    let normalization = match normalization {
+        "mean" => Normalization::TokenMean,
+        "sum" => Normalization::Sum,
+        "cs336" => Normalization::Cs336 {
+            normalize_constant,
+            batch_size,
+            gradient_accumulation_steps,
+        },
+        other => {
+            return Err(PyValueError::new_err(format!(
+                "normalization {other:?}: mean, sum or cs336"
+            )))
+        }
+    };
+    normalization.validate().map_err(py_err)?;
+    let shape = LogitsShape {
+        rows,
+        vocab,
+        row_stride,
+    };
+    let logits_len = match rows {
+        0 => 0,
+        r => (r - 1) * row_stride + vocab,
+    };
+    let outputs = Outputs {
+        row_loss,
+        log_probs,
+        entropy,
+        lse,
+        scalars,
+        count,
+        error_flag,
+        grad,
+        grad_stride,
+    };
+    let options = CeOptions {
+        normalization,
+        upstream,
+    };
+    let host = Host {
+        shape,
+        logits_len,
+        labels,
+        labels_i64,
+        mask,
+        weights,
+        upstream_ptr,
+    };
+    match (device, dtype) {
+        ("cpu", "f64") => py.detach(|| host.cross_entropy::<f64>(logits, &options, &outputs)),
+        ("cpu", "f32") => py.detach(|| host.cross_entropy::<f32>(logits, &options, &outputs)),
+        ("cpu", "f16") => py.detach(|| host.cross_entropy::<half::f16>(logits, &options, &outputs)),
+        ("cpu", "bf16") => {
+            py.detach(|| host.cross_entropy::<half::bf16>(logits, &options, &outputs))
+        }
+        ("cuda", "f32") => cuda_ce::<f32>(device_index, stream, logits, &host, &options, &outputs),
+        ("cuda", "f16") => {
+            cuda_ce::<half::f16>(device_index, stream, logits, &host, &options, &outputs)
+        }
+        ("cuda", "bf16") => {
+            cuda_ce::<half::bf16>(device_index, stream, logits, &host, &options, &outputs)
+        }
+        (device, dtype) => Err(PyValueError::new_err(format!(
+            "logits of {dtype} on {device}: f32, f16 or bf16 (and f64 on the CPU)"
+        ))),
+    }
+}
+
+/// The output addresses of a cross-entropy call.
+struct Outputs {
+    row_loss: u64,
+    log_probs: u64,
+    entropy: u64,
+    lse: u64,
+    scalars: u64,
+    count: u64,
+    error_flag: u64,
+    grad: u64,
+    grad_stride: usize,
+}
+
+/// The inputs of a cross-entropy call besides the logits.
+struct Host {
+    shape: LogitsShape,
+    logits_len: usize,
+    labels: u64,
+    labels_i64: bool,
+    mask: u64,
+    weights: u64,
+    upstream_ptr: u64,
+}
+
+/// A float the CPU path reads and writes: the oracle computes in f64 and rounds once to it.
+trait HostFloat: sft_collate::loss::Float {
+    /// Outputs beside f64 logits are f64, f32 otherwise.
+    const F64_OUTPUTS: bool;
+    fn from_f64(v: f64) -> Self;
+}
+impl HostFloat for f64 {
+    const F64_OUTPUTS: bool = true;
+    fn from_f64(v: f64) -> Self {
+        v
+    }
+}
+impl HostFloat for f32 {
+    const F64_OUTPUTS: bool = false;
+    fn from_f64(v: f64) -> Self {
+        v as f32
+    }
+}
+impl HostFloat for half::f16 {
+    const F64_OUTPUTS: bool = false;
+    fn from_f64(v: f64) -> Self {
+        half::f16::from_f32(v as f32)
+    }
+}
+impl HostFloat for half::bf16 {
+    const F64_OUTPUTS: bool = false;
+    fn from_f64(v: f64) -> Self {
+        half::bf16::from_f32(v as f32)
+    }
+}
+
+impl Host {
+    fn cross_entropy<T: HostFloat>(
+        &self,
+        logits: u64,
+        options: &CeOptions,
+        out: &Outputs,
+    ) -> PyResult<()> {
+        let rows = self.shape.rows;
+        // SAFETY: the Python layer passes contiguous CPU tensors of these lengths and types, alive for
+        // the call (the logits as rows `row_stride` apart).
+        let (logits, mask_bytes, weights) = unsafe {
+            (
+                host::<T>(logits, self.logits_len),
+                host::<u8>(self.mask, rows),
+                (self.weights != 0).then(|| host::<f32>(self.weights, rows)),
+            )
+        };
+        let mask: Vec<bool> = mask_bytes.iter().map(|&m| m != 0).collect();
+        // SAFETY: as above.
+        let (labels32, labels64) = unsafe {
+            match self.labels_i64 {
+                true => (None, Some(host::<i64>(self.labels, rows))),
+                false => (Some(host::<i32>(self.labels, rows)), None),
+            }
+        };
+        let labels = match (labels32, labels64) {
+            (Some(l), _) => Labels::I32(l),
+            (_, Some(l)) => Labels::I64(l),
+            _ => unreachable!("one of the two"),
+        };
+        let options = CeOptions {
+            // SAFETY: one f32 on the host when given.
+            upstream: match self.upstream_ptr {
+                0 => options.upstream,
+                p => (unsafe { host::<f32>(p, 1) })[0],
+            },
+            ..*options
+        };
+        let input = CeInput {
+            logits,
+            shape: self.shape,
+            labels,
+            mask: &mask,
+            weights,
+        };
+        let result =
+            cpu::loss::masked_cross_entropy(&input, &options, out.grad != 0).map_err(py_err)?;
+        // SAFETY: the Python layer allocated each output with the lengths and types documented on
+        // `masked_cross_entropy` (f64 outputs beside f64 logits).
+        unsafe {
+            let write = |ptr: u64, values: &[f64]| {
+                if ptr == 0 {
+                    return;
+                }
+                if T::F64_OUTPUTS {
+                    host_mut::<f64>(ptr, values.len()).copy_from_slice(values);
+                } else {
+                    for (d, &v) in host_mut::<f32>(ptr, values.len()).iter_mut().zip(values) {
+                        *d = v as f32;
+                    }
+                }
+            };
+            let row_loss: Vec<f64> = (0..rows)
+                .map(|r| match mask[r] {
+                    true => -f64::from(weights.map_or(1.0, |w| w[r])) * result.log_probs[r],
+                    false => 0.0,
+                })
+                .collect();
+            write(out.row_loss, &row_loss);
+            write(out.log_probs, &result.log_probs);
+            write(out.entropy, &result.entropy);
+            write(out.lse, &result.lse);
+            write(out.scalars, &[result.sum, result.loss]);
+            host_mut::<i32>(out.count, 1)[0] = result.count as i32;
+            if let Some(grad) = &result.grad {
+                let vocab = self.shape.vocab;
+                for r in 0..rows {
+                    let dst = host_mut::<T>(
+                        out.grad + (r * out.grad_stride * size_of::<T>()) as u64,
+                        vocab,
+                    );
+                    for (d, &g) in dst.iter_mut().zip(&grad[r * vocab..(r + 1) * vocab]) {
+                        *d = T::from_f64(g);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn cuda_ce<T: LogitElem>(
+    device_index: usize,
+    stream: u64,
+    logits: u64,
+    host: &Host,
+    options: &CeOptions,
+    out: &Outputs,
+) -> PyResult<()> {
+    let loaded = loaded(device_index, stream)?;
+    let rows = host.shape.rows;
+    // SAFETY: the Python layer passes contiguous tensors of these lengths and types on this device,
+    // alive for the call (and until the stream has run it: torch's caching allocator keeps memory on its
+    // stream).
+    unsafe {
+        let mut logits_buffer = loaded.foreign::<T>(logits, host.logits_len);
+        let labels32 = loaded.foreign::<i32>(host.labels, rows);
+        let labels64 = loaded.foreign::<i64>(host.labels, rows);
+        let mask = loaded.foreign::<u8>(host.mask, rows);
+        let weights = loaded.foreign::<f32>(host.weights, rows);
+        let upstream = loaded.foreign::<f32>(host.upstream_ptr, 1);
+        let mut row_loss = loaded.foreign::<f32>(out.row_loss, rows);
+        let mut log_probs = loaded.foreign::<f32>(out.log_probs, rows);
+        let mut entropy = loaded.foreign::<f32>(out.entropy, rows);
+        let mut lse = loaded.foreign::<f32>(out.lse, rows);
+        let mut scalars = loaded.foreign::<f32>(out.scalars, 2);
+        let mut count = loaded.foreign::<u32>(out.count, 1);
+        let mut flag = loaded.foreign::<u32>(out.error_flag, 1);
+        let grad_len = match rows {
+            0 => 0,
+            r => (r - 1) * out.grad_stride + host.shape.vocab,
+        };
+        let mut grad = loaded.foreign::<T>(out.grad, grad_len);
+        let targets = DeviceCeTargets {
+            shape: host.shape,
+            labels: match host.labels_i64 {
+                true => DeviceLabels::I64(&labels64),
+                false => DeviceLabels::I32(&labels32),
+            },
+            mask: &mask,
+            weights: (host.weights != 0).then_some(&weights as _),
+            upstream: (host.upstream_ptr != 0).then_some(&upstream as _),
+        };
+        let mut buffers = CeBuffers {
+            row_loss: &mut row_loss,
+            log_probs: (out.log_probs != 0).then_some(&mut log_probs as _),
+            entropy: (out.entropy != 0).then_some(&mut entropy as _),
+            lse: (out.lse != 0).then_some(&mut lse as _),
+            scalars: &mut scalars,
+            count: &mut count,
+            error_flag: &mut flag,
+        };
+        let kernels = loaded.cross_entropy()?;
+        let result = if out.grad == 0 {
+            kernels.compute(
+                CeLogits::Read(&logits_buffer),
+                &targets,
+                options,
+                CeGrad::None,
+                &mut buffers,
+            )
+        } else if out.grad == logits {
+            kernels.compute(
+                CeLogits::InPlace(&mut logits_buffer),
+                &targets,
+                options,
+                CeGrad::InPlace,
+                &mut buffers,
+            )
+        } else {
+            kernels.compute(
+                CeLogits::Read(&logits_buffer),
+                &targets,
+                options,
+                CeGrad::Into(&mut grad, out.grad_stride),
+                &mut buffers,
+            )
+        };
+        result.map_err(py_err)
+    }
+}
+
+/// Whether a CUDA device is usable, and if not why.
+#[pyfunction]
+fn cuda_status() -> (bool, String) {
+    match cuda::probe(0) {
+        Ok(info) => (
+            true,
+            format!("{} ({} GiB)", info.name, info.total_memory >> 30),
+        ),
+        Err(e) => (false, e.to_string()),
+    }
+}
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<Tokenizer>()?;
+    m.add_class::<Ragged>()?;
+    m.add_function(wrap_pyfunction!(tokenize_pairs, m)?)?;
+    m.add_function(wrap_pyfunction!(tokenize_rows, m)?)?;
+    m.add_function(wrap_pyfunction!(conversation_segments, m)?)?;
+    m.add_function(wrap_pyfunction!(pack_documents, m)?)?;
+    m.add_function(wrap_pyfunction!(pack_plan, m)?)?;
+    m.add_function(wrap_pyfunction!(bucket_order, m)?)?;
+    m.add_function(wrap_pyfunction!(masked_cross_entropy, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_status, m)?)?;
+    m.add(
+        "BUILTIN_TOKENIZERS",
+        sft_collate::BUILTIN_TOKENIZERS.to_vec(),
+    )?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}

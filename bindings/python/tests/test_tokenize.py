@@ -1,0 +1,159 @@
+"""Collation against a plain PyTorch + Hugging Face tokenizers implementation of CS336's semantics,
+written here, and against CS336's own vectors."""
+
+import json
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import DEVICES, needs_cuda
+
+import sft_collate
+
+tokenizers = pytest.importorskip("tokenizers")
+
+
+def reference(prompts, outputs, hf, pad_id, pad_to_multiple_of=None, ignore_index=None):
+    """CS336's tokenize_prompt_and_output, as students write it."""
+    seqs, prompt_lens = [], []
+    for p, o in zip(prompts, outputs):
+        pi = hf.encode(p, add_special_tokens=False).ids
+        oi = hf.encode(o, add_special_tokens=False).ids
+        seqs.append(pi + oi)
+        prompt_lens.append(len(pi))
+    width = max(len(s) for s in seqs) - 1
+    if pad_to_multiple_of:
+        width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
+    padded = torch.full((len(seqs), width + 1), pad_id, dtype=torch.int64)
+    mask = torch.zeros((len(seqs), width), dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        padded[i, : len(s)] = torch.tensor(s, dtype=torch.int64)
+        for j in range(width):
+            mask[i, j] = prompt_lens[i] <= j + 1 < len(s)
+    labels = padded[:, 1:].clone()
+    if ignore_index is not None:
+        labels[~mask] = ignore_index
+    return {"input_ids": padded[:, :-1], "labels": labels, "response_mask": mask}
+
+
+def gsm8k_rows(shared, n=300):
+    template = (shared / "fixtures/gsm8k/r1_zero.prompt").read_text()
+    rows = [json.loads(l) for l in (shared / "fixtures/gsm8k/train.jsonl").read_text().splitlines()[:n]]
+    return [template.replace("{question}", r["question"]) for r in rows], [r["answer"] for r in rows]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("options", [{}, {"pad_to_multiple_of": 8, "ignore_index": -100}])
+def test_matches_the_reference_on_gsm8k(shared, qwen2_path, device, options):
+    prompts, outputs = gsm8k_rows(shared)
+    hf = tokenizers.Tokenizer.from_file(qwen2_path)
+    want = reference(prompts, outputs, hf, 151643, **options)
+    got = sft_collate.tokenize_prompt_and_output(
+        prompts,
+        outputs,
+        qwen2_path,
+        device=device,
+        pad_to_multiple_of=options.get("pad_to_multiple_of"),
+        labels="ignore_index" if "ignore_index" in options else "pad",
+    )
+    for name, tensor in want.items():
+        assert got[name].device.type == device
+        assert got[name].dtype == tensor.dtype, name
+        assert torch.equal(got[name].cpu(), tensor), name
+
+
+def test_random_text_and_every_tokenizer_form(qwen2_path):
+    rng = random.Random(7)
+    alphabet = "ab cé東京\n\t 12,345 <|im_start|> 😀"
+    prompts = ["".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 40))) for _ in range(50)]
+    outputs = ["".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 40))) for _ in range(50)]
+    hf = tokenizers.Tokenizer.from_file(qwen2_path)
+    want = reference(prompts, outputs, hf, 151643)
+    for form in (qwen2_path, hf, sft_collate.Tokenizer(qwen2_path)):
+        got = sft_collate.tokenize_prompt_and_output(prompts, outputs, form, pad_id=151643)
+        for name, tensor in want.items():
+            assert torch.equal(got[name], tensor), (type(form), name)
+
+
+def test_transformers_tokenizer_and_its_pad_id(qwen2_path):
+    transformers = pytest.importorskip("transformers")
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_file=qwen2_path, pad_token="<|im_end|>")
+    got = sft_collate.tokenize_prompt_and_output(["a"], ["b c d"], tok)
+    assert got["input_ids"].shape[1] >= 1
+    assert int(got["labels"][0, -1]) != 151645 or got["response_mask"][0, -1]
+
+
+def test_cs336_vectors(fixture_json, qwen2_path):
+    fx = fixture_json("cs336/tokenize_prompt_and_output.json")
+    got = sft_collate.cs336.tokenize_prompt_and_output(fx["prompt_strs"], fx["output_strs"], qwen2_path)
+    assert got["input_ids"].tolist() == fx["input_ids"]
+    assert got["labels"].tolist() == fx["labels"]
+    assert got["response_mask"].tolist() == fx["response_mask"]
+    assert got["input_ids"].dtype == torch.int64 and got["response_mask"].dtype == torch.bool
+
+
+def test_options_and_bad_input():
+    got = sft_collate.tokenize_prompt_and_output(
+        ["a b c d e f"], ["g h"], "o200k_base", max_len=4, truncation="prompt-left", dtype=torch.int32
+    )
+    assert got["input_ids"].shape == (1, 3) and got["input_ids"].dtype == torch.int32
+    with pytest.raises(ValueError, match="exceed max_len 4"):
+        sft_collate.tokenize_prompt_and_output(["a b c d e f"], ["g h"], "o200k_base", max_len=4)
+    with pytest.raises(ValueError, match="2 prompts but 1 outputs"):
+        sft_collate.tokenize_prompt_and_output(["a", "b"], ["c"], "o200k_base")
+    with pytest.raises(ValueError):
+        sft_collate.tokenize_prompt_and_output(["a"], ["b"], "o200k_base", truncation="sideways")
+    with pytest.raises(ValueError):
+        sft_collate.tokenize_prompt_and_output(["a"], ["b"], "no-such-tokenizer")
+    with pytest.raises(ValueError, match="labels="):
+        sft_collate.tokenize_prompt_and_output(["a"], ["b"], "o200k_base", labels="nope")
+    with pytest.raises(TypeError):
+        sft_collate.tokenize_prompt_and_output(["a"], ["b"], 42)
+
+
+def test_conversations_pack_and_buckets():
+    conversations = [
+        [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}],
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+         {"role": "assistant", "content": "Hello."}],
+    ]
+    got = sft_collate.tokenize_conversations(
+        conversations, "o200k_base", message_template="<|{role}|>{content}\n", labels="ignore_index"
+    )
+    assert got["input_ids"].shape[0] == 2
+    assert bool(got["response_mask"].any())
+    assert torch.all(got["labels"][~got["response_mask"]] == -100)
+    packs = sft_collate.pack(["a b c", "d", "e f g h"], ["x", "y z", "w"], "o200k_base", 8)
+    rows = sorted(r for p in packs for r in p["rows"])
+    assert rows == [0, 1, 2]
+    for p in packs:
+        t = p["input_ids"].shape[1]
+        assert p["cu_seqlens"][0] == 0 and p["cu_seqlens"][-1] == t and p["cu_seqlens"].dtype == torch.int32
+        assert p["max_seqlen"] <= 8
+    order = sft_collate.bucket_order([5, 1, 4, 2, 3], window=5, seed=1)
+    assert sorted(order) == [0, 1, 2, 3, 4]
+
+
+def test_numpy_without_torch():
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "import numpy as np, sft_collate\n"
+        "b = sft_collate.tokenize_prompt_and_output(['Hi'], ['there'], 'o200k_base')\n"
+        "assert isinstance(b['input_ids'], np.ndarray) and b['response_mask'].dtype == np.bool_\n"
+        "print(b['input_ids'].shape)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+
+
+@needs_cuda
+def test_cuda_results_stay_on_the_current_stream():
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        got = sft_collate.tokenize_prompt_and_output(["Hello,"] * 8, [" world!"] * 8, "o200k_base", device="cuda")
+    stream.synchronize()
+    want = sft_collate.tokenize_prompt_and_output(["Hello,"] * 8, [" world!"] * 8, "o200k_base")
+    for name in want:
+        assert torch.equal(got[name].cpu(), want[name])
