@@ -23,4 +23,10 @@ for line in sys.stdin:
 cargo test --release --all-features --no-run --message-format=json --test backends --test cuda --test cs336 | copy_executables
 cargo bench --all-features --no-run --message-format=json --bench collate --bench masked_ce --bench tokenize | copy_executables
 strip --strip-debug "$out"/*
-ls -la "$out"
+# The Python package as a wheel (abi3: any CPython 3.9+), for the GPU tests of bindings/python/tests.
+if python3 -m maturin --version >/dev/null 2>&1 || [ -x target/py-venv/bin/maturin ]; then
+    maturin=$( [ -x target/py-venv/bin/maturin ] && echo target/py-venv/bin/maturin || echo "python3 -m maturin" )
+    $maturin build --release --strip --manifest-path bindings/python/Cargo.toml --out "$out/wheel" >/dev/null
+    cp -r bindings/python/tests "$out/python-tests"
+fi
+ls -la "$out" "$out/wheel" 2>/dev/null

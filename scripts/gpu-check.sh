@@ -66,6 +66,16 @@ if command -v compute-sanitizer >/dev/null; then
 else
     summary+=("SKIP  compute-sanitizer (not installed)")
 fi
+# The Python package's tests (its GPU tests run here) from the wheel build-gpu-bins.sh made: installed
+# into a scratch directory beside the machine's own PyTorch.
+if ls "$bin_dir"/wheel/*.whl >/dev/null 2>&1; then
+    py_site="$log_dir/py-site"
+    python3 -m pip install -q --no-deps --no-index --target "$py_site" "$bin_dir"/wheel/*.whl
+    step python-tests env PYTHONPATH="$py_site" python3 -m pytest -q -rs -p no:cacheprovider "$bin_dir/python-tests"
+    if [ -f "${SFT_COLLATE_SHARED:-../shared}/fixtures/gsm8k/train.jsonl" ]; then
+        step python-bench env PYTHONPATH="$py_site" python3 bindings/python/bench/tokenize_gsm8k.py --runs 3 --device cuda
+    fi
+fi
 bench_secs="${GPU_CHECK_BENCH_SECS:-3}"
 step cuda-benches "$bin_dir/collate" --bench cuda_ --warm-up-time 1 --measurement-time "$bench_secs"
 step bench-loss-bf16 "$bin_dir/sft-collate" bench loss --rows 16384 --vocab 151936 --dtype bf16 --masked 0.5
