@@ -22,12 +22,14 @@ FILL_KERNEL(f32, float)
 FILL_KERNEL(f16, f16)
 FILL_KERNEL(bf16, bf16)
 
-// Keep the stream busy for `nanos` nanoseconds (one thread reading the global timer), so that a test can
-// tell whether a call returned before the device got to it, i.e. whether it waited for the device.
-extern "C" __global__ void spin(u64 nanos) {
+// Keep the stream busy for `cycles` clock cycles of one thread's SM (at least cycles / 2 ns at clocks up
+// to 2 GHz), so that a test can tell whether a call returned before the device got to it, i.e. whether
+// it waited for the device. The SM's cycle counter, not %globaltimer, which does not advance under some
+// virtual machines.
+extern "C" __global__ void spin(u64 cycles) {
     u64 start, now;
-    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(start));
+    asm volatile("mov.u64 %0, %%clock64;" : "=l"(start));
     do {
-        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
-    } while (now - start < nanos);
+        asm volatile("mov.u64 %0, %%clock64;" : "=l"(now));
+    } while (now - start < cycles);
 }

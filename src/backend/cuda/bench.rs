@@ -24,9 +24,11 @@ pub fn peak_bandwidth(stream: &Arc<CudaStream>) -> Result<f64> {
     Ok(2.0 * f64::from(clock_khz) * 1e3 * f64::from(bus_bits) / 8.0)
 }
 
-/// Keep `stream` busy for `nanos` nanoseconds: one thread spinning on the device's global timer. For tests
-/// that must tell whether a call waited for the device (it returns before the spin ends if it did not).
+/// Keep `stream` busy for at least `nanos` nanoseconds (at SM clocks up to 2 GHz): one thread spinning
+/// on its SM's cycle counter. For tests that must tell whether a call waited for the device (it returns
+/// before the spin ends if it did not).
 pub fn spin(stream: &Arc<CudaStream>, nanos: u64) -> Result<()> {
+    let cycles = nanos.saturating_mul(2);
     let (module, _) = module::load(
         stream.context(),
         crate::kernels::kernel("fill").expect("embedded"),
@@ -38,7 +40,7 @@ pub fn spin(stream: &Arc<CudaStream>, nanos: u64) -> Result<()> {
         shared_mem_bytes: 0,
     };
     // SAFETY: the kernel reads the timer and touches no memory.
-    unsafe { stream.launch_builder(&spin).arg(&nanos).launch(one) }.map_err(cuda_err)?;
+    unsafe { stream.launch_builder(&spin).arg(&cycles).launch(one) }.map_err(cuda_err)?;
     Ok(())
 }
 
