@@ -14,9 +14,12 @@
 #define COLLATE_BLOCK 256  // threads per block of the collation kernels
 #define COLLATE_VEC 4      // positions each thread writes
 #define CE_BLOCK 256       // threads per block of the cross-entropy kernels
-#define CE_NORM_SUM 0         // normalization: none
-#define CE_NORM_TOKEN_MEAN 1  // normalization: divided by the number of masked rows
-#define CE_NORM_FIXED 2       // normalization: a fixed denominator (CS336's nc · B · gas)
+#define CE_NORM_SUM 0            // normalization: none
+#define CE_NORM_TOKEN_MEAN 1     // normalization: divided by the number of trained rows
+#define CE_NORM_FIXED 2          // normalization: a fixed denominator (CS336's nc · B · gas)
+#define CE_NORM_SEQUENCE_MEAN 3  // normalization: per document, then over documents
+#define CE_ERR_LABEL 1           // error flag bit: a trained row's label outside [0, vocab)
+#define CE_ERR_CU_SEQLENS 2      // error flag bit: cu_seqlens do not rise from 0 to rows
 
 // collate_{i32,i64}: the padded layout, rows × width.
 struct CollateArgs {
@@ -53,44 +56,40 @@ struct CollatePackArgs {
     i32 use_ignore_index;
 };
 
-// masked_ce_{fwd,fwd_bwd}_{f32,f16,bf16}: one block per masked row.
+// Every cross-entropy kernel takes this one struct, in launch order: masked_ce_count (counts, clears the
+// flag), masked_ce_documents (with cu_seqlens), masked_ce_{fwd,fwd_bwd}_{f32,f16,bf16}_{lean,entropy,full}
+// (one block per row), masked_ce_reduce (sums, loss, correct rows). A row is trained when its mask byte is
+// 1 (no mask: every row) and its label is not ignore_index (when use_ignore_index).
 struct CeArgs {
-    const void *logits;      // rows of logits_stride elements, vocab used (f32, f16 or bf16)
-    const void *labels;      // rows labels, i32 or i64 (labels_are_i64)
-    const u8 *mask;          // rows, 0 or 1
-    const float *weights;    // rows, or null
-    const u32 *count;        // the number of masked rows (masked_ce_count)
-    const float *upstream_ptr;  // d final loss / d this loss on the device, or null: `upstream` below
-    float *row_loss;         // rows: w · (-log_prob)
-    float *log_probs;        // rows, or null
-    float *entropy;          // rows, or null
-    float *lse;              // rows, or null
-    void *grad;              // rows of grad_stride elements, or null; may alias logits (in place)
-    u32 *error_flag;         // set when a masked row has a label outside [0, vocab)
+    const void *logits;        // rows of logits_stride elements, vocab used (f32, f16 or bf16)
+    const void *labels;        // rows labels, i32 or i64 (labels_are_i64)
+    const u8 *mask;            // rows, 0 or 1, or null: every row
+    const float *weights;      // rows, or null
+    const i32 *cu_seqlens;     // documents + 1 row boundaries, or null: the batch is one document
+    const float *upstream_ptr; // d final loss / d this loss on the device, or null: `upstream` below
+    u32 *doc_trained;          // documents: each one's trained rows (with cu_seqlens)
+    u32 *count;                // [trained rows, correct rows, documents with trained rows]
+    float *row_loss;           // rows: w · (ce + z)
+    float *row_z;              // rows: w · s · lse², or null
+    float *log_probs;          // rows, or null
+    float *entropy;            // rows, or null
+    float *lse;                // rows, or null
+    i32 *argmax;               // rows, or null (the full kernels only)
+    void *grad;                // rows of grad_stride elements, or null; may alias logits (in place)
+    float *scalars;            // [sum, loss, z_sum]
+    u32 *error_flag;           // CE_ERR_* bits
     u64 rows;
     u64 vocab;
     u64 logits_stride;
     u64 grad_stride;
-    float norm_fixed;        // the denominator of CE_NORM_FIXED
-    float upstream;          // d final loss / d this loss
+    u64 documents;             // cu_seqlens has documents + 1 entries
+    i64 ignore_index;
+    float norm_fixed;          // the denominator of CE_NORM_FIXED
+    float upstream;            // d final loss / d this loss
+    float z_loss;              // s of + s · lse² (0: none)
+    float label_smoothing;     // ε (the full kernels only)
+    float softcap;             // C of C · tanh(x / C), 0: none (the full kernels only)
     i32 labels_are_i64;
-    i32 norm_mode;           // CE_NORM_*
-};
-
-// masked_ce_count: the number of masked rows, deterministically; also clears the error flag.
-struct CeCountArgs {
-    const u8 *mask;
-    u32 *count;
-    u32 *error_flag;
-    u64 rows;
-};
-
-// masked_ce_reduce: Σ row_loss in f64 in a fixed order; out[0] = sum, out[1] = the normalized loss.
-struct CeReduceArgs {
-    const float *row_loss;
-    const u32 *count;
-    float *out;
-    u64 rows;
-    float norm_fixed;
-    i32 norm_mode;
+    i32 norm_mode;             // CE_NORM_*
+    i32 use_ignore_index;
 };

@@ -53,6 +53,32 @@ __device__ __forceinline__ float bits_to_float(u32 b) { return __uint_as_float(b
 
 __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(bf16 x) { return bits_to_float((u32)x.bits << 16); }
+
+// Round to nearest, ties to even, once (as the `half` crate does), NaN kept quiet.
+__device__ __forceinline__ void store_float(float v, float *out) { *out = v; }
+__device__ __forceinline__ void store_float(float v, bf16 *out) {
+    const u32 x = __float_as_uint(v);
+    if ((x & 0x7fffffffu) > 0x7f800000u) {
+        out->bits = (unsigned short)((x >> 16) | 0x40u);
+        return;
+    }
+    out->bits = (unsigned short)((x + 0x7fffu + ((x >> 16) & 1u)) >> 16);
+}
+
+#ifndef SFT_EMULATION
+// On the GPU one conversion instruction each way (exact widening; round to nearest even, as below).
+__device__ __forceinline__ float to_float(f16 x) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(x.bits));
+    return f;
+}
+__device__ __forceinline__ void store_float(float v, f16 *out) {
+    unsigned short h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
+    out->bits = h;
+}
+#else
+// The same conversions by bits, for the emulator (and the reference of what the instructions do).
 __device__ __forceinline__ float to_float(f16 x) {
     const u32 h = x.bits;
     const u32 sign = (h & 0x8000u) << 16;
@@ -68,15 +94,6 @@ __device__ __forceinline__ float to_float(f16 x) {
 }
 
 // Round to nearest, ties to even, once (as the `half` crate does), NaN kept quiet.
-__device__ __forceinline__ void store_float(float v, float *out) { *out = v; }
-__device__ __forceinline__ void store_float(float v, bf16 *out) {
-    const u32 x = __float_as_uint(v);
-    if ((x & 0x7fffffffu) > 0x7f800000u) {
-        out->bits = (unsigned short)((x >> 16) | 0x40u);
-        return;
-    }
-    out->bits = (unsigned short)((x + 0x7fffu + ((x >> 16) & 1u)) >> 16);
-}
 __device__ __forceinline__ void store_float(float v, f16 *out) {
     const u32 x = __float_as_uint(v);
     const u32 sign = (x >> 16) & 0x8000u;
@@ -96,6 +113,7 @@ __device__ __forceinline__ void store_float(float v, f16 *out) {
     }
     out->bits = (unsigned short)(sign | h);
 }
+#endif
 
 // ---- Block reductions. `scratch` is __shared__ memory of at least 32 elements; every thread of the block
 // must call, and every thread gets the result.

@@ -1,63 +1,139 @@
-// Fused masked cross-entropy: loss, per-token log-probs, entropy, logsumexp and (optionally) the gradient
-// over the response rows only, one thread block per row. Must agree with src/cpu/loss.rs.
+// Fused masked cross-entropy: loss, per-token log-probs, entropy, logsumexp, argmax and (optionally) the
+// gradient over the trained rows only, one thread block per row, with PyTorch's ignore_index, z-loss,
+// label smoothing and Gemma's logit softcap. Must agree with src/backend/cpu/loss.rs (the f64 oracle).
 //
-// Non-finite logits follow PyTorch (and src/backend/cpu/loss.rs): a NaN poisons the row's outputs and
-// gradient; a row of -inf has lse -inf and NaN elsewhere; a +inf gives lse +inf, log-prob -inf (NaN for a
-// +inf label), entropy NaN, gradient NaN at +inf entries.
+// Non-finite logits follow PyTorch (and the oracle): a NaN poisons the row's outputs and gradient; a row
+// of -inf has lse -inf and NaN elsewhere; a +inf gives lse +inf, log-prob -inf (NaN for a +inf label),
+// entropy NaN, gradient NaN at +inf entries.
 //
-// Forward reads each masked row once, keeping an online (max m, Σ e^(x-m), Σ e^(x-m)(m-x)) triple per
+// Forward reads each trained row once, keeping an online (max m, Σ e^(x-m), Σ e^(x-m)(m-x)) triple per
 // thread, merged across the block; from it:
 //   log Σ e^x = m + log s,  log p(label) = (x_label - m) - log s,  entropy = log s + u / s.
 // Both entropy terms are non-negative (m - x >= 0), so a peaked row loses no precision to cancellation.
+// Three variants per dtype keep work not asked for out of the loop: `lean` (no entropy accumulator),
+// `entropy`, and `full` (entropy, argmax of the raw logits, Σ (m - x) for label smoothing, the softcap).
 // Forward+backward reads the row a second time (from L2 when it is still there) and writes the gradient
-// once: scale · w · (softmax(x) - onehot(label)), in f32, rounded once to the logits' dtype.
-// Unmasked rows are never read: their outputs are 0, their gradient rows zeros.
+// once, in f32, rounded once to the logits' dtype:
+//   scale · w · [(1 + 2s·lse)·p_i - (1 - ε)·1[i = label] - ε / V] · dx'_i/dx_i.
+// Rows not trained are never read: their outputs are 0 (argmax -1), their gradient rows zeros.
 #include "abi.cuh"
 
 // 16-byte loads each thread keeps in flight in the forward pass.
 #define CE_LOADS 4
 
+// Feature bits of a kernel variant.
+#define CE_ENTROPY 1  // the entropy accumulator u
+#define CE_EXTRAS 2   // argmax, Σ (m - x) for label smoothing, the softcap
+
+#define CE_NO_ARG 0x7fffffff
+
 // Running softmax statistics of a set of logits relative to their max m. `r` is Σ e^(x - m) without the
 // max's own term 1, so that log(1 + r) keeps full precision when one logit dominates (a peaked row's
-// entropy of 1e-9 is then exact to f32 precision, not lost in the rounding of 1 + r).
+// entropy of 1e-9 is then exact to f32 precision, not lost in the rounding of 1 + r). The other fields are
+// kept only by the variants that need them (the compiler drops the rest).
 struct Online {
-    float m;  // max so far; -inf while empty
-    float r;  // Σ e^(x - m) - 1
-    float u;  // Σ e^(x - m) (m - x)
+    float m;   // max so far; -inf while empty
+    float r;   // Σ e^(x - m) - 1
+    float u;   // Σ e^(x - m) (m - x)                        (CE_ENTROPY)
+    float d;   // Σ (m - x) over the entries that are not -inf (CE_EXTRAS)
+    u32 n;     // how many entries d holds                     (CE_EXTRAS)
+    u32 ninf;  // 1 when some entry is -inf                    (CE_EXTRAS)
+    float am;  // max of the raw logits (before the softcap)   (CE_EXTRAS)
+    i32 arg;   // index of its first occurrence, CE_NO_ARG while none
 };
 
 #define CE_NEG_INF (-__int_as_float(0x7f800000))
+#define CE_POS_INF (__int_as_float(0x7f800000))
 
-__device__ __forceinline__ Online online_empty() { return Online{CE_NEG_INF, 0.0f, 0.0f}; }
+__device__ __forceinline__ Online online_empty() {
+    return Online{CE_NEG_INF, 0.0f, 0.0f, 0.0f, 0u, 0u, CE_NEG_INF, CE_NO_ARG};
+}
+
+// Σ (m - x) relative to a new max `m` (>= a.m): each of the n entries moves by m - a.m.
+template <int F>
+__device__ __forceinline__ void rebase_sum(Online &a, float m) {
+    if ((F & CE_EXTRAS) && a.n > 0) a.d += (float)a.n * (m - a.m);
+}
 
 // Make `m` the running max (m >= a.m), rescaling what is there.
+template <int F>
 __device__ __forceinline__ void online_rebase(Online &a, float m) {
     if (a.m == CE_NEG_INF) {
-        a = Online{m, 0.0f, 0.0f};  // the new max's own term is the implicit 1
+        a.m = m;  // the new max's own term is the implicit 1
+        a.r = 0.0f;
+        a.u = 0.0f;
         return;
     }
     if (m > a.m) {
         const float c = expf(a.m - m);
         const float s = 1.0f + a.r;
-        a.u = c * (a.u + (m - a.m) * s);
+        if (F & CE_ENTROPY) a.u = c * (a.u + (m - a.m) * s);
+        rebase_sum<F>(a, m);
         a.r = s * c;  // the old terms; the new max's own 1 is implicit again
         a.m = m;
     }
 }
 
+// The raw logits' first maximum: `x` at index `i`, seen after every lower index of this thread.
+__device__ __forceinline__ void argmax_add(Online &a, float x, i32 i) {
+    // Strictly greater: the first of equal maxima stays. A row of -inf only still gets its first index;
+    // a NaN is never taken (the row is poisoned, its argmax -1).
+    if (x > a.am || (a.arg == CE_NO_ARG && x == a.am)) {
+        a.am = x;
+        a.arg = i;
+    }
+}
+
+// Σ (m - x) of one entry (after the max is updated): -inf entries are only flagged (their term is +inf).
+template <int F>
+__device__ __forceinline__ void sum_add(Online &a, float x) {
+    if (F & CE_EXTRAS) {
+        const bool finite = x != CE_NEG_INF;
+        a.d += finite ? a.m - x : 0.0f;
+        a.n += finite ? 1u : 0u;
+        a.ninf |= finite ? 0u : 1u;
+    }
+}
+
+// The same for a chunk, summed on its own first (shorter running sums round less).
+template <int F, int N>
+__device__ __forceinline__ void sum_add_chunk(Online &a, const float (&v)[N]) {
+    if (F & CE_EXTRAS) {
+        float d = 0.0f;
+        u32 n = 0, ninf = 0;
+#pragma unroll
+        for (int k = 0; k < N; ++k) {
+            const bool finite = v[k] != CE_NEG_INF;
+            d += finite ? a.m - v[k] : 0.0f;
+            n += finite ? 1u : 0u;
+            ninf |= finite ? 0u : 1u;
+        }
+        a.d += d;
+        a.n += n;
+        a.ninf |= ninf;
+    }
+}
+
+// One entry, the careful way (the scalar tail).
+template <int F>
 __device__ __forceinline__ void online_add(Online &a, float x) {
-    if (x == CE_NEG_INF) return;  // probability 0, contributes nothing
+    if (x == CE_NEG_INF) {
+        sum_add<F>(a, x);
+        return;  // probability 0, contributes nothing else
+    }
     if (a.m == CE_NEG_INF || x > a.m) {
-        online_rebase(a, x);  // a NaN first element makes m NaN: the row is poisoned, as it must be
+        online_rebase<F>(a, x);  // a NaN first element makes m NaN: the row is poisoned, as it must be
+        sum_add<F>(a, x);
         return;
     }
+    sum_add<F>(a, x);
     if (x == a.m) {  // a tie, counted exactly (also when both are +inf, where x - m would be NaN)
         a.r += 1.0f;
         return;
     }
     const float e = expf(x - a.m);  // NaN for a NaN x: r and u become NaN
     a.r += e;
-    a.u += e * (a.m - x);
+    if (F & CE_ENTROPY) a.u += e * (a.m - x);
 }
 
 #define CE_LOG2E 1.4426950408889634f
@@ -70,9 +146,9 @@ __device__ __forceinline__ float exp_nonpositive(float t) { return ex2_approx(t 
 // Add N values at once, without a data-dependent branch over the elements: a warp whose threads raise
 // their running max at different chunks (most chunks early in a row, for some thread of 32) would
 // otherwise run a careful per-element path and the cheap one both. Per element: a subtraction, a clamp,
-// one ex2, a tie test and two adds. The new max's own term stays implicit: elements equal to the max are
-// counted (exactly) instead of summed, so a tiny r is never added to 1.
-template <int N>
+// one ex2, a tie test and two adds (one without the entropy). The new max's own term stays implicit:
+// elements equal to the max are counted (exactly) instead of summed, so a tiny r is never added to 1.
+template <int F, int N>
 __device__ __forceinline__ void online_add_chunk(Online &a, const float (&v)[N]) {
     float chunk_max = v[0];
 #pragma unroll
@@ -88,12 +164,20 @@ __device__ __forceinline__ void online_add_chunk(Online &a, const float (&v)[N])
         } else {
             const float c = exp_nonpositive(a.m - m);
             const float s = 1.0f + a.r;
-            a.u = c * (a.u + (m - a.m) * s);
+            if (F & CE_ENTROPY) a.u = c * (a.u + (m - a.m) * s);
+            rebase_sum<F>(a, m);
             a.r = c * s;  // the old max's term is explicit now
         }
         a.m = m;
     }
-    if (a.m == CE_NEG_INF) return;  // all -inf (or NaN) so far
+    if (a.m == CE_NEG_INF) {  // all -inf so far, or -inf beside NaN (which fmaxf dropped)
+        bool nan_seen = false;
+#pragma unroll
+        for (int k = 0; k < N; ++k) nan_seen |= v[k] != v[k];
+        sum_add_chunk<F, N>(a, v);
+        if (nan_seen) a.m = __int_as_float(0x7fc00000);  // poisons every later merge and output
+        return;
+    }
     int ties = 0;
 #pragma unroll
     for (int k = 0; k < N; ++k) {
@@ -105,14 +189,29 @@ __device__ __forceinline__ void online_add_chunk(Online &a, const float (&v)[N])
         const bool tie = v[k] == a.m;
         ties += tie;
         a.r += tie ? 0.0f : e;
-        a.u = fmaf(e, fminf(-t, 1e30f), a.u);
+        if (F & CE_ENTROPY) a.u = fmaf(e, fminf(-t, 1e30f), a.u);
     }
+    sum_add_chunk<F, N>(a, v);
     // Each element equal to the max is a term of exactly 1, less the implicit one of a new max.
     a.r += (float)(ties - (raised ? 1 : 0));
 }
 
+template <int F>
 __device__ __forceinline__ Online online_merge(Online a, Online b) {
-    if (a.m == CE_NEG_INF) return b;
+    if (F & CE_EXTRAS) {
+        // The first maximum of the raw logits: the larger, or on a tie the lower index.
+        const bool take = b.am > a.am || (b.am == a.am && b.arg < a.arg);
+        const float am = take ? b.am : a.am;
+        const i32 arg = take ? b.arg : a.arg;
+        a.am = b.am = am;
+        a.arg = b.arg = arg;
+        a.ninf |= b.ninf;
+        b.ninf = a.ninf;
+    }
+    if (a.m == CE_NEG_INF) {
+        if (F & CE_EXTRAS) b.n += a.n;  // a holds -inf entries only (n = 0) or nothing
+        return b;
+    }
     if (b.m == CE_NEG_INF) return a;
     if (b.m > a.m) {
         const Online t = a;
@@ -123,25 +222,46 @@ __device__ __forceinline__ Online online_merge(Online a, Online b) {
     // for equal maxima, also two +inf ones).
     const float c = b.m == a.m ? 1.0f : expf(b.m - a.m);
     const float sb = 1.0f + b.r;
-    return Online{a.m, a.r + c * sb, a.u + c * (b.u + (a.m - b.m) * sb)};
+    Online out = a;
+    out.r = a.r + c * sb;
+    if (F & CE_ENTROPY) out.u = a.u + c * (b.u + (a.m - b.m) * sb);
+    if (F & CE_EXTRAS) {
+        rebase_sum<F>(b, a.m);
+        out.d = a.d + b.d;
+        out.n = a.n + b.n;
+    }
+    return out;
 }
 
+template <int F>
 __device__ __forceinline__ Online online_shfl_xor(Online a, int offset) {
-    return Online{__shfl_xor_sync(0xffffffffu, a.m, offset), __shfl_xor_sync(0xffffffffu, a.r, offset),
-                  __shfl_xor_sync(0xffffffffu, a.u, offset)};
+    Online b = a;
+    b.m = __shfl_xor_sync(0xffffffffu, a.m, offset);
+    b.r = __shfl_xor_sync(0xffffffffu, a.r, offset);
+    if (F & CE_ENTROPY) b.u = __shfl_xor_sync(0xffffffffu, a.u, offset);
+    if (F & CE_EXTRAS) {
+        b.d = __shfl_xor_sync(0xffffffffu, a.d, offset);
+        b.n = __shfl_xor_sync(0xffffffffu, a.n, offset);
+        b.ninf = __shfl_xor_sync(0xffffffffu, a.ninf, offset);
+        b.am = __shfl_xor_sync(0xffffffffu, a.am, offset);
+        b.arg = __shfl_xor_sync(0xffffffffu, a.arg, offset);
+    }
+    return b;
 }
 
 // The block's combined statistics, in every thread. `scratch` holds one Online per warp.
+template <int F>
 __device__ __forceinline__ Online online_block_reduce(Online a, Online *scratch) {
     const unsigned lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     const unsigned warps = (blockDim.x + 31) / 32;
 #pragma unroll
-    for (int offset = 16; offset > 0; offset /= 2) a = online_merge(a, online_shfl_xor(a, offset));
+    for (int offset = 16; offset > 0; offset /= 2) a = online_merge<F>(a, online_shfl_xor<F>(a, offset));
     if (lane == 0) scratch[warp] = a;
     __syncthreads();
     Online total = lane < warps ? scratch[lane] : online_empty();
 #pragma unroll
-    for (int offset = 16; offset > 0; offset /= 2) total = online_merge(total, online_shfl_xor(total, offset));
+    for (int offset = 16; offset > 0; offset /= 2)
+        total = online_merge<F>(total, online_shfl_xor<F>(total, offset));
     __syncthreads();
     return total;
 }
@@ -170,10 +290,31 @@ __device__ __forceinline__ void unpack<bf16, 8>(const Vector<bf16, 8> *src, floa
     }
 }
 
+// Gemma's logit softcap C·tanh(x / C) (`cap` > 0; 0: none), and its derivative 1 - tanh².
+__device__ __forceinline__ float softcapped(float x, float cap, float inv_cap) {
+    return cap > 0.0f ? cap * tanhf(x * inv_cap) : x;
+}
+
+// A chunk of raw logits at indices base..base+N: the argmax first (on the raw values), then the softcap,
+// then the statistics.
+template <int F, int N>
+__device__ __forceinline__ void add_chunk(Online &a, float (&v)[N], u64 base, float cap, float inv_cap) {
+    if (F & CE_EXTRAS) {
+#pragma unroll
+        for (int k = 0; k < N; ++k) argmax_add(a, v[k], (i32)(base + k));
+        if (cap > 0.0f) {
+#pragma unroll
+            for (int k = 0; k < N; ++k) v[k] = cap * tanhf(v[k] * inv_cap);
+        }
+    }
+    online_add_chunk<F, N>(a, v);
+}
+
 // This thread's share of the row's statistics: 16-byte loads where the row is aligned, then the tail.
-template <typename T>
-__device__ __forceinline__ Online row_statistics(const T *x, u64 vocab) {
+template <typename T, int F>
+__device__ __forceinline__ Online row_statistics(const T *x, u64 vocab, float cap) {
     constexpr int N = Vec16<T>::N;
+    const float inv_cap = cap > 0.0f ? 1.0f / cap : 0.0f;
     Online local = online_empty();
     u64 tail = 0;
     if (is_vector_aligned<T, N>(x)) {
@@ -188,22 +329,29 @@ __device__ __forceinline__ Online row_statistics(const T *x, u64 vocab) {
 #pragma unroll
             for (int l = 0; l < CE_LOADS; ++l) unpack<T, N>(xv + v + l * stride, values[l]);
 #pragma unroll
-            for (int l = 0; l < CE_LOADS; ++l) online_add_chunk<N>(local, values[l]);
+            for (int l = 0; l < CE_LOADS; ++l) add_chunk<F, N>(local, values[l], (v + l * stride) * N, cap, inv_cap);
         }
         for (; v < vectors; v += stride) {
             float values[N];
             unpack<T, N>(xv + v, values);
-            online_add_chunk<N>(local, values);
+            add_chunk<F, N>(local, values, v * N, cap, inv_cap);
         }
         tail = vectors * N;
     }
-    for (u64 i = tail + threadIdx.x; i < vocab; i += blockDim.x) online_add(local, to_float(x[i]));
+    for (u64 i = tail + threadIdx.x; i < vocab; i += blockDim.x) {
+        float value = to_float(x[i]);
+        if (F & CE_EXTRAS) {
+            argmax_add(local, value, (i32)i);
+            value = softcapped(value, cap, inv_cap);
+        }
+        online_add<F>(local, value);
+    }
     return local;
 }
 
 // Write `value(i)` for every i in [0, vocab) of row g, 16-byte stores where aligned.
-template <typename T, typename F>
-__device__ __forceinline__ void write_row(T *g, u64 vocab, F value) {
+template <typename T, typename Fn>
+__device__ __forceinline__ void write_row(T *g, u64 vocab, Fn value) {
     constexpr int N = Vec16<T>::N;
     u64 tail = 0;
     if (is_vector_aligned<T, N>(g)) {
@@ -221,8 +369,8 @@ __device__ __forceinline__ void write_row(T *g, u64 vocab, F value) {
 
 // g[i] = f(i, x[i]) for the whole row, 16-byte loads and stores where both rows are aligned. Each element
 // is read and written by the same thread, so g may be x (in place).
-template <typename T, typename F>
-__device__ __forceinline__ void transform_row(const T *x, T *g, u64 vocab, F f) {
+template <typename T, typename Fn>
+__device__ __forceinline__ void transform_row(const T *x, T *g, u64 vocab, Fn f) {
     constexpr int N = Vec16<T>::N;
     u64 tail = 0;
     if (is_vector_aligned<T, N>(x) && is_vector_aligned<T, N>(g)) {
@@ -239,124 +387,232 @@ __device__ __forceinline__ void transform_row(const T *x, T *g, u64 vocab, F f) 
     for (u64 i = tail + threadIdx.x; i < vocab; i += blockDim.x) store_float(f(i, to_float(x[i])), &g[i]);
 }
 
-// How the summed loss is normalized: CE_NORM_* (abi.cuh), from src/loss `Normalization`.
-__device__ __forceinline__ float ce_denominator(i32 mode, float fixed, u32 count) {
-    if (mode == CE_NORM_TOKEN_MEAN) return (float)count;
-    if (mode == CE_NORM_FIXED) return fixed;
+// The label of a row, and whether the row is trained (its mask byte set, or no mask; its label not the
+// ignore index).
+__device__ __forceinline__ i64 ce_label(const CeArgs &a, u64 row) {
+    return a.labels_are_i64 ? ((const i64 *)a.labels)[row] : (i64)((const i32 *)a.labels)[row];
+}
+__device__ __forceinline__ bool ce_trained(const CeArgs &a, u64 row, i64 label) {
+    return (a.mask == nullptr || a.mask[row] != 0) && !(a.use_ignore_index && label == a.ignore_index);
+}
+
+// How the summed loss is normalized: CE_NORM_* (abi.cuh), from src/loss `Normalization`. `count` is
+// [trained rows, correct rows, documents with trained rows].
+__device__ __forceinline__ float ce_denominator(const CeArgs &a) {
+    if (a.norm_mode == CE_NORM_TOKEN_MEAN) return (float)a.count[0];
+    if (a.norm_mode == CE_NORM_SEQUENCE_MEAN) return (float)a.count[2];
+    if (a.norm_mode == CE_NORM_FIXED) return a.norm_fixed;
     return 1.0f;
 }
 
+// The document of `row`: the d with cu[d] <= row < cu[d + 1], by bisection over documents + 1 boundaries
+// (always in [0, documents), whatever the boundaries hold: masked_ce_documents reports bad ones).
+__device__ __forceinline__ u64 ce_document(const i32 *__restrict__ cu, u64 documents, u64 row) {
+    u64 lo = 0, hi = documents;
+    while (hi - lo > 1) {
+        const u64 mid = lo + (hi - lo) / 2;
+        if ((i64)cu[mid] <= (i64)row) {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    return lo;
+}
+
 // `grad` may alias `logits` (in-place backward), so neither is __restrict__.
-template <typename T, bool BACKWARD>
-__device__ __forceinline__ void masked_ce_impl(const T *logits, u64 rows, u64 vocab, u64 logits_stride,
-                                               const void *__restrict__ labels, i32 labels_are_i64,
-                                               const u8 *__restrict__ mask, const float *__restrict__ weights,
-                                               const u32 *__restrict__ count, i32 norm_mode, float norm_fixed,
-                                               float upstream, const float *__restrict__ upstream_ptr,
-                                               float *__restrict__ row_loss,
-                                               float *__restrict__ log_probs, float *__restrict__ entropy,
-                                               float *__restrict__ lse, T *grad, u64 grad_stride,
-                                               u32 *__restrict__ error_flag) {
+template <typename T, bool BACKWARD, int F>
+__device__ __forceinline__ void masked_ce_impl(const CeArgs &a) {
     __shared__ Online scratch[32];
+    const T *logits = (const T *)a.logits;
+    T *grad = (T *)a.grad;
+    const u64 vocab = a.vocab;
     const float nan = __int_as_float(0x7fc00000);
+    const float s = a.z_loss;
+    const float eps = (F & CE_EXTRAS) ? a.label_smoothing : 0.0f;
+    const float cap = (F & CE_EXTRAS) ? a.softcap : 0.0f;
     float scale_base = 0.0f;
     if (BACKWARD) {
-        const float denominator = ce_denominator(norm_mode, norm_fixed, *count);
+        const float denominator = ce_denominator(a);
         // The upstream gradient from the device when given (a framework's grad_output): no host read.
-        const float up = upstream_ptr != nullptr ? *upstream_ptr : upstream;
+        const float up = a.upstream_ptr != nullptr ? *a.upstream_ptr : a.upstream;
         scale_base = denominator > 0.0f ? up / denominator : 0.0f;
     }
-    for (u64 row = blockIdx.x; row < rows; row += gridDim.x) {
-        const T *x = logits + row * logits_stride;
-        const i64 label = labels_are_i64 ? ((const i64 *)labels)[row] : (i64)((const i32 *)labels)[row];
-        const bool masked = mask[row] != 0;
+    for (u64 row = blockIdx.x; row < a.rows; row += gridDim.x) {
+        const T *x = logits + row * a.logits_stride;
+        const i64 label = ce_label(a, row);
+        const bool trained = ce_trained(a, row, label);
         const bool label_ok = label >= 0 && (u64)label < vocab;
-        if (!masked || !label_ok) {
-            // Not read. A bad label on a masked row is reported through the flag, never dereferenced.
+        if (!trained || !label_ok) {
+            // Not read. A bad label on a trained row is reported through the flag, never dereferenced.
             // A bad label's row is NaN everywhere, so the loss shows it even to a caller who never reads
             // the flag (which would synchronize).
-            const float fill = masked ? nan : 0.0f;
+            const float fill = trained ? nan : 0.0f;
             if (threadIdx.x == 0) {
-                if (masked) atomicOr(error_flag, 1u);
-                row_loss[row] = fill;
-                if (log_probs) log_probs[row] = fill;
-                if (entropy) entropy[row] = fill;
-                if (lse) lse[row] = fill;
+                if (trained) atomicOr(a.error_flag, (u32)CE_ERR_LABEL);
+                a.row_loss[row] = fill;
+                if (a.row_z) a.row_z[row] = fill;
+                if (a.log_probs) a.log_probs[row] = fill;
+                if (a.entropy) a.entropy[row] = fill;
+                if (a.lse) a.lse[row] = fill;
+                if ((F & CE_EXTRAS) && a.argmax) a.argmax[row] = -1;
             }
-            if (BACKWARD) write_row(grad + row * grad_stride, vocab, [&](u64) { return fill; });
+            if (BACKWARD) write_row(grad + row * a.grad_stride, vocab, [&](u64) { return fill; });
             continue;
         }
         // Read before any thread can overwrite the row in place.
-        const float x_label = to_float(x[label]);
-        const Online total = online_block_reduce(row_statistics(x, vocab), scratch);
+        const float x_label_raw = to_float(x[label]);
+        const float inv_cap = cap > 0.0f ? 1.0f / cap : 0.0f;
+        const float x_label = softcapped(x_label_raw, cap, inv_cap);
+        const Online total = online_block_reduce<F>(row_statistics<T, F>(x, vocab, cap), scratch);
         const float log_s = log1pf(total.r);
         const float log_prob = (x_label - total.m) - log_s;
-        const float w = weights ? weights[row] : 1.0f;
+        const float lse = total.m + log_s;
+        // The row's weight; under per-sequence means divided by its document's trained rows.
+        float w = a.weights ? a.weights[row] : 1.0f;
+        if (a.norm_mode == CE_NORM_SEQUENCE_MEAN) {
+            const float in_document =
+                a.cu_seqlens ? (float)a.doc_trained[ce_document(a.cu_seqlens, a.documents, row)]
+                             : (float)a.count[0];
+            w = w / in_document;
+        }
+        float ce = -log_prob;
+        if ((F & CE_EXTRAS) && eps > 0.0f) {
+            // mean_j(-log p_j) = lse - mean(x) = log s + mean(m - x); a -inf entry makes it +inf.
+            const float smooth = log_s + (total.ninf ? CE_POS_INF : total.d / (float)vocab);
+            ce = (1.0f - eps) * ce + eps * smooth;
+        }
+        const float z = s != 0.0f ? s * lse * lse : 0.0f;
         if (threadIdx.x == 0) {
-            row_loss[row] = -w * log_prob;
-            if (log_probs) log_probs[row] = log_prob;
+            a.row_loss[row] = w * (ce + z);
+            if (a.row_z) a.row_z[row] = w * z;
+            if (a.log_probs) a.log_probs[row] = log_prob;
             // A row of -inf only has no distribution: NaN (its lse stays -inf, its log-prob is NaN).
-            if (entropy) entropy[row] = total.m == CE_NEG_INF ? nan : log_s + total.u / (1.0f + total.r);
-            if (lse) lse[row] = total.m + log_s;
+            if ((F & CE_ENTROPY) && a.entropy)
+                a.entropy[row] = total.m == CE_NEG_INF ? nan : log_s + total.u / (1.0f + total.r);
+            if (a.lse) a.lse[row] = lse;
+            if ((F & CE_EXTRAS) && a.argmax) {
+                const bool poisoned = total.r != total.r || total.m != total.m;
+                a.argmax[row] = poisoned ? -1 : (total.arg == CE_NO_ARG ? 0 : total.arg);
+            }
         }
         if (BACKWARD) {
             const float scale = scale_base * w;
             // p_i = e^((x_i - m) - log s): x_i - m first, so no f32 rounding of a large m + log s creeps in.
             // At the label, p - 1 = -(r - expm1(x_label - m)) / (1 + r): two non-negative terms instead of
             // 1 - p, which would cancel when the label holds nearly all the mass.
-            const float label_term = -(total.r - expm1f(x_label - total.m)) / (1.0f + total.r);
-            transform_row(x, grad + row * grad_stride, vocab, [&](u64 i, float v) {
-                return scale * (i == (u64)label ? label_term : exp_nonpositive((v - total.m) - log_s));
+            // With smoothing the label's term is (1 + 2s·lse)·p - (1 - ε) - ε/V: summed from p - 1 where p
+            // is large (no cancellation in p - 1), from p itself where it is small (1 - ε may be tiny, and
+            // p - 1 + ε would lose p to the rounding of 1).
+            const float zf = s != 0.0f ? 1.0f + 2.0f * s * lse : 1.0f;
+            const float eps_v = eps > 0.0f ? eps / (float)vocab : 0.0f;
+            const float p_label = exp_nonpositive((x_label - total.m) - log_s);
+            float label_term;
+            if (p_label >= 0.5f) {
+                label_term = -(total.r - expm1f(x_label - total.m)) / (1.0f + total.r);
+                if (s != 0.0f) label_term += 2.0f * s * lse * p_label;
+                if (eps > 0.0f) label_term += eps - eps_v;
+            } else {
+                label_term = zf * p_label - (1.0f - eps) - eps_v;
+            }
+            transform_row(x, grad + row * a.grad_stride, vocab, [&](u64 i, float v) {
+                float xc = v, dcap = 1.0f;
+                if ((F & CE_EXTRAS) && cap > 0.0f) {
+                    const float u = v * inv_cap;
+                    xc = cap * tanhf(u);
+                    // 1 - tanh² u = 4e / (1 + e)² with e = e^(-2|u|): no cancellation where tanh u nears 1.
+                    const float e = exp_nonpositive(-2.0f * fabsf(u));
+                    dcap = 4.0f * e / ((1.0f + e) * (1.0f + e));
+                }
+                float g = i == (u64)label ? label_term : zf * exp_nonpositive((xc - total.m) - log_s) - eps_v;
+                if (F & CE_EXTRAS) g *= dcap;
+                return scale * g;
             });
         }
     }
 }
 
-// The struct's fields as the implementation's parameters (the struct itself is never addressed).
-#define CE_FIELDS(T)                                                                                \
-    (const T *)a.logits, a.rows, a.vocab, a.logits_stride, a.labels, a.labels_are_i64, a.mask,     \
-        a.weights, a.count, a.norm_mode, a.norm_fixed, a.upstream, a.upstream_ptr, a.row_loss,     \
-        a.log_probs,                                                                               \
-        a.entropy, a.lse, (T *)a.grad, a.grad_stride, a.error_flag
-
-#define CE_KERNELS(suffix, T)                                                                       \
-    extern "C" __global__ void __launch_bounds__(CE_BLOCK) masked_ce_fwd_##suffix(const CeArgs a) { \
-        masked_ce_impl<T, false>(CE_FIELDS(T));                                                     \
-    }                                                                                               \
-    extern "C" __global__ void __launch_bounds__(CE_BLOCK)                                          \
-        masked_ce_fwd_bwd_##suffix(const CeArgs a) {                                                \
-        masked_ce_impl<T, true>(CE_FIELDS(T));                                                      \
+#define CE_KERNEL(op, suffix, variant, T, BACKWARD, F)                                         \
+    extern "C" __global__ void __launch_bounds__(CE_BLOCK)                                     \
+        masked_ce_##op##_##suffix##_##variant(const CeArgs a) {                                \
+        masked_ce_impl<T, BACKWARD, F>(a);                                                     \
     }
+
+#define CE_KERNELS(suffix, T)                                                                  \
+    CE_KERNEL(fwd, suffix, lean, T, false, 0)                                                  \
+    CE_KERNEL(fwd, suffix, entropy, T, false, CE_ENTROPY)                                      \
+    CE_KERNEL(fwd, suffix, full, T, false, CE_ENTROPY | CE_EXTRAS)                             \
+    CE_KERNEL(fwd_bwd, suffix, lean, T, true, 0)                                               \
+    CE_KERNEL(fwd_bwd, suffix, entropy, T, true, CE_ENTROPY)                                   \
+    CE_KERNEL(fwd_bwd, suffix, full, T, true, CE_ENTROPY | CE_EXTRAS)
 
 CE_KERNELS(f32, float)
 CE_KERNELS(f16, f16)
 CE_KERNELS(bf16, bf16)
 
-// The number of masked rows, by one block in a fixed order (deterministic), before the main kernel so
-// that a token-mean gradient knows its denominator without a host round trip.
-extern "C" __global__ void __launch_bounds__(CE_BLOCK) masked_ce_count(const CeCountArgs a) {
+// The number of trained rows, by one block in a fixed order (deterministic), before the main kernel so
+// that a token-mean gradient knows its denominator without a host round trip. Clears the error flag and
+// the documents counter (masked_ce_documents adds to it); without cu_seqlens the batch is one document.
+extern "C" __global__ void __launch_bounds__(CE_BLOCK) masked_ce_count(const CeArgs a) {
     __shared__ u32 scratch[32];
-    const u8 *__restrict__ mask = a.mask;
     u32 mine = 0;
-    for (u64 i = threadIdx.x; i < a.rows; i += blockDim.x) mine += mask[i] != 0;
+    for (u64 i = threadIdx.x; i < a.rows; i += blockDim.x) mine += ce_trained(a, i, ce_label(a, i)) ? 1u : 0u;
     const u32 total = block_reduce(mine, [](u32 x, u32 y) { return x + y; }, 0u, scratch);
     if (threadIdx.x == 0) {
-        *a.count = total;
+        a.count[0] = total;
+        a.count[1] = 0;
+        a.count[2] = a.cu_seqlens == nullptr && total > 0 ? 1u : 0u;
         *a.error_flag = 0;  // before the main kernel, on the same stream, may set it
     }
 }
 
-// Σ row_loss in f64 in a fixed order, and the normalized loss: out[0] = sum, out[1] = loss.
-extern "C" __global__ void __launch_bounds__(CE_BLOCK) masked_ce_reduce(const CeReduceArgs a) {
+// With cu_seqlens: one block per document counts its trained rows (for the per-sequence mean) and the
+// documents that have any; boundaries that do not rise from 0 to rows set CE_ERR_CU_SEQLENS and count
+// nothing (they are never used to address memory).
+extern "C" __global__ void __launch_bounds__(CE_BLOCK) masked_ce_documents(const CeArgs a) {
+    __shared__ u32 scratch[32];
+    const i32 *__restrict__ cu = a.cu_seqlens;
+    for (u64 d = blockIdx.x; d < a.documents; d += gridDim.x) {
+        const i64 start = cu[d], end = cu[d + 1];
+        bool ok = start >= 0 && start <= end && end <= (i64)a.rows;
+        if (d == 0) ok = ok && start == 0;
+        if (d + 1 == a.documents) ok = ok && end == (i64)a.rows;
+        u32 mine = 0;
+        if (ok) {
+            for (i64 i = start + threadIdx.x; i < end; i += blockDim.x)
+                mine += ce_trained(a, (u64)i, ce_label(a, (u64)i)) ? 1u : 0u;
+        }
+        const u32 total = block_reduce(mine, [](u32 x, u32 y) { return x + y; }, 0u, scratch);
+        if (threadIdx.x == 0) {
+            a.doc_trained[d] = total;
+            if (!ok) atomicOr(a.error_flag, (u32)CE_ERR_CU_SEQLENS);
+            if (total > 0) atomicAdd(&a.count[2], 1u);
+        }
+    }
+}
+
+// Σ row_loss and Σ row_z in f64 in a fixed order, the normalized loss, and the rows whose argmax is their
+// label: scalars = [sum, loss, z_sum], count[1] = correct rows.
+extern "C" __global__ void __launch_bounds__(CE_BLOCK) masked_ce_reduce(const CeArgs a) {
     __shared__ double scratch[32];
-    const float *__restrict__ row_loss = a.row_loss;
-    double mine = 0.0;
-    for (u64 i = threadIdx.x; i < a.rows; i += blockDim.x) mine += (double)row_loss[i];
-    const double sum = block_reduce(mine, [](double x, double y) { return x + y; }, 0.0, scratch);
+    __shared__ u32 scratch_u[32];
+    double loss = 0.0, z = 0.0;
+    u32 correct = 0;
+    for (u64 i = threadIdx.x; i < a.rows; i += blockDim.x) {
+        loss += (double)a.row_loss[i];
+        if (a.row_z) z += (double)a.row_z[i];
+        // Rows not trained, and poisoned ones, have argmax -1: never counted.
+        if (a.argmax) correct += a.argmax[i] >= 0 && (i64)a.argmax[i] == ce_label(a, i) ? 1u : 0u;
+    }
+    const double sum = block_reduce(loss, [](double x, double y) { return x + y; }, 0.0, scratch);
+    const double z_sum = block_reduce(z, [](double x, double y) { return x + y; }, 0.0, scratch);
+    const u32 hits = block_reduce(correct, [](u32 x, u32 y) { return x + y; }, 0u, scratch_u);
     if (threadIdx.x == 0) {
-        const float denominator = ce_denominator(a.norm_mode, a.norm_fixed, *a.count);
-        a.out[0] = (float)sum;
-        // A token mean over no tokens is 0, never NaN.
-        a.out[1] = denominator > 0.0f ? (float)(sum / (double)denominator) : 0.0f;
+        const float denominator = ce_denominator(a);
+        a.scalars[0] = (float)sum;
+        // A mean over no tokens is 0, never NaN.
+        a.scalars[1] = denominator > 0.0f ? (float)(sum / (double)denominator) : 0.0f;
+        a.scalars[2] = (float)z_sum;
+        a.count[1] = hits;
     }
 }

@@ -10,7 +10,9 @@ use common::ce::{case_strategy, check, extreme_rows_case, non_finite_case, Case}
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 use sft_collate::backend::cpu;
-use sft_collate::loss::{CeInput, CeOptions, CeRequest, Labels, LogitElem, LogitsShape};
+use sft_collate::loss::{
+    CeInput, CeOptions, CeRequest, Labels, LogitElem, LogitsShape, Normalization,
+};
 use sft_collate::{CollateSpec, Device, DeviceKind, Error, IdDtype, LabelFormat, RaggedBatch};
 
 device_tests!(
@@ -28,6 +30,8 @@ device_tests!(
     cross_entropy_strided_rows,
     cross_entropy_bad_labels,
     cross_entropy_non_finite_logits,
+    cross_entropy_options_on_extreme_rows,
+    cross_entropy_sequence_mean_of_a_packed_batch,
 );
 
 /// Random cases per property: many where a case is cheap (CPU, GPU), fewer on the emulator (a thread
@@ -250,16 +254,13 @@ fn refuses_bad_input_before_launch(device: &Device) {
 fn run_ce_case<T: LogitElem>(device: &Device, case: &Case, labels_i32: bool) {
     let logits: Vec<T> = case.logits.iter().map(|&x| T::from_f32(x)).collect();
     let labels32: Vec<i32> = case.labels.iter().map(|&l| l as i32).collect();
-    let input = CeInput {
-        logits: &logits,
-        shape: LogitsShape::dense(case.rows, case.vocab),
-        labels: match labels_i32 {
+    let input = case.input(
+        &logits,
+        match labels_i32 {
             true => Labels::I32(&labels32),
             false => Labels::I64(&case.labels),
         },
-        mask: &case.mask,
-        weights: case.weights.as_deref(),
-    };
+    );
     let what = format!(
         "{} {} {}x{}",
         device.kind(),
@@ -282,24 +283,30 @@ fn run_ce_case<T: LogitElem>(device: &Device, case: &Case, labels_i32: bool) {
         .to_host()
         .unwrap();
     check(&both, &want, &format!("{what} forward+backward"));
-    // Outputs not asked for come back empty; the loss is the same.
+    // Outputs not asked for come back empty (the kernels' lean and entropy-only variants run); the
+    // loss and what was asked for are the oracle's still.
     let lean = CeRequest {
-        log_probs: false,
-        entropy: false,
-        lse: false,
+        log_probs: true,
+        ..CeRequest::NONE
     };
-    let out = device
-        .cross_entropy(&input, &case.options, lean, false)
-        .unwrap()
-        .to_host()
-        .unwrap();
-    assert!(out.log_probs.is_empty() && out.entropy.is_empty() && out.lse.is_empty());
-    let same = out.loss == forward.loss || (out.loss.is_nan() && forward.loss.is_nan());
-    assert!(
-        same,
-        "{what}: lean forward {} vs {}",
-        out.loss, forward.loss
-    );
+    let entropy_only = CeRequest {
+        entropy: true,
+        ..CeRequest::NONE
+    };
+    for (name, request) in [("lean", lean), ("entropy only", entropy_only)] {
+        for with_grad in [false, true] {
+            let out = device
+                .cross_entropy(&input, &case.options, request, with_grad)
+                .unwrap()
+                .to_host()
+                .unwrap();
+            assert!(out.lse.is_empty() && out.argmax.is_empty() && out.row_loss.is_empty());
+            assert_eq!(out.log_probs.is_empty(), !request.log_probs);
+            assert_eq!(out.entropy.is_empty(), !request.entropy);
+            assert_eq!(out.correct, 0);
+            check(&out, &want, &format!("{what} {name} grad {with_grad}"));
+        }
+    }
 }
 
 fn cross_entropy_matches_the_oracle(device: &Device) {
@@ -331,9 +338,13 @@ fn cross_entropy_hundreds_of_rows(device: &Device) {
         vocab,
         logits,
         labels: (0..rows as i64).map(|r| (r * 31) % vocab as i64).collect(),
-        mask: (0..rows).map(|r| r % 3 != 1).collect(),
+        mask: Some((0..rows).map(|r| r % 3 != 1).collect()),
         weights: Some((0..rows).map(|r| (r % 5) as f32 * 0.5).collect()),
-        options: CeOptions::default(),
+        cu_seqlens: Some(vec![0, 1, 100, 100, 250, 300]),
+        options: CeOptions {
+            normalization: Normalization::SequenceMean,
+            ..CeOptions::default()
+        },
     };
     run_ce_case::<f32>(device, &case, true);
     run_ce_case::<half::bf16>(device, &case, false);
@@ -349,8 +360,9 @@ fn cross_entropy_all_or_nothing_masked(device: &Device) {
             vocab,
             logits: logits.clone(),
             labels: labels.clone(),
-            mask,
+            mask: Some(mask),
             weights: None,
+            cu_seqlens: None,
             options: CeOptions::default(),
         };
         run_ce_case::<f32>(device, &case, false);
@@ -388,8 +400,9 @@ fn cross_entropy_strided_rows(device: &Device) {
             row_stride: stride,
         },
         labels: Labels::I32(&labels),
-        mask: &mask,
+        mask: Some(&mask),
         weights: None,
+        cu_seqlens: None,
     };
     let options = CeOptions::default();
     let run = |input: &CeInput<'_, f32>| {
@@ -438,4 +451,85 @@ fn cross_entropy_non_finite_logits(device: &Device) {
         run_ce_case::<half::bf16>(device, &case, true);
         run_ce_case::<half::f16>(device, &case, false);
     }
+}
+
+/// Every option on rows that stress the numerics (±1e4 logits, -inf entries, a peaked row) and on
+/// non-finite ones: the options' terms keep PyTorch's NaN and infinity semantics, as the oracle does.
+fn cross_entropy_options_on_extreme_rows(device: &Device) {
+    let option_sets = [
+        CeOptions {
+            z_loss: 1e-4,
+            ..CeOptions::default()
+        },
+        CeOptions {
+            label_smoothing: 0.1,
+            ..CeOptions::default()
+        },
+        CeOptions {
+            softcap: Some(30.0),
+            ..CeOptions::default()
+        },
+        CeOptions {
+            z_loss: 1e-4,
+            label_smoothing: 1.0,
+            softcap: Some(3.0),
+            normalization: Normalization::SequenceMean,
+            upstream: 0.5,
+            ignore_index: None,
+        },
+    ];
+    for options in option_sets {
+        let mut case = extreme_rows_case();
+        case.options = options;
+        run_ce_case::<f32>(device, &case, false);
+        run_ce_case::<half::bf16>(device, &case, true);
+        for vocab in [37, 1000] {
+            let mut case = non_finite_case(vocab);
+            case.options = options;
+            run_ce_case::<f32>(device, &case, false);
+        }
+    }
+}
+
+/// The padding-free layout: documents of different lengths packed in one row set, the per-sequence
+/// mean from cu_seqlens, trained rows chosen by ignore_index labels (no mask) as a collator writes
+/// them; a long document weighs as much as a short one.
+fn cross_entropy_sequence_mean_of_a_packed_batch(device: &Device) {
+    let vocab = 300;
+    let lengths = [3usize, 120, 1, 40, 0, 77];
+    let rows: usize = lengths.iter().sum();
+    let mut cu = vec![0i32];
+    for l in lengths {
+        cu.push(cu.last().unwrap() + l as i32);
+    }
+    let logits: Vec<f32> = (0..rows * vocab)
+        .map(|i| ((i * 7919) % 2003) as f32 / 100.0 - 10.0)
+        .collect();
+    // The first third of each document is its prompt: ignored.
+    let mut labels = Vec::new();
+    for l in lengths {
+        labels.extend((0..l).map(|i| {
+            if i < l / 3 {
+                -100
+            } else {
+                ((i * 13) % vocab) as i64
+            }
+        }));
+    }
+    let case = Case {
+        rows,
+        vocab,
+        logits,
+        labels,
+        mask: None,
+        weights: None,
+        cu_seqlens: Some(cu),
+        options: CeOptions {
+            normalization: Normalization::SequenceMean,
+            ignore_index: Some(-100),
+            ..CeOptions::default()
+        },
+    };
+    run_ce_case::<f32>(device, &case, false);
+    run_ce_case::<half::bf16>(device, &case, true);
 }

@@ -336,6 +336,7 @@ fn loss_reads_safetensors_and_writes_what_the_library_computes() {
             gradient_accumulation_steps: 1,
         },
         upstream: 1.0,
+        ..CeOptions::default()
     };
     let want = masked_cross_entropy(&input, &options, true).unwrap();
 
@@ -403,6 +404,157 @@ fn loss_reads_safetensors_and_writes_what_the_library_computes() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("label 99"));
     assert!(!output_path.exists());
+}
+
+#[test]
+fn loss_options_without_a_mask_match_the_library() {
+    use safetensors::tensor::{Dtype, TensorView};
+    use sft_collate::backend::cpu::loss::masked_cross_entropy;
+    use sft_collate::loss::{CeInput, CeOptions, Labels, Normalization};
+
+    let dir = tempfile::tempdir().unwrap();
+    let (batch, seq, vocab) = (3usize, 4usize, 9usize);
+    let logits: Vec<f32> = (0..batch * seq * vocab)
+        .map(|i| ((i * 29) % 31) as f32 * 0.3 - 4.0)
+        .collect();
+    // -100 where a collator writes its ignore index (the prompt); row 2 has one trained token.
+    let labels: Vec<i64> = vec![-100, 3, 4, 8, -100, -100, 0, 1, -100, -100, -100, 7];
+    let input_path = dir.path().join("in.safetensors");
+    let tensors = vec![
+        (
+            "logits",
+            TensorView::new(
+                Dtype::F32,
+                vec![batch, seq, vocab],
+                bytemuck::cast_slice(&logits),
+            )
+            .unwrap(),
+        ),
+        (
+            "labels",
+            TensorView::new(Dtype::I64, vec![batch, seq], bytemuck::cast_slice(&labels)).unwrap(),
+        ),
+    ];
+    std::fs::write(&input_path, safetensors::serialize(tensors, None).unwrap()).unwrap();
+    // A [B, T] batch: each row is a document for the per-sequence mean.
+    let cu = [0, 4, 8, 12];
+    let input = CeInput {
+        cu_seqlens: Some(&cu),
+        ..CeInput::unmasked(&logits[..], vocab, Labels::I64(&labels))
+    };
+    let options = CeOptions {
+        normalization: Normalization::SequenceMean,
+        ignore_index: Some(-100),
+        z_loss: 1e-3,
+        label_smoothing: 0.1,
+        softcap: Some(5.0),
+        upstream: 1.0,
+    };
+    let want = masked_cross_entropy(&input, &options, true).unwrap();
+    let flags = [
+        "--reduction",
+        "sequence-mean",
+        "--ignore-index",
+        "-100",
+        "--z-loss",
+        "1e-3",
+        "--label-smoothing",
+        "0.1",
+        "--softcap",
+        "5",
+        "--grad",
+    ];
+    let mut devices = vec!["cpu"];
+    if cfg!(feature = "emulation") {
+        devices.push("emulated");
+    }
+    for device in devices {
+        let output_path = dir.path().join(format!("out-{device}.safetensors"));
+        let out = run(bin()
+            .args(["loss", "--device", device])
+            .args(flags)
+            .arg("--input")
+            .arg(&input_path)
+            .arg("--output")
+            .arg(&output_path));
+        assert!(
+            out.status.success(),
+            "{device}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let bytes = std::fs::read(&output_path).unwrap();
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        let f32_of = |name: &str| {
+            f64::from(bytemuck::pod_read_unaligned::<f32>(
+                st.tensor(name).unwrap().data(),
+            ))
+        };
+        let i64_of =
+            |name: &str| bytemuck::pod_read_unaligned::<i64>(st.tensor(name).unwrap().data());
+        for (name, want) in [
+            ("loss", want.loss),
+            ("z_sum", want.z_sum),
+            ("sum", want.sum),
+        ] {
+            assert!(
+                (f32_of(name) - want).abs() <= 1e-5 * want.abs(),
+                "{device}: {name} {} vs {want}",
+                f32_of(name)
+            );
+        }
+        assert_eq!(
+            (i64_of("count"), i64_of("documents"), i64_of("correct")),
+            (6, 3, want.correct as i64),
+            "{device}"
+        );
+        let argmax: Vec<i64> = bytemuck::pod_collect_to_vec(st.tensor("argmax").unwrap().data());
+        let want_argmax: Vec<i64> = want.argmax.iter().map(|&a| i64::from(a)).collect();
+        assert_eq!(argmax, want_argmax, "{device}");
+        let row_loss: Vec<f32> =
+            bytemuck::pod_collect_to_vec(st.tensor("row_loss").unwrap().data());
+        for (g, w) in row_loss.iter().zip(&want.row_loss) {
+            assert!(
+                (f64::from(*g) - w).abs() <= 1e-5 * w.abs() + 1e-7,
+                "{device}"
+            );
+        }
+    }
+    // No mask and no ignore index: the error says what to add.
+    let out = run(bin()
+        .args(["loss", "--device", "cpu", "--input"])
+        .arg(&input_path)
+        .arg("--output")
+        .arg(dir.path().join("never.safetensors")));
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--ignore-index"));
+    // Options outside their domain are refused by name.
+    for (flag, value) in [
+        ("--label-smoothing", "1.5"),
+        ("--softcap", "-1"),
+        ("--z-loss", "inf"),
+    ] {
+        let out = run(bin()
+            .args([
+                "loss",
+                "--device",
+                "cpu",
+                "--ignore-index",
+                "-100",
+                flag,
+                value,
+                "--input",
+            ])
+            .arg(&input_path)
+            .arg("--output")
+            .arg(dir.path().join("never.safetensors")));
+        assert!(!out.status.success(), "{flag} {value}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains(&flag[2..].replace('-', "_")) || stderr.contains(flag),
+            "{stderr}"
+        );
+    }
+    assert!(!dir.path().join("never.safetensors").exists());
 }
 
 #[test]

@@ -254,6 +254,7 @@ mod through_each_device {
         let sum_normalization = CeOptions {
             normalization: Normalization::Sum,
             upstream: 1.0,
+            ..CeOptions::default()
         };
         // dim = None: one call over every element.
         let (logits, labels) = unit_loss_rows(x.len());
@@ -301,8 +302,9 @@ mod through_each_device {
             logits: &logits,
             shape: LogitsShape::dense(rows, vocab),
             labels: Labels::I64(&labels),
-            mask: &mask,
+            mask: Some(&mask),
             weights: None,
+            cu_seqlens: None,
         };
         for name in [
             "test_sft_microbatch_train_step",
@@ -317,6 +319,7 @@ mod through_each_device {
                     gradient_accumulation_steps: gas,
                 },
                 upstream: 1.0,
+                ..CeOptions::default()
             };
             let out = run(device, &input, &options, true);
             // The loss is CS336's, applied to the kernel's own log-probs.

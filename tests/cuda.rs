@@ -285,6 +285,7 @@ mod trainer_memory {
         let options = CeOptions {
             normalization: Normalization::TokenMean,
             upstream: 0.37,
+            ..CeOptions::default()
         };
         let input = CeInput::new(&logits, vocab, Labels::I32(&labels), &mask_host);
         let want = cpu::loss::masked_cross_entropy(&input, &options, true).unwrap();

@@ -59,8 +59,9 @@ fn in_place_gradient_equals_the_separate_one_and_spares_the_stride() {
             row_stride: stride,
         },
         labels: Labels::I32(&labels),
-        mask: &mask,
+        mask: Some(&mask),
         weights: None,
+        cu_seqlens: None,
     };
     let emulator = Emulator::new();
     let run = |grad| {
@@ -97,6 +98,7 @@ fn the_upstream_gradient_by_pointer_equals_by_value() {
     let options = CeOptions {
         normalization: Normalization::Sum,
         upstream: -2.75,
+        ..CeOptions::default()
     };
     let run = |upstream_by_pointer| {
         Emulator {

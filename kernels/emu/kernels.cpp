@@ -17,14 +17,19 @@ EMU_WRAPPER(collate_i32, CollateArgs)
 EMU_WRAPPER(collate_i64, CollateArgs)
 EMU_WRAPPER(collate_pack_i32, CollatePackArgs)
 EMU_WRAPPER(collate_pack_i64, CollatePackArgs)
-EMU_WRAPPER(masked_ce_fwd_f32, CeArgs)
-EMU_WRAPPER(masked_ce_fwd_f16, CeArgs)
-EMU_WRAPPER(masked_ce_fwd_bf16, CeArgs)
-EMU_WRAPPER(masked_ce_fwd_bwd_f32, CeArgs)
-EMU_WRAPPER(masked_ce_fwd_bwd_f16, CeArgs)
-EMU_WRAPPER(masked_ce_fwd_bwd_bf16, CeArgs)
-EMU_WRAPPER(masked_ce_count, CeCountArgs)
-EMU_WRAPPER(masked_ce_reduce, CeReduceArgs)
+#define EMU_CE_WRAPPERS(suffix)                          \
+    EMU_WRAPPER(masked_ce_fwd_##suffix##_lean, CeArgs)       \
+    EMU_WRAPPER(masked_ce_fwd_##suffix##_entropy, CeArgs)    \
+    EMU_WRAPPER(masked_ce_fwd_##suffix##_full, CeArgs)       \
+    EMU_WRAPPER(masked_ce_fwd_bwd_##suffix##_lean, CeArgs)   \
+    EMU_WRAPPER(masked_ce_fwd_bwd_##suffix##_entropy, CeArgs) \
+    EMU_WRAPPER(masked_ce_fwd_bwd_##suffix##_full, CeArgs)
+EMU_CE_WRAPPERS(f32)
+EMU_CE_WRAPPERS(f16)
+EMU_CE_WRAPPERS(bf16)
+EMU_WRAPPER(masked_ce_count, CeArgs)
+EMU_WRAPPER(masked_ce_documents, CeArgs)
+EMU_WRAPPER(masked_ce_reduce, CeArgs)
 
 // The size of every argument struct and the offset of every field, in the order build.rs lists them
 // for Rust (abi_layout.inc is generated from abi.cuh), so that a test can compare the two layouts.

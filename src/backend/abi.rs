@@ -7,7 +7,8 @@
 #![cfg_attr(not(any(feature = "cuda", feature = "emulation")), allow(dead_code))]
 
 use crate::collate::CollatePlan;
-use crate::loss::Normalization;
+use crate::loss::{CeOptions, CeRequest, LogitsShape, Normalization};
+use crate::{Error, Result};
 
 include!(concat!(env!("OUT_DIR"), "/abi.rs"));
 
@@ -20,10 +21,6 @@ unsafe impl cudarc::driver::DeviceRepr for CollateArgs {}
 unsafe impl cudarc::driver::DeviceRepr for CollatePackArgs {}
 #[cfg(feature = "cuda")]
 unsafe impl cudarc::driver::DeviceRepr for CeArgs {}
-#[cfg(feature = "cuda")]
-unsafe impl cudarc::driver::DeviceRepr for CeCountArgs {}
-#[cfg(feature = "cuda")]
-unsafe impl cudarc::driver::DeviceRepr for CeReduceArgs {}
 
 /// A launch's grid and block (the emulator reads this very struct).
 #[repr(C)]
@@ -85,9 +82,92 @@ pub fn ce_one_block() -> Launch {
 pub fn norm_args(normalization: &Normalization) -> (i32, f32) {
     match normalization {
         Normalization::TokenMean => (CE_NORM_TOKEN_MEAN as i32, 0.0),
-        Normalization::Cs336 { .. } => (CE_NORM_FIXED as i32, normalization.denominator(0) as f32),
+        Normalization::SequenceMean => (CE_NORM_SEQUENCE_MEAN as i32, 0.0),
+        Normalization::Cs336 { .. } => {
+            (CE_NORM_FIXED as i32, normalization.denominator(0, 0) as f32)
+        }
         Normalization::Sum => (CE_NORM_SUM as i32, 1.0),
     }
+}
+
+/// The compiled variants of the cross-entropy kernels (`masked_ce_{fwd,fwd_bwd}_{dtype}_{variant}`):
+/// each leaves out the work no caller asked for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CeVariant {
+    /// Loss, log-probs and lse: no entropy accumulator.
+    Lean,
+    /// With the entropy.
+    Entropy,
+    /// With the entropy, the argmax, label smoothing and the softcap.
+    Full,
+}
+
+impl CeVariant {
+    pub const ALL: [CeVariant; 3] = [CeVariant::Lean, CeVariant::Entropy, CeVariant::Full];
+
+    /// The least variant that computes what `options` and `request` need.
+    pub fn of(options: &CeOptions, request: &CeRequest) -> Self {
+        if options.softcap.is_some() || options.label_smoothing > 0.0 || request.argmax {
+            CeVariant::Full
+        } else if request.entropy {
+            CeVariant::Entropy
+        } else {
+            CeVariant::Lean
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            CeVariant::Lean => "lean",
+            CeVariant::Entropy => "entropy",
+            CeVariant::Full => "full",
+        }
+    }
+
+    /// The kernel's name for the logits' dtype `suffix`.
+    pub fn kernel(self, backward: bool, suffix: &str) -> String {
+        let op = if backward { "fwd_bwd" } else { "fwd" };
+        format!("masked_ce_{op}_{suffix}_{}", self.name())
+    }
+}
+
+/// The scalar fields of [`CeArgs`] (addresses are the launcher's): shape, options, the number of
+/// documents `cu_seqlens` describes.
+pub fn ce_args(options: &CeOptions, shape: &LogitsShape, documents: usize) -> CeArgs {
+    let (norm_mode, norm_fixed) = norm_args(&options.normalization);
+    CeArgs {
+        rows: shape.rows as u64,
+        vocab: shape.vocab as u64,
+        logits_stride: shape.row_stride as u64,
+        documents: documents as u64,
+        ignore_index: options.ignore_index.unwrap_or(0),
+        use_ignore_index: i32::from(options.ignore_index.is_some()),
+        norm_fixed,
+        norm_mode,
+        upstream: options.upstream,
+        z_loss: options.z_loss,
+        label_smoothing: options.label_smoothing,
+        softcap: options.softcap.unwrap_or(0.0),
+        ..CeArgs::default()
+    }
+}
+
+/// The error the kernels' flag reports (0: none).
+pub fn ce_error(flag: u32) -> Result<()> {
+    if flag & CE_ERR_LABEL != 0 {
+        return Err(Error::DeviceLabelOutOfRange);
+    }
+    if flag & CE_ERR_CU_SEQLENS != 0 {
+        return Err(Error::Shape(
+            "cu_seqlens on the device do not rise from 0 to the number of rows".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// `masked_ce_documents`: one block per document up to a cap, then grid-stride.
+pub fn ce_documents_launch(documents: usize) -> Launch {
+    Launch::blocks(documents.clamp(1, 1 << 16) as u32, CE_BLOCK)
 }
 
 /// The scalars both collation structs share, from a checked plan.

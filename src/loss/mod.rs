@@ -3,19 +3,27 @@
 //! (`backend::cuda::MaskedCrossEntropy`) and on CPU threads (`backend::emulation`); every backend is
 //! reached through [`crate::Device::cross_entropy`].
 //!
-//! For every row with mask true: `lse = logsumexp(row)`, `log_prob = row[label] - lse`,
-//! `entropy = lse - Σ p·row`, and the row's loss term `w · (-log_prob)` (`w` = 1 without weights).
-//! Rows with mask false are not read: their outputs are 0 and their gradient rows zeros.
+//! A row is *trained* when its mask is true (no mask: every row) and its label is not the
+//! `ignore_index` (when one is set). For every trained row, after the optional softcap
+//! `x ← C·tanh(x / C)`: `lse = logsumexp(x)`, `log_prob = x[label] - lse`, `entropy = lse - Σ p·x`, the
+//! argmax, and the row's loss term `w · (ce + z)` with `ce = (1 - ε)·(-log_prob) + ε·mean_j(-log p_j)`
+//! (label smoothing ε, PyTorch's definition) and `z = s · lse²` (z-loss), `w` = 1 without weights. Rows
+//! not trained are not read: their outputs are 0 (argmax -1) and their gradient rows zeros.
 
 use crate::{Error, Result};
 
-/// How the summed loss `Σ w·(-log_prob)` over masked rows is normalized. The gradient is scaled the same
+/// How the summed loss `Σ w·(ce + z)` over trained rows is normalized. The gradient is scaled the same
 /// way (times the upstream scalar).
 #[derive(Clone, Copy, Debug, PartialEq, Default, serde::Serialize)]
 pub enum Normalization {
-    /// Divide by the number of masked rows; with no masked rows the loss is 0, never NaN.
+    /// Divide by the number of trained rows; with none the loss is 0, never NaN.
     #[default]
     TokenMean,
+    /// Packed sequences: the mean over each document's trained rows, then the mean over the documents
+    /// that have any ([`CeInput::cu_seqlens`] says where the documents are; without it the whole batch
+    /// is one document). A long document then weighs as much as a short one: each row's term is divided
+    /// by its document's trained rows, and the sum by the number of such documents.
+    SequenceMean,
     /// CS336's `sft_microbatch_train_step`: divide by `normalize_constant · batch_size ·
     /// gradient_accumulation_steps`.
     Cs336 {
@@ -28,10 +36,12 @@ pub enum Normalization {
 }
 
 impl Normalization {
-    /// The denominator for `count` masked rows (0 means: the loss and gradient are 0).
-    pub fn denominator(&self, count: usize) -> f64 {
+    /// The denominator for `count` trained rows in `documents` documents that have any (0 means: the
+    /// loss and gradient are 0).
+    pub fn denominator(&self, count: usize, documents: usize) -> f64 {
         match *self {
             Normalization::TokenMean => count as f64,
+            Normalization::SequenceMean => documents as f64,
             Normalization::Cs336 {
                 normalize_constant,
                 batch_size,
@@ -44,7 +54,7 @@ impl Normalization {
     /// Refuse a CS336 denominator that is not finite and positive.
     pub fn validate(&self) -> Result<()> {
         if let Normalization::Cs336 { .. } = self {
-            let d = self.denominator(0);
+            let d = self.denominator(0, 0);
             if !(d.is_finite() && d > 0.0) {
                 return Err(Error::InvalidOption {
                     name: "normalization",
@@ -64,6 +74,14 @@ pub struct CeOptions {
     pub normalization: Normalization,
     /// The gradient is multiplied by this (d final loss / d this loss), as autograd's `grad_output`.
     pub upstream: f32,
+    /// Rows whose label is this are not trained (PyTorch's `ignore_index`; -100 there by default).
+    pub ignore_index: Option<i64>,
+    /// z-loss scale `s`: `+ s · lse²` per trained row (PaLM; Liger's `lse_square_scale`). 0: none.
+    pub z_loss: f32,
+    /// Label smoothing `ε` in [0, 1], PyTorch's definition. 0: none.
+    pub label_smoothing: f32,
+    /// Logit softcapping `C·tanh(x / C)` before everything (Gemma 2), the gradient through it.
+    pub softcap: Option<f32>,
 }
 
 impl Default for CeOptions {
@@ -71,7 +89,35 @@ impl Default for CeOptions {
         CeOptions {
             normalization: Normalization::TokenMean,
             upstream: 1.0,
+            ignore_index: None,
+            z_loss: 0.0,
+            label_smoothing: 0.0,
+            softcap: None,
         }
+    }
+}
+
+impl CeOptions {
+    /// Refuse options outside their domain (a smoothing outside [0, 1], a non-positive softcap, a
+    /// non-finite z-loss scale, a CS336 denominator that is not positive).
+    pub fn validate(&self) -> Result<()> {
+        self.normalization.validate()?;
+        let bad = |name: &'static str, reason: String| Err(Error::InvalidOption { name, reason });
+        if !(0.0..=1.0).contains(&self.label_smoothing) {
+            return bad(
+                "label_smoothing",
+                format!("{} is not in [0, 1]", self.label_smoothing),
+            );
+        }
+        if !self.z_loss.is_finite() {
+            return bad("z_loss", format!("{} is not finite", self.z_loss));
+        }
+        if let Some(c) = self.softcap {
+            if !(c.is_finite() && c > 0.0) {
+                return bad("softcap", format!("{c} is not a positive number"));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -171,9 +217,13 @@ pub struct CeInput<'a, T> {
     pub logits: &'a [T],
     pub shape: LogitsShape,
     pub labels: Labels<'a>,
-    pub mask: &'a [bool],
+    /// Which rows are trained (one per row); `None`: every row whose label is not the ignore index.
+    pub mask: Option<&'a [bool]>,
     /// Per-token weights `w[N]` (RL losses that weight tokens).
     pub weights: Option<&'a [f32]>,
+    /// Document boundaries over the rows for [`Normalization::SequenceMean`] (`cu_seqlens` of the
+    /// padding-free layout: document `d` is rows `cu[d]..cu[d + 1]`).
+    pub cu_seqlens: Option<&'a [i32]>,
 }
 
 impl<'a, T> CeInput<'a, T> {
@@ -183,8 +233,22 @@ impl<'a, T> CeInput<'a, T> {
             logits,
             shape: LogitsShape::dense(mask.len(), vocab),
             labels,
-            mask,
+            mask: Some(mask),
             weights: None,
+            cu_seqlens: None,
+        }
+    }
+
+    /// Dense `[N, vocab]` logits, N = `labels.len()`, trained where the label is not `ignore_index` (set
+    /// it in [`CeOptions::ignore_index`]).
+    pub fn unmasked(logits: &'a [T], vocab: usize, labels: Labels<'a>) -> Self {
+        CeInput {
+            logits,
+            shape: LogitsShape::dense(labels.len(), vocab),
+            labels,
+            mask: None,
+            weights: None,
+            cu_seqlens: None,
         }
     }
 
@@ -192,25 +256,63 @@ impl<'a, T> CeInput<'a, T> {
         self.shape.validate(
             self.logits.len(),
             self.labels.len(),
-            self.mask.len(),
+            self.mask.map_or(self.shape.rows, <[bool]>::len),
             self.weights.map(<[f32]>::len),
-        )
+        )?;
+        if let Some(cu) = self.cu_seqlens {
+            validate_cu_seqlens(cu, self.shape.rows)?;
+        }
+        Ok(())
+    }
+
+    /// Whether row `r` is trained under `options`.
+    pub fn trained(&self, r: usize, options: &CeOptions) -> bool {
+        self.mask.is_none_or(|m| m[r]) && options.ignore_index != Some(self.labels.get(r))
+    }
+}
+
+/// Document boundaries over `rows` rows: starting at 0, non-decreasing, ending at `rows`.
+pub fn validate_cu_seqlens(cu: &[i32], rows: usize) -> Result<()> {
+    let ok = cu.first() == Some(&0)
+        && cu.last().is_some_and(|&l| l as usize == rows && l >= 0)
+        && cu.windows(2).all(|w| w[0] <= w[1]);
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Shape(format!(
+            "cu_seqlens must rise from 0 to the {rows} rows, not {:?}",
+            &cu[..cu.len().min(8)]
+        )))
     }
 }
 
 /// Results on the host, in the precision the kernels produce (f32; the gradient in the logits' dtype).
 #[derive(Clone, Debug, PartialEq)]
 pub struct CeOutput<T> {
-    /// Per-token log-probability of the label (0 on unmasked rows).
+    /// Per-token log-probability of the label (0 on rows not trained).
     pub log_probs: Vec<f32>,
-    /// Per-token entropy (0 on unmasked rows).
+    /// Per-token entropy (0 on rows not trained).
     pub entropy: Vec<f32>,
-    /// Per-token logsumexp (0 on unmasked rows).
+    /// Per-token logsumexp (0 on rows not trained).
     pub lse: Vec<f32>,
-    /// `Σ w · (-log_prob)` over masked rows.
+    /// Per-token argmax of the logits before any softcap (the first of equal maxima, as `torch.argmax`;
+    /// -1 on rows not trained and on rows with a NaN).
+    pub argmax: Vec<i32>,
+    /// Per-token loss term `w · (ce + z)` (PyTorch's `reduction="none"`; divided by the document's
+    /// trained rows under [`Normalization::SequenceMean`]), 0 on rows not trained.
+    pub row_loss: Vec<f32>,
+    /// The sum of the row terms, before normalization.
     pub sum: f32,
-    /// Number of masked rows.
+    /// `Σ w · s · lse²`: the z-loss part of `sum` (weighted as the row terms are).
+    pub z_sum: f32,
+    /// Number of trained rows.
     pub count: u32,
+    /// Trained rows whose argmax is the label (token accuracy = correct / count), when argmax is asked
+    /// for (0 otherwise).
+    pub correct: u32,
+    /// Documents with trained rows ([`Normalization::SequenceMean`]'s denominator; without
+    /// `cu_seqlens` the batch is one document).
+    pub documents: u32,
     /// The normalized loss.
     pub loss: f32,
     /// `d loss / d logits`, dense `[N, vocab]` (or in the logits' own layout when computed in place).
@@ -277,13 +379,18 @@ impl LogitElem for half::bf16 {
     }
 }
 
-/// Which per-token outputs to write (the loss, sum and count are always produced). Outputs not asked for
-/// come back empty from every backend.
+/// Which per-token outputs to write (the loss, sums and count are always produced). Outputs not asked
+/// for come back empty from every backend, and the kernels skip the work (no entropy accumulator
+/// without entropy).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CeRequest {
     pub log_probs: bool,
     pub entropy: bool,
     pub lse: bool,
+    /// The argmax per row and the count of correct rows (token accuracy).
+    pub argmax: bool,
+    /// The per-row loss terms.
+    pub row_loss: bool,
 }
 
 impl Default for CeRequest {
@@ -292,6 +399,19 @@ impl Default for CeRequest {
             log_probs: true,
             entropy: true,
             lse: true,
+            argmax: true,
+            row_loss: true,
         }
     }
+}
+
+impl CeRequest {
+    /// The loss, sums and counts only.
+    pub const NONE: CeRequest = CeRequest {
+        log_probs: false,
+        entropy: false,
+        lse: false,
+        argmax: false,
+        row_loss: false,
+    };
 }

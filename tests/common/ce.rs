@@ -4,7 +4,7 @@
 
 use proptest::prelude::*;
 use sft_collate::backend::cpu::loss::CeReference;
-use sft_collate::loss::{CeOptions, CeOutput, LogitElem, Normalization};
+use sft_collate::loss::{CeInput, CeOptions, CeOutput, Labels, LogitElem, Normalization};
 
 /// |got - want| <= rtol·|want| + atol; NaN only where NaN is expected, an infinity only where the same
 /// infinity is.
@@ -26,6 +26,7 @@ pub fn check<T: LogitElem>(got: &CeOutput<T>, want: &CeReference, what: &str) {
         ("log_probs", &got.log_probs, &want.log_probs),
         ("entropy", &got.entropy, &want.entropy),
         ("lse", &got.lse, &want.lse),
+        ("row_loss", &got.row_loss, &want.row_loss),
     ] {
         for (i, (&g, &w)) in g.iter().zip(w).enumerate() {
             assert!(
@@ -34,7 +35,18 @@ pub fn check<T: LogitElem>(got: &CeOutput<T>, want: &CeReference, what: &str) {
             );
         }
     }
+    if !got.argmax.is_empty() {
+        assert_eq!(got.argmax, want.argmax, "{what}: argmax");
+        assert_eq!(got.correct as usize, want.correct, "{what}: correct");
+    }
     assert_eq!(got.count as usize, want.count, "{what}: count");
+    assert_eq!(got.documents as usize, want.documents, "{what}: documents");
+    assert!(
+        close(f64::from(got.z_sum), want.z_sum, 1e-5, 1e-6),
+        "{what}: z_sum {} vs {}",
+        got.z_sum,
+        want.z_sum
+    );
     assert!(
         close(f64::from(got.sum), want.sum, 1e-5, 1e-6),
         "{what}: sum {} vs {}",
@@ -70,9 +82,47 @@ pub struct Case {
     pub vocab: usize,
     pub logits: Vec<f32>,
     pub labels: Vec<i64>,
-    pub mask: Vec<bool>,
+    /// `None`: trained where the label is not the options' ignore_index.
+    pub mask: Option<Vec<bool>>,
     pub weights: Option<Vec<f32>>,
+    pub cu_seqlens: Option<Vec<i32>>,
     pub options: CeOptions,
+}
+
+impl Case {
+    /// The case as the library takes it, with `logits` converted to the dtype under test.
+    pub fn input<'a, T>(&'a self, logits: &'a [T], labels: Labels<'a>) -> CeInput<'a, T> {
+        CeInput {
+            mask: self.mask.as_deref(),
+            weights: self.weights.as_deref(),
+            cu_seqlens: self.cu_seqlens.as_deref(),
+            ..CeInput::unmasked(logits, self.vocab, labels)
+        }
+    }
+}
+
+/// Options drawn for a case: the normalization (with document boundaries for the per-sequence mean),
+/// ignore_index instead of a mask, z-loss, label smoothing, softcap.
+fn options_of(bits: u32, rows: usize, upstream: f32) -> CeOptions {
+    let normalization = match bits % 5 {
+        0 => Normalization::TokenMean,
+        1 => Normalization::Sum,
+        2 => Normalization::SequenceMean,
+        _ => Normalization::Cs336 {
+            normalize_constant: 3.5,
+            batch_size: rows,
+            gradient_accumulation_steps: 2,
+        },
+    };
+    let pick = |shift: u32, on: f32| if bits >> shift & 1 == 1 { on } else { 0.0 };
+    CeOptions {
+        normalization,
+        upstream,
+        ignore_index: (bits >> 3 & 1 == 1).then_some(-100),
+        z_loss: pick(4, 1e-3),
+        label_smoothing: pick(5, 0.1),
+        softcap: (bits >> 6 & 1 == 1).then_some(7.5),
+    }
 }
 
 pub fn case_strategy() -> impl Strategy<Value = Case> {
@@ -90,11 +140,11 @@ pub fn case_strategy() -> impl Strategy<Value = Case> {
         1usize..10,
         vocab,
         any::<u64>(),
-        0u8..4,
+        any::<u32>(),
         any::<bool>(),
         0.1f32..3.0,
     )
-        .prop_map(|(rows, vocab, seed, norm, weighted, upstream)| {
+        .prop_map(|(rows, vocab, seed, bits, weighted, upstream)| {
             let mut state = seed | 1;
             let mut next = move || {
                 state ^= state << 13;
@@ -105,30 +155,36 @@ pub fn case_strategy() -> impl Strategy<Value = Case> {
             let logits = (0..rows * vocab)
                 .map(|_| ((next() % 20_000) as f32 / 1000.0 - 10.0) * 1.5)
                 .collect();
-            let labels = (0..rows).map(|_| (next() % vocab as u64) as i64).collect();
-            let mask = (0..rows).map(|_| next() % 4 != 0).collect();
+            let options = options_of(bits, rows, upstream);
+            let mask: Vec<bool> = (0..rows).map(|_| next() % 4 != 0).collect();
+            // With an ignore index and no mask, the untrained rows carry it as their label.
+            let without_mask = options.ignore_index.is_some() && bits >> 7 & 1 == 1;
+            let labels = (0..rows)
+                .map(|r| match without_mask && !mask[r] {
+                    true => -100,
+                    false => (next() % vocab as u64) as i64,
+                })
+                .collect();
             let weights =
                 weighted.then(|| (0..rows).map(|_| (next() % 1000) as f32 / 500.0).collect());
-            let normalization = match norm {
-                0 => Normalization::TokenMean,
-                1 => Normalization::Sum,
-                _ => Normalization::Cs336 {
-                    normalize_constant: 3.5,
-                    batch_size: rows,
-                    gradient_accumulation_steps: 2,
-                },
-            };
+            // Documents: cut the rows at random points (some documents empty).
+            let cu_seqlens = (bits >> 8 & 1 == 1).then(|| {
+                let mut cuts: Vec<i32> = (0..next() % 4)
+                    .map(|_| (next() % (rows as u64 + 1)) as i32)
+                    .collect();
+                cuts.extend([0, rows as i32]);
+                cuts.sort_unstable();
+                cuts
+            });
             Case {
                 rows,
                 vocab,
                 logits,
                 labels,
-                mask,
+                mask: (!without_mask).then_some(mask),
                 weights,
-                options: CeOptions {
-                    normalization,
-                    upstream,
-                },
+                cu_seqlens,
+                options,
             }
         })
 }
@@ -138,10 +194,11 @@ pub fn extreme_case(rows: Vec<Vec<f32>>, labels: Vec<i64>) -> Case {
     Case {
         rows: rows.len(),
         vocab,
-        mask: vec![true; rows.len()],
+        mask: Some(vec![true; rows.len()]),
         logits: rows.concat(),
         labels,
         weights: None,
+        cu_seqlens: None,
         options: CeOptions::default(),
     }
 }
@@ -217,8 +274,9 @@ pub fn non_finite_case(vocab: usize) -> Case {
         vocab,
         logits: rows.concat(),
         labels,
-        mask: (0..n).map(|r| r != 1).collect(),
+        mask: Some((0..n).map(|r| r != 1).collect()),
         weights: None,
+        cu_seqlens: None,
         options: CeOptions::default(),
     }
 }

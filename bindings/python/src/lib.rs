@@ -632,14 +632,16 @@ fn bucket_order(lens: Vec<usize>, window: usize, seed: u64) -> Vec<usize> {
 }
 
 /// The masked cross-entropy of `logits` (`rows` rows `row_stride` apart, `vocab` used; dtype `f32`, `f16`,
-/// `bf16` or, on the CPU, `f64`), all tensors given by address. Outputs: `row_loss`, optional
-/// `log_probs`, `entropy`, `lse` (0 for none; f32, or f64 for f64 logits on the CPU), `scalars` (sum,
-/// loss), `count` (i32 on the CPU, u32 on the GPU: one element), `error_flag` (GPU), and the gradient
-/// (`grad`, rows `grad_stride` apart, 0 for none; `grad == logits` for in place). On the CPU a bad
-/// label is a `ValueError`; on the GPU it sets the flag and makes its row NaN, and nothing waits.
+/// `bf16` or, on the CPU, `f64`), all tensors given by address, with the options of
+/// [`sft_collate::loss::CeOptions`] (`softcap` 0: none). Outputs: `row_loss`, `row_z` (rows, needed on
+/// the GPU with a z-loss), optional `log_probs`, `entropy`, `lse` (0 for none; f32, or f64 for f64 logits
+/// on the CPU), `argmax` (i32, 0 for none), `scalars` (sum, loss, z_sum), `count` (trained, correct,
+/// documents: i32 on the CPU, u32 on the GPU), `error_flag` (GPU), and the gradient (`grad`, rows
+/// `grad_stride` apart, 0 for none; `grad == logits` for in place). On the CPU a bad label is a
+/// `ValueError`; on the GPU it sets the flag and makes its row NaN, and nothing waits.
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
-#[pyo3(signature = (device, device_index, stream, dtype, rows, vocab, row_stride, logits, labels, labels_i64, mask, weights, normalization, normalize_constant, batch_size, gradient_accumulation_steps, upstream, upstream_ptr, row_loss, log_probs, entropy, lse, scalars, count, error_flag, grad, grad_stride))]
+#[pyo3(signature = (device, device_index, stream, dtype, rows, vocab, row_stride, logits, labels, labels_i64, mask, weights, normalization, normalize_constant, batch_size, gradient_accumulation_steps, upstream, upstream_ptr, z_loss, label_smoothing, softcap, row_loss, row_z, log_probs, entropy, lse, argmax, scalars, count, error_flag, grad, grad_stride))]
 fn masked_cross_entropy(
     py: Python<'_>,
     device: &str,
@@ -660,10 +662,15 @@ fn masked_cross_entropy(
     gradient_accumulation_steps: usize,
     upstream: f32,
     upstream_ptr: u64,
+    z_loss: f32,
+    label_smoothing: f32,
+    softcap: f32,
     row_loss: u64,
+    row_z: u64,
     log_probs: u64,
     entropy: u64,
     lse: u64,
+    argmax: u64,
     scalars: u64,
     count: u64,
     error_flag: u64,
@@ -684,7 +691,15 @@ fn masked_cross_entropy(
             )))
         }
     };
-    normalization.validate().map_err(py_err)?;
+    let options = CeOptions {
+        normalization,
+        upstream,
+        z_loss,
+        label_smoothing,
+        softcap: (softcap != 0.0).then_some(softcap),
+        ignore_index: None,
+    };
+    options.validate().map_err(py_err)?;
     let shape = LogitsShape {
         rows,
         vocab,
@@ -696,18 +711,16 @@ fn masked_cross_entropy(
     };
     let outputs = Outputs {
         row_loss,
+        row_z,
         log_probs,
         entropy,
         lse,
+        argmax,
         scalars,
         count,
         error_flag,
         grad,
         grad_stride,
-    };
-    let options = CeOptions {
-        normalization,
-        upstream,
     };
     let host = Host {
         shape,
@@ -741,9 +754,11 @@ fn masked_cross_entropy(
 /// The output addresses of a cross-entropy call.
 struct Outputs {
     row_loss: u64,
+    row_z: u64,
     log_probs: u64,
     entropy: u64,
     lse: u64,
+    argmax: u64,
     scalars: u64,
     count: u64,
     error_flag: u64,
@@ -835,8 +850,9 @@ impl Host {
             logits,
             shape: self.shape,
             labels,
-            mask: &mask,
+            mask: Some(&mask),
             weights,
+            cu_seqlens: None,
         };
         let result =
             cpu::loss::masked_cross_entropy(&input, &options, out.grad != 0).map_err(py_err)?;
@@ -855,18 +871,18 @@ impl Host {
                     }
                 }
             };
-            let row_loss: Vec<f64> = (0..rows)
-                .map(|r| match mask[r] {
-                    true => -f64::from(weights.map_or(1.0, |w| w[r])) * result.log_probs[r],
-                    false => 0.0,
-                })
-                .collect();
-            write(out.row_loss, &row_loss);
+            write(out.row_loss, &result.row_loss);
             write(out.log_probs, &result.log_probs);
             write(out.entropy, &result.entropy);
             write(out.lse, &result.lse);
-            write(out.scalars, &[result.sum, result.loss]);
-            host_mut::<i32>(out.count, 1)[0] = result.count as i32;
+            write(out.scalars, &[result.sum, result.loss, result.z_sum]);
+            if out.argmax != 0 {
+                host_mut::<i32>(out.argmax, rows).copy_from_slice(&result.argmax);
+            }
+            let counts = [result.count, result.correct, result.documents];
+            for (d, c) in host_mut::<i32>(out.count, 3).iter_mut().zip(counts) {
+                *d = c as i32;
+            }
             if let Some(grad) = &result.grad {
                 let vocab = self.shape.vocab;
                 for r in 0..rows {
@@ -908,8 +924,10 @@ fn cuda_ce<T: LogitElem>(
         let mut log_probs = loaded.foreign::<f32>(out.log_probs, rows);
         let mut entropy = loaded.foreign::<f32>(out.entropy, rows);
         let mut lse = loaded.foreign::<f32>(out.lse, rows);
-        let mut scalars = loaded.foreign::<f32>(out.scalars, 2);
-        let mut count = loaded.foreign::<u32>(out.count, 1);
+        let mut row_z = loaded.foreign::<f32>(out.row_z, rows);
+        let mut argmax = loaded.foreign::<i32>(out.argmax, rows);
+        let mut scalars = loaded.foreign::<f32>(out.scalars, 3);
+        let mut count = loaded.foreign::<u32>(out.count, 3);
         let mut flag = loaded.foreign::<u32>(out.error_flag, 1);
         let grad_len = match rows {
             0 => 0,
@@ -922,17 +940,21 @@ fn cuda_ce<T: LogitElem>(
                 true => DeviceLabels::I64(&labels64),
                 false => DeviceLabels::I32(&labels32),
             },
-            mask: &mask,
+            mask: Some(&mask),
             weights: (host.weights != 0).then_some(&weights as _),
+            cu_seqlens: None,
             upstream: (host.upstream_ptr != 0).then_some(&upstream as _),
         };
         let mut buffers = CeBuffers {
             row_loss: &mut row_loss,
+            row_z: (out.row_z != 0).then_some(&mut row_z as _),
             log_probs: (out.log_probs != 0).then_some(&mut log_probs as _),
             entropy: (out.entropy != 0).then_some(&mut entropy as _),
             lse: (out.lse != 0).then_some(&mut lse as _),
+            argmax: (out.argmax != 0).then_some(&mut argmax as _),
             scalars: &mut scalars,
             count: &mut count,
+            doc_trained: None,
             error_flag: &mut flag,
         };
         let kernels = loaded.cross_entropy()?;

@@ -86,6 +86,54 @@ def test_log_probs_and_entropy(device):
     assert torch.allclose(x.grad, want, atol=1e-6)
 
 
+def textbook(logits, labels, mask, z_loss=0.0, label_smoothing=0.0, softcap=None):
+    """Token-mean loss by PyTorch's own ops: softcap, F.cross_entropy with label smoothing, the z-loss."""
+    x = logits.float()
+    if softcap is not None:
+        x = softcap * torch.tanh(x / softcap)
+    per = F.cross_entropy(x, labels, reduction="none", label_smoothing=label_smoothing)
+    per = per + z_loss * torch.logsumexp(x, -1) ** 2
+    return (per * mask).sum() / mask.sum().clamp(min=1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(label_smoothing=0.1),
+        dict(label_smoothing=1.0),
+        dict(z_loss=1e-3),
+        dict(softcap=2.5),
+        dict(z_loss=1e-4, label_smoothing=0.2, softcap=30.0),
+    ],
+)
+def test_options_match_pytorch_with_gradients(device, options):
+    logits, labels, mask = case(rows=40, vocab=501, device=device)
+    ours_in = logits.clone().requires_grad_()
+    ref_in = logits.clone().requires_grad_()
+    ours = sft_collate.masked_cross_entropy(ours_in, labels, mask, **options)
+    ref = textbook(ref_in, labels, mask, **options)
+    assert torch.allclose(ours, ref, rtol=1e-5, atol=1e-6), (ours, ref)
+    ours.backward()
+    ref.backward()
+    assert torch.allclose(ours_in.grad, ref_in.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_options_gradcheck_in_float64_and_accuracy():
+    logits, labels, mask = case(rows=5, vocab=7, dtype=torch.float64)
+    fn = lambda x: sft_collate.masked_cross_entropy(  # noqa: E731
+        x, labels, mask, z_loss=0.01, label_smoothing=0.3, softcap=2.0, reduction="none"
+    )
+    assert torch.autograd.gradcheck(fn, (logits.clone().requires_grad_(),))
+    loss, extras = sft_collate.masked_cross_entropy(logits, labels, mask, z_loss=0.01, return_accuracy=True)
+    want_argmax = torch.where(mask, logits.argmax(-1), torch.full_like(labels, -1))
+    assert torch.equal(extras["argmax"], want_argmax)
+    assert int(extras["correct"]) == int(((logits.argmax(-1) == labels) & mask).sum())
+    assert int(extras["count"]) == int(mask.sum())
+    z = (0.01 * torch.logsumexp(logits, -1) ** 2 * mask).sum()
+    assert torch.allclose(extras["z_loss"], z)
+
+
 def test_bad_labels_raise_on_the_cpu_and_torch_compile_keeps_the_op():
     logits, labels, mask = case()
     labels[0], mask[0] = 500, True

@@ -289,9 +289,19 @@ pub struct CeReference {
     pub log_probs: Vec<f64>,
     pub entropy: Vec<f64>,
     pub lse: Vec<f64>,
-    /// `Σ w·(-log_prob)` over masked rows.
+    /// The first maximum of the raw logits (-1 on rows not trained and on rows with a NaN).
+    pub argmax: Vec<i32>,
+    /// Per row `w · (ce + z)` (divided by the document's trained rows under per-sequence means).
+    pub row_loss: Vec<f64>,
+    /// The sum of the row terms.
     pub sum: f64,
+    /// The z-loss part of `sum`.
+    pub z_sum: f64,
     pub count: usize,
+    /// Trained rows whose argmax is the label.
+    pub correct: usize,
+    /// Documents with trained rows.
+    pub documents: usize,
     pub loss: f64,
     /// `d loss / d logits`, dense `[N, vocab]`, when asked for.
     pub grad: Option<Vec<f64>>,
@@ -312,8 +322,20 @@ impl CeReference {
             log_probs: f32s(request.log_probs, &self.log_probs),
             entropy: f32s(request.entropy, &self.entropy),
             lse: f32s(request.lse, &self.lse),
+            argmax: match request.argmax {
+                true => self.argmax.clone(),
+                false => Vec::new(),
+            },
+            row_loss: f32s(request.row_loss, &self.row_loss),
             sum: self.sum as f32,
+            z_sum: self.z_sum as f32,
             count: self.count as u32,
+            correct: if request.argmax {
+                self.correct as u32
+            } else {
+                0
+            },
+            documents: self.documents as u32,
             loss: self.loss as f32,
             grad: self
                 .grad
@@ -323,59 +345,138 @@ impl CeReference {
     }
 }
 
-/// Masked cross-entropy on the CPU in f64: per-token log-probs, entropy and logsumexp over masked rows,
-/// the weighted sum, the count, the normalized loss and, with `with_grad`, `d loss / d logits =
-/// mask · scale · w · (softmax(row) - onehot(label))` with `scale = upstream / denominator`. A label
-/// outside `[0, vocab)` on a masked row is an error.
+/// `torch.argmax` of a row: the first maximum; -1 for a row with a NaN (torch would point at the NaN;
+/// such a row has no meaningful prediction, and its loss is NaN anyway).
+fn argmax<T: Float>(row: &[T]) -> i32 {
+    let mut best = (0, f64::NEG_INFINITY);
+    for (i, x) in row.iter().map(|x| x.to_f64()).enumerate() {
+        if x.is_nan() {
+            return -1;
+        }
+        if x > best.1 {
+            best = (i, x);
+        }
+    }
+    best.0 as i32
+}
+
+/// The document of every row (`cu_seqlens` boundaries; without them one document) and each document's
+/// number of trained rows.
+fn documents(cu_seqlens: Option<&[i32]>, trained: &[bool]) -> (Vec<usize>, Vec<usize>) {
+    let bounds: Vec<usize> = match cu_seqlens {
+        Some(cu) => cu.iter().map(|&c| c as usize).collect(),
+        None => vec![0, trained.len()],
+    };
+    let mut doc_of = vec![0; trained.len()];
+    let mut per_doc = vec![0; bounds.len() - 1];
+    for (d, w) in bounds.windows(2).enumerate() {
+        for r in w[0]..w[1] {
+            doc_of[r] = d;
+            per_doc[d] += usize::from(trained[r]);
+        }
+    }
+    (doc_of, per_doc)
+}
+
+/// Masked cross-entropy on the CPU in f64 with every option of [`crate::loss::CeOptions`]: per-token
+/// log-probs, entropy, logsumexp, argmax and loss terms over trained rows, the sums, counts, the
+/// normalized loss and, with `with_grad`, `d loss / d logits`. For a trained row of raw logits `x`,
+/// `x' = C·tanh(x / C)` with a softcap (else `x' = x`), `p = softmax(x')`:
 ///
-/// Non-finite logits, as PyTorch: a NaN anywhere in a masked row makes its log-prob, entropy, lse,
+/// `d loss / d x_i = scale · w · [(1 + 2s·lse)·p_i - (1 - ε)·1[i = label] - ε / V] · dx'_i/dx_i`
+///
+/// with `scale = upstream / denominator` (and `w` divided by the document's trained rows under
+/// per-sequence means). A label outside `[0, vocab)` on a trained row is an error.
+///
+/// Non-finite logits, as PyTorch: a NaN anywhere in a trained row makes its log-prob, entropy, lse,
 /// loss term and gradient row NaN (and so the loss); a row of only -inf has lse -inf and everything
 /// else NaN; a +inf entry gives lse +inf, log-prob -inf (NaN when the label's logit is the +inf),
-/// entropy NaN, and a gradient of NaN at +inf entries, -1·scale·w at a finite label, 0 elsewhere.
+/// entropy NaN, and a gradient of NaN at +inf entries, -1·scale·w at a finite label, 0 elsewhere. The
+/// options' terms are added only when set (a z-loss scale of 0 adds nothing, not `0 · inf`).
 pub fn masked_cross_entropy<T: Float>(
     input: &crate::loss::CeInput<'_, T>,
     options: &crate::loss::CeOptions,
     with_grad: bool,
 ) -> Result<CeReference> {
     input.validate()?;
-    options.normalization.validate()?;
+    options.validate()?;
     let shape = input.shape;
-    let n = shape.rows;
+    let (n, vocab) = (shape.rows, shape.vocab);
+    let trained: Vec<bool> = (0..n).map(|r| input.trained(r, options)).collect();
+    let (doc_of, per_doc) = documents(input.cu_seqlens, &trained);
+    let sequence_mean = options.normalization == crate::loss::Normalization::SequenceMean;
+    let (eps, s) = (
+        f64::from(options.label_smoothing),
+        f64::from(options.z_loss),
+    );
+    let cap = options.softcap.map(f64::from);
     let mut out = CeReference {
         log_probs: vec![0.0; n],
         entropy: vec![0.0; n],
         lse: vec![0.0; n],
+        argmax: vec![-1; n],
+        row_loss: vec![0.0; n],
         sum: 0.0,
+        z_sum: 0.0,
         count: 0,
+        correct: 0,
+        documents: per_doc.iter().filter(|&&c| c > 0).count(),
         loss: 0.0,
-        grad: with_grad.then(|| vec![0.0; n * shape.vocab]),
+        grad: with_grad.then(|| vec![0.0; n * vocab]),
     };
-    let rows: Vec<(usize, Row)> = (0..n)
-        .filter(|&r| input.mask[r])
-        .map(|row| {
-            let x = &input.logits[row * shape.row_stride..row * shape.row_stride + shape.vocab];
-            let label = input.labels.get(row);
-            usize::try_from(label)
-                .ok()
-                .filter(|&at| at < shape.vocab)
-                .ok_or(Error::LabelOutOfRange {
-                    row,
-                    label,
-                    vocab: shape.vocab,
-                })?;
-            Ok((row, classify(x)))
-        })
-        .collect::<Result<_>>()?;
-    for &(row, kind) in &rows {
-        let x = &input.logits[row * shape.row_stride..row * shape.row_stride + shape.vocab];
-        let x_label = x[input.labels.get(row) as usize].to_f64();
-        out.lse[row] = kind.logsumexp();
-        out.log_probs[row] = kind.log_prob(x_label);
-        out.entropy[row] = kind.entropy();
-        out.sum -= f64::from(input.weights.map_or(1.0, |w| w[row])) * out.log_probs[row];
-        out.count += 1;
+    // Every trained row's label is checked before anything is computed.
+    for row in (0..n).filter(|&r| trained[r]) {
+        let label = input.labels.get(row);
+        if usize::try_from(label).is_ok_and(|l| l < vocab) {
+            continue;
+        }
+        return Err(Error::LabelOutOfRange { row, label, vocab });
     }
-    let denominator = options.normalization.denominator(out.count);
+    let mut rows = Vec::new();
+    for row in (0..n).filter(|&r| trained[r]) {
+        let raw = &input.logits[row * shape.row_stride..row * shape.row_stride + vocab];
+        let x: Vec<f64> = raw
+            .iter()
+            .map(|v| {
+                let v = v.to_f64();
+                cap.map_or(v, |c| c * (v / c).tanh())
+            })
+            .collect();
+        let kind = classify(&x);
+        let label = input.labels.get(row) as usize;
+        let w = f64::from(input.weights.map_or(1.0, |w| w[row]))
+            / if sequence_mean {
+                per_doc[doc_of[row]] as f64
+            } else {
+                1.0
+            };
+        let lse = kind.logsumexp();
+        let log_prob = kind.log_prob(x[label]);
+        // PyTorch's smoothing term mean_j(-log p_j) = lse - mean(x'), as ln(1 + r) + mean(m - x').
+        let smooth = match kind {
+            Row::Finite { m, r, .. } => {
+                r.ln_1p() + x.iter().map(|&v| m - v).sum::<f64>() / vocab as f64
+            }
+            _ => f64::NAN,
+        };
+        let ce = if eps > 0.0 {
+            (1.0 - eps) * -log_prob + eps * smooth
+        } else {
+            -log_prob
+        };
+        let z = if s != 0.0 { s * lse * lse } else { 0.0 };
+        out.lse[row] = lse;
+        out.log_probs[row] = log_prob;
+        out.entropy[row] = kind.entropy();
+        out.argmax[row] = argmax(raw);
+        out.row_loss[row] = w * (ce + z);
+        out.sum += out.row_loss[row];
+        out.z_sum += w * z;
+        out.count += 1;
+        out.correct += usize::from(out.argmax[row] == label as i32);
+        rows.push((row, kind, x, w));
+    }
+    let denominator = options.normalization.denominator(out.count, out.documents);
     out.loss = if denominator > 0.0 {
         out.sum / denominator
     } else {
@@ -387,15 +488,34 @@ pub fn masked_cross_entropy<T: Float>(
         } else {
             0.0
         };
-        for &(row, kind) in &rows {
-            let x = &input.logits[row * shape.row_stride..row * shape.row_stride + shape.vocab];
-            let w = f64::from(input.weights.map_or(1.0, |w| w[row]));
+        for (row, kind, x, w) in rows {
+            let raw = &input.logits[row * shape.row_stride..row * shape.row_stride + vocab];
             let label = input.labels.get(row) as usize;
-            for (i, g) in grad[row * shape.vocab..(row + 1) * shape.vocab]
-                .iter_mut()
-                .enumerate()
-            {
-                *g = scale * w * kind.softmax_minus_onehot(x[i].to_f64(), i == label);
+            let lse = out.lse[row];
+            let p_label = kind.softmax_minus_onehot(x[label], false);
+            for (i, g) in grad[row * vocab..(row + 1) * vocab].iter_mut().enumerate() {
+                let mut d = if i == label {
+                    let z = if s != 0.0 {
+                        2.0 * s * lse * p_label
+                    } else {
+                        0.0
+                    };
+                    kind.softmax_minus_onehot(x[i], true) + z
+                } else if s != 0.0 {
+                    (1.0 + 2.0 * s * lse) * kind.softmax_minus_onehot(x[i], false)
+                } else {
+                    kind.softmax_minus_onehot(x[i], false)
+                };
+                if eps > 0.0 {
+                    let at_label = if i == label { eps } else { 0.0 };
+                    d += at_label - eps / vocab as f64;
+                }
+                if let Some(c) = cap {
+                    // d(C·tanh(x/C))/dx = 1 - tanh² = 1 / cosh², without cancellation near |tanh| = 1.
+                    let cosh = (raw[i].to_f64() / c).cosh();
+                    d /= cosh * cosh;
+                }
+                *g = scale * w * d;
             }
         }
     }

@@ -167,8 +167,7 @@ impl<T: LogitElem> LossBench<T> {
     pub fn fused_forward(&self) -> Result<()> {
         let request = CeRequest {
             log_probs: true,
-            entropy: false,
-            lse: false,
+            ..CeRequest::NONE
         };
         self.fused
             .forward(&self.logits, &self.targets(), &self.options, request)
@@ -179,8 +178,7 @@ impl<T: LogitElem> LossBench<T> {
     pub fn fused_forward_backward(&self) -> Result<()> {
         let request = CeRequest {
             log_probs: true,
-            entropy: false,
-            lse: false,
+            ..CeRequest::NONE
         };
         self.fused
             .forward_backward(&self.logits, &self.targets(), &self.options, request)

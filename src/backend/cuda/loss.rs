@@ -9,7 +9,7 @@ use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, PushKernelArg, SyncOnD
 use super::memory::{DeviceRead, DeviceWrite};
 use super::module::{self, ModuleOrigin};
 use super::{cuda_err, launch_config};
-use crate::backend::abi::{self, CeArgs, CeCountArgs, CeReduceArgs};
+use crate::backend::abi::{self, CeArgs, CeVariant};
 use crate::loss::{CeOptions, CeOutput, CeRequest, LogitElem, LogitsShape};
 use crate::{Error, Result};
 
@@ -30,15 +30,18 @@ impl DeviceLabels<'_> {
 }
 
 /// What the loss is computed against, on the device: the logits' shape (rows, vocab, row stride),
-/// labels, mask (one byte per row, 0 or 1), optional per-token weights, and optionally the upstream
-/// gradient `d final loss / d this loss` as a one-element device buffer (a framework's `grad_output`),
-/// which then replaces [`CeOptions::upstream`] without the host ever reading it.
+/// labels, optionally a mask (one byte per row, 0 or 1; without one every row whose label is not
+/// [`CeOptions::ignore_index`] is trained), per-token weights, document boundaries (`cu_seqlens`, for
+/// [`crate::loss::Normalization::SequenceMean`] and the document count), and the upstream gradient
+/// `d final loss / d this loss` as a one-element device buffer (a framework's `grad_output`), which then
+/// replaces [`CeOptions::upstream`] without the host ever reading it.
 #[derive(Clone, Copy)]
 pub struct DeviceCeTargets<'a> {
     pub shape: LogitsShape,
     pub labels: DeviceLabels<'a>,
-    pub mask: &'a dyn DeviceRead<u8>,
+    pub mask: Option<&'a dyn DeviceRead<u8>>,
     pub weights: Option<&'a dyn DeviceRead<f32>>,
+    pub cu_seqlens: Option<&'a dyn DeviceRead<i32>>,
     pub upstream: Option<&'a dyn DeviceRead<f32>>,
 }
 
@@ -46,12 +49,26 @@ impl<'a> DeviceCeTargets<'a> {
     /// Labels, mask and shape; no weights, the upstream gradient from [`CeOptions`].
     pub fn new(shape: LogitsShape, labels: DeviceLabels<'a>, mask: &'a dyn DeviceRead<u8>) -> Self {
         DeviceCeTargets {
+            mask: Some(mask),
+            ..Self::unmasked(shape, labels)
+        }
+    }
+
+    /// Labels and shape, trained where the label is not [`CeOptions::ignore_index`] (PyTorch's way).
+    pub fn unmasked(shape: LogitsShape, labels: DeviceLabels<'a>) -> Self {
+        DeviceCeTargets {
             shape,
             labels,
-            mask,
+            mask: None,
             weights: None,
+            cu_seqlens: None,
             upstream: None,
         }
+    }
+
+    /// The number of documents `cu_seqlens` describes (0 without).
+    fn documents(&self) -> usize {
+        self.cu_seqlens.map_or(0, |cu| cu.len().saturating_sub(1))
     }
 }
 
@@ -62,15 +79,21 @@ pub struct DeviceCeOutput<T> {
     pub log_probs: Option<CudaSlice<f32>>,
     pub entropy: Option<CudaSlice<f32>>,
     pub lse: Option<CudaSlice<f32>>,
-    /// Per row, `w · (-log_prob)` (0 on unmasked rows).
+    pub argmax: Option<CudaSlice<i32>>,
+    /// Per row, `w · (ce + z)` (0 on rows not trained).
     pub row_loss: CudaSlice<f32>,
-    /// `[sum, loss]`.
+    /// Per row, `w · s · lse²`, with a z-loss.
+    pub row_z: Option<CudaSlice<f32>>,
+    /// `[sum, loss, z_sum]`.
     pub scalars: CudaSlice<f32>,
-    /// `[count]`.
+    /// `[trained rows, correct rows, documents]`.
     pub count: CudaSlice<u32>,
     /// The gradient (dense `[N, vocab]`) when computed into a new buffer.
     pub grad: Option<CudaSlice<T>>,
+    /// Each document's trained rows, with `cu_seqlens`.
+    pub doc_trained: Option<CudaSlice<u32>>,
     error_flag: CudaSlice<u32>,
+    row_loss_requested: bool,
     stream: Arc<CudaStream>,
 }
 
@@ -78,10 +101,7 @@ impl<T: LogitElem> DeviceCeOutput<T> {
     /// Turn the device-side error flag into a typed error (synchronizes the stream).
     pub fn check(&self) -> Result<()> {
         let flag = self.stream.clone_dtoh(&self.error_flag).map_err(cuda_err)?;
-        if flag[0] != 0 {
-            return Err(Error::DeviceLabelOutOfRange);
-        }
-        Ok(())
+        abi::ce_error(flag[0])
     }
 
     /// Copy everything to the host (synchronizes the stream), after [`DeviceCeOutput::check`]. Outputs
@@ -94,13 +114,29 @@ impl<T: LogitElem> DeviceCeOutput<T> {
                 .map_or(Ok(Vec::new()), |v| s.clone_dtoh(v).map_err(cuda_err))
         };
         let scalars = s.clone_dtoh(&self.scalars).map_err(cuda_err)?;
+        let count = s.clone_dtoh(&self.count).map_err(cuda_err)?;
         Ok(CeOutput {
             log_probs: f32s(&self.log_probs)?,
             entropy: f32s(&self.entropy)?,
             lse: f32s(&self.lse)?,
+            argmax: match &self.argmax {
+                Some(a) => s.clone_dtoh(a).map_err(cuda_err)?,
+                None => Vec::new(),
+            },
+            row_loss: match self.row_loss_requested {
+                true => s.clone_dtoh(&self.row_loss).map_err(cuda_err)?,
+                false => Vec::new(),
+            },
             sum: scalars[0],
-            count: s.clone_dtoh(&self.count).map_err(cuda_err)?[0],
             loss: scalars[1],
+            z_sum: if self.row_z.is_some() {
+                scalars[2]
+            } else {
+                0.0
+            },
+            count: count[0],
+            correct: if self.argmax.is_some() { count[1] } else { 0 },
+            documents: count[2],
             grad: match &self.grad {
                 Some(g) => Some(s.clone_dtoh(g).map_err(cuda_err)?),
                 None => None,
@@ -145,25 +181,31 @@ pub enum CeLogits<'a, T> {
     InPlace(&'a mut dyn DeviceWrite<T>),
 }
 
-/// The caller's buffers for the outputs: per-row ones of `rows` elements (`None`: not computed),
-/// `scalars` `[sum, loss]`, `count` `[masked rows]`, `error_flag` `[1]` (set when a masked row's label
-/// is outside `[0, vocab)`). Every element is written; nothing needs zeroing first.
+/// The caller's buffers for the outputs: per-row ones of `rows` elements (`None`: not computed; the
+/// kernels leave out the entropy's and the argmax's work without them), `row_z` (needed with a z-loss),
+/// `scalars` `[sum, loss, z_sum]`, `count` `[trained rows, correct rows, documents]`, `doc_trained` (one
+/// per document, needed with `cu_seqlens`), `error_flag` `[1]` (`CE_ERR_*` bits: a trained row's label
+/// outside `[0, vocab)`, bad `cu_seqlens`). Every element is written; nothing needs zeroing first.
 pub struct CeBuffers<'a> {
     pub row_loss: &'a mut dyn DeviceWrite<f32>,
+    pub row_z: Option<&'a mut dyn DeviceWrite<f32>>,
     pub log_probs: Option<&'a mut dyn DeviceWrite<f32>>,
     pub entropy: Option<&'a mut dyn DeviceWrite<f32>>,
     pub lse: Option<&'a mut dyn DeviceWrite<f32>>,
+    pub argmax: Option<&'a mut dyn DeviceWrite<i32>>,
     pub scalars: &'a mut dyn DeviceWrite<f32>,
     pub count: &'a mut dyn DeviceWrite<u32>,
+    pub doc_trained: Option<&'a mut dyn DeviceWrite<u32>>,
     pub error_flag: &'a mut dyn DeviceWrite<u32>,
 }
 
 /// The fused masked cross-entropy kernels, loaded on the caller's stream.
 pub struct MaskedCrossEntropy {
     stream: Arc<CudaStream>,
-    /// `masked_ce_{fwd,fwd_bwd}_{suffix}`, looked up once.
+    /// `masked_ce_{fwd,fwd_bwd}_{suffix}_{variant}`, looked up once.
     kernels: std::collections::HashMap<String, CudaFunction>,
     count: CudaFunction,
+    documents: CudaFunction,
     reduce: CudaFunction,
     origin: ModuleOrigin,
 }
@@ -182,15 +224,20 @@ impl MaskedCrossEntropy {
         let kernel = crate::kernels::kernel("masked_ce").expect("masked_ce.cu is embedded");
         let (module, origin) = module::load(stream.context(), kernel)?;
         let mut kernels = std::collections::HashMap::new();
-        for op in ["fwd", "fwd_bwd"] {
+        for backward in [false, true] {
             for suffix in ["f32", "f16", "bf16"] {
-                let name = format!("masked_ce_{op}_{suffix}");
-                let function = module.load_function(&name).map_err(cuda_err)?;
-                kernels.insert(name, function);
+                for variant in CeVariant::ALL {
+                    let name = variant.kernel(backward, suffix);
+                    let function = module.load_function(&name).map_err(cuda_err)?;
+                    kernels.insert(name, function);
+                }
             }
         }
         Ok(MaskedCrossEntropy {
             count: module.load_function("masked_ce_count").map_err(cuda_err)?,
+            documents: module
+                .load_function("masked_ce_documents")
+                .map_err(cuda_err)?,
             reduce: module.load_function("masked_ce_reduce").map_err(cuda_err)?,
             kernels,
             stream,
@@ -298,33 +345,41 @@ impl MaskedCrossEntropy {
         let stream = &self.stream;
         let n = targets.shape.rows;
         // An empty batch gets empty (null) per-row outputs, as the other backends give.
-        let floats = |len: usize| {
+        fn alloc<E: cudarc::driver::DeviceRepr>(
+            stream: &Arc<CudaStream>,
+            len: usize,
+        ) -> Result<CudaSlice<E>> {
             if len == 0 {
-                stream.null::<f32>().map_err(cuda_err)
+                stream.null::<E>().map_err(cuda_err)
             } else {
                 // SAFETY: the kernels write every element (see `compute`).
-                unsafe { stream.alloc::<f32>(len) }.map_err(cuda_err)
+                unsafe { stream.alloc::<E>(len) }.map_err(cuda_err)
             }
-        };
-        let optional = |wanted: bool| wanted.then(|| floats(n)).transpose();
+        }
+        let optional = |wanted: bool| wanted.then(|| alloc::<f32>(stream, n)).transpose();
         let mut out = DeviceCeOutput {
             log_probs: optional(request.log_probs)?,
             entropy: optional(request.entropy)?,
             lse: optional(request.lse)?,
-            row_loss: floats(n)?,
-            scalars: floats(2)?,
-            // SAFETY: written by the count kernel.
-            count: unsafe { stream.alloc::<u32>(1) }.map_err(cuda_err)?,
+            argmax: request
+                .argmax
+                .then(|| alloc::<i32>(stream, n))
+                .transpose()?,
+            row_loss: alloc(stream, n)?,
+            row_z: optional(options.z_loss != 0.0)?,
+            scalars: alloc(stream, 3)?,
+            count: alloc(stream, 3)?,
             grad: match (&grad, forward_only) {
-                (CeGrad::None, false) if n == 0 => Some(stream.null::<T>().map_err(cuda_err)?),
-                // SAFETY: the kernel writes every element of every row (zeros on unmasked rows).
-                (CeGrad::None, false) => {
-                    Some(unsafe { stream.alloc::<T>(n * targets.shape.vocab) }.map_err(cuda_err)?)
-                }
+                (CeGrad::None, false) => Some(alloc::<T>(stream, n * targets.shape.vocab)?),
                 _ => None,
             },
-            // SAFETY: cleared by the count kernel before the main one may set it.
-            error_flag: unsafe { stream.alloc::<u32>(1) }.map_err(cuda_err)?,
+            doc_trained: targets
+                .cu_seqlens
+                .map(|_| alloc::<u32>(stream, targets.documents()))
+                .transpose()?,
+            // Cleared by the count kernel before the main one may set it.
+            error_flag: alloc(stream, 1)?,
+            row_loss_requested: request.row_loss,
             stream: stream.clone(),
         };
         let vocab = targets.shape.vocab;
@@ -332,20 +387,26 @@ impl MaskedCrossEntropy {
             log_probs,
             entropy,
             lse,
+            argmax,
             row_loss,
+            row_z,
             scalars,
             count,
             grad: new_grad,
+            doc_trained,
             error_flag,
             ..
         } = &mut out;
         let mut buffers = CeBuffers {
             row_loss,
+            row_z: row_z.as_mut().map(|b| b as &mut dyn DeviceWrite<f32>),
             log_probs: log_probs.as_mut().map(|b| b as &mut dyn DeviceWrite<f32>),
             entropy: entropy.as_mut().map(|b| b as &mut dyn DeviceWrite<f32>),
             lse: lse.as_mut().map(|b| b as &mut dyn DeviceWrite<f32>),
+            argmax: argmax.as_mut().map(|b| b as &mut dyn DeviceWrite<i32>),
             scalars,
             count,
+            doc_trained: doc_trained.as_mut().map(|b| b as &mut dyn DeviceWrite<u32>),
             error_flag,
         };
         match (grad, new_grad.as_mut()) {
@@ -359,7 +420,8 @@ impl MaskedCrossEntropy {
     }
 
     /// The general form every other call is made of: the loss of `logits` against `targets` into the
-    /// caller's `outputs`, the gradient as `grad` says, all on this stream, nothing synchronized.
+    /// caller's `outputs`, the gradient as `grad` says, all on this stream, nothing synchronized. The
+    /// kernel variant follows the outputs given (no entropy buffer: no entropy work) and the options.
     pub fn compute<T: LogitElem>(
         &self,
         mut logits: CeLogits<'_, T>,
@@ -377,14 +439,21 @@ impl MaskedCrossEntropy {
         shape.validate(
             logits_len,
             targets.labels.len(),
-            targets.mask.len(),
+            targets.mask.map_or(shape.rows, |m| m.len()),
             targets.weights.map(|w| w.len()),
         )?;
-        options.normalization.validate()?;
+        options.validate()?;
         let n = shape.rows;
+        let documents = targets.documents();
         let short = |what: &str, len: usize, needed: usize| {
             (len < needed)
                 .then(|| Error::Shape(format!("{what}: a buffer of {len} elements for {needed}")))
+        };
+        let missing = |what: &str, why: &str| {
+            Some(Error::InvalidOption {
+                name: "outputs",
+                reason: format!("{what} needs a buffer {why}"),
+            })
         };
         let checks = [
             targets.upstream.and_then(|u| {
@@ -395,7 +464,20 @@ impl MaskedCrossEntropy {
                     ))
                 })
             }),
+            targets.cu_seqlens.and_then(|cu| {
+                (cu.len() < 2).then(|| {
+                    Error::Shape(format!(
+                        "cu_seqlens has {} entries; at least 2 (one document)",
+                        cu.len()
+                    ))
+                })
+            }),
             short("row_loss", outputs.row_loss.len(), n),
+            match &outputs.row_z {
+                Some(b) => short("row_z", b.len(), n),
+                None if options.z_loss != 0.0 => missing("row_z", "with a z-loss"),
+                None => None,
+            },
             outputs
                 .log_probs
                 .as_ref()
@@ -405,8 +487,17 @@ impl MaskedCrossEntropy {
                 .as_ref()
                 .and_then(|b| short("entropy", b.len(), n)),
             outputs.lse.as_ref().and_then(|b| short("lse", b.len(), n)),
-            short("scalars", outputs.scalars.len(), 2),
-            short("count", outputs.count.len(), 1),
+            outputs
+                .argmax
+                .as_ref()
+                .and_then(|b| short("argmax", b.len(), n)),
+            short("scalars", outputs.scalars.len(), 3),
+            short("count", outputs.count.len(), 3),
+            match &outputs.doc_trained {
+                Some(b) => short("doc_trained", b.len(), documents),
+                None if documents > 0 => missing("doc_trained", "with cu_seqlens"),
+                None => None,
+            },
             short("error_flag", outputs.error_flag.len(), 1),
         ];
         if let Some(error) = checks.into_iter().flatten().next() {
@@ -444,15 +535,14 @@ impl MaskedCrossEntropy {
                 )));
             }
         }
-        let (norm_mode, norm_fixed) = abi::norm_args(&options.normalization);
         let backward = !matches!(grad, CeGrad::None);
-        let name = format!(
-            "masked_ce_{}_{}",
-            if backward { "fwd_bwd" } else { "fwd" },
-            T::SUFFIX
-        );
-        let function = &self.kernels[&name];
-        // Addresses for the argument structs; each guard records this stream's use of its buffer when
+        let request = CeRequest {
+            entropy: outputs.entropy.is_some(),
+            argmax: outputs.argmax.is_some(),
+            ..CeRequest::NONE
+        };
+        let function = &self.kernels[&CeVariant::of(options, &request).kernel(backward, T::SUFFIX)];
+        // Addresses for the argument struct; each guard records this stream's use of its buffer when
         // dropped after the launches.
         let mut guards: Vec<SyncOnDrop<'_>> = Vec::new();
         let g = &mut guards;
@@ -470,68 +560,62 @@ impl MaskedCrossEntropy {
             DeviceLabels::I32(l) => (keep(g, l.read_addr(stream)), 0),
             DeviceLabels::I64(l) => (keep(g, l.read_addr(stream)), 1),
         };
-        let mask = keep(g, targets.mask.read_addr(stream));
-        let weights = targets.weights.map_or(0, |w| keep(g, w.read_addr(stream)));
-        let upstream_ptr = targets.upstream.map_or(0, |u| keep(g, u.read_addr(stream)));
-        let count = keep(g, outputs.count.write_addr(stream));
-        let row_loss = keep(g, outputs.row_loss.write_addr(stream));
-        let log_probs = keep_optional(g, stream, &mut outputs.log_probs);
-        let entropy = keep_optional(g, stream, &mut outputs.entropy);
-        let lse = keep_optional(g, stream, &mut outputs.lse);
-        let error_flag = keep(g, outputs.error_flag.write_addr(stream));
-        let scalars = keep(g, outputs.scalars.write_addr(stream));
-        let rows = n as u64;
         let args = CeArgs {
             logits: logits_addr,
             labels,
-            mask,
-            weights,
-            count,
-            upstream_ptr,
-            row_loss,
-            log_probs,
-            entropy,
-            lse,
+            mask: targets.mask.map_or(0, |m| keep(g, m.read_addr(stream))),
+            weights: targets.weights.map_or(0, |w| keep(g, w.read_addr(stream))),
+            cu_seqlens: targets
+                .cu_seqlens
+                .map_or(0, |c| keep(g, c.read_addr(stream))),
+            upstream_ptr: targets.upstream.map_or(0, |u| keep(g, u.read_addr(stream))),
+            doc_trained: match &mut outputs.doc_trained {
+                Some(b) if documents > 0 => keep(g, b.write_addr(stream)),
+                _ => 0,
+            },
+            count: keep(g, outputs.count.write_addr(stream)),
+            row_loss: keep(g, outputs.row_loss.write_addr(stream)),
+            row_z: keep_optional(g, stream, &mut outputs.row_z),
+            log_probs: keep_optional(g, stream, &mut outputs.log_probs),
+            entropy: keep_optional(g, stream, &mut outputs.entropy),
+            lse: keep_optional(g, stream, &mut outputs.lse),
+            argmax: match &mut outputs.argmax {
+                Some(b) => keep(g, b.write_addr(stream)),
+                None => 0,
+            },
             grad: grad_addr,
-            error_flag,
-            rows,
-            vocab: shape.vocab as u64,
-            logits_stride: shape.row_stride as u64,
+            scalars: keep(g, outputs.scalars.write_addr(stream)),
+            error_flag: keep(g, outputs.error_flag.write_addr(stream)),
             grad_stride,
-            norm_fixed,
-            upstream: options.upstream,
             labels_are_i64,
-            norm_mode,
-        };
-        let count_args = CeCountArgs {
-            mask,
-            count,
-            error_flag,
-            rows,
-        };
-        let reduce_args = CeReduceArgs {
-            row_loss,
-            count,
-            out: scalars,
-            rows,
-            norm_fixed,
-            norm_mode,
+            ..abi::ce_args(options, &shape, documents)
         };
         // SAFETY: `validate` checked that the logits hold `rows` rows of `row_stride` with `vocab`
         // elements, and that labels, mask and weights have one entry per row (the upstream gradient one
-        // element); per-row outputs have at least `rows` entries (absent ones are null, which the kernel
-        // checks), the gradient `rows` rows of `grad_stride` (checked above; the logits' own layout in
-        // place). The kernel dereferences a label only after checking it is in [0, vocab). The count
-        // kernel reads `rows` mask bytes and writes the count and the cleared flag; the reduce kernel
-        // reads `rows` row losses and the count and writes two floats. With no rows, the kernels write
-        // only the count, the flag and the two scalars. Each struct is its kernel's one parameter
-        // (abi.cuh).
+        // element, cu_seqlens documents + 1 entries, doc_trained at least documents); per-row outputs
+        // have at least `rows` entries (absent ones are null, which the kernels check; the argmax buffer
+        // selects the full variant, the only one that writes it), the gradient `rows` rows of
+        // `grad_stride` (checked above; the logits' own layout in place). The main kernel dereferences a
+        // label only after checking it is in [0, vocab), and finds a row's document by bisection within
+        // the documents + 1 boundaries (whatever their values; the documents kernel flags bad ones and
+        // clamps the rows it counts to [0, rows)). The count kernel reads `rows` mask bytes and labels
+        // and writes three counts and the flag; the reduce kernel reads `rows` row losses (row z,
+        // argmax and labels when given) and writes three floats and one count. With no rows, the
+        // kernels write only the counts, the flag and the scalars. The struct is every kernel's one
+        // parameter (abi.cuh).
         unsafe {
             stream
                 .launch_builder(&self.count)
-                .arg(&count_args)
+                .arg(&args)
                 .launch(launch_config(abi::ce_one_block()))
                 .map_err(cuda_err)?;
+            if documents > 0 {
+                stream
+                    .launch_builder(&self.documents)
+                    .arg(&args)
+                    .launch(launch_config(abi::ce_documents_launch(documents)))
+                    .map_err(cuda_err)?;
+            }
             stream
                 .launch_builder(function)
                 .arg(&args)
@@ -539,7 +623,7 @@ impl MaskedCrossEntropy {
                 .map_err(cuda_err)?;
             stream
                 .launch_builder(&self.reduce)
-                .arg(&reduce_args)
+                .arg(&args)
                 .launch(launch_config(abi::ce_one_block()))
                 .map_err(cuda_err)?;
         }

@@ -108,10 +108,17 @@ impl CudaDevice {
         let kernels = self.masked_cross_entropy()?;
         let stream = &self.stream;
         let logits = cuda_result(stream.clone_htod(input.logits))?;
-        let mask: Vec<u8> = input.mask.iter().map(|&m| u8::from(m)).collect();
-        let mask = cuda_result(stream.clone_htod(&mask))?;
-        let weights = match input.weights {
-            Some(w) => Some(cuda_result(stream.clone_htod(w))?),
+        let mask = match input.mask {
+            Some(m) => {
+                let bytes: Vec<u8> = m.iter().map(|&m| u8::from(m)).collect();
+                Some(cuda_result(stream.clone_htod(&bytes))?)
+            }
+            None => None,
+        };
+        let upload = |v: Option<&[_]>| v.map(|v| cuda_result(stream.clone_htod(v))).transpose();
+        let weights = upload(input.weights)?;
+        let cu_seqlens = match input.cu_seqlens {
+            Some(cu) => Some(cuda_result(stream.clone_htod(cu))?),
             None => None,
         };
         let (labels32, labels64) = match input.labels {
@@ -124,8 +131,10 @@ impl CudaDevice {
             _ => unreachable!("one of the two was uploaded"),
         };
         let targets = DeviceCeTargets {
+            mask: mask.as_ref().map(|m| m as &dyn DeviceRead<u8>),
             weights: weights.as_ref().map(|w| w as &dyn DeviceRead<f32>),
-            ..DeviceCeTargets::new(input.shape, labels, &mask)
+            cu_seqlens: cu_seqlens.as_ref().map(|c| c as &dyn DeviceRead<i32>),
+            ..DeviceCeTargets::unmasked(input.shape, labels)
         };
         match with_grad {
             true => kernels.forward_backward(&logits, &targets, options, request),

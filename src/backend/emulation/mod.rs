@@ -7,9 +7,7 @@
 mod collate;
 mod loss;
 
-use crate::backend::abi::{
-    CeArgs, CeCountArgs, CeReduceArgs, CollateArgs, CollatePackArgs, Launch,
-};
+use crate::backend::abi::{CeArgs, CeVariant, CollateArgs, CollatePackArgs, Launch};
 
 pub use loss::Grad;
 
@@ -32,16 +30,52 @@ extern "C" {
     fn emu_collate_i64(cfg: *const Launch, args: *const CollateArgs);
     fn emu_collate_pack_i32(cfg: *const Launch, args: *const CollatePackArgs);
     fn emu_collate_pack_i64(cfg: *const Launch, args: *const CollatePackArgs);
-    fn emu_masked_ce_fwd_f32(cfg: *const Launch, args: *const CeArgs);
-    fn emu_masked_ce_fwd_f16(cfg: *const Launch, args: *const CeArgs);
-    fn emu_masked_ce_fwd_bf16(cfg: *const Launch, args: *const CeArgs);
-    fn emu_masked_ce_fwd_bwd_f32(cfg: *const Launch, args: *const CeArgs);
-    fn emu_masked_ce_fwd_bwd_f16(cfg: *const Launch, args: *const CeArgs);
-    fn emu_masked_ce_fwd_bwd_bf16(cfg: *const Launch, args: *const CeArgs);
-    fn emu_masked_ce_count(cfg: *const Launch, args: *const CeCountArgs);
-    fn emu_masked_ce_reduce(cfg: *const Launch, args: *const CeReduceArgs);
+    fn emu_masked_ce_count(cfg: *const Launch, args: *const CeArgs);
+    fn emu_masked_ce_documents(cfg: *const Launch, args: *const CeArgs);
+    fn emu_masked_ce_reduce(cfg: *const Launch, args: *const CeArgs);
     fn emu_selftest_reduce(cfg: *const Launch, input: *const f32, out: *mut f32, ballots: *mut u32);
     fn emu_abi_layout(out: *mut u64, capacity: u64) -> u64;
+}
+
+/// An emulated kernel launch: the launch shape and the kernel's argument struct.
+type EmuKernel<Args> = unsafe extern "C" fn(*const Launch, *const Args);
+
+/// Declares the emulator's cross-entropy kernels and the lookup by (backward, dtype, variant).
+macro_rules! ce_kernels {
+    ($($backward:literal $suffix:literal $variant:ident => $f:ident),* $(,)?) => {
+        extern "C" {
+            $(fn $f(cfg: *const Launch, args: *const CeArgs);)*
+        }
+
+        /// The emulated `masked_ce_{fwd,fwd_bwd}_{suffix}_{variant}`.
+        fn ce_kernel(backward: bool, suffix: &str, variant: CeVariant) -> EmuKernel<CeArgs> {
+            match (backward, suffix, variant) {
+                $(($backward, $suffix, CeVariant::$variant) => $f,)*
+                _ => unreachable!("a logits dtype without kernels: {suffix}"),
+            }
+        }
+    };
+}
+
+ce_kernels! {
+    false "f32" Lean => emu_masked_ce_fwd_f32_lean,
+    false "f32" Entropy => emu_masked_ce_fwd_f32_entropy,
+    false "f32" Full => emu_masked_ce_fwd_f32_full,
+    true "f32" Lean => emu_masked_ce_fwd_bwd_f32_lean,
+    true "f32" Entropy => emu_masked_ce_fwd_bwd_f32_entropy,
+    true "f32" Full => emu_masked_ce_fwd_bwd_f32_full,
+    false "f16" Lean => emu_masked_ce_fwd_f16_lean,
+    false "f16" Entropy => emu_masked_ce_fwd_f16_entropy,
+    false "f16" Full => emu_masked_ce_fwd_f16_full,
+    true "f16" Lean => emu_masked_ce_fwd_bwd_f16_lean,
+    true "f16" Entropy => emu_masked_ce_fwd_bwd_f16_entropy,
+    true "f16" Full => emu_masked_ce_fwd_bwd_f16_full,
+    false "bf16" Lean => emu_masked_ce_fwd_bf16_lean,
+    false "bf16" Entropy => emu_masked_ce_fwd_bf16_entropy,
+    false "bf16" Full => emu_masked_ce_fwd_bf16_full,
+    true "bf16" Lean => emu_masked_ce_fwd_bwd_bf16_lean,
+    true "bf16" Entropy => emu_masked_ce_fwd_bwd_bf16_entropy,
+    true "bf16" Full => emu_masked_ce_fwd_bwd_bf16_full,
 }
 
 /// The size of every argument struct and the offset of every field as the C++ compiler lays them out, in

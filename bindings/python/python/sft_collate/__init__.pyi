@@ -80,6 +80,10 @@ def masked_cross_entropy(
     reduction: str = "mean",
     normalization: Optional[Tuple[float, int, int]] = None,
     weights: Any = None,
+    z_loss: float = 0.0,
+    label_smoothing: float = 0.0,
+    softcap: Optional[float] = None,
     return_log_probs: bool = False,
     return_entropy: bool = False,
+    return_accuracy: bool = False,
 ) -> Any: ...

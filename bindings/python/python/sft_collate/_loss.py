@@ -28,21 +28,31 @@ def _run(
     normalize_constant: float,
     batch_size: int,
     gradient_accumulation_steps: int,
+    options: Tuple[float, float, float],
+    with_entropy: bool,
+    with_argmax: bool,
     grad: Optional[torch.Tensor],
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One call of the native operator: (scalars [sum, loss], row_loss, log_probs, entropy, count)."""
+) -> Tuple[torch.Tensor, ...]:
+    """One call of the native operator: (scalars [sum, loss, z_sum], row_loss, log_probs, entropy,
+    counts [trained, correct, documents], argmax). `options` = (z_loss, label_smoothing, softcap or 0).
+    Outputs not asked for are empty tensors (the kernels then skip their work)."""
     rows, vocab = logits.shape
     device = logits.device
     out_dtype = _out_dtype(logits)
     new = lambda n, dtype=out_dtype: torch.empty(n, dtype=dtype, device=device)  # noqa: E731
-    row_loss, log_probs, entropy, scalars = new(rows), new(rows), new(rows), new(2)
-    count, flag = new(1, torch.int32), new(1, torch.int32)
+    z_loss, label_smoothing, softcap = options
+    row_loss, log_probs, scalars = new(rows), new(rows), new(3)
+    entropy = new(rows if with_entropy else 0)
+    argmax = new(rows if with_argmax else 0, torch.int32)
+    row_z = new(rows if z_loss != 0.0 else 0, torch.float32)
+    count, flag = new(3, torch.int32), new(1, torch.int32)
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
         stream = int(torch.cuda.current_stream(index).cuda_stream)
         kind = "cuda"
     else:
         index, stream, kind = 0, 0, "cpu"
+    address = lambda t: t.data_ptr() if t.numel() > 0 else 0  # noqa: E731
     _native.masked_cross_entropy(
         kind,
         index,
@@ -62,17 +72,22 @@ def _run(
         int(gradient_accumulation_steps),
         1.0,
         0,
-        row_loss.data_ptr(),
-        log_probs.data_ptr(),
-        entropy.data_ptr(),
+        float(z_loss),
+        float(label_smoothing),
+        float(softcap),
+        address(row_loss),
+        address(row_z),
+        address(log_probs),
+        address(entropy),
         0,
+        address(argmax),
         scalars.data_ptr(),
         count.data_ptr(),
         flag.data_ptr(),
         grad.data_ptr() if grad is not None else 0,
         grad.stride(0) if grad is not None and rows > 1 else vocab,
     )
-    return scalars, row_loss, log_probs, entropy, count
+    return scalars, row_loss, log_probs, entropy, count, argmax
 
 
 @torch.library.custom_op("sft_collate::masked_ce", mutates_args=())
@@ -85,57 +100,74 @@ def _masked_ce(
     normalize_constant: float,
     batch_size: int,
     gradient_accumulation_steps: int,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    scalars, row_loss, log_probs, entropy, count = _run(
+    z_loss: float,
+    label_smoothing: float,
+    softcap: float,
+    with_entropy: bool,
+    with_argmax: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    scalars, row_loss, log_probs, entropy, count, argmax = _run(
         logits, labels, mask, weights, normalization, normalize_constant, batch_size,
-        gradient_accumulation_steps, None,
+        gradient_accumulation_steps, (z_loss, label_smoothing, softcap), with_entropy, with_argmax, None,
     )
-    return scalars[1].clone(), row_loss, log_probs, entropy, count[0].clone()
+    return scalars[1].clone(), row_loss, log_probs, entropy, count, argmax, scalars[2].clone()
 
 
 @_masked_ce.register_fake
-def _(logits, labels, mask, weights, normalization, normalize_constant, batch_size, gradient_accumulation_steps):
+def _(logits, labels, mask, weights, normalization, normalize_constant, batch_size, gradient_accumulation_steps,
+      z_loss, label_smoothing, softcap, with_entropy, with_argmax):
     rows = logits.shape[0]
     dtype = _out_dtype(logits)
     return (
         logits.new_empty((), dtype=dtype),
         logits.new_empty((rows,), dtype=dtype),
         logits.new_empty((rows,), dtype=dtype),
-        logits.new_empty((rows,), dtype=dtype),
-        logits.new_empty((), dtype=torch.int32),
+        logits.new_empty((rows if with_entropy else 0,), dtype=dtype),
+        logits.new_empty((3,), dtype=torch.int32),
+        logits.new_empty((rows if with_argmax else 0,), dtype=torch.int32),
+        logits.new_empty((), dtype=dtype),
     )
 
 
 @torch.library.custom_op("sft_collate::masked_ce_backward", mutates_args=())
 def _masked_ce_backward(
-    logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, row_weights: torch.Tensor
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    mask: torch.Tensor,
+    row_weights: torch.Tensor,
+    z_loss: float,
+    label_smoothing: float,
+    softcap: float,
 ) -> torch.Tensor:
-    """d/dlogits of Σ_r row_weights[r] · (-log p(label_r)) over the trained rows."""
+    """d/dlogits of Σ_r row_weights[r] · ℓ_r over the trained rows (ℓ the row's loss term)."""
     grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    _run(logits, labels, mask, row_weights, "sum", 1.0, 1, 1, grad)
+    _run(logits, labels, mask, row_weights, "sum", 1.0, 1, 1, (z_loss, label_smoothing, softcap), False, False,
+         grad)
     return grad
 
 
 @_masked_ce_backward.register_fake
-def _(logits, labels, mask, row_weights):
+def _(logits, labels, mask, row_weights, z_loss, label_smoothing, softcap):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
 def _setup_context(ctx, inputs, output):
-    logits, labels, mask, weights, normalization, nc, batch_size, gas = inputs
+    logits, labels, mask, weights, normalization, nc, batch_size, gas, z_loss, smoothing, softcap, _, _ = inputs
     ctx.save_for_backward(logits, labels, mask, weights, output[4])
     ctx.normalization = normalization
     ctx.denominator = float(nc) * batch_size * gas
+    ctx.options = (z_loss, smoothing, softcap)
 
 
-def _backward(ctx, grad_loss, grad_row_loss, grad_log_probs, grad_entropy, grad_count):
-    """Every upstream gradient as one weight per row: loss = Σ w·ℓ / D, row_loss = w·ℓ, log_probs = -ℓ
-    (ℓ = -log p), so d/dlogits = Σ_r (g·w_r/D + h_r·w_r - q_r) · dℓ_r. D stays on the device. The entropy
-    output carries no gradient (treated as a constant)."""
+def _backward(ctx, grad_loss, grad_row_loss, grad_log_probs, grad_entropy, grad_count, grad_argmax, grad_z):
+    """Every upstream gradient as one weight per row: loss = Σ w·ℓ / D, row_loss = w·ℓ and, without
+    options, log_probs = -ℓ (ℓ = -log p), so d/dlogits = Σ_r (g·w_r/D + h_r·w_r - q_r) · dℓ_r. D stays on
+    the device. The entropy, argmax and z-loss outputs carry no gradient (nor the log-probs when an option
+    makes ℓ differ from -log p: the public function returns them detached then)."""
     logits, labels, mask, weights, count = ctx.saved_tensors
     w = weights.float() if weights is not None else torch.ones(labels.shape, device=logits.device)
     if ctx.normalization == "mean":
-        denominator = count.float().clamp(min=1.0)
+        denominator = count[0].float().clamp(min=1.0)
     elif ctx.normalization == "cs336":
         denominator = ctx.denominator
     else:
@@ -145,10 +177,10 @@ def _backward(ctx, grad_loss, grad_row_loss, grad_log_probs, grad_entropy, grad_
         e = e + grad_loss.float() * w / denominator
     if grad_row_loss is not None:
         e = e + grad_row_loss.float() * w
-    if grad_log_probs is not None:
+    if grad_log_probs is not None and ctx.options == (0.0, 0.0, 0.0):
         e = e - grad_log_probs.float()
-    grad = _masked_ce_backward(logits, labels, mask, e.float().contiguous())
-    return grad, None, None, None, None, None, None, None
+    grad = _masked_ce_backward(logits, labels, mask, e.float().contiguous(), *ctx.options)
+    return (grad,) + (None,) * 12
 
 
 _masked_ce.register_autograd(_backward, setup_context=_setup_context)
@@ -163,8 +195,12 @@ def masked_cross_entropy(
     reduction: str = "mean",
     normalization: Optional[Tuple[float, int, int]] = None,
     weights: Optional[torch.Tensor] = None,
+    z_loss: float = 0.0,
+    label_smoothing: float = 0.0,
+    softcap: Optional[float] = None,
     return_log_probs: bool = False,
     return_entropy: bool = False,
+    return_accuracy: bool = False,
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, Dict[str, torch.Tensor]]]:
     """Cross-entropy of ``logits [..., V]`` against ``labels [...]`` over the trained positions only,
     fused: one read of each trained row forward, the gradient computed in f32 and rounded once to the
@@ -174,10 +210,20 @@ def masked_cross_entropy(
     ignore_index`` (PyTorch's convention). ``reduction``: ``"mean"`` over trained tokens (0 when there are
     none), ``"sum"``, or ``"none"`` (a loss per position, 0 where untrained). ``normalization=(nc, B,
     gas)`` divides the sum by ``nc · B · gas`` instead (CS336's ``sft_microbatch_train_step``).
-    ``weights [...]`` (float32) weight each position's term (not differentiated). With
-    ``return_log_probs`` / ``return_entropy``, also the per-position log-probability of the label and
-    the entropy (0 where untrained; the entropy carries no gradient), as ``(loss, {"log_probs": ...,
-    "entropy": ...})``. Non-finite logits behave as in PyTorch (a NaN poisons its row). A label outside
+    ``weights [...]`` (float32) weight each position's term (not differentiated).
+
+    Options, in the same pass and in the gradient: ``z_loss=s`` adds ``s · logsumexp²`` per trained
+    position (PaLM), ``label_smoothing=ε`` is
+    PyTorch's (``(1-ε)·nll + ε·mean_j(-log p_j)``), ``softcap=C`` replaces the logits by ``C·tanh(x/C)``
+    first (Gemma 2).
+
+    With ``return_log_probs`` / ``return_entropy`` / ``return_accuracy``, also the per-position
+    log-probability of the label, the entropy (0 where untrained), the argmax of the logits
+    (``extras["argmax"]``, int64, -1 where untrained) with the number of trained positions it gets right
+    (``extras["correct"]``) and of trained positions (``extras["count"]``), as ``(loss, extras)``; with a
+    z-loss, extras also hold its part of the sum (``extras["z_loss"]``). The
+    log-probs carry gradients unless an option is set (they are returned detached then); the entropy,
+    argmax and counts never do. Non-finite logits behave as in PyTorch (a NaN poisons its row). A label outside
     ``[0, V)`` at a trained position raises on CPU tensors; on CUDA tensors it makes its row (and so the
     loss) NaN, since raising would wait for the GPU."""
     if logits.dim() < 1:
@@ -218,14 +264,28 @@ def masked_cross_entropy(
         kind, args = "sum", (1.0, 1, 1)
     else:
         raise ValueError(f"reduction={reduction!r}: mean, sum or none")
-    loss, row_loss, log_probs, entropy, _count = _masked_ce(logits2d, flat_labels, mask, flat_weights, kind, *args)
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing={label_smoothing}: in [0, 1]")
+    if softcap is not None and not softcap > 0.0:
+        raise ValueError(f"softcap={softcap}: a positive number")
+    options = (float(z_loss), float(label_smoothing), float(softcap or 0.0))
+    loss, row_loss, log_probs, entropy, counts, argmax, z_sum = _masked_ce(
+        logits2d, flat_labels, mask, flat_weights, kind, *args, *options, return_entropy, return_accuracy
+    )
     if reduction == "none" and normalization is None:
         loss = row_loss.reshape(lead)
-    if not (return_log_probs or return_entropy):
+    if not (return_log_probs or return_entropy or return_accuracy):
         return loss
     extras = {}
     if return_log_probs:
-        extras["log_probs"] = log_probs.reshape(lead)
+        log_probs = log_probs.reshape(lead)
+        extras["log_probs"] = log_probs if options == (0.0, 0.0, 0.0) else log_probs.detach()
     if return_entropy:
         extras["entropy"] = entropy.detach().reshape(lead)
+    if return_accuracy:
+        extras["argmax"] = argmax.detach().reshape(lead).long()
+        extras["correct"] = counts[1].detach()
+        extras["count"] = counts[0].detach()
+    if z_loss != 0.0:
+        extras["z_loss"] = z_sum.detach()  # Σ w · s · lse², before the reduction
     return loss, extras
