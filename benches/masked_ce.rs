@@ -13,7 +13,8 @@ mod common;
 #[cfg(feature = "cuda")]
 fn masked_ce(c: &mut Criterion) {
     use criterion::Throughput;
-    use sft_collate::backend::cuda::{self, bench::LossBench};
+    use sft_collate::backend::cuda;
+    use sft_collate::backend::cuda::bench::{LossBench, LossCase};
 
     if let Err(e) = cuda::device_count() {
         eprintln!("SKIPPED masked_ce benches: {e}");
@@ -42,6 +43,14 @@ fn masked_ce(c: &mut Criterion) {
             group.bench_function("fused_forward", |b| {
                 b.iter_custom(|n| time(n, &|| bench.fused_forward().unwrap()))
             });
+            if vocab == 151_936 && masked == 0.5 {
+                for case in [LossCase::Entropy, LossCase::AllOptions] {
+                    let name = format!("fused_forward/{}", case.name().replace([' ', ','], ""));
+                    group.bench_function(name, |b| {
+                        b.iter_custom(|n| time(n, &|| bench.fused_forward_case(case).unwrap()))
+                    });
+                }
+            }
             group.bench_function("unfused_forward", |b| {
                 b.iter_custom(|n| time(n, &|| drop(bench.unfused_forward().unwrap())))
             });

@@ -296,12 +296,24 @@ __device__ __forceinline__ float softcapped(float x, float cap, float inv_cap) {
 }
 
 // A chunk of raw logits at indices base..base+N: the argmax first (on the raw values), then the softcap,
-// then the statistics.
+// then the statistics. The argmax costs the chunk's max (N - 1 fmaxf); the index is looked for only when
+// the chunk raises this thread's max (rarely, after a row's first chunks), so it stays the first
+// occurrence: within the chunk by the search, across chunks because each thread's indices only grow.
 template <int F, int N>
 __device__ __forceinline__ void add_chunk(Online &a, float (&v)[N], u64 base, float cap, float inv_cap) {
     if (F & CE_EXTRAS) {
+        float raw_max = v[0];
 #pragma unroll
-        for (int k = 0; k < N; ++k) argmax_add(a, v[k], (i32)(base + k));
+        for (int k = 1; k < N; ++k) raw_max = fmaxf(raw_max, v[k]);
+        // A NaN is never the max (fmaxf drops it; a chunk of NaN gives NaN, which compares false): such a
+        // row is poisoned, its argmax -1.
+        if (raw_max > a.am || (a.arg == CE_NO_ARG && raw_max == a.am)) {
+            int first = 0;
+#pragma unroll
+            for (int k = N - 1; k >= 0; --k) first = v[k] == raw_max ? k : first;
+            a.am = raw_max;
+            a.arg = (i32)(base + first);
+        }
         if (cap > 0.0f) {
 #pragma unroll
             for (int k = 0; k < N; ++k) v[k] = cap * tanhf(v[k] * inv_cap);
@@ -322,14 +334,16 @@ __device__ __forceinline__ Online row_statistics(const T *x, u64 vocab, float ca
         const Vector<T, N> *xv = reinterpret_cast<const Vector<T, N> *>(x);
         const u64 stride = blockDim.x;
         u64 v = threadIdx.x;
-        // CE_LOADS 16-byte loads in flight per thread before any is used: the loop is bound by memory
-        // latency, and one load per iteration leaves the SM with too few bytes outstanding.
-        for (; v + (CE_LOADS - 1) * stride < vectors; v += CE_LOADS * stride) {
-            float values[CE_LOADS][N];
+        // LOADS 16-byte loads in flight per thread before any is used: the loop is bound by memory
+        // latency, and one load per iteration leaves the SM with too few bytes outstanding. The full
+        // variant, bound by its arithmetic, keeps half as many (and its registers within budget).
+        constexpr int LOADS = (F & CE_EXTRAS) ? CE_LOADS / 2 : CE_LOADS;
+        for (; v + (LOADS - 1) * stride < vectors; v += LOADS * stride) {
+            float values[LOADS][N];
 #pragma unroll
-            for (int l = 0; l < CE_LOADS; ++l) unpack<T, N>(xv + v + l * stride, values[l]);
+            for (int l = 0; l < LOADS; ++l) unpack<T, N>(xv + v + l * stride, values[l]);
 #pragma unroll
-            for (int l = 0; l < CE_LOADS; ++l) add_chunk<F, N>(local, values[l], (v + l * stride) * N, cap, inv_cap);
+            for (int l = 0; l < LOADS; ++l) add_chunk<F, N>(local, values[l], (v + l * stride) * N, cap, inv_cap);
         }
         for (; v < vectors; v += stride) {
             float values[N];

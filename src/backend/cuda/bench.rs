@@ -26,8 +26,10 @@ pub fn peak_bandwidth(stream: &Arc<CudaStream>) -> Result<f64> {
 
 /// Keep `stream` busy for at least `nanos` nanoseconds (at SM clocks up to 2 GHz): one thread spinning
 /// on its SM's cycle counter. For tests that must tell whether a call waited for the device (it returns
-/// before the spin ends if it did not).
-pub fn spin(stream: &Arc<CudaStream>, nanos: u64) -> Result<()> {
+/// before the spin ends if it did not). Keep the returned module until the spin is over: dropping it
+/// unloads the module, and unloading waits for its kernels to finish.
+#[must_use = "dropping the module waits for the spin to end"]
+pub fn spin(stream: &Arc<CudaStream>, nanos: u64) -> Result<Arc<cudarc::driver::CudaModule>> {
     let cycles = nanos.saturating_mul(2);
     let (module, _) = module::load(
         stream.context(),
@@ -41,7 +43,7 @@ pub fn spin(stream: &Arc<CudaStream>, nanos: u64) -> Result<()> {
     };
     // SAFETY: the kernel reads the timer and touches no memory.
     unsafe { stream.launch_builder(&spin).arg(&cycles).launch(one) }.map_err(cuda_err)?;
-    Ok(())
+    Ok(module)
 }
 
 fn blocks_of_256(blocks: usize) -> LaunchConfig {
@@ -49,6 +51,76 @@ fn blocks_of_256(blocks: usize) -> LaunchConfig {
         grid_dim: (blocks as u32, 1, 1),
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
+    }
+}
+
+/// What a benchmarked call computes beyond the loss and the per-token log-probs (each picks a kernel
+/// variant: the work not asked for is left out).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LossCase {
+    /// Loss and log-probs only.
+    Lean,
+    /// Also the entropy.
+    Entropy,
+    /// Also the entropy and the argmax (token accuracy).
+    Argmax,
+    /// Everything: entropy, argmax, z-loss 1e-4, label smoothing 0.1, softcap 30.
+    AllOptions,
+}
+
+impl LossCase {
+    pub const ALL: [LossCase; 4] = [
+        LossCase::Lean,
+        LossCase::Entropy,
+        LossCase::Argmax,
+        LossCase::AllOptions,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            LossCase::Lean => "lean",
+            LossCase::Entropy => "+ entropy",
+            LossCase::Argmax => "+ entropy, argmax",
+            LossCase::AllOptions => "all options",
+        }
+    }
+
+    fn options_and_request(self, base: &CeOptions) -> (CeOptions, CeRequest) {
+        let lean = CeRequest {
+            log_probs: true,
+            ..CeRequest::NONE
+        };
+        match self {
+            LossCase::Lean => (*base, lean),
+            LossCase::Entropy => (
+                *base,
+                CeRequest {
+                    entropy: true,
+                    ..lean
+                },
+            ),
+            LossCase::Argmax => (
+                *base,
+                CeRequest {
+                    entropy: true,
+                    argmax: true,
+                    ..lean
+                },
+            ),
+            LossCase::AllOptions => (
+                CeOptions {
+                    z_loss: 1e-4,
+                    label_smoothing: 0.1,
+                    softcap: Some(30.0),
+                    ..*base
+                },
+                CeRequest {
+                    entropy: true,
+                    argmax: true,
+                    ..lean
+                },
+            ),
+        }
     }
 }
 
@@ -163,25 +235,29 @@ impl<T: LogitElem> LossBench<T> {
             + (self.shape.rows * self.shape.vocab * std::mem::size_of::<T>()) as f64
     }
 
-    /// The fused forward (per-token log-probs and the loss), not synchronized.
+    /// The fused forward (per-token log-probs and the loss: the lean kernel), not synchronized.
     pub fn fused_forward(&self) -> Result<()> {
-        let request = CeRequest {
-            log_probs: true,
-            ..CeRequest::NONE
-        };
+        self.fused_forward_case(LossCase::Lean)
+    }
+
+    /// The fused forward+backward into a new gradient buffer (lean), not synchronized.
+    pub fn fused_forward_backward(&self) -> Result<()> {
+        self.fused_forward_backward_case(LossCase::Lean)
+    }
+
+    /// The fused forward with what `case` asks for, not synchronized.
+    pub fn fused_forward_case(&self, case: LossCase) -> Result<()> {
+        let (options, request) = case.options_and_request(&self.options);
         self.fused
-            .forward(&self.logits, &self.targets(), &self.options, request)
+            .forward(&self.logits, &self.targets(), &options, request)
             .map(drop)
     }
 
-    /// The fused forward+backward into a new gradient buffer, not synchronized.
-    pub fn fused_forward_backward(&self) -> Result<()> {
-        let request = CeRequest {
-            log_probs: true,
-            ..CeRequest::NONE
-        };
+    /// The fused forward+backward with what `case` asks for, not synchronized.
+    pub fn fused_forward_backward_case(&self, case: LossCase) -> Result<()> {
+        let (options, request) = case.options_and_request(&self.options);
         self.fused
-            .forward_backward(&self.logits, &self.targets(), &self.options, request)
+            .forward_backward(&self.logits, &self.targets(), &options, request)
             .map(drop)
     }
 
@@ -252,11 +328,14 @@ impl<T: LogitElem> LossBench<T> {
     }
 }
 
-/// Times of the four cases of [`LossBench`], in seconds per call, and the bytes each must move.
-#[derive(Clone, Copy, Debug)]
+/// Times of the cases of [`LossBench`], in seconds per call, and the bytes each must move.
+#[derive(Clone, Debug)]
 pub struct LossBenchReport {
     pub fused_forward: f64,
     pub fused_forward_backward: f64,
+    /// The fused forward and forward+backward of every [`LossCase`] (the lean one again, measured beside
+    /// the others).
+    pub cases: Vec<(LossCase, f64, f64)>,
     pub unfused_forward: f64,
     pub unfused_forward_backward: f64,
     pub forward_bytes: f64,
@@ -281,6 +360,16 @@ impl<T: LogitElem> LossBench<T> {
         Ok(LossBenchReport {
             fused_forward: time(&|| self.fused_forward())?,
             fused_forward_backward: time(&|| self.fused_forward_backward())?,
+            cases: LossCase::ALL
+                .into_iter()
+                .map(|case| {
+                    Ok((
+                        case,
+                        time(&|| self.fused_forward_case(case))?,
+                        time(&|| self.fused_forward_backward_case(case))?,
+                    ))
+                })
+                .collect::<Result<_>>()?,
             unfused_forward: time(&|| self.unfused_forward().map(drop))?,
             unfused_forward_backward: time(&|| self.unfused_forward_backward())?,
             forward_bytes: self.forward_bytes(),
