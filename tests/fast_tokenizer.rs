@@ -182,6 +182,23 @@ fn split_then_byte_level(regex: &str, use_regex: bool) -> serde_json::Value {
     ]})
 }
 
+/// GPT-2's byte-level alphabet: the printable character each byte is written as.
+fn gpt2_alphabet() -> Vec<char> {
+    let printable =
+        |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+    let mut next = 256;
+    (0..256u32)
+        .map(|b| {
+            if printable(b) {
+                char::from_u32(b).unwrap()
+            } else {
+                next += 1;
+                char::from_u32(next - 1).unwrap()
+            }
+        })
+        .collect()
+}
+
 /// A change to the Qwen2 file's JSON.
 type Edit = Box<dyn FnOnce(&mut serde_json::Value)>;
 
@@ -231,6 +248,57 @@ fn all_pairs(test: &str, dir: &Path) -> Option<Vec<Pair>> {
                     .step_by(2)
                 {
                     t["normalized"] = true.into();
+                }
+            }),
+        ),
+        (
+            // As `transformers`' converters write Qwen and GPT-2 files: empty strings, not absent keys.
+            "qwen2-empty-subword-prefix-and-suffix",
+            Box::new(|j| {
+                j["model"]["continuing_subword_prefix"] = "".into();
+                j["model"]["end_of_word_suffix"] = "".into();
+            }),
+        ),
+        (
+            // As GPT-NeoX / Pythia: no tokens for the bytes UTF-8 never uses (nor merges of them). The
+            // vocabulary shrinks, so `tokenizers` numbers the added tokens from its new size.
+            "qwen2-without-non-utf8-bytes",
+            Box::new(|j| {
+                let alphabet = gpt2_alphabet();
+                let gone: Vec<char> = [0xC0u8, 0xC1]
+                    .into_iter()
+                    .chain(0xF5..=0xFF)
+                    .map(|b| alphabet[b as usize])
+                    .collect();
+                let has_gone = |t: &str| t.chars().any(|c| gone.contains(&c));
+                let vocab = j["model"]["vocab"].as_object_mut().unwrap();
+                vocab.retain(|token, _| !has_gone(token));
+                j["model"]["merges"].as_array_mut().unwrap().retain(|m| {
+                    !m.as_array()
+                        .unwrap()
+                        .iter()
+                        .any(|t| has_gone(t.as_str().unwrap()))
+                });
+            }),
+        ),
+        (
+            // A file from before "type" was written: the model is a BPE because it has merges.
+            "qwen2-model-without-type",
+            Box::new(|j| {
+                j["model"].as_object_mut().unwrap().remove("type");
+            }),
+        ),
+        (
+            // Hand-edited ids: `tokenizers` ignores them and numbers the added tokens itself.
+            "qwen2-added-ids-as-written-by-hand",
+            Box::new(|j| {
+                for (k, t) in j["added_tokens"]
+                    .as_array_mut()
+                    .unwrap()
+                    .iter_mut()
+                    .enumerate()
+                {
+                    t["id"] = (200_000 + 7 * k).into();
                 }
             }),
         ),

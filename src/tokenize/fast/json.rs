@@ -8,6 +8,8 @@ use rayon::prelude::*;
 use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 
+use rustc_hash::{FxHashMap, FxHashSet};
+
 use super::byte_level::from_byte_level;
 use super::patterns::{Pattern, GPT2};
 use super::{AddedSpec, BpeSpec};
@@ -30,6 +32,8 @@ struct TokenizerJson<'a> {
 
 #[derive(Deserialize)]
 struct AddedTokenJson {
+    /// What the file says; `tokenizers` does not use it (see `number_added_tokens`).
+    #[allow(dead_code)]
     id: u32,
     content: String,
     #[serde(default)]
@@ -40,6 +44,8 @@ struct AddedTokenJson {
     rstrip: bool,
     #[serde(default)]
     normalized: bool,
+    #[serde(default)]
+    special: bool,
 }
 
 #[derive(Deserialize)]
@@ -235,14 +241,24 @@ fn patterns_of(p: Option<&serde_json::Value>) -> Result<Vec<Pattern>, String> {
 pub(crate) fn spec_from_json(json: &str) -> Result<BpeSpec, String> {
     let t: TokenizerJson = serde_json::from_str(json).map_err(|e| e.to_string())?;
     let m = &t.model;
-    if m.kind.as_deref() != Some("BPE") {
-        return Err(format!("model {:?} (only BPE)", m.kind));
+    match m.kind.as_deref() {
+        Some("BPE") => {}
+        // Files from before "type" was written: `tokenizers` takes the first model the fields fit, a BPE
+        // when there are merges.
+        None if !m.merges.is_empty() => {}
+        None => return Err("a model without \"type\" and without merges (not a BPE)".into()),
+        Some(other) => return Err(format!("model {other} (only BPE)")),
     }
     if m.dropout.is_some_and(|d| d > 0.0) {
         return Err("BPE dropout".into());
     }
-    if m.continuing_subword_prefix.is_some() || m.end_of_word_suffix.is_some() {
-        return Err("BPE with a subword prefix or suffix".into());
+    // `transformers`' converters write "" for both (Qwen, GPT-2 and many more): nothing is added then.
+    let nonempty = |s: &Option<String>| s.as_deref().is_some_and(|s| !s.is_empty());
+    if nonempty(&m.continuing_subword_prefix) || nonempty(&m.end_of_word_suffix) {
+        return Err(format!(
+            "BPE with a subword prefix {:?} or suffix {:?}",
+            m.continuing_subword_prefix, m.end_of_word_suffix
+        ));
     }
     if m.byte_fallback {
         return Err("BPE byte_fallback".into());
@@ -296,8 +312,7 @@ pub(crate) fn spec_from_json(json: &str) -> Result<BpeSpec, String> {
         }
     }
     // `tokenizers`: model vocabulary + distinct added contents - those the model already has.
-    let contents: rustc_hash::FxHashSet<&str> =
-        t.added_tokens.iter().map(|a| a.content.as_str()).collect();
+    let contents: FxHashSet<&str> = t.added_tokens.iter().map(|a| a.content.as_str()).collect();
     let overlapping = m
         .vocab
         .0
@@ -305,22 +320,61 @@ pub(crate) fn spec_from_json(json: &str) -> Result<BpeSpec, String> {
         .filter(|(t, _)| contents.contains(t.as_ref()))
         .count();
     let vocab_size = m.vocab.0.len() + contents.len() - overlapping;
+    let in_model: FxHashMap<&str, u32> = m
+        .vocab
+        .0
+        .iter()
+        .filter(|(t, _)| contents.contains(t.as_ref()))
+        .map(|(t, id)| (t.as_ref(), *id))
+        .collect();
     Ok(BpeSpec {
         vocab,
         merges,
         ignore_merges: m.ignore_merges,
-        added: t
-            .added_tokens
-            .iter()
-            .map(|a| AddedSpec {
-                content: a.content.clone(),
-                id: a.id,
-                normalized: a.normalized,
-            })
-            .collect(),
+        added: number_added_tokens(&t.added_tokens, &in_model, m.vocab.0.len() as u32),
         nfc,
         patterns,
         vocab_size,
         other_vocab,
     })
+}
+
+/// The ids `tokenizers` gives the added tokens when it loads a file: it adds them one by one, in the
+/// file's order, ignoring the `id` written there. A content the model's vocabulary has keeps that id (as
+/// does one added before); any other gets the model's vocabulary size (its entry count), or one past
+/// the largest added id once that reaches it. A token identical to one added before, or empty, is
+/// skipped. (The written ids agree with this in every file `tokenizers` itself saved; hand-edited ones
+/// may not.)
+fn number_added_tokens(
+    tokens: &[AddedTokenJson],
+    in_model: &FxHashMap<&str, u32>,
+    model_size: u32,
+) -> Vec<AddedSpec> {
+    let mut ids: FxHashMap<&str, u32> = FxHashMap::default();
+    let mut seen: FxHashSet<(&str, bool, bool)> = FxHashSet::default();
+    let mut out = Vec::new();
+    for a in tokens {
+        let key = (a.content.as_str(), a.normalized, a.special);
+        if a.content.is_empty() || !seen.insert(key) {
+            continue;
+        }
+        let id = match ids
+            .get(a.content.as_str())
+            .or(in_model.get(a.content.as_str()))
+        {
+            Some(&id) => id,
+            None => match ids.values().max() {
+                None => model_size,
+                Some(&max) if max >= model_size || model_size == 0 => max + 1,
+                Some(_) => model_size,
+            },
+        };
+        ids.insert(&a.content, id);
+        out.push(AddedSpec {
+            content: a.content.clone(),
+            id,
+            normalized: a.normalized,
+        });
+    }
+    out
 }

@@ -106,9 +106,13 @@ impl FastBpe {
         }
         let mut byte_ids = [0u32; 256];
         for (b, slot) in byte_ids.iter_mut().enumerate() {
-            *slot = *vocab
-                .get(&[b as u8][..])
-                .ok_or_else(|| format!("byte {b:#04x} has no token of its own"))?;
+            *slot = match vocab.get(&[b as u8][..]) {
+                Some(&id) => id,
+                // Bytes that never occur in UTF-8 (0xC0, 0xC1, 0xF5..=0xFF) never reach the encoder,
+                // whose input is a `&str`: vocabularies that lack them (GPT-NeoX, Pythia) need none.
+                None if matches!(b, 0xC0 | 0xC1 | 0xF5..=0xFF) => u32::MAX,
+                None => return Err(format!("byte {b:#04x} has no token of its own")),
+            };
         }
         let merges = Merges::new(&spec.merges, &vocab, byte_ids)?;
 
