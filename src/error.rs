@@ -132,6 +132,11 @@ pub enum Error {
     /// Serializing a batch to safetensors failed.
     #[error("safetensors: {0}")]
     Safetensors(String),
+
+    /// A token store that cannot be written or read as it is (shards missing or disagreeing, a file
+    /// that is not one of ours).
+    #[error("token store {path}: {reason}")]
+    Store { path: String, reason: String },
 }
 
 /// Where in the input an error is.

@@ -1,4 +1,4 @@
-//! Writing files so that a reader never sees half of one.
+//! Writing files so that a reader never sees half of one, and telling a caller how a long job goes.
 
 use std::io::Write;
 use std::path::Path;
@@ -27,3 +27,17 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     }
     Ok(())
 }
+
+/// What the job tells its caller as it goes (a progress bar, a log).
+pub trait Progress: Sync {
+    /// Input consumed so far, in bytes (when known: not for standard input).
+    fn input_size(&self, _bytes: Option<u64>) {}
+    /// Input bytes consumed and rows written so far.
+    fn advance(&self, _bytes_read: u64, _rows_written: usize) {}
+    /// Something the user should know (a clean-up, a wasteful batch).
+    fn note(&self, _message: &str) {}
+}
+
+/// A [`Progress`] that reports nothing.
+pub struct Quiet;
+impl Progress for Quiet {}

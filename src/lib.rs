@@ -76,6 +76,9 @@ pub mod ragged;
 
 pub mod tokenize;
 
+// Tokenized rows kept: the token store.
+pub mod store;
+
 // Which rows go together, then the tensors and the loss.
 pub mod schedule;
 

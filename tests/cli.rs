@@ -558,6 +558,92 @@ fn loss_options_without_a_mask_match_the_library() {
 }
 
 #[test]
+fn tokenize_once_then_collate_from_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    for shard in ["0/2", "1/2"] {
+        let out = run(bin()
+            .args(["tokenize", "--quiet", "--shard", shard, "--input"])
+            .arg(sample())
+            .arg("--output")
+            .arg(&store));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let (from_text, from_store) = (dir.path().join("text"), dir.path().join("from-store"));
+    let out = run(bin()
+        .args([
+            "collate",
+            "--quiet",
+            "--device",
+            "cpu",
+            "--batch-size",
+            "3",
+            "--input",
+        ])
+        .arg(sample())
+        .arg("--output")
+        .arg(&from_text));
+    assert!(out.status.success());
+    let out = run(bin()
+        .args([
+            "collate",
+            "--quiet",
+            "--device",
+            "cpu",
+            "--batch-size",
+            "3",
+            "--from",
+        ])
+        .arg(&store)
+        .arg("--output")
+        .arg(&from_store));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let names = dir_names(&from_text);
+    assert_eq!(names, dir_names(&from_store));
+    for name in names.iter().filter(|n| n.ends_with(".safetensors")) {
+        assert_eq!(
+            std::fs::read(from_text.join(name)).unwrap(),
+            std::fs::read(from_store.join(name)).unwrap(),
+            "{name}"
+        );
+    }
+    // The store's tokenizer is the store's: a tokenizer flag beside --from is refused, as is a shard
+    // that is not I/N, and an incomplete store names the missing shard.
+    let out = run(bin()
+        .args(["collate", "--tokenizer", "cl100k_base", "--from"])
+        .arg(&store)
+        .arg("--output")
+        .arg(dir.path().join("never")));
+    assert!(!out.status.success());
+    let out = run(bin()
+        .args(["tokenize", "--shard", "2/2", "--input"])
+        .arg(sample())
+        .arg("--output")
+        .arg(&store));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--shard"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::remove_file(store.join("shard-00001-of-00002.json")).unwrap();
+    let out = run(bin()
+        .args(["collate", "--from"])
+        .arg(&store)
+        .arg("--output")
+        .arg(dir.path().join("never")));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("shards [1] of 2 are missing"));
+    assert!(!dir.path().join("never").exists());
+}
+
+#[test]
 fn pack_and_bucket_cover_every_row_once() {
     let read_manifest = |dir: &Path| -> serde_json::Value {
         serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap()

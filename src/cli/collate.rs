@@ -5,8 +5,9 @@ use std::time::Instant;
 
 use clap::Args;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use sft_collate::dataset::{self, DatasetConfig, Layout, Progress};
+use sft_collate::dataset::{self, DatasetConfig, Layout, Progress, Rows};
 use sft_collate::schedule::{Overflow, PackSpec, PackStrategy};
+use sft_collate::store::Store;
 use sft_collate::{Device, DeviceChoice, Result};
 
 use super::{choice, RowArgs, SpecArgs, TokenizerArgs};
@@ -14,8 +15,15 @@ use super::{choice, RowArgs, SpecArgs, TokenizerArgs};
 #[derive(Args, Debug)]
 pub struct CollateArgs {
     /// JSONL input, one object per line ("-" reads standard input).
-    #[arg(long, value_name = "FILE")]
-    input: PathBuf,
+    #[arg(long, value_name = "FILE", required_unless_present = "from")]
+    input: Option<PathBuf>,
+    /// Read the rows from a token store (`sft-collate tokenize`) instead of text: the same batches as
+    /// from the text with the same options, without tokenizing again.
+    #[arg(long, value_name = "STORE", conflicts_with_all = [
+        "input", "tokenizer", "tokenizer_engine", "prompt_key", "output_key", "template",
+        "messages_key", "message_template", "train_roles", "skip_bad_lines",
+    ])]
+    from: Option<PathBuf>,
     /// Output directory for batch-NNNNN.safetensors and manifest.json.
     #[arg(long, value_name = "DIR")]
     output: PathBuf,
@@ -105,7 +113,7 @@ impl CollateArgs {
             (None, None) => Layout::Padded { batch_size },
         };
         Ok(DatasetConfig {
-            input: self.input.clone(),
+            input: self.input.clone().or(self.from.clone()).unwrap_or_default(),
             output: self.output.clone(),
             rows: self.rows.row_format()?,
             spec: self.spec.spec(),
@@ -123,7 +131,7 @@ impl CollateArgs {
 }
 
 /// The progress bar and notes on stderr.
-struct Bar(ProgressBar);
+pub(super) struct Bar(pub(super) ProgressBar);
 
 impl Progress for Bar {
     fn input_size(&self, bytes: Option<u64>) {
@@ -151,7 +159,15 @@ impl Progress for Bar {
 pub fn run(args: CollateArgs) -> Result<()> {
     let started = Instant::now();
     let config = args.config()?;
-    let tokenizer = args.tokenizer.load()?;
+    let (tokenizer, store) = match &args.from {
+        Some(dir) => (None, Some(Store::open(dir)?)),
+        None => (Some(args.tokenizer.load()?), None),
+    };
+    let rows = match (&tokenizer, &store) {
+        (_, Some(store)) => Rows::Store(store),
+        (Some(tokenizer), None) => Rows::Text(tokenizer),
+        (None, None) => unreachable!("one of the two"),
+    };
     let device = Device::new(args.device)?;
     let bar = Bar(match args.quiet {
         true => ProgressBar::hidden(),
@@ -163,7 +179,7 @@ pub fn run(args: CollateArgs) -> Result<()> {
             None => eprintln!("device: {}", device.description()),
         }
     }
-    let manifest = dataset::write_dataset(&config, &tokenizer, &device, &bar)?;
+    let manifest = dataset::write_dataset(&config, rows, &device, &bar)?;
     bar.0.finish_and_clear();
     if !args.quiet {
         let secs = started.elapsed().as_secs_f64();

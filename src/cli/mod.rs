@@ -6,6 +6,7 @@ mod collate;
 mod doctor;
 mod loss;
 mod show;
+mod tokenize;
 
 use std::process::ExitCode;
 use std::str::FromStr;
@@ -31,6 +32,9 @@ struct Cli {
 enum Command {
     /// Collate a JSONL file into safetensors batches (input_ids, labels, response_mask) and a manifest.
     Collate(collate::CollateArgs),
+    /// Tokenize a JSONL file once into a token store (Arrow files, sharded across processes), for
+    /// `collate --from` and trainers' loaders.
+    Tokenize(tokenize::TokenizeArgs),
     /// Show one row position by position: input token, label, mask. Checks the off-by-one by eye.
     Show(show::ShowArgs),
     /// Report the CUDA driver, NVRTC, device and kernels, and check the kernels against the CPU path.
@@ -208,6 +212,9 @@ fn describe(error: &Error) -> String {
         ),
         Error::Empty(message) => message.replace("allow_empty", "--allow-empty"),
         Error::OutputBusy { .. } => error.to_string().replace("wait_for_lock", "--wait"),
+        Error::Store { .. } => error
+            .to_string()
+            .replace("(overwrite to", "(--overwrite to"),
         other => other.to_string(),
     }
 }
@@ -216,6 +223,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Collate(args) => collate::run(args),
+        Command::Tokenize(args) => tokenize::run(args),
         Command::Show(args) => show::run(args),
         Command::Doctor(args) => doctor::run(args),
         Command::Loss(args) => loss::run(args),

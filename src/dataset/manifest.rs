@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use crate::collate::{BatchStats, CollateSpec};
+use crate::input::FormatInfo;
 use crate::schedule::{Overflow, PackStrategy};
 use crate::tokenize::CacheStats;
 use crate::{Error, Result};
@@ -19,7 +20,7 @@ use crate::{Error, Result};
 /// The format this version writes and reads.
 pub const FORMAT: &str = "sft-collate/2";
 /// Bad lines recorded with their reasons (all are counted).
-pub const MAX_RECORDED_BAD_LINES: usize = 100;
+pub use crate::input::{BadLine, MAX_RECORDED_BAD_LINES};
 /// The manifest's file name inside a dataset directory.
 pub const MANIFEST_FILE: &str = "manifest.json";
 
@@ -48,13 +49,6 @@ pub struct Manifest {
     /// Tensor name → dtype, for every file.
     pub tensors: BTreeMap<String, String>,
     pub files: Vec<FileEntry>,
-}
-
-/// A skipped line and why.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct BadLine {
-    pub line: usize,
-    pub reason: String,
 }
 
 /// The fast encoder's cache counters over the run.
@@ -99,13 +93,8 @@ pub enum LayoutInfo {
 /// The options that shaped the rows and the tensors.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Options {
-    pub prompt_key: String,
-    pub output_key: String,
-    /// The prompt template's text, when there is one.
-    pub template: Option<String>,
-    pub messages_key: Option<String>,
-    pub message_template: Option<String>,
-    pub train_roles: Vec<String>,
+    #[serde(flatten)]
+    pub format: FormatInfo,
     pub spec: CollateSpec,
 }
 

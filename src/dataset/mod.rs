@@ -2,14 +2,18 @@
 //! with bounded memory and committed atomically. The CLI's `collate` is this job with flags mapped to a
 //! [`DatasetConfig`]; a trainer or the Python package runs it in-process the same way.
 //!
+//! The rows come from JSONL text ([`Rows::Text`]) or from a token store ([`Rows::Store`], tokenized
+//! once by `sft-collate tokenize`): the same options give the same batch files either way.
+//!
 //! Three stages run at once, joined by bounded channels so that memory stays at a few chunks whatever the
-//! input's size: a reader thread parses lines into rows, the calling thread tokenizes them (on all cores)
-//! and collates them on the [`Device`], and a writer thread writes each file into a staging directory.
+//! input's size: a reader thread parses lines into rows (or takes the store's rows in order), the
+//! calling thread tokenizes them (on all cores) and collates them on the [`Device`], and a writer thread
+//! writes each file into a staging directory.
 //! The staging directory becomes the output directory in one step once everything succeeded (see
 //! [`commit`]): a failed or killed run leaves the output as it was.
 //!
 //! ```no_run
-//! use sft_collate::dataset::{write_dataset, DatasetConfig, Layout, Quiet};
+//! use sft_collate::dataset::{write_dataset, DatasetConfig, Layout, Quiet, Rows};
 //! use sft_collate::{Device, DeviceChoice, Tokenizer};
 //! let tokenizer = Tokenizer::load("o200k_base")?;
 //! let device = Device::new(DeviceChoice::Auto)?;
@@ -17,7 +21,7 @@
 //!     layout: Layout::Padded { batch_size: 64 },
 //!     ..DatasetConfig::new("examples/sample.jsonl", "out/")
 //! };
-//! let manifest = write_dataset(&config, &tokenizer, &device, &Quiet)?;
+//! let manifest = write_dataset(&config, Rows::Text(&tokenizer), &device, &Quiet)?;
 //! println!("{} rows in {} files", manifest.rows, manifest.files.len());
 //! # Ok::<(), sft_collate::Error>(())
 //! ```
@@ -26,17 +30,18 @@ pub mod commit;
 pub mod manifest;
 
 use std::collections::HashMap;
-use std::io::{BufReader, Read};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 
 use crate::backend::Device;
 use crate::collate::{Batch, BatchStats, CollatePlan, CollateSpec, Pack};
 use crate::error::Location;
-use crate::input::jsonl::Lines;
-use crate::input::{RowFormat, Segment};
+use crate::input::{read_rows, ReadReport, RowChunk, RowFormat};
 use crate::io::write_atomically;
+pub use crate::io::{Progress, Quiet};
 use crate::schedule::{bucket_order, plan_packs, PackSpec};
+use crate::store::Store;
 use crate::{tokenize_rows, Error, RaggedBatch, Result, Tokenizer};
 
 pub use manifest::{BadLine, FileEntry, LayoutInfo, Manifest, MANIFEST_FILE};
@@ -46,7 +51,6 @@ const READ_AHEAD: usize = 4;
 const WRITE_AHEAD: usize = 2;
 /// Rows allocated ahead for a chunk, whatever the batch size asks (a huge batch size is not a huge
 /// allocation before there are rows to fill it).
-const MAX_PREALLOCATED_ROWS: usize = 4096;
 /// A batch whose padding is above this fraction, and large, is reported.
 const PADDING_WARNING: f64 = 0.9;
 const PADDING_WARNING_BYTES: u64 = 64 << 20;
@@ -126,28 +130,59 @@ pub fn default_max_batch_bytes() -> u64 {
     total.map_or(8 << 30, |t| (t / 2).min(16 << 30))
 }
 
-/// What the job tells its caller as it goes (a progress bar, a log).
-pub trait Progress: Sync {
-    /// Input consumed so far, in bytes (when known: not for standard input).
-    fn input_size(&self, _bytes: Option<u64>) {}
-    /// Input bytes consumed and rows written so far.
-    fn advance(&self, _bytes_read: u64, _rows_written: usize) {}
-    /// Something the user should know (a clean-up, a wasteful batch).
-    fn note(&self, _message: &str) {}
+/// Where the job's rows come from.
+#[derive(Clone, Copy, Debug)]
+pub enum Rows<'a> {
+    /// The JSONL file `config.input`, read with `config.rows`, tokenized by this tokenizer.
+    Text(&'a Tokenizer),
+    /// A token store's rows, in input order (`config.input` and `config.rows` are not read: the store
+    /// was made from text with its own; its manifest says which).
+    Store(&'a Store),
 }
 
-/// A [`Progress`] that reports nothing.
-pub struct Quiet;
-impl Progress for Quiet {}
+impl Rows<'_> {
+    /// The pad id of the tokenizer: `explicit`, else the tokenizer's own.
+    fn resolve_pad_id(&self, explicit: Option<u32>) -> Result<u32> {
+        match self {
+            Rows::Text(tokenizer) => tokenizer.resolve_pad_id(explicit),
+            Rows::Store(store) => explicit
+                .or(store.tokenizer().pad_id)
+                .ok_or(Error::NoPadToken),
+        }
+    }
 
-/// Run the job: read, tokenize, collate on `device`, write, commit. Returns the manifest written.
+    fn vocab_size(&self) -> usize {
+        match self {
+            Rows::Text(tokenizer) => tokenizer.vocab_size(),
+            Rows::Store(store) => store.tokenizer().vocab_size,
+        }
+    }
+}
+
+/// A chunk of rows on their way to the collating stage.
+struct SourceChunk {
+    rows: ChunkRows,
+    /// Each row's input line (from 1).
+    lines: Vec<usize>,
+    bytes_read: u64,
+}
+
+enum ChunkRows {
+    /// Text rows, to tokenize.
+    Text(Vec<Vec<crate::input::Segment>>),
+    /// Rows of the store, in input order.
+    Store(std::ops::Range<usize>),
+}
+
+/// Run the job: read, tokenize (text rows), collate on `device`, write, commit. Returns the manifest
+/// written.
 pub fn write_dataset(
     config: &DatasetConfig,
-    tokenizer: &Tokenizer,
+    rows: Rows<'_>,
     device: &Device,
     progress: &dyn Progress,
 ) -> Result<Manifest> {
-    let spec = resolve_spec(config, tokenizer)?;
+    let spec = resolve_spec(config, &rows)?;
     let (mut output, removed) =
         commit::OutputDir::open(&config.output, config.overwrite, config.wait_for_lock)?;
     for path in removed {
@@ -156,13 +191,23 @@ pub fn write_dataset(
             path.display()
         ));
     }
-    let input_name = config.input.display().to_string();
-    let (input_size, reader): (Option<u64>, Box<dyn Read + Send>) = if input_name == "-" {
-        (None, Box::new(std::io::stdin()))
-    } else {
-        let file = std::fs::File::open(&config.input).map_err(|e| Error::io(&config.input, e))?;
-        (file.metadata().ok().map(|m| m.len()), Box::new(file))
-    };
+    let (input_name, input_size, reader): (String, Option<u64>, Option<Box<dyn Read + Send>>) =
+        match rows {
+            Rows::Store(store) => (store.dir().display().to_string(), Some(store.bytes()), None),
+            Rows::Text(_) if config.input.as_os_str() == "-" => {
+                ("-".into(), None, Some(Box::new(std::io::stdin())))
+            }
+            Rows::Text(_) => {
+                let file =
+                    std::fs::File::open(&config.input).map_err(|e| Error::io(&config.input, e))?;
+                let size = file.metadata().ok().map(|m| m.len());
+                (
+                    config.input.display().to_string(),
+                    size,
+                    Some(Box::new(file)),
+                )
+            }
+        };
     progress.input_size(input_size);
     let staging = output.staging()?;
     let chunk_rows = match config.layout {
@@ -172,18 +217,22 @@ pub fn write_dataset(
         } => window.div_ceil(batch_size).saturating_mul(batch_size),
         Layout::Packed { window, .. } => window,
     };
-    let (raw_tx, raw_rx) = sync_channel::<Result<RawChunk>>(READ_AHEAD);
+    let (raw_tx, raw_rx) = sync_channel::<Result<SourceChunk>>(READ_AHEAD);
     let (work_tx, work_rx) = sync_channel::<Vec<Work>>(WRITE_AHEAD);
     let stages = Stages {
         config,
         spec: &spec,
-        tokenizer,
+        rows,
         device,
         input_name: &input_name,
         progress,
     };
     let (read_report, written, collated) = std::thread::scope(|scope| {
-        let reader = scope.spawn(|| stages.read(reader, chunk_rows, raw_tx));
+        let reader = scope.spawn(|| match (reader, rows) {
+            (Some(reader), _) => stages.read(reader, chunk_rows, raw_tx),
+            (None, Rows::Store(store)) => stages.read_store(store, chunk_rows, raw_tx),
+            (None, Rows::Text(_)) => unreachable!("text rows come with a reader"),
+        });
         let writer = scope.spawn(|| stages.write(work_rx, staging.path()));
         let collated = stages.collate(raw_rx, work_tx);
         (
@@ -210,14 +259,14 @@ pub fn write_dataset(
 }
 
 /// The spec with the pad id resolved and checked, and the options checked against what they imply.
-fn resolve_spec(config: &DatasetConfig, tokenizer: &Tokenizer) -> Result<CollateSpec> {
+fn resolve_spec(config: &DatasetConfig, rows: &Rows<'_>) -> Result<CollateSpec> {
     let spec = CollateSpec {
-        pad_id: Some(tokenizer.resolve_pad_id(config.spec.pad_id)?),
+        pad_id: Some(rows.resolve_pad_id(config.spec.pad_id)?),
         ..config.spec.clone()
     };
     spec.validate()?;
     let pad_id = spec.pad_id.expect("resolved above");
-    let vocab = tokenizer.vocab_size();
+    let vocab = rows.vocab_size();
     if !config.allow_pad_id_outside_vocab && pad_id as usize >= vocab {
         return Err(Error::InvalidOption {
             name: "pad_id",
@@ -288,22 +337,6 @@ fn check_batch_size(
     Ok(())
 }
 
-/// Rows read from the input, not yet tokenized.
-struct RawChunk {
-    /// Each row's segments: a (prompt, output) pair or a conversation's messages.
-    rows: Vec<Vec<Segment>>,
-    /// Each row's line number.
-    lines: Vec<usize>,
-    /// Input bytes consumed once this chunk was complete.
-    bytes_read: u64,
-}
-
-#[derive(Default)]
-struct ReadReport {
-    skipped: usize,
-    recorded: Vec<BadLine>,
-}
-
 /// What the writer receives: one file's tensors and the input rows they hold.
 struct Work {
     collated: Collated,
@@ -330,7 +363,7 @@ impl Collated {
 struct Stages<'a> {
     config: &'a DatasetConfig,
     spec: &'a CollateSpec,
-    tokenizer: &'a Tokenizer,
+    rows: Rows<'a>,
     device: &'a Device,
     input_name: &'a str,
     progress: &'a dyn Progress,
@@ -343,75 +376,67 @@ impl Stages<'_> {
         &self,
         input: Box<dyn Read + Send>,
         chunk_rows: usize,
-        tx: SyncSender<Result<RawChunk>>,
+        tx: SyncSender<Result<SourceChunk>>,
     ) -> ReadReport {
-        let mut report = ReadReport::default();
-        let new_chunk = || RawChunk {
-            rows: Vec::with_capacity(chunk_rows.min(MAX_PREALLOCATED_ROWS)),
-            lines: Vec::with_capacity(chunk_rows.min(MAX_PREALLOCATED_ROWS)),
-            bytes_read: 0,
-        };
-        let mut chunk = new_chunk();
-        let format = &self.config.rows;
-        let mut bytes_read = 0;
-        for line in Lines::new(BufReader::with_capacity(1 << 20, input)) {
-            let line = match line {
-                Ok(line) => {
-                    bytes_read = line.bytes_read;
-                    line
-                }
-                Err(e) => {
-                    let _ = tx.send(Err(Error::io(self.input_name, e)));
-                    return report;
-                }
+        let sink = |chunk: RowChunk| {
+            let chunk = SourceChunk {
+                rows: ChunkRows::Text(chunk.rows),
+                lines: chunk.lines,
+                bytes_read: chunk.bytes_read,
             };
-            if line.is_blank() {
-                continue; // Blank lines (a trailing newline, say) hold no row.
-            }
-            let parsed = line
-                .text
-                .and_then(|text| format.parse_segments(&text))
-                .map_err(|reason| Error::BadInput {
-                    path: self.input_name.to_string(),
-                    line: line.number,
-                    reason,
-                });
-            match parsed {
-                Ok(segments) => {
-                    chunk.rows.push(segments);
-                    chunk.lines.push(line.number);
-                }
-                Err(Error::BadInput { line, reason, .. }) if self.config.skip_bad_lines => {
-                    report.skipped += 1;
-                    if report.recorded.len() < manifest::MAX_RECORDED_BAD_LINES {
-                        report.recorded.push(BadLine { line, reason });
-                    }
-                }
-                Err(e) => {
-                    let _ = tx.send(Err(e));
-                    return report;
-                }
-            }
-            if chunk.rows.len() == chunk_rows {
-                chunk.bytes_read = bytes_read;
-                if tx
-                    .send(Ok(std::mem::replace(&mut chunk, new_chunk())))
-                    .is_err()
-                {
-                    return report; // The collating stage stopped on an error of its own.
-                }
+            tx.send(Ok(chunk)).is_ok()
+        };
+        match read_rows(
+            input,
+            self.input_name,
+            &self.config.rows,
+            self.config.skip_bad_lines,
+            chunk_rows,
+            sink,
+        ) {
+            Ok(report) => report,
+            Err(e) => {
+                let _ = tx.send(Err(e));
+                ReadReport::default()
             }
         }
-        if !chunk.rows.is_empty() {
-            chunk.bytes_read = bytes_read;
-            let _ = tx.send(Ok(chunk));
+    }
+
+    /// The store's rows in input order, in chunks of `chunk_rows` (progress in the store's bytes, pro
+    /// rata).
+    fn read_store(
+        &self,
+        store: &Store,
+        chunk_rows: usize,
+        tx: SyncSender<Result<SourceChunk>>,
+    ) -> ReadReport {
+        let chunk_rows = chunk_rows.max(1);
+        let (rows, bytes) = (store.len(), store.bytes());
+        let mut start = 0;
+        while start < rows {
+            let end = (start + chunk_rows).min(rows);
+            let chunk = SourceChunk {
+                rows: ChunkRows::Store(start..end),
+                lines: (start..end)
+                    .map(|i| store.row(i).source_row as usize + 1)
+                    .collect(),
+                bytes_read: (bytes as f64 * end as f64 / rows as f64) as u64,
+            };
+            if tx.send(Ok(chunk)).is_err() {
+                break;
+            }
+            start = end;
         }
-        report
+        let (skipped, recorded) = store.skipped();
+        ReadReport {
+            skipped,
+            recorded: recorded.to_vec(),
+        }
     }
 
     /// Tokenize and collate each chunk, handing its files to the writer together (so that the next
     /// chunk's tokenization overlaps their writing).
-    fn collate(&self, rx: Receiver<Result<RawChunk>>, tx: SyncSender<Vec<Work>>) -> Result<()> {
+    fn collate(&self, rx: Receiver<Result<SourceChunk>>, tx: SyncSender<Vec<Work>>) -> Result<()> {
         let mut row_base = 0usize;
         for (chunk_index, raw) in rx.into_iter().enumerate() {
             let raw = raw?;
@@ -429,8 +454,16 @@ impl Stages<'_> {
                 },
                 other => other,
             };
-            let ragged =
-                tokenize_rows(&raw.rows, self.tokenizer, self.spec.limit()).map_err(at_line)?;
+            let ragged = match (&raw.rows, self.rows) {
+                (ChunkRows::Text(rows), Rows::Text(tokenizer)) => {
+                    tokenize_rows(rows, tokenizer, self.spec.limit())
+                }
+                (ChunkRows::Store(range), Rows::Store(store)) => {
+                    store.ragged(&range.clone().collect::<Vec<_>>(), &self.spec.limit())
+                }
+                _ => unreachable!("chunks come from the job's own source"),
+            }
+            .map_err(at_line)?;
             let lines = |rows: &[usize]| -> String {
                 let (first, last) = (
                     rows.iter().map(|&r| raw.lines[r]).min().unwrap_or(0),
@@ -490,7 +523,7 @@ impl Stages<'_> {
                     }
                 }
             }
-            row_base += raw.rows.len();
+            row_base += raw.lines.len();
             if tx.send(work).is_err() {
                 return Ok(()); // The writer failed; its error is reported from there.
             }
@@ -588,7 +621,6 @@ impl Stages<'_> {
             }
             _ => {}
         }
-        let format = &config.rows;
         Manifest {
             format: manifest::FORMAT.to_string(),
             input: self.input_name.to_string(),
@@ -600,22 +632,25 @@ impl Stages<'_> {
             empty_response_rows,
             skipped_lines: read.skipped,
             bad_lines: read.recorded,
-            tokenizer: self.tokenizer.name().to_string(),
-            tokenizer_engine: self.tokenizer.engine().to_string(),
-            tokenizer_cache: self.tokenizer.cache_stats().map(Into::into),
+            tokenizer: match self.rows {
+                Rows::Text(t) => t.name().to_string(),
+                Rows::Store(s) => s.tokenizer().name.clone(),
+            },
+            tokenizer_engine: match self.rows {
+                Rows::Text(t) => t.engine().to_string(),
+                Rows::Store(s) => format!("{} (token store)", s.tokenizer().engine),
+            },
+            tokenizer_cache: match self.rows {
+                Rows::Text(t) => t.cache_stats().map(Into::into),
+                Rows::Store(_) => None,
+            },
             device: self.device.kind().to_string(),
             layout,
             options: manifest::Options {
-                prompt_key: format.prompt_key.clone(),
-                output_key: format.output_key.clone(),
-                template: format.template.as_ref().map(|t| t.source().to_string()),
-                messages_key: format.messages.as_ref().map(|m| m.key.clone()),
-                message_template: format.messages.as_ref().map(|m| m.template().to_string()),
-                train_roles: format
-                    .messages
-                    .as_ref()
-                    .map(|m| m.trained_roles.clone())
-                    .unwrap_or_default(),
+                format: match self.rows {
+                    Rows::Text(_) => config.rows.info(),
+                    Rows::Store(store) => store.text().clone(),
+                },
                 spec: self.spec.clone(),
             },
             tensors,

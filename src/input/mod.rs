@@ -3,6 +3,7 @@
 
 pub mod jsonl;
 mod messages;
+pub mod read;
 mod template;
 
 use serde_json::{Map, Value};
@@ -10,6 +11,7 @@ use serde_json::{Map, Value};
 use crate::{Error, Result};
 
 pub use messages::MessageFormat;
+pub use read::{read_rows, BadLine, ReadReport, RowChunk, MAX_RECORDED_BAD_LINES};
 pub use template::Template;
 
 /// One segment of a row: its text and whether its tokens are trained on.
@@ -40,7 +42,35 @@ impl Default for RowFormat {
     }
 }
 
+/// A [`RowFormat`] as manifests record it (templates by their text).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FormatInfo {
+    pub prompt_key: String,
+    pub output_key: String,
+    /// The prompt template's text, when there is one.
+    pub template: Option<String>,
+    pub messages_key: Option<String>,
+    pub message_template: Option<String>,
+    pub train_roles: Vec<String>,
+}
+
 impl RowFormat {
+    /// What this format is, as manifests record it.
+    pub fn info(&self) -> FormatInfo {
+        FormatInfo {
+            prompt_key: self.prompt_key.clone(),
+            output_key: self.output_key.clone(),
+            template: self.template.as_ref().map(|t| t.source().to_string()),
+            messages_key: self.messages.as_ref().map(|m| m.key.clone()),
+            message_template: self.messages.as_ref().map(|m| m.template().to_string()),
+            train_roles: self
+                .messages
+                .as_ref()
+                .map(|m| m.trained_roles.clone())
+                .unwrap_or_default(),
+        }
+    }
+
     /// Parse one JSONL line into (prompt, output). The error is a reason; the caller adds the path and line.
     pub fn parse_line(&self, line: &str) -> std::result::Result<(String, String), String> {
         let value: Value =

@@ -181,6 +181,42 @@ impl RaggedBatch {
             .push(u32::try_from(leading).expect("a prompt of over 4G tokens"));
     }
 
+    /// Append one row given as tokenized segments, cut to `limit` first: a row of exactly one untrainable
+    /// then one trainable segment is a (prompt, output) pair (cut by the pair policy,
+    /// [`LengthLimit::truncate_pair`]); any other row by [`LengthLimit::truncate_segments`]. `row` names
+    /// the row in an error. This is the one rule by which tokenized text becomes rows, whether it was
+    /// just tokenized or read back from a token store.
+    pub fn push_limited(
+        &mut self,
+        row: usize,
+        segments: &[(Vec<u32>, bool)],
+        limit: &LengthLimit,
+    ) -> Result<()> {
+        match segments {
+            [(prompt, false), (output, true)] => {
+                let (prompt, output) = limit.truncate_pair(row, prompt, output)?;
+                self.push_row(prompt, output);
+                Ok(())
+            }
+            _ => self.push_segments_limited(row, segments, limit),
+        }
+    }
+
+    /// Append a row of segments cut by the segments' policy ([`LengthLimit::truncate_segments`]),
+    /// whatever their pattern: how a conversation's tokens are cut (even one whose flags form a single
+    /// untrained then trained run).
+    pub fn push_segments_limited(
+        &mut self,
+        row: usize,
+        segments: &[(Vec<u32>, bool)],
+        limit: &LengthLimit,
+    ) -> Result<()> {
+        let kept = limit.truncate_segments(row, segments)?;
+        let refs: Vec<(&[u32], bool)> = kept.iter().map(|(t, f)| (t.as_slice(), *f)).collect();
+        self.push_segments(&refs);
+        Ok(())
+    }
+
     /// Per-token trainable flags, when rows were given as segments.
     pub fn trainable(&self) -> Option<&[u8]> {
         self.trainable.as_deref()

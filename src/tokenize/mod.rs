@@ -350,6 +350,21 @@ impl Tokenizer {
         }
     }
 
+    /// What identifies this tokenizer's ids, for checking that two runs tokenized alike: a built-in by
+    /// name, a file or JSON by an FNV-1a hash of its bytes (a token store records it, and refuses to mix
+    /// shards made with different tokenizers).
+    pub fn fingerprint(&self) -> Result<String> {
+        Ok(match &*self.source {
+            Source::Builtin(name) => format!("builtin:{name}"),
+            Source::File(path) => {
+                let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+                format!("fnv1a64:{:016x}", fnv1a64(&bytes))
+            }
+            Source::Json(json) => format!("fnv1a64:{:016x}", fnv1a64(json.as_bytes())),
+            Source::Given => format!("given:{}", self.name),
+        })
+    }
+
     /// The tokenizer's own pad id: its configured pad token, else `<|endoftext|>` when it has one.
     pub fn pad_id(&self) -> Option<u32> {
         self.configured_pad.or_else(|| self.token_to_id(ENDOFTEXT))
@@ -413,4 +428,11 @@ fn pad_from_config(path: &Path) -> Option<String> {
         serde_json::Value::Object(o) => o.get("content")?.as_str().map(str::to_string),
         _ => None,
     }
+}
+
+/// FNV-1a, 64 bits: a stable hash of a tokenizer file's bytes (not cryptographic; it tells files apart).
+fn fnv1a64(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
 }

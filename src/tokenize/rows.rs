@@ -59,18 +59,7 @@ where
             .iter()
             .map(|(_, trained)| (ids.next().expect("one encoding per text"), *trained))
             .collect();
-        match segments.as_slice() {
-            [(prompt, false), (output, true)] => {
-                let (prompt, output) = limit.truncate_pair(r, prompt, output)?;
-                batch.push_row(prompt, output);
-            }
-            _ => {
-                let kept = limit.truncate_segments(r, &segments)?;
-                let refs: Vec<(&[u32], bool)> =
-                    kept.iter().map(|(t, f)| (t.as_slice(), *f)).collect();
-                batch.push_segments(&refs);
-            }
-        }
+        batch.push_limited(r, &segments, &limit)?;
     }
     Ok(batch)
 }

@@ -987,6 +987,53 @@ fn cuda_ce<T: LogitElem>(
     }
 }
 
+/// Tokenize a JSONL file (or one shard of it) into a token store; returns the shard manifest as JSON.
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+#[pyo3(signature = (tokenizer, input, output, shard_index = 0, shard_count = 1, prompt_key = "prompt", output_key = "output", template = None, messages_key = "messages", message_template = None, train_roles = vec!["assistant".to_string()], skip_bad_lines = false, overwrite = false))]
+fn write_store(
+    py: Python<'_>,
+    tokenizer: &Tokenizer,
+    input: std::path::PathBuf,
+    output: std::path::PathBuf,
+    shard_index: usize,
+    shard_count: usize,
+    prompt_key: &str,
+    output_key: &str,
+    template: Option<&str>,
+    messages_key: &str,
+    message_template: Option<&str>,
+    train_roles: Vec<String>,
+    skip_bad_lines: bool,
+    overwrite: bool,
+) -> PyResult<String> {
+    let mut messages = MessageFormat::new(message_template, train_roles).map_err(py_err)?;
+    messages.key = messages_key.to_string();
+    let rows = sft_collate::input::RowFormat {
+        prompt_key: prompt_key.to_string(),
+        output_key: output_key.to_string(),
+        template: template
+            .map(sft_collate::input::Template::parse)
+            .transpose()
+            .map_err(py_err)?,
+        messages: Some(messages),
+    };
+    let config = sft_collate::store::StoreConfig {
+        input,
+        output,
+        rows,
+        shard: sft_collate::store::Shard::new(shard_index, shard_count).map_err(py_err)?,
+        skip_bad_lines,
+        overwrite,
+    };
+    let manifest = py
+        .detach(|| {
+            sft_collate::store::write_store(&config, &tokenizer.inner, &sft_collate::io::Quiet)
+        })
+        .map_err(py_err)?;
+    Ok(serde_json::to_string(&manifest).expect("a manifest serializes"))
+}
+
 /// Whether a CUDA device is usable, and if not why.
 #[pyfunction]
 fn cuda_status() -> (bool, String) {
@@ -1005,6 +1052,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Ragged>()?;
     m.add_function(wrap_pyfunction!(tokenize_pairs, m)?)?;
     m.add_function(wrap_pyfunction!(tokenize_rows, m)?)?;
+    m.add_function(wrap_pyfunction!(write_store, m)?)?;
     m.add_function(wrap_pyfunction!(conversation_segments, m)?)?;
     m.add_function(wrap_pyfunction!(pack_documents, m)?)?;
     m.add_function(wrap_pyfunction!(pack_plan, m)?)?;

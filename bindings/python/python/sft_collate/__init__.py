@@ -2,6 +2,7 @@
 masked cross-entropy, in Rust and CUDA, for PyTorch.
 
 - :func:`tokenize_prompt_and_output`, :func:`tokenize_conversations`, :func:`pack`, :func:`bucket_order`
+- :func:`tokenize_to_store`: a JSONL file tokenized once into Arrow files (sharded across processes)
 - :func:`masked_cross_entropy` (autograd; on CUDA the fused kernel on torch's current stream)
 - :class:`Tokenizer`, :func:`load_tokenizer` (a path, a built-in, ``tokenizers`` or ``transformers``)
 - :mod:`sft_collate.cs336`: CS336's functions with CS336's signatures
@@ -14,6 +15,7 @@ from ._api import (
     pack,
     tokenize_conversations,
     tokenize_prompt_and_output,
+    tokenize_to_store,
 )
 from ._native import BUILTIN_TOKENIZERS, Tokenizer, __version__
 
@@ -45,4 +47,5 @@ __all__ = [
     "pack",
     "tokenize_conversations",
     "tokenize_prompt_and_output",
+    "tokenize_to_store",
 ]

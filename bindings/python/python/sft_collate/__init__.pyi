@@ -18,6 +18,22 @@ TokenizerLike = Union[Tokenizer, str, PathLike, Any]
 Device = Union[None, str, Any]
 
 def cuda_available() -> bool: ...
+def tokenize_to_store(
+    input: Union[str, PathLike],
+    store: Union[str, PathLike],
+    tokenizer: TokenizerLike,
+    *,
+    shard: Tuple[int, int] = (0, 1),
+    prompt_key: str = "prompt",
+    output_key: str = "output",
+    template: Optional[str] = None,
+    messages_key: str = "messages",
+    message_template: Optional[str] = None,
+    train_roles: Sequence[str] = ("assistant",),
+    skip_bad_lines: bool = False,
+    overwrite: bool = False,
+    engine: str = "auto",
+) -> Dict[str, Any]: ...
 def load_tokenizer(tokenizer: TokenizerLike, engine: str = "auto") -> Tuple[Tokenizer, Optional[int]]: ...
 def tokenize_prompt_and_output(
     prompt_strs: Sequence[str],

@@ -312,6 +312,47 @@ def pack(
     return packs
 
 
+def tokenize_to_store(
+    input: Union[str, "os.PathLike[str]"],
+    store: Union[str, "os.PathLike[str]"],
+    tokenizer: Any,
+    *,
+    shard: Tuple[int, int] = (0, 1),
+    prompt_key: str = "prompt",
+    output_key: str = "output",
+    template: Optional[str] = None,
+    messages_key: str = "messages",
+    message_template: Optional[str] = None,
+    train_roles: Sequence[str] = ("assistant",),
+    skip_bad_lines: bool = False,
+    overwrite: bool = False,
+    engine: str = "auto",
+) -> Dict[str, Any]:
+    """Tokenize a JSONL file once into a token store (what ``sft-collate tokenize`` does): shard ``(i, n)``
+    takes the rows on input lines ``l`` (from 0) with ``l % n == i``, so ``n`` processes write the whole
+    store. The store's shards are Arrow IPC files (``pyarrow.ipc.open_file``, Polars ``read_ipc``) with
+    columns ``input_ids``, ``prompt_len``, ``trainable`` and ``source_row``; ``template`` is the prompt
+    template's text. Returns the shard's manifest."""
+    native, _ = load_tokenizer(tokenizer, engine)
+    index, count = shard
+    text = _native.write_store(
+        native,
+        os.fspath(input),
+        os.fspath(store),
+        int(index),
+        int(count),
+        prompt_key,
+        output_key,
+        template,
+        messages_key,
+        message_template,
+        list(train_roles),
+        bool(skip_bad_lines),
+        bool(overwrite),
+    )
+    return json.loads(text)
+
+
 def bucket_order(lengths: Sequence[int], window: int, seed: int = 0) -> List[int]:
     """Length bucketing: a seeded shuffle of the row indices, then each window of ``window`` rows sorted
     by length, so consecutive batches hold rows of similar length."""
