@@ -66,6 +66,98 @@ fn bench(c: &mut Criterion) {
         })
     });
     group.finish();
+    loader(c, &corpus, &spec);
+}
+
+fn loader_rows(prompts: &[String]) -> usize {
+    prompts.len()
+}
+
+/// A training loop's batch: 64 rows from a token store (memory-mapped, the rows gathered and collated on
+/// the CPU, as `Loader::next_step` gives them, shuffled) against tokenizing the same 64 rows from text and
+/// collating them. The store's side has no tokenization left: its cost is a gather and a copy.
+fn loader(c: &mut Criterion, corpus: &Corpus, spec: &CollateSpec) {
+    use sft_collate::loader::{Batching, Loader, LoaderConfig};
+    use sft_collate::store::{write_store, Store, StoreConfig};
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.jsonl");
+    let lines: String = corpus
+        .prompts
+        .iter()
+        .zip(&corpus.outputs)
+        .map(|(p, o)| serde_json::json!({"prompt": p, "output": o}).to_string() + "\n")
+        .collect();
+    std::fs::write(&input, lines).unwrap();
+    let store_dir = dir.path().join("store");
+    write_store(
+        &StoreConfig::new(&input, &store_dir),
+        &corpus.tokenizer,
+        &sft_collate::dataset::Quiet,
+    )
+    .unwrap();
+    let store = Arc::new(Store::open(&store_dir).unwrap());
+    let store_ref = store.clone();
+    let mut loader = Loader::new(
+        store,
+        LoaderConfig {
+            spec: spec.clone(),
+            prefetch: 0,
+            ..LoaderConfig::new(Batching::Rows(BATCH))
+        },
+        sft_collate::Device::cpu(),
+    )
+    .unwrap();
+    let mut group = c.benchmark_group(format!("loader/{}", corpus.name));
+    group.throughput(Throughput::Elements(BATCH as u64));
+    group.bench_function("store_batch_of_64", |b| {
+        b.iter(|| std::hint::black_box(loader.next_step().unwrap()))
+    });
+    // The two sides without the collation both share: gathering 64 rows from the store, tokenizing 64.
+    let all: Vec<usize> = (0..loader_rows(&corpus.prompts)).collect();
+    let mut from = 0;
+    group.bench_function("store_gather_64", |b| {
+        b.iter(|| {
+            let rows = &all[from..(from + BATCH).min(all.len())];
+            from = if from + BATCH >= all.len() {
+                0
+            } else {
+                from + BATCH
+            };
+            std::hint::black_box(store_ref.ragged(rows, &spec.limit()).unwrap())
+        })
+    });
+    let mut at = 0;
+    group.bench_function("tokenize_64", |b| {
+        b.iter(|| {
+            let end = (at + BATCH).min(corpus.prompts.len());
+            let ragged = tokenize_pairs(
+                &corpus.prompts[at..end],
+                &corpus.outputs[at..end],
+                &corpus.tokenizer,
+                spec.limit(),
+            )
+            .unwrap();
+            at = if end == corpus.prompts.len() { 0 } else { end };
+            std::hint::black_box(ragged)
+        })
+    });
+    let mut at = 0;
+    group.bench_function("text_batch_of_64", |b| {
+        b.iter(|| {
+            let end = (at + BATCH).min(corpus.prompts.len());
+            let ragged = tokenize_pairs(
+                &corpus.prompts[at..end],
+                &corpus.outputs[at..end],
+                &corpus.tokenizer,
+                spec.limit(),
+            )
+            .unwrap();
+            at = if end == corpus.prompts.len() { 0 } else { end };
+            std::hint::black_box(cpu::collate(&ragged, spec).unwrap())
+        })
+    });
+    group.finish();
 }
 
 /// A synthetic batch of `rows` rows whose lengths spread over [max_len / 2, max_len] (one row exactly

@@ -38,14 +38,16 @@
 //!    [`tokenize_pairs`] / [`tokenize_rows`] give a [`RaggedBatch`].
 //! 3. [`ragged`]: [`RaggedBatch`], tokens row after row with `row_offsets`, `prompt_lens` and per-token
 //!    trainable flags: the compact form a backend takes.
+//!    [`store`]: the rows tokenized once and kept (sharded Arrow files), read back memory-mapped.
 //! 4. [`schedule`]: which rows go together: length bucketing, padding-free packing plans.
 //! 5. [`collate`]: [`CollateSpec`] (pad id, `max_len` and [`Truncation`], `pad_to_multiple_of`,
 //!    [`LabelFormat`], [`IdDtype`]) and the results, [`Batch`] and [`Pack`].
 //! 6. [`loss`]: the masked cross-entropy's types; [`backend::cpu::loss`] holds the oracle and CS336's
 //!    companions (entropy, log-probs, `masked_normalize`, `masked_mean`, the SFT microbatch loss).
 //! 7. [`backend`]: [`Device`], and the cpu, cuda and emulation backends.
-//! 8. [`dataset`]: the streamed job from a JSONL file to a directory of batch files and a manifest,
-//!    committed atomically (what `sft-collate collate` runs).
+//! 8. [`dataset`]: the streamed job from a JSONL file (or a store) to a directory of batch files and a
+//!    manifest, committed atomically (what `sft-collate collate` runs); [`loader`]: a training loop's
+//!    batches from a store, every epoch, every rank, resumable.
 //!
 //! [`tokenize_prompt_and_output`] does 2–5 in one call, as CS336's function. `docs/ARCHITECTURE.md`
 //! maps every module and says where to add a backend, a kernel, a tokenizer engine or an output format.
@@ -95,6 +97,8 @@ pub mod backend;
 pub mod cs336;
 
 pub mod dataset;
+
+pub mod loader;
 
 pub mod loss_file;
 

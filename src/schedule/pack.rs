@@ -93,7 +93,8 @@ impl PackSpec {
         .at(Location::Row(row))
     }
 
-    fn validate(&self) -> Result<()> {
+    /// Refuse a pack with room for fewer than 2 tokens.
+    pub fn validate(&self) -> Result<()> {
         if self.max_tokens < 2 {
             return Err(Error::InvalidOption {
                 name: "pack",

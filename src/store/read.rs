@@ -285,9 +285,14 @@ impl Store {
         let mut batch = RaggedBatch::with_capacity(rows.len(), tokens);
         for (k, &i) in rows.iter().enumerate() {
             let row = self.row(i);
-            // A pair by the pair rule; a conversation by the segments' rule, as when it was text.
+            // A pair by the pair rule (straight from the mapped tokens); a conversation by the segments'
+            // rule, as when it was text.
             match row.trainable {
-                None => batch.push_limited(k, &row.segments(), limit)?,
+                None => {
+                    let (prompt, output) = row.tokens.split_at(row.prompt_len as usize);
+                    let (prompt, output) = limit.truncate_pair(k, prompt, output)?;
+                    batch.push_row(prompt, output);
+                }
                 Some(_) => batch.push_segments_limited(k, &row.segments(), limit)?,
             }
         }
