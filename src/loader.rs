@@ -427,6 +427,25 @@ impl Loader {
 
     /// The next step, collated on the device (crossing into the next epoch when this one is done).
     pub fn next_step(&mut self) -> Result<Step> {
+        let (state, rows, ragged) = self.next_rows()?;
+        let batch = match self.config.batching {
+            Batching::Packs { .. } => {
+                LoaderBatch::Packed(self.device.collate_pack(&ragged, &self.spec)?)
+            }
+            _ => LoaderBatch::Padded(self.device.collate(&ragged, &self.spec)?),
+        };
+        Ok(Step { state, rows, batch })
+    }
+
+    /// The spec steps are collated with (the pad id resolved).
+    pub fn spec(&self) -> &CollateSpec {
+        &self.spec
+    }
+
+    /// The next step's rows, gathered and cut but not collated (for a caller that collates them itself,
+    /// as the Python package does into torch's tensors): its state, its store rows, the ragged batch
+    /// (for packs, the documents of one pack).
+    pub fn next_rows(&mut self) -> Result<(LoaderState, Vec<usize>, RaggedBatch)> {
         let gathered = match self.config.prefetch {
             0 => self.gather_now()?,
             depth => {
@@ -445,17 +464,7 @@ impl Loader {
         };
         debug_assert_eq!(gathered.state, self.state);
         self.state = self.advance(gathered.state)?;
-        let batch = match self.config.batching {
-            Batching::Packs { .. } => {
-                LoaderBatch::Packed(self.device.collate_pack(&gathered.ragged, &self.spec)?)
-            }
-            _ => LoaderBatch::Padded(self.device.collate(&gathered.ragged, &self.spec)?),
-        };
-        Ok(Step {
-            state: gathered.state,
-            rows: gathered.rows,
-            batch,
-        })
+        Ok((gathered.state, gathered.rows, gathered.ragged))
     }
 
     fn gather_now(&self) -> Result<Gathered> {

@@ -987,6 +987,112 @@ fn cuda_ce<T: LogitElem>(
     }
 }
 
+/// A loader over a token store (`sft_collate::loader`): steps of rows gathered and cut, for the Python
+/// side to collate into tensors. Exactly one of `rows`, `tokens`, `pack` says how rows become steps.
+#[pyclass(unsendable, module = "sft_collate._native")]
+struct Loader {
+    inner: sft_collate::loader::Loader,
+}
+
+#[pymethods]
+impl Loader {
+    #[new]
+    #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (store, rows = None, tokens = None, pack = None, window = 4096, strategy = "exact-fill", overflow = "error", max_len = None, truncation = "error", pad_to_multiple_of = None, shuffle = true, seed = 0, rank = 0, world_size = 1, prefetch = 2, pad_id = None))]
+    fn new(
+        py: Python<'_>,
+        store: std::path::PathBuf,
+        rows: Option<usize>,
+        tokens: Option<usize>,
+        pack: Option<usize>,
+        window: usize,
+        strategy: &str,
+        overflow: &str,
+        max_len: Option<usize>,
+        truncation: &str,
+        pad_to_multiple_of: Option<usize>,
+        shuffle: bool,
+        seed: u64,
+        rank: usize,
+        world_size: usize,
+        prefetch: usize,
+        pad_id: Option<u32>,
+    ) -> PyResult<Self> {
+        use sft_collate::loader::{Batching, LoaderConfig};
+        let batching = match (rows, tokens, pack) {
+            (Some(n), None, None) => Batching::Rows(n),
+            (None, Some(tokens), None) => Batching::Tokens { tokens, window },
+            (None, None, Some(max_tokens)) => Batching::Packs {
+                pack: PackSpec {
+                    max_tokens,
+                    strategy: parse::<PackStrategy>(strategy)?,
+                    overflow: parse::<Overflow>(overflow)?,
+                },
+                window,
+            },
+            _ => {
+                return Err(PyValueError::new_err(
+                    "give exactly one of batch_rows, batch_tokens, pack_tokens",
+                ))
+            }
+        };
+        let spec = CollateSpec {
+            pad_id,
+            max_len,
+            truncation: parse(truncation)?,
+            pad_to_multiple_of,
+            ..CollateSpec::default()
+        };
+        let config = LoaderConfig {
+            spec,
+            shuffle,
+            seed,
+            rank,
+            world_size,
+            prefetch,
+            ..LoaderConfig::new(batching)
+        };
+        let inner = py
+            .detach(|| {
+                let store = sft_collate::store::Store::open(&store)?;
+                sft_collate::loader::Loader::new(
+                    Arc::new(store),
+                    config,
+                    sft_collate::Device::cpu(),
+                )
+            })
+            .map_err(py_err)?;
+        Ok(Loader { inner })
+    }
+
+    fn steps_per_epoch(&self) -> PyResult<usize> {
+        self.inner.steps_per_epoch().map_err(py_err)
+    }
+
+    /// The next step to give: (epoch, step).
+    fn state(&self) -> (u64, usize) {
+        let s = self.inner.state();
+        (s.epoch, s.step)
+    }
+
+    fn set_state(&mut self, epoch: u64, step: usize) {
+        self.inner
+            .set_state(sft_collate::loader::LoaderState { epoch, step });
+    }
+
+    /// The pad id steps are collated with.
+    #[getter]
+    fn pad_id(&self) -> u32 {
+        self.inner.spec().pad_id.expect("resolved when made")
+    }
+
+    /// The next step: (epoch, step, store rows, the rows gathered and cut).
+    fn next_rows(&mut self) -> PyResult<(u64, usize, Vec<usize>, Ragged)> {
+        let (state, rows, ragged) = self.inner.next_rows().map_err(py_err)?;
+        Ok((state.epoch, state.step, rows, Ragged { inner: ragged }))
+    }
+}
+
 /// Tokenize a JSONL file (or one shard of it) into a token store; returns the shard manifest as JSON.
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
@@ -1053,6 +1159,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(tokenize_pairs, m)?)?;
     m.add_function(wrap_pyfunction!(tokenize_rows, m)?)?;
     m.add_function(wrap_pyfunction!(write_store, m)?)?;
+    m.add_class::<Loader>()?;
     m.add_function(wrap_pyfunction!(conversation_segments, m)?)?;
     m.add_function(wrap_pyfunction!(pack_documents, m)?)?;
     m.add_function(wrap_pyfunction!(pack_plan, m)?)?;

@@ -44,3 +44,35 @@ def test_a_sharded_store_reads_back_as_arrow(tmp_path):
             assert got["trainable"] == sum(([f] * len(i) for (_, f), i in zip(parts, ids)), [])
     with pytest.raises(ValueError, match="overwrite"):
         sft_collate.tokenize_to_store(source, store, "cl100k_base", shard=(0, 3))
+
+
+def test_the_loader_gives_every_row_once_per_epoch_on_every_rank(tmp_path):
+    rows = [{"prompt": f"Question {i}" + " and more" * (i % 5), "output": f" answer {i}."} for i in range(23)]
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    store = tmp_path / "store"
+    sft_collate.tokenize_to_store(source, store, "cl100k_base")
+    for kind in ({"batch_rows": 4}, {"batch_tokens": 40}, {"pack_tokens": 32, "overflow": "split"}):
+        seen = []
+        lengths = set()
+        for rank in range(3):
+            loader = sft_collate.Loader(store, world_size=3, rank=rank, seed=1, labels="ignore_index", **kind)
+            lengths.add(len(loader))
+            steps = list(loader)
+            assert len(steps) == len(loader) and [s["step"] for s in steps] == list(range(len(loader)))
+            for s in steps:
+                seen += s["rows"]
+                assert s["input_ids"].shape == s["labels"].shape == s["response_mask"].shape
+                if "cu_seqlens" in s:
+                    assert s["input_ids"].shape[1] <= 32
+            assert loader.state_dict() == {"epoch": 1, "step": 0}
+            # Resume mid-epoch: the same steps from there.
+            again = sft_collate.Loader(store, world_size=3, rank=rank, seed=1, labels="ignore_index", **kind)
+            again.load_state_dict({"epoch": 0, "step": 1})
+            for want, got in zip(steps[1:], again):
+                assert got["rows"] == want["rows"] and (got["input_ids"] == want["input_ids"]).all()
+        assert len(lengths) == 1
+        if "pack_tokens" in kind:
+            assert sorted(set(seen)) == list(range(len(rows)))  # split rows appear once per piece
+        else:
+            assert sorted(seen) == list(range(len(rows)))

@@ -2,7 +2,8 @@
 masked cross-entropy, in Rust and CUDA, for PyTorch.
 
 - :func:`tokenize_prompt_and_output`, :func:`tokenize_conversations`, :func:`pack`, :func:`bucket_order`
-- :func:`tokenize_to_store`: a JSONL file tokenized once into Arrow files (sharded across processes)
+- :func:`tokenize_to_store`: a JSONL file tokenized once into Arrow files (sharded across processes);
+  :class:`Loader`: a training loop's batches from it, every epoch, every rank, resumable
 - :func:`masked_cross_entropy` (autograd; on CUDA the fused kernel on torch's current stream)
 - :class:`Tokenizer`, :func:`load_tokenizer` (a path, a built-in, ``tokenizers`` or ``transformers``)
 - :mod:`sft_collate.cs336`: CS336's functions with CS336's signatures
@@ -10,6 +11,7 @@ masked cross-entropy, in Rust and CUDA, for PyTorch.
 
 from . import _native
 from ._api import (
+    Loader,
     bucket_order,
     load_tokenizer,
     pack,
@@ -38,6 +40,7 @@ def __getattr__(name):
 
 __all__ = [
     "BUILTIN_TOKENIZERS",
+    "Loader",
     "Tokenizer",
     "__version__",
     "bucket_order",

@@ -18,6 +18,37 @@ TokenizerLike = Union[Tokenizer, str, PathLike, Any]
 Device = Union[None, str, Any]
 
 def cuda_available() -> bool: ...
+
+class Loader:
+    def __init__(
+        self,
+        store: Union[str, PathLike],
+        *,
+        batch_rows: Optional[int] = None,
+        batch_tokens: Optional[int] = None,
+        pack_tokens: Optional[int] = None,
+        window: int = 4096,
+        strategy: str = "exact-fill",
+        overflow: str = "error",
+        max_len: Optional[int] = None,
+        truncation: str = "error",
+        pad_to_multiple_of: Optional[int] = None,
+        labels: str = "pad",
+        ignore_index: int = -100,
+        dtype: Any = None,
+        device: Device = None,
+        shuffle: bool = True,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        prefetch: int = 2,
+        pad_id: Optional[int] = None,
+    ) -> None: ...
+    def __len__(self) -> int: ...
+    def __iter__(self) -> Any: ...
+    def next_step(self) -> Dict[str, Any]: ...
+    def state_dict(self) -> Dict[str, int]: ...
+    def load_state_dict(self, state: Dict[str, int]) -> None: ...
 def tokenize_to_store(
     input: Union[str, PathLike],
     store: Union[str, PathLike],

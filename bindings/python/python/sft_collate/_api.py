@@ -283,33 +283,142 @@ def pack(
     resolved_pad = _pad_id(native, configured, pad_id)
     packs = []
     for docs in plan:
-        one = documents.select(docs)
-        total, entries = one.pack_shape(pad_to_multiple_of)
-        out = {
-            "input_ids": _empty((1, total), id_dtype, kind, index),
-            "labels": _empty((1, total), id_dtype, kind, index),
-            "response_mask": _empty((1, total), "bool", kind, index),
-            "position_ids": _empty((1, total), id_dtype, kind, index),
-            "cu_seqlens": _empty((entries,), "int32", kind, index),
-        }
-        max_seqlen, _, _ = one.collate_pack(
-            kind,
-            index,
-            _stream(kind, index),
-            resolved_pad,
-            pad_to_multiple_of,
-            ignore,
-            code,
-            _ptr(out["input_ids"]),
-            _ptr(out["labels"]),
-            _ptr(out["response_mask"]),
-            _ptr(out["position_ids"]),
-            _ptr(out["cu_seqlens"]),
-        )
-        out["max_seqlen"] = max_seqlen
+        out = _collate_pack(documents.select(docs), resolved_pad, kind, index, pad_to_multiple_of, ignore, id_dtype)
         out["rows"] = [source[d] for d in docs]
         packs.append(out)
     return packs
+
+
+def _collate_pack(
+    one: _native.Ragged,
+    pad_id: int,
+    kind: str,
+    index: int,
+    pad_to_multiple_of: Optional[int],
+    ignore: Optional[int],
+    id_dtype: str,
+) -> Dict[str, Any]:
+    """The documents of ``one`` as one pack, ``[1, T]`` tensors on the device (in place, torch's stream)."""
+    total, entries = one.pack_shape(pad_to_multiple_of)
+    out = {
+        "input_ids": _empty((1, total), id_dtype, kind, index),
+        "labels": _empty((1, total), id_dtype, kind, index),
+        "response_mask": _empty((1, total), "bool", kind, index),
+        "position_ids": _empty((1, total), id_dtype, kind, index),
+        "cu_seqlens": _empty((entries,), "int32", kind, index),
+    }
+    max_seqlen, _, _ = one.collate_pack(
+        kind,
+        index,
+        _stream(kind, index),
+        pad_id,
+        pad_to_multiple_of,
+        ignore,
+        _ID_DTYPES[id_dtype],
+        _ptr(out["input_ids"]),
+        _ptr(out["labels"]),
+        _ptr(out["response_mask"]),
+        _ptr(out["position_ids"]),
+        _ptr(out["cu_seqlens"]),
+    )
+    out["max_seqlen"] = max_seqlen
+    return out
+
+
+class Loader:
+    """A training loop's batches from a token store (``sft-collate tokenize`` or :func:`tokenize_to_store`),
+    epoch after epoch: iterate it for one epoch's steps (from where it is), each a dict of tensors on
+    ``device`` — ``input_ids``, ``labels``, ``response_mask`` (and for packs ``position_ids``,
+    ``cu_seqlens``, ``max_seqlen``) — with ``rows`` (the store rows), ``epoch`` and ``step``.
+
+    Exactly one of ``batch_rows`` (padded steps of that many rows), ``batch_tokens`` (padded steps of at
+    most that many positions, rows of similar length together) or ``pack_tokens`` (padding-free packs by
+    ``strategy``) says how rows become steps. ``rank`` / ``world_size`` deal the steps to data-parallel
+    ranks: every rank the same number of steps, every row once per epoch across them (a rank may get an
+    empty last step). ``state_dict()`` / ``load_state_dict()`` resume exactly. Rows are gathered on a
+    background thread ``prefetch`` steps ahead; on a CUDA ``device`` each step is collated by the kernel on
+    torch's current stream."""
+
+    def __init__(
+        self,
+        store: Union[str, "os.PathLike[str]"],
+        *,
+        batch_rows: Optional[int] = None,
+        batch_tokens: Optional[int] = None,
+        pack_tokens: Optional[int] = None,
+        window: int = 4096,
+        strategy: str = "exact-fill",
+        overflow: str = "error",
+        max_len: Optional[int] = None,
+        truncation: str = "error",
+        pad_to_multiple_of: Optional[int] = None,
+        labels: str = "pad",
+        ignore_index: int = -100,
+        dtype: Any = None,
+        device: Any = None,
+        shuffle: bool = True,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        prefetch: int = 2,
+        pad_id: Optional[int] = None,
+    ) -> None:
+        self._native = _native.Loader(
+            os.fspath(store),
+            batch_rows,
+            batch_tokens,
+            pack_tokens,
+            window,
+            strategy,
+            overflow,
+            max_len,
+            truncation,
+            pad_to_multiple_of,
+            shuffle,
+            seed,
+            rank,
+            world_size,
+            prefetch,
+            pad_id,
+        )
+        self._packed = pack_tokens is not None
+        self._device = device
+        self._kind, self._index = _device(device)
+        self._dtype = dtype
+        self._id_dtype = _id_dtype(dtype)
+        self._labels, self._ignore_index = labels, ignore_index
+        self._ignore = _labels(labels, ignore_index)
+        self._pad_to_multiple_of = pad_to_multiple_of
+
+    def __len__(self) -> int:
+        """Steps per epoch (the same on every rank)."""
+        return self._native.steps_per_epoch()
+
+    def state_dict(self) -> Dict[str, int]:
+        epoch, step = self._native.state()
+        return {"epoch": epoch, "step": step}
+
+    def load_state_dict(self, state: Dict[str, int]) -> None:
+        self._native.set_state(int(state["epoch"]), int(state["step"]))
+
+    def next_step(self) -> Dict[str, Any]:
+        """The next step (crossing into the next epoch when this one is done)."""
+        epoch, step, rows, ragged = self._native.next_rows()
+        pad = self._native.pad_id
+        if self._packed:
+            out = _collate_pack(ragged, pad, self._kind, self._index, self._pad_to_multiple_of, self._ignore, self._id_dtype)
+        else:
+            out = _collate(
+                ragged, pad, self._device, self._pad_to_multiple_of, self._labels, self._ignore_index, self._dtype, False
+            )
+        out.update(rows=rows, epoch=epoch, step=step)
+        return out
+
+    def __iter__(self):
+        """The rest of the current epoch."""
+        epoch = self._native.state()[0]
+        while self._native.state()[0] == epoch:
+            yield self.next_step()
 
 
 def tokenize_to_store(
