@@ -127,35 +127,25 @@ fn loader(c: &mut Criterion, corpus: &Corpus, spec: &CollateSpec) {
             std::hint::black_box(store_ref.ragged(rows, &spec.limit()).unwrap())
         })
     });
+    // 64 rows of text at a time, round the corpus, tokenized.
     let mut at = 0;
+    let mut tokenize_next = move || {
+        let end = (at + BATCH).min(corpus.prompts.len());
+        let ragged = tokenize_pairs(
+            &corpus.prompts[at..end],
+            &corpus.outputs[at..end],
+            &corpus.tokenizer,
+            spec.limit(),
+        )
+        .unwrap();
+        at = if end == corpus.prompts.len() { 0 } else { end };
+        ragged
+    };
     group.bench_function("tokenize_64", |b| {
-        b.iter(|| {
-            let end = (at + BATCH).min(corpus.prompts.len());
-            let ragged = tokenize_pairs(
-                &corpus.prompts[at..end],
-                &corpus.outputs[at..end],
-                &corpus.tokenizer,
-                spec.limit(),
-            )
-            .unwrap();
-            at = if end == corpus.prompts.len() { 0 } else { end };
-            std::hint::black_box(ragged)
-        })
+        b.iter(|| std::hint::black_box(tokenize_next()))
     });
-    let mut at = 0;
     group.bench_function("text_batch_of_64", |b| {
-        b.iter(|| {
-            let end = (at + BATCH).min(corpus.prompts.len());
-            let ragged = tokenize_pairs(
-                &corpus.prompts[at..end],
-                &corpus.outputs[at..end],
-                &corpus.tokenizer,
-                spec.limit(),
-            )
-            .unwrap();
-            at = if end == corpus.prompts.len() { 0 } else { end };
-            std::hint::black_box(cpu::collate(&ragged, spec).unwrap())
-        })
+        b.iter(|| std::hint::black_box(cpu::collate(&tokenize_next(), spec).unwrap()))
     });
     group.finish();
 }
