@@ -2,10 +2,12 @@
 //! `tiktoken-rs` crate ships into a `tokenizers::Tokenizer` (byte-level BPE, the tiktoken split regex), so
 //! that the whole crate runs on one tokenizer type and nothing is downloaded.
 //!
-//! The conversion is the one `transformers` uses for tiktoken models: the vocabulary is the rank table
-//! with bytes written in GPT-2's byte-to-unicode alphabet, and each multi-byte token gets the one merge
-//! that tiktoken's own algorithm performs last when encoding that token (replaying lower ranks only).
-//! `ignore_merges` is on because tiktoken looks a whole pre-token up in the ranks before merging.
+//! The conversion for `tokenizers` is the one `transformers` uses for tiktoken models: the vocabulary is
+//! the rank table with bytes written in GPT-2's byte-to-unicode alphabet, and each multi-byte token gets
+//! the one merge that tiktoken's own algorithm performs last when encoding that token (replaying lower
+//! ranks only; done on first use, since it takes a while). The fast engine needs no merge list: it merges
+//! by rank as tiktoken does. `ignore_merges` is on because tiktoken looks a whole pre-token up in the
+//! ranks before merging.
 
 use std::collections::HashMap;
 use std::sync::OnceLock;
@@ -28,8 +30,9 @@ pub const BUILTIN_TOKENIZERS: &[&str] = &["o200k_base", "cl100k_base"];
 pub(crate) struct BuiltinParts {
     /// Token bytes by rank (= id).
     pub by_rank: Vec<Vec<u8>>,
-    /// For each multi-byte token in rank order, the two parts its last merge joins.
-    pub merges: Vec<(Vec<u8>, Vec<u8>)>,
+    /// For each multi-byte token in rank order, the two parts its last merge joins: only `tokenizers`
+    /// needs them (the fast engine merges by rank), so they are recovered on first use.
+    merges: OnceLock<Vec<(Vec<u8>, Vec<u8>)>>,
     /// Special tokens and their ids, by id.
     pub specials: Vec<(String, u32)>,
     pub pattern: &'static str,
@@ -90,7 +93,8 @@ pub(crate) fn builtin_spec(parts: &BuiltinParts) -> std::result::Result<BpeSpec,
     Ok(BpeSpec {
         vocab_size: vocab.len(),
         vocab,
-        merges: parts.merges.clone(),
+        merges: Vec::new(),
+        merges_from_ranks: true,
         ignore_merges: true,
         added: parts
             .specials
@@ -117,7 +121,6 @@ fn parts(
 
     // The rank table: token bytes for ranks 0, 1, 2, ... up to the first rank that does not decode (the
     // special tokens sit past a gap and are handled below).
-    let mut ranks: HashMap<Vec<u8>, u32> = HashMap::new();
     let mut by_rank: Vec<Vec<u8>> = Vec::new();
     let specials: Vec<(String, u32)> = {
         let mut s: Vec<(String, u32)> = core
@@ -134,27 +137,41 @@ fn parts(
         }
         match core.decode_bytes(&[rank]) {
             Ok(bytes) => {
-                ranks.insert(bytes.clone(), rank);
                 by_rank.push(bytes);
             }
             Err(_) => break,
         }
     }
-    let merges: Vec<(Vec<u8>, Vec<u8>)> = by_rank
-        .par_iter()
-        .enumerate()
-        .filter(|(_, token)| token.len() > 1)
-        .filter_map(|(rank, token)| {
-            let parts = replay_merges(&ranks, token, rank as u32);
-            (parts.len() == 2).then(|| (parts[0].to_vec(), parts[1].to_vec()))
-        })
-        .collect();
     Ok(BuiltinParts {
         by_rank,
-        merges,
+        merges: OnceLock::new(),
         specials,
         pattern,
     })
+}
+
+impl BuiltinParts {
+    /// The merge list `tokenizers` needs: for each multi-byte token the pair tiktoken's algorithm joins
+    /// last (its merges replayed with lower ranks only). Recovered once, on first use.
+    fn merges(&self) -> &[(Vec<u8>, Vec<u8>)] {
+        self.merges.get_or_init(|| {
+            let ranks: HashMap<&[u8], u32> = self
+                .by_rank
+                .iter()
+                .enumerate()
+                .map(|(rank, bytes)| (&bytes[..], rank as u32))
+                .collect();
+            self.by_rank
+                .par_iter()
+                .enumerate()
+                .filter(|(_, token)| token.len() > 1)
+                .filter_map(|(rank, token)| {
+                    let parts = replay_merges(&ranks, token, rank as u32);
+                    (parts.len() == 2).then(|| (parts[0].to_vec(), parts[1].to_vec()))
+                })
+                .collect()
+        })
+    }
 }
 
 fn to_tokenizers(parts: &BuiltinParts) -> std::result::Result<tokenizers::Tokenizer, String> {
@@ -171,7 +188,7 @@ fn to_tokenizers(parts: &BuiltinParts) -> std::result::Result<tokenizers::Tokeni
         vocab.insert(text.clone(), *id);
     }
     let merges = parts
-        .merges
+        .merges()
         .iter()
         .map(|(a, b)| (to_str(a), to_str(b)))
         .collect();
@@ -210,11 +227,7 @@ fn to_tokenizers(parts: &BuiltinParts) -> std::result::Result<tokenizers::Tokeni
 
 /// tiktoken's merge loop on `token`'s bytes, using only ranks below `max_rank`: what is left is the pair
 /// that the final merge (the one producing `token`) joins.
-fn replay_merges<'a>(
-    ranks: &HashMap<Vec<u8>, u32>,
-    token: &'a [u8],
-    max_rank: u32,
-) -> Vec<&'a [u8]> {
+fn replay_merges<'a>(ranks: &HashMap<&[u8], u32>, token: &'a [u8], max_rank: u32) -> Vec<&'a [u8]> {
     // Parts are (start, end) byte ranges of `token`.
     let mut parts: Vec<(usize, usize)> = (0..token.len()).map(|i| (i, i + 1)).collect();
     loop {

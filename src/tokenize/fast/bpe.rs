@@ -55,6 +55,31 @@ impl Merges {
         Ok(Merges { pairs, byte_ids })
     }
 
+    /// tiktoken's merges, from the vocabulary alone (ids are ranks): every split of every token into two
+    /// tokens is a pair that merges into it, with the token's rank. (A pair's bytes joined are one token,
+    /// so no pair merges two ways.)
+    pub(crate) fn from_ranks(vocab: &FxHashMap<Box<[u8]>, u32>, byte_ids: [u32; 256]) -> Merges {
+        let tokens: Vec<(&[u8], u32)> = vocab
+            .iter()
+            .filter(|(t, _)| t.len() > 1)
+            .map(|(t, &id)| (&t[..], id))
+            .collect();
+        let entries: Vec<(u64, u64)> = tokens
+            .par_iter()
+            .flat_map_iter(|&(token, id)| {
+                (1..token.len()).filter_map(move |k| {
+                    let a = *vocab.get(&token[..k])?;
+                    let b = *vocab.get(&token[k..])?;
+                    Some(((a as u64) << 32 | b as u64, (id as u64) << 32 | id as u64))
+                })
+            })
+            .collect();
+        let mut pairs = FxHashMap::default();
+        pairs.reserve(entries.len());
+        pairs.extend(entries);
+        Merges { pairs, byte_ids }
+    }
+
     #[inline]
     pub(crate) fn byte_id(&self, b: u8) -> u32 {
         self.byte_ids[b as usize]

@@ -330,6 +330,7 @@ pub(crate) fn spec_from_json(json: &str) -> Result<BpeSpec, String> {
     Ok(BpeSpec {
         vocab,
         merges,
+        merges_from_ranks: false,
         ignore_merges: m.ignore_merges,
         added: number_added_tokens(&t.added_tokens, &in_model, m.vocab.0.len() as u32),
         nfc,

@@ -44,6 +44,10 @@ pub(crate) struct BpeSpec {
     pub vocab: Vec<(Vec<u8>, u32)>,
     /// Merges in rank order, as (left bytes, right bytes).
     pub merges: Vec<(Vec<u8>, Vec<u8>)>,
+    /// tiktoken's rule instead of a merge list: any two adjacent tokens whose bytes together are a token
+    /// merge, the lowest such token id (= rank) first. The built-ins use it: it is how tiktoken encodes,
+    /// and it needs no merge list recovered first.
+    pub merges_from_ranks: bool,
     pub ignore_merges: bool,
     pub added: Vec<AddedSpec>,
     pub nfc: bool,
@@ -114,7 +118,10 @@ impl FastBpe {
                 None => return Err(format!("byte {b:#04x} has no token of its own")),
             };
         }
-        let merges = Merges::new(&spec.merges, &vocab, byte_ids)?;
+        let merges = match spec.merges_from_ranks {
+            true => Merges::from_ranks(&vocab, byte_ids),
+            false => Merges::new(&spec.merges, &vocab, byte_ids)?,
+        };
 
         let normalize = |s: &str| -> String {
             if spec.nfc {
