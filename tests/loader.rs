@@ -176,7 +176,24 @@ fn every_epoch_holds_every_row_once_across_ranks() {
                 if store.is_empty() {
                     return Ok(());
                 }
-                let want = trained_in_store(&store, &spec);
+                // Packs that truncate cut every row to the pack size with the spec's truncation, so a
+                // row's trained labels are those of the padded layout at that max_len.
+                let want_spec = match batching {
+                    Batching::Packs {
+                        pack:
+                            PackSpec {
+                                overflow: Overflow::Truncate,
+                                max_tokens,
+                                ..
+                            },
+                        ..
+                    } => CollateSpec {
+                        max_len: Some(max_len.map_or(max_tokens, |m| m.min(max_tokens))),
+                        ..spec.clone()
+                    },
+                    _ => spec.clone(),
+                };
+                let want = trained_in_store(&store, &want_spec);
                 let mut got = 0;
                 for rank in 0..world {
                     let mut loader = Loader::new(
@@ -358,4 +375,34 @@ fn gsm8k_on_a_world_of_eight_trains_every_token_once() {
             assert_eq!(got, want, "{batching:?} epoch {epoch}");
         }
     }
+}
+
+/// Found by the property test: a prompt as long as the pack leaves no room for its output, so a truncating
+/// pack trains nothing from that row (and is no error).
+#[test]
+fn a_prompt_that_fills_a_truncating_pack_trains_nothing() {
+    let tokenizer = Tokenizer::load("cl100k_base").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let rows = vec![("a b b b b b b b".to_string(), "a b b b cda".to_string())];
+    let store = store_of(dir.path(), &rows, &tokenizer);
+    assert_eq!(
+        store.row(0).tokens.len() - store.row(0).prompt_len as usize,
+        6
+    );
+    let pack = PackSpec {
+        max_tokens: 8,
+        strategy: PackStrategy::ExactFill,
+        overflow: Overflow::Truncate,
+    };
+    let config = LoaderConfig {
+        spec: CollateSpec {
+            pad_id: Some(0),
+            truncation: Truncation::OutputRight,
+            ..CollateSpec::default()
+        },
+        ..LoaderConfig::new(Batching::Packs { pack, window: 1 })
+    };
+    let mut loader = Loader::new(store, config, Device::cpu()).unwrap();
+    let step = loader.next_step().unwrap();
+    assert_eq!(trained(&step.batch), 0);
 }
