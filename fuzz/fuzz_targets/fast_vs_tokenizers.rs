@@ -1,8 +1,8 @@
 //! The fast encoder and Hugging Face `tokenizers` must give the same ids for any valid UTF-8 text.
 //!
 //! Tokenizers: the built-in o200k_base and cl100k_base, and the fixtures' Qwen2 when
-//! `$SFT_COLLATE_SHARED` (else `../shared` beside the crate) has it, also with the Llama 3 and GPT-2 split
-//! patterns in place of its own.
+//! `$SFT_COLLATE_SHARED` (else `../shared` beside the crate) has it, also with the Llama 3, GPT-2, Tekken
+//! and DeepSeek-V3 split patterns in place of its own (the last two through the pattern compiler).
 //!
 //!     cargo +nightly fuzz run fast_vs_tokenizers -- -max_total_time=300
 #![no_main]
@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
-use sft_collate::tokenize::split_patterns::LLAMA3;
+use sft_collate::tokenize::split_patterns::{DEEPSEEK_V3, LLAMA3, TEKKEN};
 use sft_collate::{EngineChoice, Tokenizer};
 
 struct Pair {
@@ -43,6 +43,8 @@ fn pairs() -> &'static [Pair] {
                 ("qwen2", None),
                 ("llama3", Some(split_then_byte_level(LLAMA3, false))),
                 ("llama3+gpt2", Some(split_then_byte_level(LLAMA3, true))),
+                ("tekken", Some(split_then_byte_level(TEKKEN, false))),
+                ("deepseek-v3", Some(deepseek_v3())),
                 (
                     "gpt2",
                     Some(
@@ -71,6 +73,22 @@ fn pairs() -> &'static [Pair] {
         }
         pairs
     })
+}
+
+/// DeepSeek-V3's three splits in turn, then ByteLevel without its regex.
+fn deepseek_v3() -> serde_json::Value {
+    let mut steps: Vec<serde_json::Value> = DEEPSEEK_V3
+        .iter()
+        .map(|regex| {
+            serde_json::json!({"type": "Split", "pattern": {"Regex": regex},
+                "behavior": "Isolated", "invert": false})
+        })
+        .collect();
+    steps.push(
+        serde_json::json!({"type": "ByteLevel", "add_prefix_space": false,
+        "trim_offsets": true, "use_regex": false}),
+    );
+    serde_json::json!({"type": "Sequence", "pretokenizers": steps})
 }
 
 fn split_then_byte_level(regex: &str, use_regex: bool) -> serde_json::Value {

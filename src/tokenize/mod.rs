@@ -15,10 +15,11 @@ pub use builtin::{builtin_tokenizer, BUILTIN_TOKENIZERS};
 pub use fast::CacheStats;
 pub use rows::{tokenize_pairs, tokenize_rows};
 
-/// Split regexes (as written in `tokenizer.json` files) that the fast engine runs natively. Any other
-/// `Split` regex sends a tokenizer to `tokenizers`.
+/// Split regexes as `tokenizer.json` files write them: the ones the fast engine runs hand-compiled
+/// (GPT-2, Llama 3, Qwen2, cl100k, o200k) and real ones its compiler takes (DeepSeek-V3, Tekken). Any
+/// regex of the compiler's subset runs fast too; one outside it sends a tokenizer to `tokenizers`.
 pub mod split_patterns {
-    pub use super::fast::patterns::{CL100K, GPT2, LLAMA3, O200K, QWEN2};
+    pub use super::fast::patterns::{CL100K, DEEPSEEK_V3, GPT2, LLAMA3, O200K, QWEN2, TEKKEN};
 }
 
 use crate::{Error, Result};

@@ -11,6 +11,7 @@ use serde::Deserialize;
 use rustc_hash::{FxHashMap, FxHashSet};
 
 use super::byte_level::from_byte_level;
+use super::compile;
 use super::patterns::{Pattern, GPT2};
 use super::{AddedSpec, BpeSpec};
 
@@ -212,10 +213,14 @@ fn patterns_of(p: Option<&serde_json::Value>) -> Result<Vec<Pattern>, String> {
                 ));
             }
             patterns.push(
-                Pattern::recognize(regex).ok_or_else(|| {
-                    format!("split regex {regex:?} is not one the fast path knows")
-                })?,
+                compile::pattern(regex).map_err(|why| format!("split regex {regex:?}: {why}"))?,
             );
+        } else if is_type(step, "Digits") && !byte_level {
+            let individual = step
+                .get("individual_digits")
+                .and_then(|i| i.as_bool())
+                .unwrap_or(false);
+            patterns.push(Pattern::digits(individual));
         } else if is_type(step, "ByteLevel") && k == steps.len() - 1 {
             if step.get("add_prefix_space").and_then(|a| a.as_bool()) == Some(true) {
                 return Err("ByteLevel with add_prefix_space".into());

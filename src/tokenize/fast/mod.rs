@@ -8,6 +8,7 @@
 //! | [`json`] | `tokenizer.json` → [`BpeSpec`], and why a file is not supported |
 //! | [`added`] | added tokens, found with Aho-Corasick (leftmost-longest, non-normalized ones first) |
 //! | [`patterns`] | the split regexes, hand-compiled, run by a small backtracking matcher |
+//! | [`compile`] | any other split regex of the subset patterns use, compiled to the matcher's atoms |
 //! | [`unicode`] | Oniguruma's character classes, from a table generated from Oniguruma itself |
 //! | [`byte_level`] | GPT-2's byte alphabet |
 //! | [`bpe`] | the merge loop |
@@ -20,6 +21,7 @@ mod added;
 mod bpe;
 mod byte_level;
 mod cache;
+mod compile;
 mod json;
 pub(crate) mod patterns;
 pub(crate) mod unicode;

@@ -2,17 +2,20 @@
 //! as the alternatives Oniguruma tries, in order, at each position; a small backtracking matcher runs them
 //! with the same greedy / possessive semantics, over classes looked up in a table instead of a regex
 //! engine's general machinery. Only patterns listed in [`Pattern::recognize`] are taken: any other regex
-//! sends the tokenizer to the `tokenizers` fallback, so an unknown pattern can never split differently.
+//! Any other regex goes to the compiler (`compile.rs`), which takes the subset of regex syntax
+//! these patterns are written in (and refuses the rest, sending the tokenizer to the `tokenizers`
+//! fallback, so an unknown construct can never split differently).
 
 use super::unicode::{self, *};
 
 /// One piece of an alternative.
-#[derive(Clone, Copy, Debug)]
-enum Atom {
-    /// A character class (`mask` any-of, or none-of when `negated`) repeated `min..=max` times, greedy
-    /// (backtracks) or possessive (does not).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Atom {
+    /// A character class (characters with a flag in `mask` or in the pattern's range set `set`; none
+    /// of them when `negated`) repeated `min..=max` times, greedy (backtracks) or possessive (does not).
     Class {
         mask: u32,
+        set: u16,
         negated: bool,
         min: u32,
         max: u32,
@@ -29,11 +32,14 @@ enum Atom {
     NotBeforeNonSpace,
 }
 
-const INF: u32 = u32::MAX;
+pub(super) const INF: u32 = u32::MAX;
+/// No range set: the class is its flags.
+pub(super) const NO_SET: u16 = u16::MAX;
 
 const fn class(mask: u32, min: u32, max: u32) -> Atom {
     Atom::Class {
         mask,
+        set: NO_SET,
         negated: false,
         min,
         max,
@@ -43,6 +49,7 @@ const fn class(mask: u32, min: u32, max: u32) -> Atom {
 const fn not_class(mask: u32, min: u32, max: u32) -> Atom {
     Atom::Class {
         mask,
+        set: NO_SET,
         negated: true,
         min,
         max,
@@ -53,12 +60,14 @@ const fn possessive(atom: Atom) -> Atom {
     match atom {
         Atom::Class {
             mask,
+            set,
             negated,
             min,
             max,
             ..
         } => Atom::Class {
             mask,
+            set,
             negated,
             min,
             max,
@@ -89,15 +98,55 @@ pub const CL100K: &str = r"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N
 /// o200k_base's split pattern, as tiktoken writes it.
 pub const O200K: &str = tiktoken_rs::O200K_BASE_PAT_STR;
 
+/// DeepSeek-V3's (and R1's) three `Split` regexes, applied in turn, as its `tokenizer.json` writes them:
+/// runs of up to three digits, runs of CJK ideographs and kana, then the rest. Compiled, not hand-written.
+pub const DEEPSEEK_V3: [&str; 3] = [
+    r"\p{N}{1,3}",
+    "[一-龥\u{3040}-ゟ゠-ヿ]+",
+    "[!\"#$%&'()*+,\\-./:;<=>?@\\[\\\\\\]^_`{|}~][A-Za-z]+|[^\r\n\\p{L}\\p{P}\\p{S}]?[\\p{L}\\p{M}]+| ?[\\p{P}\\p{S}]+[\r\n]*|\\s*[\r\n]+|\\s+(?!\\S)|\\s+",
+];
+/// Mistral's Tekken (Mistral Nemo and later; also what `transformers`' `fix_mistral_regex` writes):
+/// o200k's pattern without the contractions, single digits. Compiled, not hand-written.
+pub const TEKKEN: &str = r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
 /// A split pattern this module can run.
 #[derive(Debug)]
 pub(crate) struct Pattern {
     name: &'static str,
     alternatives: Vec<Vec<Atom>>,
+    /// Sorted, disjoint code point ranges `[start, end]` of the classes whose `set` names them.
+    sets: Vec<Vec<(u32, u32)>>,
 }
 
 impl Pattern {
-    /// The compiled form of a known regex, or `None`.
+    /// A pattern from its parts (the compiler's output).
+    pub(super) fn from_parts(
+        name: &'static str,
+        alternatives: Vec<Vec<Atom>>,
+        sets: Vec<Vec<(u32, u32)>>,
+    ) -> Pattern {
+        Pattern {
+            name,
+            alternatives,
+            sets,
+        }
+    }
+
+    /// `tokenizers`' `Digits` pre-tokenizer: each numeric character (Rust's `char::is_numeric`) its own
+    /// piece with `individual_digits`, else each run of them.
+    pub(crate) fn digits(individual: bool) -> Pattern {
+        Pattern {
+            name: if individual { "digits" } else { "digit-runs" },
+            alternatives: vec![vec![class(
+                RUST_NUMERIC,
+                1,
+                if individual { 1 } else { INF },
+            )]],
+            sets: Vec::new(),
+        }
+    }
+
+    /// The hand-compiled form of a known regex, or `None`.
     pub(crate) fn recognize(regex: &str) -> Option<Pattern> {
         let sp = class(SPACE, 0, 1);
         let ws_tail = |alts: &mut Vec<Vec<Atom>>| {
@@ -183,7 +232,11 @@ impl Pattern {
         } else {
             return None;
         };
-        Some(Pattern { name, alternatives })
+        Some(Pattern {
+            name,
+            alternatives,
+            sets: Vec::new(),
+        })
     }
 
     /// A short name for reports.
@@ -200,7 +253,11 @@ impl Pattern {
         mut piece: impl FnMut(&'t str),
     ) {
         let bytes = text.as_bytes();
-        let m = Matcher { bytes, ascii };
+        let m = Matcher {
+            bytes,
+            ascii,
+            sets: &self.sets,
+        };
         let (mut pos, mut gap_start) = (0usize, 0usize);
         while pos < bytes.len() {
             match self.alternatives.iter().find_map(|alt| m.seq(alt, pos)) {
@@ -225,6 +282,7 @@ impl Pattern {
 struct Matcher<'a> {
     bytes: &'a [u8],
     ascii: &'a [u32; 128],
+    sets: &'a [Vec<(u32, u32)>],
 }
 
 impl Matcher<'_> {
@@ -276,6 +334,7 @@ impl Matcher<'_> {
         match *atom {
             Atom::Class {
                 mask,
+                set,
                 negated,
                 min,
                 max,
@@ -284,7 +343,8 @@ impl Matcher<'_> {
                 let (mut end, mut count) = (pos, 0u32);
                 while count < max && end < len {
                     let (f, w) = self.flags_at(end);
-                    if ((f & mask) != 0) == negated {
+                    let hit = (f & mask) != 0 || (set != NO_SET && self.in_set(set, end));
+                    if hit == negated {
                         break;
                     }
                     end += w;
@@ -333,6 +393,14 @@ impl Matcher<'_> {
                 .then(|| self.seq(rest, pos))
                 .flatten(),
         }
+    }
+
+    /// Whether the character at `pos` is in range set `set`.
+    fn in_set(&self, set: u16, pos: usize) -> bool {
+        let c = self.decode(pos).0;
+        let ranges = &self.sets[set as usize];
+        let k = ranges.partition_point(|r| r.0 <= c);
+        k > 0 && c <= ranges[k - 1].1
     }
 
     /// `'s|'t|'re|'ve|'m|'ll|'d` at `pos`: the end of the one that matches (they exclude each other).

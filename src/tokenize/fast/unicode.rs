@@ -32,6 +32,12 @@ pub(crate) const CR: u32 = 1 << 17;
 pub(crate) const LF: u32 = 1 << 18;
 pub(crate) const SPACE: u32 = 1 << 19;
 pub(crate) const SLASH: u32 = 1 << 20;
+/// `\p{P}` (punctuation) and `\p{S}` (symbols), for patterns the compiler takes (DeepSeek's).
+pub(crate) const P: u32 = 1 << 21;
+pub(crate) const SYM: u32 = 1 << 22;
+/// Rust's `char::is_numeric`, which `tokenizers`' `Digits` pre-tokenizer splits on (not Oniguruma's
+/// `\p{N}`: the Unicode versions differ).
+pub(crate) const RUST_NUMERIC: u32 = 1 << 23;
 
 /// What each flag is in Oniguruma's syntax: the generator and the check run these.
 #[cfg(test)]
@@ -53,6 +59,8 @@ pub(crate) const ONIG_CLASSES: &[(u32, &str)] = &[
     (FOLD_M, "(?i:m)"),
     (FOLD_L, "(?i:l)"),
     (FOLD_D, "(?i:d)"),
+    (P, r"\p{P}"),
+    (SYM, r"\p{S}"),
 ];
 
 mod table {
@@ -60,13 +68,18 @@ mod table {
 }
 
 fn specials(c: u32) -> u32 {
-    match c {
-        0x0D => CR,
-        0x0A => LF,
-        0x20 => SPACE,
-        0x2F => SLASH,
+    let numeric = match char::from_u32(c) {
+        Some(ch) if ch.is_numeric() => RUST_NUMERIC,
         _ => 0,
-    }
+    };
+    numeric
+        | match c {
+            0x0D => CR,
+            0x0A => LF,
+            0x20 => SPACE,
+            0x2F => SLASH,
+            _ => 0,
+        }
 }
 
 /// Flags of code points below 0x10000 one lookup away (the text models see is overwhelmingly there);
@@ -101,11 +114,8 @@ pub(crate) fn flags(c: u32) -> u32 {
     }
     let ranges = table::RANGES;
     let k = ranges.partition_point(|r| r.0 <= c);
-    if k == 0 {
-        0
-    } else {
-        ranges[k - 1].1
-    }
+    let table = if k == 0 { 0 } else { ranges[k - 1].1 };
+    table | specials(c)
 }
 
 /// Flags of the ASCII characters, for the scanner's fast path.
@@ -157,7 +167,7 @@ mod tests {
         let want = oniguruma_flags();
         let mut wrong = Vec::new();
         for c in (0..0x110000u32).filter(|&c| char::from_u32(c).is_some()) {
-            let got = flags(c) & !(CR | LF | SPACE | SLASH);
+            let got = flags(c) & !(CR | LF | SPACE | SLASH | RUST_NUMERIC);
             if got != want[c as usize] {
                 wrong.push(format!(
                     "U+{c:04X}: table {got:#x}, Oniguruma {:#x}",
