@@ -98,6 +98,8 @@ pub mod cs336;
 
 pub mod dataset;
 
+/// Token stores exported to other trainers' formats (Megatron-Bridge's packed Parquet).
+pub mod export;
 pub mod loader;
 
 pub mod loss_file;

@@ -775,3 +775,50 @@ fn conversations_train_only_the_assistant_turns() {
     assert_eq!(trained(0), want);
     assert_eq!(trained(1), tokenizer.encode(" A").unwrap());
 }
+
+#[test]
+fn export_a_store_for_megatron_bridge() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let out = run(bin()
+        .args(["tokenize", "--quiet", "--input"])
+        .arg(sample())
+        .arg("--output")
+        .arg(&store));
+    assert!(out.status.success());
+    let megatron = dir.path().join("megatron");
+    let export = |extra: &[&str]| {
+        run(bin()
+            .arg("export")
+            .arg("--from")
+            .arg(&store)
+            .arg("--output")
+            .arg(&megatron)
+            .args(extra))
+    };
+    let out = export(&["--pack-size", "64"]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("packs of"));
+    assert_eq!(
+        dir_names(&megatron),
+        ["pack_metadata.json", "part-00000.idx.parquet"]
+    );
+    // Again without --overwrite: refused in the flag's words, the export kept.
+    let out = export(&["--pack-size", "64"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--overwrite"));
+    // A pack size of 0, a pack too small for a row without --truncate: errors naming the flag / line.
+    let out = export(&["--pack-size", "0", "--overwrite"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--pack-size"));
+    let out = export(&["--pack-size", "2", "--overwrite"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(err.contains(":1:"), "{err}");
+    assert!(err.contains("over --pack-size 2"), "{err}");
+    assert!(err.contains("--truncate"), "{err}");
+    assert_eq!(
+        dir_names(&megatron),
+        ["pack_metadata.json", "part-00000.idx.parquet"]
+    );
+}

@@ -4,6 +4,7 @@
 mod bench;
 mod collate;
 mod doctor;
+mod export;
 mod loss;
 mod show;
 mod tokenize;
@@ -35,6 +36,9 @@ enum Command {
     /// Tokenize a JSONL file once into a token store (Arrow files, sharded across processes), for
     /// `collate --from` and trainers' loaders.
     Tokenize(tokenize::TokenizeArgs),
+    /// Export a token store as Megatron-Bridge packed-sequence Parquet (input_ids, loss_mask,
+    /// seq_start_id).
+    Export(export::ExportArgs),
     /// Show one row position by position: input token, label, mask. Checks the off-by-one by eye.
     Show(show::ShowArgs),
     /// Report the CUDA driver, NVRTC, device and kernels, and check the kernels against the CPU path.
@@ -191,6 +195,13 @@ fn describe(error: &Error) -> String {
         } => {
             let hint = match *limit {
                 "pack" => "--pack-overflow truncate or split to cut it",
+                "pack_size" => {
+                    return format!(
+                        "{len} tokens (prompt {prompt_len} + output {output_len}) take {} positions, \
+                         over --pack-size {max_len} (--truncate prompt-left or output-right to cut it)",
+                        len - 1
+                    )
+                }
                 _ => "--truncate prompt-left or output-right to cut it",
             };
             format!(
@@ -224,6 +235,7 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Collate(args) => collate::run(args),
         Command::Tokenize(args) => tokenize::run(args),
+        Command::Export(args) => export::run(args),
         Command::Show(args) => show::run(args),
         Command::Doctor(args) => doctor::run(args),
         Command::Loss(args) => loss::run(args),

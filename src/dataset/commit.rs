@@ -55,6 +55,19 @@ impl OutputDir {
     /// remove what dead runs left behind (returned, to be reported). A directory that exists must be
     /// empty, or a dataset this crate wrote and `overwrite` set.
     pub(crate) fn open(output: &Path, overwrite: bool, wait: bool) -> Result<(Self, Vec<PathBuf>)> {
+        Self::open_with(output, overwrite, wait, "a dataset", |n| {
+            n == MANIFEST_FILE || is_batch_file(n)
+        })
+    }
+
+    /// The same for another kind of output (`what`, e.g. "an export"), whose files `ours` recognises.
+    pub(crate) fn open_with(
+        output: &Path,
+        overwrite: bool,
+        wait: bool,
+        what: &'static str,
+        ours: fn(&str) -> bool,
+    ) -> Result<(Self, Vec<PathBuf>)> {
         let name = output
             .file_name()
             .and_then(|n| n.to_str())
@@ -84,7 +97,7 @@ impl OutputDir {
         };
         dir._lock = dir.lock(wait)?;
         let removed = dir.remove_leftovers()?;
-        dir.check_existing(overwrite)?;
+        dir.check_existing(overwrite, what, ours)?;
         Ok((dir, removed))
     }
 
@@ -148,7 +161,7 @@ impl OutputDir {
         Ok(removed)
     }
 
-    fn check_existing(&self, overwrite: bool) -> Result<()> {
+    fn check_existing(&self, overwrite: bool, what: &str, ours: fn(&str) -> bool) -> Result<()> {
         if !self.output.is_dir() {
             return Ok(());
         }
@@ -156,16 +169,13 @@ impl OutputDir {
         if names.is_empty() {
             return Ok(());
         }
-        let foreign: Vec<&String> = names
-            .iter()
-            .filter(|n| *n != MANIFEST_FILE && !is_batch_file(n))
-            .collect();
+        let foreign: Vec<&String> = names.iter().filter(|n| !ours(n)).collect();
         if !foreign.is_empty() {
             let shown: Vec<&str> = foreign.iter().take(5).map(|s| s.as_str()).collect();
             return Err(Error::InvalidOption {
                 name: "output",
                 reason: format!(
-                    "{} holds files that are not a dataset ({}{}): choose an empty or new directory",
+                    "{} holds files that are not {what} ({}{}): choose an empty or new directory",
                     self.output.display(),
                     shown.join(", "),
                     if foreign.len() > 5 { ", ..." } else { "" }
@@ -176,7 +186,7 @@ impl OutputDir {
             return Err(Error::InvalidOption {
                 name: "output",
                 reason: format!(
-                    "{} already holds a dataset (pass overwrite to replace it)",
+                    "{} already holds {what} (pass overwrite to replace it)",
                     self.output.display()
                 ),
             });
