@@ -151,6 +151,23 @@ fn rows_read_back_equal_rows_tokenized_from_text() {
         .unwrap();
 }
 
+/// Found by the property test: a conversation whose flags form one untrained run then one trained run
+/// (empty messages) stays a conversation read back from a store, as from its text.
+#[test]
+fn a_conversation_shaped_like_a_pair_reads_back_as_from_text() {
+    let tokenizer = tokenizer();
+    let lines = vec![Line::Conversation(vec![
+        (false, String::new()),
+        (true, String::new()),
+    ])];
+    let dir = tempfile::tempdir().unwrap();
+    let store = store_of(dir.path(), &lines, 1, &tokenizer);
+    let limit = LengthLimit::default();
+    let want = from_text(&lines, &tokenizer, limit).unwrap();
+    assert!(want.trainable().is_some());
+    assert_eq!(store.ragged(&[0], &limit).unwrap(), want);
+}
+
 #[test]
 fn collate_from_a_store_writes_the_batches_of_the_text() {
     let Some(shared) = common::shared_dir("collate_from_a_store_writes_the_batches_of_the_text")

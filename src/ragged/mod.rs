@@ -156,6 +156,12 @@ impl RaggedBatch {
             self.push_row(prompt, output);
             return;
         }
+        self.push_flagged(segments);
+    }
+
+    /// Append a row of segments with per-token flags, whatever their pattern (a conversation stays one,
+    /// however its segments are split: text and a store's run-merged flags give the same row).
+    fn push_flagged(&mut self, segments: &[(&[u32], bool)]) {
         if self.trainable.is_none() {
             // From now on every row carries flags: the prompt-length rows so far get theirs.
             let flags = (0..self.rows())
@@ -213,7 +219,7 @@ impl RaggedBatch {
     ) -> Result<()> {
         let kept = limit.truncate_segments(row, segments)?;
         let refs: Vec<(&[u32], bool)> = kept.iter().map(|(t, f)| (t.as_slice(), *f)).collect();
-        self.push_segments(&refs);
+        self.push_flagged(&refs);
         Ok(())
     }
 
