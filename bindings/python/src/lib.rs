@@ -1140,6 +1140,33 @@ fn write_store(
     Ok(serde_json::to_string(&manifest).expect("a manifest serializes"))
 }
 
+/// Export a token store as Megatron-Bridge packed-sequence Parquet; returns the summary as JSON.
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+#[pyo3(signature = (store, output, pack_size, truncation = "error", window = 4096, packs_per_file = 100_000, overwrite = false))]
+fn export_megatron(
+    py: Python<'_>,
+    store: std::path::PathBuf,
+    output: std::path::PathBuf,
+    pack_size: usize,
+    truncation: &str,
+    window: usize,
+    packs_per_file: usize,
+    overwrite: bool,
+) -> PyResult<String> {
+    let config = sft_collate::export::MegatronExport {
+        truncation: parse::<Truncation>(truncation)?,
+        window,
+        packs_per_file,
+        overwrite,
+        ..sft_collate::export::MegatronExport::new(store, output, pack_size)
+    };
+    let summary = py
+        .detach(|| sft_collate::export::export_megatron(&config, &sft_collate::io::Quiet))
+        .map_err(py_err)?;
+    Ok(serde_json::to_string(&summary).expect("a summary serializes"))
+}
+
 /// Whether a CUDA device is usable, and if not why.
 #[pyfunction]
 fn cuda_status() -> (bool, String) {
@@ -1159,6 +1186,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(tokenize_pairs, m)?)?;
     m.add_function(wrap_pyfunction!(tokenize_rows, m)?)?;
     m.add_function(wrap_pyfunction!(write_store, m)?)?;
+    m.add_function(wrap_pyfunction!(export_megatron, m)?)?;
     m.add_class::<Loader>()?;
     m.add_function(wrap_pyfunction!(conversation_segments, m)?)?;
     m.add_function(wrap_pyfunction!(pack_documents, m)?)?;

@@ -9,6 +9,7 @@ import sft_collate
 
 pa = pytest.importorskip("pyarrow", reason="pyarrow is not installed (pip install pyarrow)")
 import pyarrow.ipc  # noqa: E402
+import pyarrow.parquet  # noqa: E402,F401
 
 
 def test_a_sharded_store_reads_back_as_arrow(tmp_path):
@@ -76,3 +77,48 @@ def test_the_loader_gives_every_row_once_per_epoch_on_every_rank(tmp_path):
             assert sorted(set(seen)) == list(range(len(rows)))  # split rows appear once per piece
         else:
             assert sorted(seen) == list(range(len(rows)))
+
+
+def test_the_megatron_export_reads_back_as_megatron_bridge_collates_it(tmp_path):
+    import pyarrow.parquet as pq
+
+    rows = [{"prompt": f"Question {i}:" + " and more" * (i % 6), "output": f" answer {i}" + "!" * (i % 3)} for i in range(40)]
+    rows.append({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]})
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    store = tmp_path / "store"
+    sft_collate.tokenize_to_store(source, store, "cl100k_base", message_template="{role}: {content}\n")
+    out = tmp_path / "megatron"
+    summary = sft_collate.export_megatron(store, out, 48, packs_per_file=3)
+    assert summary["documents"] == len(rows)
+    meta = json.loads((out / "pack_metadata.json").read_text())
+    assert meta[0]["pack_size"] == 48 and meta[0]["max_samples_per_bin"] == summary["max_samples_per_bin"]
+
+    # GPTSFTPackedDataset.collate_fn and _build_loss_mask (answer_only_loss), per document.
+    got = []
+    files = sorted(out.glob("*.idx.parquet"))
+    assert len(files) == summary["packs"] // 3 + (summary["packs"] % 3 > 0)
+    for path in files:
+        table = pq.read_table(path)
+        assert table.schema.field("input_ids").type == pa.list_(pa.int32())
+        assert table.schema.field("loss_mask").type == pa.list_(pa.int8())
+        assert table.schema.field("seq_start_id").type == pa.list_(pa.int32())
+        for pack in table.to_pylist():
+            ids, mask = pack["input_ids"], pack["loss_mask"]
+            bounds = pack["seq_start_id"] + [len(ids)]
+            assert sum(e - s - 1 for s, e in zip(bounds, bounds[1:])) <= 48
+            for s, e in zip(bounds, bounds[1:]):
+                got.append((tuple(ids[s : e - 1]), tuple(ids[s + 1 : e]), tuple(bool(m) for m in mask[s : e - 1])))
+
+    # The same documents from this package's CS336 collation (one row at a time, no padding).
+    tokenizer = sft_collate.Tokenizer("cl100k_base")
+    want = []
+    for row in rows[:-1]:
+        b = sft_collate.tokenize_prompt_and_output([row["prompt"]], [row["output"]], tokenizer)
+        want.append((tuple(b["input_ids"][0].tolist()), tuple(b["labels"][0].tolist()), tuple(b["response_mask"][0].tolist())))
+    parts = [("user: ", False), ("Hi\n", False), ("assistant: ", False), ("Hello!\n", True)]
+    ids = [tokenizer.encode(t) for t, _ in parts]
+    tokens = sum(ids, [])
+    trained = sum(([f] * len(i) for (_, f), i in zip(parts, ids)), [])
+    want.append((tuple(tokens[:-1]), tuple(tokens[1:]), tuple(trained[1:])))
+    assert sorted(got) == sorted(want)

@@ -3,7 +3,8 @@ masked cross-entropy, in Rust and CUDA, for PyTorch.
 
 - :func:`tokenize_prompt_and_output`, :func:`tokenize_conversations`, :func:`pack`, :func:`bucket_order`
 - :func:`tokenize_to_store`: a JSONL file tokenized once into Arrow files (sharded across processes);
-  :class:`Loader`: a training loop's batches from it, every epoch, every rank, resumable
+  :class:`Loader`: a training loop's batches from it, every epoch, every rank, resumable;
+  :func:`export_megatron`: it as Megatron-Bridge packed-sequence Parquet
 - :func:`masked_cross_entropy` (autograd; on CUDA the fused kernel on torch's current stream)
 - :class:`Tokenizer`, :func:`load_tokenizer` (a path, a built-in, ``tokenizers`` or ``transformers``)
 - :mod:`sft_collate.cs336`: CS336's functions with CS336's signatures
@@ -13,6 +14,7 @@ from . import _native
 from ._api import (
     Loader,
     bucket_order,
+    export_megatron,
     load_tokenizer,
     pack,
     tokenize_conversations,
@@ -45,6 +47,7 @@ __all__ = [
     "__version__",
     "bucket_order",
     "cuda_available",
+    "export_megatron",
     "load_tokenizer",
     "masked_cross_entropy",
     "pack",

@@ -65,6 +65,16 @@ def tokenize_to_store(
     overwrite: bool = False,
     engine: str = "auto",
 ) -> Dict[str, Any]: ...
+def export_megatron(
+    store: Union[str, PathLike],
+    output: Union[str, PathLike],
+    pack_size: int,
+    *,
+    truncation: str = "error",
+    window: int = 4096,
+    packs_per_file: int = 100_000,
+    overwrite: bool = False,
+) -> Dict[str, Any]: ...
 def load_tokenizer(tokenizer: TokenizerLike, engine: str = "auto") -> Tuple[Tokenizer, Optional[int]]: ...
 def tokenize_prompt_and_output(
     prompt_strs: Sequence[str],

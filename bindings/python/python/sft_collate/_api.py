@@ -462,6 +462,34 @@ def tokenize_to_store(
     return json.loads(text)
 
 
+def export_megatron(
+    store: Union[str, "os.PathLike[str]"],
+    output: Union[str, "os.PathLike[str]"],
+    pack_size: int,
+    *,
+    truncation: str = "error",
+    window: int = 4096,
+    packs_per_file: int = 100_000,
+    overwrite: bool = False,
+) -> Dict[str, Any]:
+    """Export a token store as Megatron-Bridge packed-sequence Parquet (what ``sft-collate export`` does):
+    ``output/part-NNNNN.idx.parquet`` with ``input_ids``, ``seq_start_id`` and ``loss_mask`` (already
+    shifted onto the labels, as Megatron-Bridge stores it), and ``pack_metadata.json``. A pack's documents
+    take ``sum(len - 1) <= pack_size`` positions; a longer document is an error unless ``truncation`` cuts
+    it. Point ``GPTSFTPackedParquetDataset`` (or ``packed_train_data_path``) at ``output``. Returns the
+    summary (packs, documents, positions, trained labels, Megatron-Bridge's packing metadata)."""
+    text = _native.export_megatron(
+        os.fspath(store),
+        os.fspath(output),
+        int(pack_size),
+        truncation,
+        int(window),
+        int(packs_per_file),
+        bool(overwrite),
+    )
+    return json.loads(text)
+
+
 def bucket_order(lengths: Sequence[int], window: int, seed: int = 0) -> List[int]:
     """Length bucketing: a seeded shuffle of the row indices, then each window of ``window`` rows sorted
     by length, so consecutive batches hold rows of similar length."""
