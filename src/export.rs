@@ -1,8 +1,8 @@
 //! Export a token store to what large-scale trainers read: Megatron-Bridge's packed-sequence Parquet
 //! (`GPTSFTPackedParquetDataset`).
 //!
-//! Each Parquet row is one pack: `input_ids` (list<int32>: its documents' tokens one after another),
-//! `seq_start_id` (list<int32>: where each document starts) and `loss_mask` (list<int8>, one per token).
+//! Each Parquet row is one pack: `input_ids` (`list<int32>`: its documents' tokens one after another),
+//! `seq_start_id` (`list<int32>`: where each document starts) and `loss_mask` (`list<int8>`, one per token).
 //! Megatron-Bridge cuts every document `d = input_ids[s..e]` into inputs `d[..-1]`, labels `d[1..]` and
 //! the mask `loss_mask[s..e-1]`, so the stored mask is already shifted onto the labels: `loss_mask[s+k]`
 //! is 1 when token `k + 1` of the document is trained (an output token), and the document's last entry is
@@ -168,8 +168,12 @@ fn id32(token: u32) -> Result<i32> {
 /// Export the store at `config.store` as Megatron-Bridge packed-sequence Parquet into `config.output`.
 pub fn export_megatron(config: &MegatronExport, progress: &dyn Progress) -> Result<ExportSummary> {
     let bad = |name: &'static str, reason: String| Err(Error::InvalidOption { name, reason });
-    if config.pack_size == 0 {
-        return bad("pack_size", "must be at least 1".into());
+    // Offsets are int32 in the files: a pack's tokens (at most twice its positions) must fit.
+    if config.pack_size == 0 || config.pack_size > i32::MAX as usize / 2 {
+        return bad(
+            "pack_size",
+            format!("{} is not in 1..={}", config.pack_size, i32::MAX / 2),
+        );
     }
     if config.window == 0 || config.packs_per_file == 0 {
         return bad("window", "windows and files need at least one row".into());

@@ -808,9 +808,11 @@ fn export_a_store_for_megatron_bridge() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--overwrite"));
     // A pack size of 0, a pack too small for a row without --truncate: errors naming the flag / line.
-    let out = export(&["--pack-size", "0", "--overwrite"]);
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--pack-size"));
+    for size in ["0", "4294967296"] {
+        let out = export(&["--pack-size", size, "--overwrite"]);
+        assert!(!out.status.success());
+        assert!(String::from_utf8_lossy(&out.stderr).contains("--pack-size"));
+    }
     let out = export(&["--pack-size", "2", "--overwrite"]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr).to_string();
