@@ -30,7 +30,6 @@ use arrow_schema::{DataType, Field, Schema};
 
 use crate::dataset::commit::OutputDir;
 use crate::dataset::Progress;
-use crate::error::Location;
 use crate::schedule::{plan_packs, Overflow, PackSpec, PackStrategy};
 use crate::store::Store;
 use crate::{Error, LengthLimit, Result, Truncation};
@@ -231,18 +230,15 @@ pub fn export_megatron(config: &MegatronExport, progress: &dyn Progress) -> Resu
             },
             other => other,
         };
-        let ragged = store.ragged(chunk, &limit).map_err(|e| match e {
-            Error::At {
-                at: Location::Row(k),
-                source,
-            } if k < chunk.len() => Error::At {
-                at: Location::Line {
-                    path: store.dir().display().to_string(),
-                    line: store.row(chunk[k]).source_row as usize + 1,
+        let ragged = store.ragged(chunk, &limit).map_err(|e| {
+            let e = match e {
+                Error::At { at, source } => Error::At {
+                    at,
+                    source: Box::new(pack_limit(*source)),
                 },
-                source: Box::new(pack_limit(*source)),
-            },
-            other => pack_limit(other),
+                other => pack_limit(other),
+            };
+            store.name_line(e, |k| chunk.get(k).copied())
         })?;
         let docs: Vec<usize> = (0..ragged.rows())
             .filter(|&i| ragged.row_len(i) >= 2)

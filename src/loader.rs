@@ -18,7 +18,6 @@ use std::sync::{Arc, Mutex};
 
 use crate::backend::{Device, Placed};
 use crate::collate::{Batch, CollateSpec, Pack};
-use crate::error::Location;
 use crate::ragged::{LengthLimit, Truncation};
 use crate::schedule::{plan_packs, Overflow, PackSpec};
 use crate::store::Store;
@@ -202,19 +201,8 @@ pub fn plan_epoch(store: &Store, config: &LoaderConfig, epoch: u64) -> Result<Ep
                     }
                 }
                 // A document too long for a pack is named by its input line.
-                let packs = plan_packs(&lens, &pack).map_err(|e| match e {
-                    Error::At {
-                        at: Location::Row(d),
-                        source,
-                    } if d < docs.len() => Error::At {
-                        at: Location::Line {
-                            path: store.dir().display().to_string(),
-                            line: store.row(docs[d].row).source_row as usize + 1,
-                        },
-                        source,
-                    },
-                    other => other,
-                })?;
+                let packs = plan_packs(&lens, &pack)
+                    .map_err(|e| store.name_line(e, |d| docs.get(d).map(|doc| doc.row)))?;
                 batches.extend(
                     packs
                         .into_iter()

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use super::table::{self, Columns};
 use super::{store_error, ShardManifest, TokenizerInfo, FORMAT};
+use crate::error::Location;
 use crate::input::{BadLine, FormatInfo};
 use crate::ragged::LengthLimit;
 use crate::{Error, RaggedBatch, Result};
@@ -274,6 +275,30 @@ impl Store {
             prompt_len: columns.prompt_len[r],
             trainable: columns.flags(r),
             source_row: columns.source_row[r],
+        }
+    }
+
+    /// An error about the `k`-th of a list of documents (`Location::Row(k)`) named instead by its input
+    /// line, where `row_of(k)` is the store row of document `k` (`None`: left as it is).
+    pub fn name_line(&self, e: Error, row_of: impl Fn(usize) -> Option<usize>) -> Error {
+        match e {
+            Error::At {
+                at: Location::Row(k),
+                source,
+            } => match row_of(k) {
+                Some(row) => Error::At {
+                    at: Location::Line {
+                        path: self.dir().display().to_string(),
+                        line: self.row(row).source_row as usize + 1,
+                    },
+                    source,
+                },
+                None => Error::At {
+                    at: Location::Row(k),
+                    source,
+                },
+            },
+            other => other,
         }
     }
 

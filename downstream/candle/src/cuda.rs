@@ -8,7 +8,9 @@ use candle_core::backend::BackendStorage;
 use candle_core::cuda::{CudaDType, DeviceId};
 use candle_core::{bail, CudaDevice, CudaStorage, Layout, Storage, Tensor};
 use cudarc::driver::{CudaSlice, CudaView};
-use sft_collate::backend::cuda::{self as ours_cuda, DeviceCeTargets, DeviceIds, DeviceLabels};
+use sft_collate::backend::cuda::{
+    self as ours_cuda, DeviceCeTargets, DeviceIds, DeviceLabels, MaskedCrossEntropy,
+};
 use sft_collate::loss::{CeOptions, CeRequest, LogitElem, LogitsShape};
 use sft_collate::{CollateSpec, Placed, RaggedBatch};
 
@@ -99,16 +101,34 @@ impl LabelView<'_> {
     }
 }
 
-/// Runs `f` with the logits' element type.
-macro_rules! by_dtype {
-    ($dtype:expr, $f:ident($($arg:expr),*)) => {
-        match $dtype {
-            candle_core::DType::F32 => $f::<f32>($($arg),*),
-            candle_core::DType::F16 => $f::<half::f16>($($arg),*),
-            candle_core::DType::BF16 => $f::<half::bf16>($($arg),*),
-            other => bail!("logits must be F32, F16 or BF16, got {other:?}"),
-        }
-    };
+/// The op's inputs as views, and the kernels of the logits' device.
+struct Views<'a, T> {
+    device: Arc<sft_collate::Device>,
+    logits: CudaView<'a, T>,
+    labels: LabelView<'a>,
+    mask: CudaView<'a, u8>,
+    shape: LogitsShape,
+}
+
+impl<'a, T: CudaDType> Views<'a, T> {
+    fn of(inputs: &Inputs<'a>) -> candle_core::Result<Self> {
+        Ok(Views {
+            device: device_for(inputs.logits.0.device())?,
+            logits: view::<T>(inputs.logits, "logits")?,
+            labels: LabelView::of(inputs.labels)?,
+            mask: view::<u8>(inputs.mask, "mask")?,
+            shape: LogitsShape::dense(inputs.rows, inputs.vocab),
+        })
+    }
+
+    fn kernels(&self) -> candle_core::Result<&MaskedCrossEntropy> {
+        let cuda = self.device.as_cuda().expect("a CUDA device");
+        cuda.masked_cross_entropy().map_err(ours)
+    }
+
+    fn targets(&self) -> DeviceCeTargets<'_> {
+        DeviceCeTargets::new(self.shape, self.labels.device(), &self.mask)
+    }
 }
 
 /// The loss as a one-element device buffer.
@@ -120,25 +140,13 @@ fn loss_of<T: LogitElem + CudaDType>(
     inputs: &Inputs<'_>,
     options: &CeOptions,
 ) -> candle_core::Result<CudaStorage> {
-    let dev = inputs.logits.0.device();
-    let device = device_for(dev)?;
-    let kernels = device
-        .as_cuda()
-        .expect("a CUDA device")
-        .masked_cross_entropy()
-        .map_err(ours)?;
-    let logits = view::<T>(inputs.logits, "logits")?;
-    let labels = LabelView::of(inputs.labels)?;
-    let mask = view::<u8>(inputs.mask, "mask")?;
-    let targets = DeviceCeTargets::new(
-        LogitsShape::dense(inputs.rows, inputs.vocab),
-        labels.device(),
-        &mask,
-    );
-    let out = kernels
-        .forward(&logits, &targets, options, CeRequest::NONE)
+    let v = Views::<T>::of(inputs)?;
+    let out = v
+        .kernels()?
+        .forward(&v.logits, &v.targets(), options, CeRequest::NONE)
         .map_err(ours)?;
     // [sum, loss, z_sum] -> the loss alone, copied on the stream.
+    let dev = inputs.logits.0.device();
     let stream = dev.cuda_stream();
     let mut scalar = stream.alloc_zeros::<f32>(1).map_err(ours_cuda_err)?;
     stream
@@ -164,30 +172,21 @@ fn gradient_of<T: LogitElem + CudaDType>(
     upstream: (&CudaStorage, &Layout),
     options: &CeOptions,
 ) -> candle_core::Result<CudaStorage> {
-    let dev = inputs.logits.0.device();
-    let device = device_for(dev)?;
-    let kernels = device
-        .as_cuda()
-        .expect("a CUDA device")
-        .masked_cross_entropy()
-        .map_err(ours)?;
-    let logits = view::<T>(inputs.logits, "logits")?;
-    let labels = LabelView::of(inputs.labels)?;
-    let mask = view::<u8>(inputs.mask, "mask")?;
+    let v = Views::<T>::of(inputs)?;
     let upstream = view::<f32>(upstream, "the upstream gradient")?;
     let targets = DeviceCeTargets {
         upstream: Some(&upstream),
-        ..DeviceCeTargets::new(
-            LogitsShape::dense(inputs.rows, inputs.vocab),
-            labels.device(),
-            &mask,
-        )
+        ..v.targets()
     };
-    let out = kernels
-        .forward_backward(&logits, &targets, options, CeRequest::NONE)
+    let out = v
+        .kernels()?
+        .forward_backward(&v.logits, &targets, options, CeRequest::NONE)
         .map_err(ours)?;
     let grad = out.grad.expect("forward_backward writes a new gradient");
-    Ok(CudaStorage::wrap_cuda_slice(grad, dev.clone()))
+    Ok(CudaStorage::wrap_cuda_slice(
+        grad,
+        inputs.logits.0.device().clone(),
+    ))
 }
 
 fn ours_cuda_err(e: cudarc::driver::DriverError) -> candle_core::Error {

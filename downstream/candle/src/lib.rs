@@ -18,6 +18,18 @@ use candle_core::{
 use sft_collate::loss::{CeInput, CeOptions, CeOutput, CeRequest, Labels, LogitElem};
 use sft_collate::{BatchStats, CollateSpec, IdTensor, RaggedBatch};
 
+/// `$f::<T>(args)` with `T` the logits' element type (F32, F16 or BF16), else an error.
+macro_rules! by_dtype {
+    ($dtype:expr, $f:ident($($arg:expr),*)) => {
+        match $dtype {
+            candle_core::DType::F32 => $f::<f32>($($arg),*),
+            candle_core::DType::F16 => $f::<half::f16>($($arg),*),
+            candle_core::DType::BF16 => $f::<half::bf16>($($arg),*),
+            other => candle_core::bail!("logits must be F32, F16 or BF16, got {other:?}"),
+        }
+    };
+}
+
 /// Our error as candle's.
 fn ours(e: sft_collate::Error) -> candle_core::Error {
     candle_core::Error::wrap(e)
@@ -145,13 +157,24 @@ fn cpu_mask(storage: &CpuStorage, layout: &Layout) -> candle_core::Result<Vec<bo
         .collect())
 }
 
+/// Labels and mask of the CPU op, checked against the logits: `(vocab, labels, mask)`.
+fn cpu_targets<'a>(
+    logits: &Layout,
+    (labels, labels_layout): (&'a CpuStorage, &Layout),
+    (mask, mask_layout): (&CpuStorage, &Layout),
+) -> candle_core::Result<(usize, Labels<'a>, Vec<bool>)> {
+    let (_, vocab) = rows_and_vocab(logits, labels_layout, mask_layout)?;
+    Ok((
+        vocab,
+        cpu_labels(labels, labels_layout)?,
+        cpu_mask(mask, mask_layout)?,
+    ))
+}
+
 /// The CPU oracle over contiguous host logits of one dtype.
 fn cpu_ce<T: LogitElem + WithDType>(
-    logits: &CpuStorage,
-    layout: &Layout,
-    vocab: usize,
-    labels: Labels<'_>,
-    mask: &[bool],
+    (logits, layout): (&CpuStorage, &Layout),
+    (vocab, labels, mask): (usize, Labels<'_>, &[bool]),
     options: &CeOptions,
     with_grad: bool,
 ) -> candle_core::Result<CeOutput<T>> {
@@ -162,6 +185,27 @@ fn cpu_ce<T: LogitElem + WithDType>(
         .map_err(ours)?
         .to_host()
         .map_err(ours)
+}
+
+/// The loss alone.
+fn cpu_loss<T: LogitElem + WithDType>(
+    logits: (&CpuStorage, &Layout),
+    targets: (usize, Labels<'_>, &[bool]),
+    options: &CeOptions,
+) -> candle_core::Result<f32> {
+    Ok(cpu_ce::<T>(logits, targets, options, false)?.loss)
+}
+
+/// `d loss / d logits`, in the logits' dtype.
+fn cpu_grad<T: LogitElem + WithDType>(
+    logits: (&CpuStorage, &Layout),
+    targets: (usize, Labels<'_>, &[bool]),
+    options: &CeOptions,
+) -> candle_core::Result<CpuStorage> {
+    let grad = cpu_ce::<T>(logits, targets, options, true)?.grad;
+    Ok(T::to_cpu_storage_owned(
+        grad.expect("asked for the gradient"),
+    ))
 }
 
 impl CustomOp3 for MaskedCrossEntropy {
@@ -178,22 +222,16 @@ impl CustomOp3 for MaskedCrossEntropy {
         mask: &CpuStorage,
         mask_layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (_, vocab) = rows_and_vocab(logits_layout, labels_layout, mask_layout)?;
-        let labels = cpu_labels(labels, labels_layout)?;
-        let mask = cpu_mask(mask, mask_layout)?;
-        let o = &self.options;
-        let loss = match logits.dtype() {
-            DType::F32 => {
-                cpu_ce::<f32>(logits, logits_layout, vocab, labels, &mask, o, false)?.loss
-            }
-            DType::F16 => {
-                cpu_ce::<half::f16>(logits, logits_layout, vocab, labels, &mask, o, false)?.loss
-            }
-            DType::BF16 => {
-                cpu_ce::<half::bf16>(logits, logits_layout, vocab, labels, &mask, o, false)?.loss
-            }
-            other => bail!("logits must be F32, F16 or BF16, got {other:?}"),
-        };
+        let (vocab, labels, mask) =
+            cpu_targets(logits_layout, (labels, labels_layout), (mask, mask_layout))?;
+        let loss = by_dtype!(
+            logits.dtype(),
+            cpu_loss(
+                (logits, logits_layout),
+                (vocab, labels, &mask),
+                &self.options
+            )
+        )?;
         Ok((CpuStorage::F32(vec![loss]), Shape::from(())))
     }
 
@@ -262,33 +300,16 @@ impl CustomOp2 for Gradient {
         let (Storage::Cpu(labels), Storage::Cpu(mask)) = (&*labels_storage, &*mask_storage) else {
             bail!("labels and mask must be on the logits' device (the CPU)");
         };
-        let (_, vocab) = rows_and_vocab(logits_layout, labels_layout, mask_layout)?;
-        let labels = cpu_labels(labels, labels_layout)?;
-        let mask = cpu_mask(mask, mask_layout)?;
+        let (vocab, labels, mask) =
+            cpu_targets(logits_layout, (labels, labels_layout), (mask, mask_layout))?;
         let options = CeOptions {
             upstream: contiguous::<f32>(upstream, upstream_layout, "the upstream gradient")?[0],
             ..self.options
         };
-        let o = &options;
-        let grad = |g: Option<CpuStorage>| g.expect("asked for the gradient");
-        let storage = match logits.dtype() {
-            DType::F32 => grad(
-                cpu_ce::<f32>(logits, logits_layout, vocab, labels, &mask, o, true)?
-                    .grad
-                    .map(CpuStorage::F32),
-            ),
-            DType::F16 => grad(
-                cpu_ce::<half::f16>(logits, logits_layout, vocab, labels, &mask, o, true)?
-                    .grad
-                    .map(CpuStorage::F16),
-            ),
-            DType::BF16 => grad(
-                cpu_ce::<half::bf16>(logits, logits_layout, vocab, labels, &mask, o, true)?
-                    .grad
-                    .map(CpuStorage::BF16),
-            ),
-            other => bail!("logits must be F32, F16 or BF16, got {other:?}"),
-        };
+        let storage = by_dtype!(
+            logits.dtype(),
+            cpu_grad((logits, logits_layout), (vocab, labels, &mask), &options)
+        )?;
         Ok((storage, logits_layout.shape().clone()))
     }
 
