@@ -139,22 +139,54 @@ fn parquet_err(path: &Path, e: impl std::fmt::Display) -> Error {
     Error::io(path, std::io::Error::other(format!("writing Parquet: {e}")))
 }
 
-/// Write `columns` as the next `part-NNNNN.idx.parquet` in `dir`.
-fn write_part(dir: &Path, index: usize, columns: &mut Columns) -> Result<String> {
-    let name = format!("part-{index:05}.idx.parquet");
-    let path = dir.join(&name);
-    let batch = columns.finish()?;
-    let file = std::fs::File::create(&path).map_err(|e| Error::io(&path, e))?;
-    let props = parquet::file::properties::WriterProperties::builder()
-        .set_compression(parquet::basic::Compression::SNAPPY)
-        .set_max_row_group_row_count(Some(ROW_GROUP))
-        .build();
-    let mut writer = parquet::arrow::ArrowWriter::try_new(file, schema(), Some(props))
-        .map_err(|e| parquet_err(&path, e))?;
-    writer.write(&batch).map_err(|e| parquet_err(&path, e))?;
-    let file = writer.into_inner().map_err(|e| parquet_err(&path, e))?;
-    file.sync_all().map_err(|e| Error::io(&path, e))?;
-    Ok(name)
+/// An open `part-NNNNN.idx.parquet`, written a row group at a time (memory stays one row group).
+struct Part {
+    name: String,
+    path: PathBuf,
+    writer: parquet::arrow::ArrowWriter<std::fs::File>,
+    packs: usize,
+}
+
+impl Part {
+    fn create(dir: &Path, index: usize) -> Result<Part> {
+        let name = format!("part-{index:05}.idx.parquet");
+        let path = dir.join(&name);
+        let file = std::fs::File::create(&path).map_err(|e| Error::io(&path, e))?;
+        let props = parquet::file::properties::WriterProperties::builder()
+            .set_compression(parquet::basic::Compression::SNAPPY)
+            .set_max_row_group_row_count(Some(ROW_GROUP))
+            .build();
+        let writer = parquet::arrow::ArrowWriter::try_new(file, schema(), Some(props))
+            .map_err(|e| parquet_err(&path, e))?;
+        Ok(Part {
+            name,
+            path,
+            writer,
+            packs: 0,
+        })
+    }
+
+    /// Write the packs gathered in `columns` (and empty them).
+    fn write(&mut self, columns: &mut Columns) -> Result<()> {
+        if columns.packs == 0 {
+            return Ok(());
+        }
+        self.packs += columns.packs;
+        let batch = columns.finish()?;
+        self.writer
+            .write(&batch)
+            .map_err(|e| parquet_err(&self.path, e))
+    }
+
+    /// Finish the file (footer, synced); its name.
+    fn close(self) -> Result<String> {
+        let file = self
+            .writer
+            .into_inner()
+            .map_err(|e| parquet_err(&self.path, e))?;
+        file.sync_all().map_err(|e| Error::io(&self.path, e))?;
+        Ok(self.name)
+    }
 }
 
 fn id32(token: u32) -> Result<i32> {
@@ -212,6 +244,7 @@ pub fn export_megatron(config: &MegatronExport, progress: &dyn Progress) -> Resu
         packing_efficiency: 0.0,
     };
     let mut columns = Columns::new();
+    let mut part: Option<Part> = None;
     let all: Vec<usize> = (0..store.len()).collect();
     for chunk in all.chunks(config.window) {
         // A row too long is named by its input line, and the limit is the pack size.
@@ -272,9 +305,18 @@ pub fn export_megatron(config: &MegatronExport, progress: &dyn Progress) -> Resu
             summary.positions += positions as u64;
             summary.max_samples_per_bin = summary.max_samples_per_bin.max(pack.len());
             summary.min_packed_seqlen = summary.min_packed_seqlen.min(positions);
-            if columns.packs == config.packs_per_file {
-                let name = write_part(staging.path(), summary.files.len(), &mut columns)?;
-                summary.files.push(name);
+            let in_part = part.as_ref().map_or(0, |p| p.packs) + columns.packs;
+            if columns.packs == ROW_GROUP || in_part == config.packs_per_file {
+                let mut open = match part.take() {
+                    Some(p) => p,
+                    None => Part::create(staging.path(), summary.files.len())?,
+                };
+                open.write(&mut columns)?;
+                if open.packs == config.packs_per_file {
+                    summary.files.push(open.close()?);
+                } else {
+                    part = Some(open);
+                }
             }
         }
         progress.advance(0, summary.packs);
@@ -285,9 +327,13 @@ pub fn export_megatron(config: &MegatronExport, progress: &dyn Progress) -> Resu
             store.dir().display()
         )));
     }
-    if columns.packs > 0 {
-        let name = write_part(staging.path(), summary.files.len(), &mut columns)?;
-        summary.files.push(name);
+    if columns.packs > 0 || part.is_some() {
+        let mut open = match part.take() {
+            Some(p) => p,
+            None => Part::create(staging.path(), summary.files.len())?,
+        };
+        open.write(&mut columns)?;
+        summary.files.push(open.close()?);
     }
     summary.packing_efficiency =
         summary.positions as f64 / (summary.packs * config.pack_size) as f64 * 100.0;
