@@ -7,6 +7,10 @@
 //!   warm caches (both engines keep one); `fast_cold_cache` starts each pass from an empty cache.
 //! - `all_threads/*`: both engines' batch call, on every core (rayon).
 //! - `threads/N`: the fast engine on a pool of N threads, for scaling.
+//! - `sentencepiece/*`: one core, the same texts, on the SentencePiece-style files of `tests/data/spm`
+//!   (3,000-token vocabularies made as `transformers` converts Llama 2 and Gemma): `llama-legacy`, whose
+//!   texts the fast engine cuts into words at `▁`, and `gemma`, whose merges cross `▁`, so that each text
+//!   piece is one word on both engines.
 //!
 //! Throughput is in input bytes (criterion's MB/s); tokens/s per core and the cache hit rate are printed
 //! to stderr. The physical limit is the CPU cores.
@@ -138,5 +142,43 @@ fn bench(c: &mut Criterion) {
     eprintln!("tokens per pass: {tokens} (divide by a case's time for tokens/s)");
 }
 
-criterion_group!(benches, bench);
+fn sentencepiece(c: &mut Criterion) {
+    let corpus = corpus();
+    let texts: Vec<&str> = corpus.texts.iter().map(String::as_str).collect();
+    let bytes: usize = texts.iter().map(|t| t.len()).sum();
+    let mut group = c.benchmark_group(format!("tokenize/{}/sentencepiece", corpus.name));
+    group.throughput(Throughput::Bytes(bytes as u64));
+    group.sample_size(10);
+    for name in ["llama-legacy", "gemma"] {
+        let path = format!("{}/tests/data/spm/{name}.json", env!("CARGO_MANIFEST_DIR"));
+        let fast = Tokenizer::from_file_with(&path, EngineChoice::Fast).unwrap();
+        let hf = fast.inner().unwrap().clone();
+        let want: Vec<Vec<u32>> = texts
+            .iter()
+            .map(|t| hf.encode_fast(*t, false).unwrap().get_ids().to_vec())
+            .collect();
+        assert!(
+            fast.encode_batch(&texts).unwrap() == want,
+            "{name}: the engines disagree"
+        );
+        eprintln!("{name}: engine {}", fast.engine());
+        group.bench_function(format!("{name}/tokenizers"), |b| {
+            b.iter(|| {
+                for t in &texts {
+                    std::hint::black_box(hf.encode_fast(*t, false).unwrap());
+                }
+            })
+        });
+        group.bench_function(format!("{name}/fast"), |b| {
+            b.iter(|| {
+                for t in &texts {
+                    std::hint::black_box(fast.encode(t).unwrap());
+                }
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench, sentencepiece);
 criterion_main!(benches);

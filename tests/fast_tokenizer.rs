@@ -306,6 +306,24 @@ fn all_pairs(test: &str, dir: &Path) -> Option<Vec<Pair>> {
             }),
         ),
         (
+            // Normalizers other than NFC, in front of byte-level BPE.
+            "qwen2-nfkc-lowercase-strip",
+            Box::new(|j| {
+                j["normalizer"] = serde_json::json!({"type": "Sequence", "normalizers": [
+                    {"type": "NFKC"}, {"type": "Lowercase"},
+                    {"type": "Strip", "strip_left": true, "strip_right": false}]});
+            }),
+        ),
+        (
+            "qwen2-nfkd-stripaccents-replace-prepend",
+            Box::new(|j| {
+                j["normalizer"] = serde_json::json!({"type": "Sequence", "normalizers": [
+                    {"type": "NFKD"}, {"type": "StripAccents"},
+                    {"type": "Replace", "pattern": {"String": "  "}, "content": "\t"},
+                    {"type": "Prepend", "prepend": " "}]});
+            }),
+        ),
+        (
             // A file from before "type" was written: the model is a BPE because it has merges.
             "qwen2-model-without-type",
             Box::new(|j| {
@@ -331,6 +349,7 @@ fn all_pairs(test: &str, dir: &Path) -> Option<Vec<Pair>> {
         let path = variant(&shared, dir, name, edit);
         pairs.push(Pair::file(name, &path));
     }
+    pairs.extend(sentencepiece_pairs(dir));
     // `Digits` on cl100k_base's vocabulary (Qwen2's has no multi-digit tokens, so it cannot tell single
     // digits from runs): as Command R writes it, single digits then ByteLevel with its regex; and runs
     // of digits before a Split.
@@ -370,6 +389,92 @@ fn all_pairs(test: &str, dir: &Path) -> Option<Vec<Pair>> {
         pairs.push(Pair::file(name, &path));
     }
     Some(pairs)
+}
+
+/// SentencePiece-style BPE files as `transformers`' converters write them (`scripts/make-spm-fixtures.py`):
+/// Llama 2 / Mistral (legacy: `Prepend` + `Replace` normalizers), newer Llama conversions (`Metaspace`,
+/// `prepend_scheme: first`), Gemma (`Replace` + a `Split` at spaces; merges that cross `▁`), and variants
+/// of them for the other Metaspace settings, normalizers before it, and normalized added tokens.
+fn sentencepiece_pairs(dir: &Path) -> Vec<Pair> {
+    let spm = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/spm");
+    let mut pairs: Vec<Pair> = ["llama-legacy", "llama", "gemma"]
+        .iter()
+        .map(|name| Pair::file(name, &spm.join(format!("{name}.json"))))
+        .collect();
+    let read = |name: &str| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(spm.join(format!("{name}.json"))).unwrap())
+            .unwrap()
+    };
+    let metaspace = |prepend: &str, split: bool| {
+        serde_json::json!({"type": "Metaspace", "replacement": "▁", "prepend_scheme": prepend,
+            "split": split})
+    };
+    let variants: Vec<(&str, &str, Edit)> = vec![
+        (
+            "spm-metaspace-always-split",
+            "llama",
+            Box::new(move |j| j["pre_tokenizer"] = metaspace("always", true)),
+        ),
+        (
+            // As files from `tokenizers` before 0.19 write it: `add_prefix_space`, no `split` (true).
+            "spm-metaspace-old-fields",
+            "llama",
+            Box::new(|j| {
+                j["pre_tokenizer"] = serde_json::json!({"type": "Metaspace", "replacement": "▁",
+                    "add_prefix_space": true});
+            }),
+        ),
+        (
+            "spm-metaspace-never-after-digits",
+            "llama",
+            Box::new(move |j| {
+                j["pre_tokenizer"] = serde_json::json!({"type": "Sequence", "pretokenizers": [
+                    {"type": "Digits", "individual_digits": true}, metaspace("never", false)]});
+            }),
+        ),
+        (
+            "spm-digits-then-metaspace-first",
+            "llama",
+            Box::new(move |j| {
+                j["pre_tokenizer"] = serde_json::json!({"type": "Sequence", "pretokenizers": [
+                    {"type": "Digits", "individual_digits": false}, metaspace("first", false)]});
+            }),
+        ),
+        (
+            "spm-nfkc-lowercase-metaspace-first",
+            "llama",
+            Box::new(|j| {
+                j["normalizer"] = serde_json::json!({"type": "Sequence", "normalizers": [
+                    {"type": "NFKC"}, {"type": "Lowercase"}]});
+            }),
+        ),
+        (
+            "spm-legacy-normalized-added-tokens",
+            "llama-legacy",
+            Box::new(|j| {
+                for t in j["added_tokens"].as_array_mut().unwrap() {
+                    t["normalized"] = true.into();
+                }
+            }),
+        ),
+        (
+            "spm-gemma-strip-nfd-stripaccents",
+            "gemma",
+            Box::new(|j| {
+                j["normalizer"] = serde_json::json!({"type": "Sequence", "normalizers": [
+                    {"type": "Strip", "strip_left": true, "strip_right": true}, {"type": "NFD"},
+                    {"type": "StripAccents"}, j["normalizer"].clone()]});
+            }),
+        ),
+    ];
+    for (name, base, edit) in variants {
+        let mut json = read(base);
+        edit(&mut json);
+        let path = dir.join(format!("{name}.json"));
+        std::fs::write(&path, serde_json::to_string(&json).unwrap()).unwrap();
+        pairs.push(Pair::file(name, &path));
+    }
+    pairs
 }
 
 #[test]
@@ -545,6 +650,69 @@ fn engine_choice_is_visible_and_falls_back() {
     let wl = Tokenizer::from_file(&wordlevel).unwrap();
     assert_eq!(wl.engine().name(), "tokenizers");
     assert_eq!(wl.encode("hi there").unwrap(), vec![1, 0]);
+
+    // SentencePiece-style files: the token texts and ids collation asks for agree with `tokenizers`'
+    // vocabulary; and each construct outside the fast path is named.
+    let spm = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/spm/llama-legacy.json");
+    let fast = Tokenizer::from_file_with(&spm, EngineChoice::Fast).unwrap();
+    let slow = tokenizers::Tokenizer::from_file(&spm).unwrap();
+    assert_eq!(fast.vocab_size(), slow.get_vocab_size(true));
+    for (token, id) in slow.get_vocab(true) {
+        assert_eq!(fast.token_to_id(&token), Some(id), "{token:?}");
+    }
+    assert_eq!(fast.token_text(slow.token_to_id("<0x41>").unwrap()), "A");
+    assert_eq!(fast.token_text(slow.token_to_id("▁the").unwrap()), " the");
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&spm).unwrap()).unwrap();
+    let refused: Vec<(&str, Edit, &str)> = vec![
+        (
+            "spm-without-byte-fallback",
+            Box::new(|j| j["model"]["byte_fallback"] = false.into()),
+            "without byte_fallback",
+        ),
+        (
+            "spm-missing-byte-token",
+            Box::new(|j| {
+                j["model"]["vocab"]
+                    .as_object_mut()
+                    .unwrap()
+                    .remove("<0x7F>");
+            }),
+            "<0x7F>",
+        ),
+        (
+            "spm-strip-then-metaspace-first",
+            Box::new(|j| {
+                j["normalizer"] = serde_json::json!({"type": "Strip", "strip_left": true,
+                    "strip_right": true});
+                j["pre_tokenizer"] = serde_json::json!({"type": "Metaspace",
+                    "replacement": "▁", "prepend_scheme": "first", "split": false});
+            }),
+            "prepend_scheme first after a normalizer",
+        ),
+        (
+            "spm-regex-replace",
+            Box::new(|j| {
+                j["normalizer"] = serde_json::json!({"type": "Replace",
+                    "pattern": {"Regex": " {2,}"}, "content": "▁"});
+            }),
+            "normalizer Replace of",
+        ),
+    ];
+    for (name, edit, why) in refused {
+        let mut json = json.clone();
+        edit(&mut json);
+        let path = dir.path().join(format!("{name}.json"));
+        std::fs::write(&path, serde_json::to_string(&json).unwrap()).unwrap();
+        let err = Tokenizer::from_file_with(&path, EngineChoice::Fast).unwrap_err();
+        assert!(err.to_string().contains(why), "{name}: {err}");
+        let fallback = Tokenizer::from_file(&path).unwrap();
+        let want = tokenizers::Tokenizer::from_file(&path)
+            .unwrap()
+            .encode(text, false)
+            .unwrap();
+        assert_eq!(fallback.encode(text).unwrap(), want.get_ids(), "{name}");
+    }
 }
 
 #[test]

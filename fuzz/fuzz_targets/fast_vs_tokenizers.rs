@@ -1,6 +1,7 @@
 //! The fast encoder and Hugging Face `tokenizers` must give the same ids for any valid UTF-8 text.
 //!
-//! Tokenizers: the built-in o200k_base and cl100k_base, and the fixtures' Qwen2 when
+//! Tokenizers: the built-in o200k_base and cl100k_base, the SentencePiece-style files of `tests/data/spm`
+//! (Llama 2 legacy, newer Llama, Gemma), and the fixtures' Qwen2 when
 //! `$SFT_COLLATE_SHARED` (else `../shared` beside the crate) has it, also with the Llama 3, GPT-2, Tekken
 //! and DeepSeek-V3 split patterns in place of its own (the last two through the pattern compiler).
 //!
@@ -27,6 +28,15 @@ fn pairs() -> &'static [Pair] {
             pairs.push(Pair {
                 fast: Tokenizer::builtin_with(name, EngineChoice::Fast).unwrap(),
                 reference: sft_collate::tokenize::builtin_tokenizer(name).unwrap(),
+            });
+        }
+        // SentencePiece-style BPE as the converters write it (Llama 2 legacy, newer Llama, Gemma).
+        let spm = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/data/spm");
+        for name in ["llama-legacy", "llama", "gemma"] {
+            let path = spm.join(format!("{name}.json"));
+            pairs.push(Pair {
+                fast: Tokenizer::from_file_with(&path, EngineChoice::Fast).unwrap(),
+                reference: tokenizers::Tokenizer::from_file(&path).unwrap(),
             });
         }
         let shared = std::env::var_os("SFT_COLLATE_SHARED")

@@ -20,7 +20,7 @@ use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::{AddedToken, SplitDelimiterBehavior};
 
 use super::fast::patterns::{self, Pattern};
-use super::fast::{to_byte_level, AddedSpec, BpeSpec};
+use super::fast::{to_byte_level, AddedSpec, BpeSpec, Symbols};
 use crate::{Error, Result};
 
 /// Names accepted by [`builtin_tokenizer`] and wherever a tokenizer is taken.
@@ -91,6 +91,7 @@ pub(crate) fn builtin_spec(parts: &BuiltinParts) -> std::result::Result<BpeSpec,
     );
     let pattern = Pattern::recognize(parts.pattern).ok_or("pattern not known to the fast path")?;
     Ok(BpeSpec {
+        symbols: Symbols::Bytes,
         vocab_size: vocab.len(),
         vocab,
         merges: Vec::new(),
@@ -105,8 +106,9 @@ pub(crate) fn builtin_spec(parts: &BuiltinParts) -> std::result::Result<BpeSpec,
                 normalized: false,
             })
             .collect(),
-        nfc: false,
+        normalizers: Vec::new(),
         patterns: vec![pattern],
+        metaspace: None,
         other_vocab: Vec::new(),
     })
 }

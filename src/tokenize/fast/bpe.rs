@@ -2,6 +2,9 @@
 //! the leftmost one on a tie. Short words (almost all pre-tokens) use a plain scan over an array of pair
 //! ranks; long ones a heap over a linked list, as `tokenizers` does, so a 100 kB run of letters stays
 //! O(n log n).
+//!
+//! A word starts as symbols of its [`Alphabet`]: one per byte (byte-level BPE), or one per character with
+//! `<0xNN>` byte tokens for the characters the vocabulary lacks (SentencePiece-style BPE).
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -15,7 +18,49 @@ const SCAN_MAX: usize = 48;
 pub(crate) struct Merges {
     /// (left id << 32 | right id) → (rank << 32 | merged id).
     pairs: FxHashMap<u64, u64>,
-    byte_ids: [u32; 256],
+    alphabet: Alphabet,
+}
+
+/// What a word's symbols are before any merge. (One per tokenizer, read on every word: the tables stay
+/// inline rather than boxed.)
+#[allow(clippy::large_enum_variant)]
+pub(crate) enum Alphabet {
+    /// Byte-level BPE: one symbol per byte, the byte's token.
+    Bytes([u32; 256]),
+    /// SentencePiece-style BPE, as `tokenizers` runs it with `byte_fallback`: one symbol per character
+    /// the vocabulary has (`ascii` for the first 128), else one per byte of it, its `<0xNN>` token.
+    Chars {
+        ascii: [u32; 128],
+        chars: FxHashMap<char, u32>,
+        bytes: [u32; 256],
+    },
+}
+
+impl Alphabet {
+    /// The symbols `word` starts as, in order.
+    #[inline]
+    fn symbols(&self, word: &str, mut f: impl FnMut(u32)) {
+        match self {
+            Alphabet::Bytes(ids) => word.bytes().for_each(|b| f(ids[b as usize])),
+            Alphabet::Chars {
+                ascii,
+                chars,
+                bytes,
+            } => {
+                for c in word.chars() {
+                    if c.is_ascii() {
+                        f(ascii[c as usize]);
+                    } else if let Some(&id) = chars.get(&c) {
+                        f(id);
+                    } else {
+                        c.encode_utf8(&mut [0; 4])
+                            .bytes()
+                            .for_each(|b| f(bytes[b as usize]));
+                    }
+                }
+            }
+        }
+    }
 }
 
 const NONE: u64 = u64::MAX;
@@ -24,7 +69,7 @@ impl Merges {
     pub(crate) fn new(
         merges: &[(Vec<u8>, Vec<u8>)],
         vocab: &FxHashMap<Box<[u8]>, u32>,
-        byte_ids: [u32; 256],
+        alphabet: Alphabet,
     ) -> Result<Merges, String> {
         // Lookups on every core, then the map filled in rank order: a pair listed twice keeps its last
         // rank, as `tokenizers`' map (built by collecting) does.
@@ -52,7 +97,7 @@ impl Merges {
         let mut pairs = FxHashMap::default();
         pairs.reserve(entries.len());
         pairs.extend(entries);
-        Ok(Merges { pairs, byte_ids })
+        Ok(Merges { pairs, alphabet })
     }
 
     /// tiktoken's merges, from the vocabulary alone (ids are ranks): every split of every token into two
@@ -77,12 +122,34 @@ impl Merges {
         let mut pairs = FxHashMap::default();
         pairs.reserve(entries.len());
         pairs.extend(entries);
-        Merges { pairs, byte_ids }
+        Merges {
+            pairs,
+            alphabet: Alphabet::Bytes(byte_ids),
+        }
     }
 
+    /// The id of a one-byte word.
     #[inline]
     pub(crate) fn byte_id(&self, b: u8) -> u32 {
-        self.byte_ids[b as usize]
+        match &self.alphabet {
+            Alphabet::Bytes(ids) => ids[b as usize],
+            Alphabet::Chars { ascii, .. } => ascii[b as usize],
+        }
+    }
+
+    /// Whether a merge joins a symbol ending in anything but `c` to one starting with `c`: if none does,
+    /// no merge crosses the point before a `c` that follows another character, and a word encodes as its
+    /// pieces cut there do, each on its own. `token` gives an id's token bytes.
+    pub(crate) fn merges_into(&self, c: char, token: impl Fn(u32) -> Option<Vec<u8>>) -> bool {
+        let mut buf = [0; 4];
+        let c = c.encode_utf8(&mut buf).as_bytes();
+        self.pairs.keys().any(|&pair| {
+            let (a, b) = (token((pair >> 32) as u32), token(pair as u32));
+            match (a, b) {
+                (Some(a), Some(b)) => !a.ends_with(c) && b.starts_with(c),
+                _ => true,
+            }
+        })
     }
 
     #[inline]
@@ -94,7 +161,7 @@ impl Merges {
     }
 
     /// Append the ids of `word` (at least one byte).
-    pub(crate) fn encode(&self, word: &[u8], out: &mut Vec<u32>) {
+    pub(crate) fn encode(&self, word: &str, out: &mut Vec<u32>) {
         if word.len() <= SCAN_MAX {
             self.encode_scan(word, out)
         } else {
@@ -102,14 +169,16 @@ impl Merges {
         }
     }
 
-    pub(crate) fn encode_scan(&self, word: &[u8], out: &mut Vec<u32>) {
+    pub(crate) fn encode_scan(&self, word: &str, out: &mut Vec<u32>) {
         let mut ids = [0u32; SCAN_MAX];
         let mut ranks = [NONE; SCAN_MAX];
-        let n0 = word.len();
-        assert!(n0 <= SCAN_MAX);
-        for (slot, &b) in ids.iter_mut().zip(word) {
-            *slot = self.byte_ids[b as usize];
-        }
+        assert!(word.len() <= SCAN_MAX);
+        // At most one symbol per byte.
+        let mut n0 = 0;
+        self.alphabet.symbols(word, |id| {
+            ids[n0] = id;
+            n0 += 1;
+        });
         for i in 0..n0.saturating_sub(1) {
             ranks[i] = self.pair(ids[i], ids[i + 1]);
         }
@@ -141,7 +210,7 @@ impl Merges {
         out.extend_from_slice(&ids[..n]);
     }
 
-    pub(crate) fn encode_heap(&self, word: &[u8], out: &mut Vec<u32>) {
+    pub(crate) fn encode_heap(&self, word: &str, out: &mut Vec<u32>) {
         struct Symbol {
             id: u32,
             prev: u32,
@@ -149,12 +218,14 @@ impl Merges {
             alive: bool,
         }
         const END: u32 = u32::MAX;
-        let n = word.len();
-        let mut symbols: Vec<Symbol> = word
-            .iter()
+        let mut initial = Vec::with_capacity(word.len());
+        self.alphabet.symbols(word, |id| initial.push(id));
+        let n = initial.len();
+        let mut symbols: Vec<Symbol> = initial
+            .into_iter()
             .enumerate()
-            .map(|(i, &b)| Symbol {
-                id: self.byte_ids[b as usize],
+            .map(|(i, id)| Symbol {
+                id,
                 prev: if i == 0 { END } else { i as u32 - 1 },
                 next: if i + 1 == n { END } else { i as u32 + 1 },
                 alive: true,
@@ -230,7 +301,7 @@ mod tests {
             }
             merges.push((a, b));
         }
-        Merges::new(&merges, &vocab, byte_ids).unwrap()
+        Merges::new(&merges, &vocab, Alphabet::Bytes(byte_ids)).unwrap()
     }
 
     proptest! {
@@ -238,7 +309,7 @@ mod tests {
         fn scan_and_heap_agree(
             seq in prop::collection::vec((97u8..100, 97u8..100), 0..40),
             more in prop::collection::vec((0u8..=255, 0u8..=255), 0..200),
-            word in prop::collection::vec(prop::sample::select(b"abc".to_vec()), 1..=SCAN_MAX),
+            word in "[abc]{1,48}",
         ) {
             let m = merges_from(&seq.iter().chain(&more).copied().collect::<Vec<_>>());
             let (mut a, mut b) = (Vec::new(), Vec::new());

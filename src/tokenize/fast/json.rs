@@ -12,8 +12,10 @@ use rustc_hash::{FxHashMap, FxHashSet};
 
 use super::byte_level::from_byte_level;
 use super::compile;
+use super::normalize::{self, Normalize};
 use super::patterns::{Pattern, GPT2};
-use super::{AddedSpec, BpeSpec};
+use super::sentencepiece::{Metaspace, PrependScheme};
+use super::{AddedSpec, BpeSpec, Symbols};
 
 #[derive(Deserialize)]
 struct TokenizerJson<'a> {
@@ -159,69 +161,77 @@ fn is_type(v: &serde_json::Value, kind: &str) -> bool {
     v.get("type").and_then(|t| t.as_str()) == Some(kind)
 }
 
-/// Whether a normalizer is NFC (`Ok(true)`), absent (`Ok(false)`) or something else.
-fn normalizer_is_nfc(n: Option<&serde_json::Value>) -> Result<bool, String> {
-    let Some(n) = n.filter(|n| !n.is_null()) else {
-        return Ok(false);
-    };
-    if is_type(n, "NFC") {
-        return Ok(true);
+/// The normalizer's steps (none when absent).
+fn normalizers_of(n: Option<&serde_json::Value>) -> Result<Vec<Normalize>, String> {
+    let mut steps = Vec::new();
+    if let Some(n) = n.filter(|n| !n.is_null()) {
+        Normalize::parse(n, &mut steps)?;
     }
-    if is_type(n, "Sequence") {
-        if let Some(list) = n.get("normalizers").and_then(|l| l.as_array()) {
-            match list.as_slice() {
-                [] => return Ok(false),
-                [one] => return normalizer_is_nfc(Some(one)),
-                _ => {}
-            }
-        }
-    }
-    Err(format!("normalizer {n} (only none or NFC)"))
+    Ok(steps)
 }
 
-/// The split patterns of a pre-tokenizer: a `Split` regex and/or `ByteLevel`, which must be there.
-fn patterns_of(p: Option<&serde_json::Value>) -> Result<Vec<Pattern>, String> {
-    let p = p
-        .filter(|p| !p.is_null())
-        .ok_or("no pre-tokenizer (a byte-level BPE needs ByteLevel)")?;
-    let steps: Vec<&serde_json::Value> = if is_type(p, "Sequence") {
-        p.get("pretokenizers")
+/// What the pre-tokenizer does: split patterns in turn, then `ByteLevel` (byte-level BPE) or `Metaspace`
+/// or nothing (SentencePiece-style BPE).
+struct PreTokenizer {
+    patterns: Vec<Pattern>,
+    byte_level: bool,
+    metaspace: Option<Metaspace>,
+}
+
+fn pre_tokenizer_of(
+    p: Option<&serde_json::Value>,
+    normalizers: &[Normalize],
+) -> Result<PreTokenizer, String> {
+    let steps: Vec<&serde_json::Value> = match p.filter(|p| !p.is_null()) {
+        None => Vec::new(),
+        Some(p) if is_type(p, "Sequence") => p
+            .get("pretokenizers")
             .and_then(|l| l.as_array())
             .ok_or("Sequence without pretokenizers")?
             .iter()
-            .collect()
-    } else {
-        vec![p]
+            .collect(),
+        Some(p) => vec![p],
     };
-    let mut patterns = Vec::new();
-    let mut byte_level = false;
-    for (k, step) in steps.iter().enumerate() {
-        if is_type(step, "Split") && !byte_level {
+    let mut pre = PreTokenizer {
+        patterns: Vec::new(),
+        byte_level: false,
+        metaspace: None,
+    };
+    for step in steps {
+        if pre.byte_level || pre.metaspace.is_some() {
+            return Err(format!(
+                "pre-tokenizer step {step} after ByteLevel or Metaspace"
+            ));
+        }
+        let invert = step
+            .get("invert")
+            .and_then(|i| i.as_bool())
+            .unwrap_or(false);
+        let space = step.get("pattern").and_then(|p| p.get("String")) == Some(&" ".into());
+        if is_type(step, "Split") && space && !invert && normalize::removes(normalizers, ' ') {
+            // Gemma's: a split at spaces after a normalizer that replaced them all does nothing.
+        } else if is_type(step, "Split") {
             let regex = step
                 .get("pattern")
                 .and_then(|p| p.get("Regex"))
                 .and_then(|r| r.as_str())
                 .ok_or_else(|| format!("Split pattern {} (only regexes)", step["pattern"]))?;
             let behavior = step.get("behavior").and_then(|b| b.as_str());
-            let invert = step
-                .get("invert")
-                .and_then(|i| i.as_bool())
-                .unwrap_or(false);
             if behavior != Some("Isolated") || invert {
                 return Err(format!(
                     "Split behaviour {behavior:?}, invert {invert} (only Isolated)"
                 ));
             }
-            patterns.push(
+            pre.patterns.push(
                 compile::pattern(regex).map_err(|why| format!("split regex {regex:?}: {why}"))?,
             );
-        } else if is_type(step, "Digits") && !byte_level {
+        } else if is_type(step, "Digits") {
             let individual = step
                 .get("individual_digits")
                 .and_then(|i| i.as_bool())
                 .unwrap_or(false);
-            patterns.push(Pattern::digits(individual));
-        } else if is_type(step, "ByteLevel") && k == steps.len() - 1 {
+            pre.patterns.push(Pattern::digits(individual));
+        } else if is_type(step, "ByteLevel") {
             if step.get("add_prefix_space").and_then(|a| a.as_bool()) == Some(true) {
                 return Err("ByteLevel with add_prefix_space".into());
             }
@@ -230,17 +240,17 @@ fn patterns_of(p: Option<&serde_json::Value>) -> Result<Vec<Pattern>, String> {
                 .and_then(|u| u.as_bool())
                 .unwrap_or(true)
             {
-                patterns.push(Pattern::recognize(GPT2).expect("GPT-2's regex is known"));
+                pre.patterns
+                    .push(Pattern::recognize(GPT2).expect("GPT-2's regex is known"));
             }
-            byte_level = true;
+            pre.byte_level = true;
+        } else if is_type(step, "Metaspace") {
+            pre.metaspace = Some(Metaspace::parse(step)?);
         } else {
             return Err(format!("pre-tokenizer step {step}"));
         }
     }
-    if !byte_level {
-        return Err("pre-tokenizer does not end with ByteLevel".into());
-    }
-    Ok(patterns)
+    Ok(pre)
 }
 
 pub(crate) fn spec_from_json(json: &str) -> Result<BpeSpec, String> {
@@ -265,16 +275,34 @@ pub(crate) fn spec_from_json(json: &str) -> Result<BpeSpec, String> {
             m.continuing_subword_prefix, m.end_of_word_suffix
         ));
     }
-    if m.byte_fallback {
-        return Err("BPE byte_fallback".into());
-    }
     if t.truncation.as_ref().is_some_and(|v| !v.is_null())
         || t.padding.as_ref().is_some_and(|v| !v.is_null())
     {
         return Err("truncation or padding configured in the file".into());
     }
-    let nfc = normalizer_is_nfc(t.normalizer.as_ref())?;
-    let patterns = patterns_of(t.pre_tokenizer.as_ref())?;
+    let normalizers = normalizers_of(t.normalizer.as_ref())?;
+    let pre = pre_tokenizer_of(t.pre_tokenizer.as_ref(), &normalizers)?;
+    // Without ByteLevel, tokens are characters (SentencePiece-style); `tokenizers` then needs an unknown
+    // token for characters outside the vocabulary, unless they fall back to bytes.
+    let symbols = match pre.byte_level {
+        true => Symbols::Bytes,
+        false if m.byte_fallback => Symbols::Chars,
+        false => {
+            return Err(
+                "a BPE over characters (no ByteLevel pre-tokenizer) without byte_fallback".into(),
+            )
+        }
+    };
+    if pre
+        .metaspace
+        .as_ref()
+        .is_some_and(|m| m.prepend == PrependScheme::First)
+        && normalizers.iter().any(Normalize::may_drop_start)
+    {
+        return Err(
+            "Metaspace prepend_scheme first after a normalizer that removes characters".into(),
+        );
+    }
     for a in &t.added_tokens {
         if a.single_word || a.lstrip || a.rstrip {
             return Err(format!(
@@ -284,24 +312,27 @@ pub(crate) fn spec_from_json(json: &str) -> Result<BpeSpec, String> {
         }
     }
 
-    // Vocabulary strings to bytes, and merges to byte pairs, on every core (150k+ entries each).
+    // Vocabulary strings to bytes, and merges to byte pairs, on every core (150k+ entries each). A
+    // SentencePiece-style token's bytes are its UTF-8.
+    let bytes_of = |token: &str| match symbols {
+        Symbols::Bytes => from_byte_level(token),
+        Symbols::Chars => Some(token.as_bytes().to_vec()),
+    };
     let (converted, merges) = rayon::join(
         || {
             m.vocab
                 .0
                 .par_iter()
-                .map(|(token, id)| (from_byte_level(token), token, *id))
+                .map(|(token, id)| (bytes_of(token), token, *id))
                 .collect::<Vec<_>>()
         },
         || {
             m.merges
                 .par_iter()
-                .map(
-                    |MergeJson(a, b)| match (from_byte_level(a), from_byte_level(b)) {
-                        (Some(a), Some(b)) => Ok((a, b)),
-                        _ => Err(format!("merge {a:?} {b:?} outside the byte alphabet")),
-                    },
-                )
+                .map(|MergeJson(a, b)| match (bytes_of(a), bytes_of(b)) {
+                    (Some(a), Some(b)) => Ok((a, b)),
+                    _ => Err(format!("merge {a:?} {b:?} outside the byte alphabet")),
+                })
                 .collect::<Result<Vec<_>, String>>()
         },
     );
@@ -333,13 +364,15 @@ pub(crate) fn spec_from_json(json: &str) -> Result<BpeSpec, String> {
         .map(|(t, id)| (t.as_ref(), *id))
         .collect();
     Ok(BpeSpec {
+        symbols,
         vocab,
         merges,
         merges_from_ranks: false,
         ignore_merges: m.ignore_merges,
         added: number_added_tokens(&t.added_tokens, &in_model, m.vocab.0.len() as u32),
-        nfc,
-        patterns,
+        normalizers,
+        patterns: pre.patterns,
+        metaspace: pre.metaspace,
         vocab_size,
         other_vocab,
     })

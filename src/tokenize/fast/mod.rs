@@ -1,4 +1,5 @@
-//! The fast encoder: byte-level BPE with the ids `tokenizers` gives, several times faster.
+//! The fast encoder: BPE with the ids `tokenizers` gives, several times faster — byte-level (GPT-2, Llama
+//! 3, Qwen, the tiktoken built-ins) and SentencePiece-style with byte fallback (Llama 2, Mistral, Gemma).
 //!
 //! Same pipeline as `tokenizers` (`added tokens → normalizer → pre-tokenizer → BPE`), specialised for the
 //! configurations trainers use, one file per concern:
@@ -7,10 +8,12 @@
 //! | --- | --- |
 //! | [`json`] | `tokenizer.json` → [`BpeSpec`], and why a file is not supported |
 //! | [`added`] | added tokens, found with Aho-Corasick (leftmost-longest, non-normalized ones first) |
+//! | [`normalize`] | normalizers (NFC, NFKC, Lowercase, Replace, Prepend, Strip, ...) |
 //! | [`patterns`] | the split regexes, hand-compiled, run by a small backtracking matcher |
 //! | [`compile`] | any other split regex of the subset patterns use, compiled to the matcher's atoms |
 //! | [`unicode`] | Oniguruma's character classes, from a table generated from Oniguruma itself |
 //! | [`byte_level`] | GPT-2's byte alphabet |
+//! | [`sentencepiece`] | `▁` for spaces (Metaspace), and where a SentencePiece-style text may be cut |
 //! | [`bpe`] | the merge loop |
 //! | [`cache`] | the per-thread cache from pre-token bytes to ids |
 //!
@@ -23,26 +26,41 @@ mod byte_level;
 mod cache;
 mod compile;
 mod json;
+mod normalize;
 pub(crate) mod patterns;
+mod sentencepiece;
 pub(crate) mod unicode;
 
-use std::borrow::Cow;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use rustc_hash::FxHashMap;
 
 use added::{split_added, AddedSet, Piece};
-use bpe::Merges;
+use bpe::{Alphabet, Merges};
 use byte_level::from_byte_level;
 pub(crate) use byte_level::to_byte_level;
 use cache::Cache;
 pub use cache::CacheStats;
+use normalize::{normalize, Normalize};
 use patterns::Pattern;
+use sentencepiece::{Cuts, Metaspace};
 
-/// A byte-level BPE tokenizer in the neutral form both sources (a `tokenizer.json`, a built-in rank table)
-/// are turned into.
+/// What a vocabulary's tokens are made of.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) enum Symbols {
+    /// Bytes, written in GPT-2's byte alphabet in a `tokenizer.json` (byte-level BPE).
+    Bytes,
+    /// Characters, with a `<0xNN>` token for each byte for the characters the vocabulary lacks
+    /// (SentencePiece-style BPE with `byte_fallback`).
+    Chars,
+}
+
+/// A BPE tokenizer in the neutral form both sources (a `tokenizer.json`, a built-in rank table) are turned
+/// into.
 pub(crate) struct BpeSpec {
-    /// Token bytes and id, for every token of the model's vocabulary that is made of bytes.
+    pub symbols: Symbols,
+    /// Token bytes and id, for every token of the model's vocabulary that is made of bytes (with
+    /// [`Symbols::Chars`], every token: its UTF-8).
     pub vocab: Vec<(Vec<u8>, u32)>,
     /// Merges in rank order, as (left bytes, right bytes).
     pub merges: Vec<(Vec<u8>, Vec<u8>)>,
@@ -52,9 +70,11 @@ pub(crate) struct BpeSpec {
     pub merges_from_ranks: bool,
     pub ignore_merges: bool,
     pub added: Vec<AddedSpec>,
-    pub nfc: bool,
+    pub normalizers: Vec<Normalize>,
     /// Split patterns applied in turn (a `Split` then `ByteLevel`'s own regex, say).
     pub patterns: Vec<Pattern>,
+    /// The Metaspace pre-tokenizer, after the patterns ([`Symbols::Chars`] only).
+    pub metaspace: Option<Metaspace>,
     /// What `tokenizers` reports as the vocabulary size with added tokens.
     pub vocab_size: usize,
     /// Vocabulary strings that are not byte-level (never produced by the model; kept for `token_to_id`).
@@ -80,8 +100,12 @@ pub(crate) struct FastBpe {
     added_normalized: Option<AddedSet>,
     added_by_content: FxHashMap<String, u32>,
     other_vocab: Vec<(String, u32)>,
-    nfc: bool,
+    symbols: Symbols,
+    normalizers: Vec<Normalize>,
     patterns: Vec<Pattern>,
+    metaspace: Option<Metaspace>,
+    /// Where a pre-token is cut into the words the merge loop sees.
+    cuts: Cuts,
     ascii: [u32; 128],
     vocab_size: usize,
     /// Distinguishes this tokenizer's entries in the per-thread caches.
@@ -110,28 +134,37 @@ impl FastBpe {
             bytes.extend_from_slice(&token);
             vocab.insert(token.into_boxed_slice(), id);
         }
-        let mut byte_ids = [0u32; 256];
-        for (b, slot) in byte_ids.iter_mut().enumerate() {
-            *slot = match vocab.get(&[b as u8][..]) {
-                Some(&id) => id,
-                // Bytes that never occur in UTF-8 (0xC0, 0xC1, 0xF5..=0xFF) never reach the encoder,
-                // whose input is a `&str`: vocabularies that lack them (GPT-NeoX, Pythia) need none.
-                None if matches!(b, 0xC0 | 0xC1 | 0xF5..=0xFF) => u32::MAX,
-                None => return Err(format!("byte {b:#04x} has no token of its own")),
-            };
-        }
-        let merges = match spec.merges_from_ranks {
-            true => Merges::from_ranks(&vocab, byte_ids),
-            false => Merges::new(&spec.merges, &vocab, byte_ids)?,
+        let alphabet = match spec.symbols {
+            Symbols::Bytes => Alphabet::Bytes(byte_tokens(&vocab)?),
+            Symbols::Chars => char_tokens(&vocab)?,
         };
-
-        let normalize = |s: &str| -> String {
-            if spec.nfc {
-                nfc(s).into_owned()
-            } else {
-                s.to_string()
+        let merges = match spec.merges_from_ranks {
+            true => match alphabet {
+                Alphabet::Bytes(byte_ids) => Merges::from_ranks(&vocab, byte_ids),
+                Alphabet::Chars { .. } => return Err("tiktoken ranks over characters".into()),
+            },
+            false => Merges::new(&spec.merges, &vocab, alphabet)?,
+        };
+        let token = |id: u32| {
+            let &(start, len) = spans.get(id as usize)?;
+            Some(bytes[start as usize..(start + len) as usize].to_vec())
+        };
+        let cuts = match (&spec.metaspace, spec.symbols) {
+            (_, Symbols::Bytes) => Cuts::None,
+            (Some(m), _) if m.split => Cuts::Before(m.replacement),
+            // The whole pre-token is what `ignore_merges` looks up: it cannot be cut.
+            _ if spec.ignore_merges => Cuts::None,
+            (m, _) => {
+                let space = m.as_ref().map_or(sentencepiece::SPACE, |m| m.replacement);
+                let mut one = [0; 4];
+                let in_vocab = vocab.contains_key(space.encode_utf8(&mut one).as_bytes());
+                match in_vocab && !merges.merges_into(space, token) {
+                    true => Cuts::BeforeRunOf(space),
+                    false => Cuts::None,
+                }
             }
         };
+
         let (mut raw, mut normalized) = (Vec::new(), Vec::new());
         let mut added_by_content = FxHashMap::default();
         for a in &spec.added {
@@ -140,7 +173,8 @@ impl FastBpe {
             }
             added_by_content.insert(a.content.clone(), a.id);
             if a.normalized {
-                normalized.push((normalize(&a.content), a.id));
+                let content = normalize(&spec.normalizers, &a.content).into_owned();
+                normalized.push((content, a.id));
             } else {
                 raw.push((a.content.clone(), a.id));
             }
@@ -155,8 +189,11 @@ impl FastBpe {
             added_normalized: AddedSet::new(normalized)?,
             added_by_content,
             other_vocab: spec.other_vocab,
-            nfc: spec.nfc,
+            symbols: spec.symbols,
+            normalizers: spec.normalizers,
             patterns: spec.patterns,
+            metaspace: spec.metaspace,
+            cuts,
             ascii: unicode::ascii_flags(),
             vocab_size: spec.vocab_size,
             key: NEXT_KEY.fetch_add(1, Ordering::Relaxed),
@@ -170,14 +207,26 @@ impl FastBpe {
         FastBpe::new(json::spec_from_json(json)?)
     }
 
-    /// A one-line description: split pattern(s) and normalizer.
+    /// A one-line description: model, normalizers, pre-tokenizer.
     pub(crate) fn describe(&self) -> String {
-        let patterns: Vec<&str> = self.patterns.iter().map(|p| p.name()).collect();
-        format!(
-            "{} split{}",
-            patterns.join(" + "),
-            if self.nfc { ", NFC" } else { "" }
-        )
+        let mut parts = Vec::new();
+        if self.symbols == Symbols::Chars {
+            parts.push("SentencePiece-style BPE with byte fallback".to_string());
+        }
+        parts.extend(self.normalizers.iter().map(Normalize::name));
+        if !self.patterns.is_empty() {
+            let patterns: Vec<&str> = self.patterns.iter().map(|p| p.name()).collect();
+            parts.push(format!("{} split", patterns.join(" + ")));
+        }
+        parts.extend(self.metaspace.iter().map(Metaspace::name));
+        match self.cuts {
+            Cuts::BeforeRunOf(c) => parts.push(format!("words cut before {c}")),
+            Cuts::None if self.symbols == Symbols::Chars => {
+                parts.push("whole pieces (merges join words)".into())
+            }
+            _ => {}
+        }
+        parts.join(", ")
     }
 
     pub(crate) fn vocab_size(&self) -> usize {
@@ -199,17 +248,29 @@ impl FastBpe {
         if let Some(&(_, id)) = self.other_vocab.iter().find(|(t, _)| t == token) {
             return Some(id);
         }
-        self.vocab.get(&from_byte_level(token)?[..]).copied()
+        match self.symbols {
+            Symbols::Bytes => self.vocab.get(&from_byte_level(token)?[..]).copied(),
+            Symbols::Chars => self.vocab.get(token.as_bytes()).copied(),
+        }
     }
 
-    /// The text of one token, as `tokenizers` decodes it alone (lossy for partial characters).
+    /// The text of one token, as `tokenizers` decodes it alone (lossy for partial characters; a
+    /// SentencePiece `▁` shown as the space it stands for, a `<0xNN>` token as its byte).
     pub(crate) fn token_text(&self, id: u32) -> Option<String> {
         if let Some((content, _)) = self.added_by_content.iter().find(|(_, &i)| i == id) {
             return Some(content.clone());
         }
         let &(start, len) = self.spans.get(id as usize)?;
         let bytes = &self.bytes[start as usize..(start + len) as usize];
-        (len > 0).then(|| String::from_utf8_lossy(bytes).into_owned())
+        let text = String::from_utf8_lossy(bytes);
+        match self.symbols {
+            _ if len == 0 => None,
+            Symbols::Bytes => Some(text.into_owned()),
+            Symbols::Chars => Some(match byte_token(&text) {
+                Some(b) => String::from_utf8_lossy(&[b]).into_owned(),
+                None => text.replace(sentencepiece::SPACE, " "),
+            }),
+        }
     }
 
     /// Encode one text (no special tokens added, as everywhere in this crate).
@@ -219,18 +280,22 @@ impl FastBpe {
             let (h0, m0) = (cache.hits, cache.misses);
             split_added(text, self.added_raw.as_ref(), |piece| match piece {
                 Piece::Added(id) => out.push(id),
+                // `tokenizers` drops empty pieces before normalizing (a `Prepend` adds nothing to them).
+                Piece::Text("") => {}
                 Piece::Text(raw) => {
-                    let normalized = if self.nfc {
-                        nfc(raw)
-                    } else {
-                        Cow::Borrowed(raw)
-                    };
+                    let normalized = normalize(&self.normalizers, raw);
                     split_added(
                         &normalized,
                         self.added_normalized.as_ref(),
                         |piece| match piece {
                             Piece::Added(id) => out.push(id),
-                            Piece::Text(t) => self.pre_tokenize(t, &self.patterns, cache, &mut out),
+                            Piece::Text("") => {}
+                            Piece::Text(t) => {
+                                // Metaspace's `first`: the piece that starts the input.
+                                let at_start = std::ptr::eq(raw.as_ptr(), text.as_ptr())
+                                    && std::ptr::eq(t.as_ptr(), normalized.as_ptr());
+                                self.pre_tokenize(t, at_start, &self.patterns, cache, &mut out)
+                            }
                         },
                     );
                 }
@@ -244,47 +309,102 @@ impl FastBpe {
     fn pre_tokenize(
         &self,
         text: &str,
+        at_start: bool,
         patterns: &[Pattern],
         cache: &mut Cache,
         out: &mut Vec<u32>,
     ) {
-        match patterns.split_first() {
-            None => self.word(text.as_bytes(), cache, out),
-            Some((first, rest)) => first.split(text, &self.ascii, |piece| {
-                self.pre_tokenize(piece, rest, cache, out)
+        match (patterns.split_first(), &self.metaspace) {
+            (None, None) => sentencepiece::words(text, self.cuts, |w| self.word(w, cache, out)),
+            (None, Some(metaspace)) => {
+                let text = metaspace.apply(text, at_start);
+                sentencepiece::words(&text, self.cuts, |w| self.word(w, cache, out))
+            }
+            (Some((first, rest)), _) => first.split(text, &self.ascii, |piece| {
+                let at_start = at_start && std::ptr::eq(piece.as_ptr(), text.as_ptr());
+                self.pre_tokenize(piece, at_start, rest, cache, out)
             }),
         }
     }
 
-    /// One pre-token's ids, from the cache or the merge loop.
+    /// One word's ids, from the cache or the merge loop.
     #[inline]
-    fn word(&self, word: &[u8], cache: &mut Cache, out: &mut Vec<u32>) {
+    fn word(&self, word: &str, cache: &mut Cache, out: &mut Vec<u32>) {
         if word.len() == 1 {
             cache.hits += 1;
-            out.push(self.merges.byte_id(word[0]));
+            out.push(self.merges.byte_id(word.as_bytes()[0]));
             return;
         }
-        if let Some(ids) = cache.get(word) {
+        if let Some(ids) = cache.get(word.as_bytes()) {
             out.extend_from_slice(ids);
             cache.hits += 1;
             return;
         }
         cache.misses += 1;
         let start = out.len();
-        match self.ignore_merges.then(|| self.vocab.get(word)).flatten() {
+        match self
+            .ignore_merges
+            .then(|| self.vocab.get(word.as_bytes()))
+            .flatten()
+        {
             Some(&id) => out.push(id),
             None => self.merges.encode(word, out),
         }
-        cache.insert(word, &out[start..]);
+        cache.insert(word.as_bytes(), &out[start..]);
     }
 }
 
-/// NFC as `tokenizers` computes it (same crate, same Unicode version), skipping text already known NFC.
-fn nfc(text: &str) -> Cow<'_, str> {
-    use unicode_normalization_alignments::{is_nfc_quick, IsNormalized, UnicodeNormalization};
-    if text.is_ascii() || is_nfc_quick(text.chars()) == IsNormalized::Yes {
-        Cow::Borrowed(text)
-    } else {
-        Cow::Owned(text.nfc().map(|(c, _)| c).collect())
+/// Each byte's token, for byte-level BPE.
+fn byte_tokens(vocab: &FxHashMap<Box<[u8]>, u32>) -> Result<[u32; 256], String> {
+    let mut ids = [0u32; 256];
+    for (b, slot) in ids.iter_mut().enumerate() {
+        *slot = match vocab.get(&[b as u8][..]) {
+            Some(&id) => id,
+            // Bytes that never occur in UTF-8 (0xC0, 0xC1, 0xF5..=0xFF) never reach the encoder, whose
+            // input is a `&str`: vocabularies that lack them (GPT-NeoX, Pythia) need none.
+            None if matches!(b, 0xC0 | 0xC1 | 0xF5..=0xFF) => u32::MAX,
+            None => return Err(format!("byte {b:#04x} has no token of its own")),
+        };
     }
+    Ok(ids)
+}
+
+/// The byte of a `<0xNN>` byte-fallback token, as `tokenizers` writes them (upper-case hex).
+fn byte_token(token: &str) -> Option<u8> {
+    let hex = token.strip_prefix("<0x")?.strip_suffix('>')?;
+    let upper = hex.len() == 2 && hex.bytes().all(|h| matches!(h, b'0'..=b'9' | b'A'..=b'F'));
+    upper.then(|| u8::from_str_radix(hex, 16).ok()).flatten()
+}
+
+/// The symbols of a SentencePiece-style vocabulary: its one-character tokens, and a `<0xNN>` token for
+/// every byte (what `byte_fallback` needs; a vocabulary without all 256 is not one this engine takes).
+fn char_tokens(vocab: &FxHashMap<Box<[u8]>, u32>) -> Result<Alphabet, String> {
+    let mut bytes = [u32::MAX; 256];
+    let mut chars = FxHashMap::default();
+    for (token, &id) in vocab {
+        let Ok(token) = std::str::from_utf8(token) else {
+            continue;
+        };
+        if let Some(b) = byte_token(token) {
+            bytes[b as usize] = id;
+        }
+        let mut cs = token.chars();
+        if let (Some(c), None) = (cs.next(), cs.next()) {
+            chars.insert(c, id);
+        }
+    }
+    if let Some(b) = bytes.iter().position(|&id| id == u32::MAX) {
+        return Err(format!(
+            "byte_fallback without a <0x{b:02X}> token (all 256 needed)"
+        ));
+    }
+    let mut ascii = [0u32; 128];
+    for (c, slot) in ascii.iter_mut().enumerate() {
+        *slot = chars.remove(&(c as u8 as char)).unwrap_or(bytes[c]);
+    }
+    Ok(Alphabet::Chars {
+        ascii,
+        chars,
+        bytes,
+    })
 }
