@@ -1,7 +1,8 @@
 //! The fast encoder against Hugging Face `tokenizers`: the same ids for every input, on the Qwen2
 //! tokenizer of the fixtures, on variants of it that exercise the other supported configurations (Llama 3
-//! and GPT-2 split patterns, no normalizer, normalized added tokens, `ignore_merges`), and on the built-in
-//! o200k_base and cl100k_base. Texts: GSM8K train and test (raw and templated), hand-written hard cases
+//! and GPT-2 split patterns, no normalizer, normalized added tokens, `ignore_merges`), on the built-in
+//! o200k_base and cl100k_base, and on SentencePiece-style files (`tests/data/spm`, Llama 2 / newer Llama /
+//! Gemma as `transformers` converts them) and variants of them. Texts: GSM8K train and test (raw and templated), hand-written hard cases
 //! (scripts, code, digit and whitespace runs, CR/LF mixes, emoji, combining marks, special-token
 //! look-alikes), and random unicode (proptest).
 
