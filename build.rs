@@ -30,6 +30,7 @@ fn main() {
         println!("cargo:rerun-if-env-changed={var}");
     }
     let out_dir = PathBuf::from(std::env::var("OUT_DIR").unwrap());
+    write_rank_tables(&out_dir);
     let kernel_dir = Path::new("kernels");
     generate_abi(&kernel_dir.join("abi.cuh"), &out_dir);
     let mut kernels: Vec<PathBuf> = std::fs::read_dir(kernel_dir)
@@ -315,4 +316,57 @@ fn python_wheel_dir() -> Option<PathBuf> {
         return None;
     }
     Some(PathBuf::from(String::from_utf8(out.stdout).ok()?.trim()).join("lib"))
+}
+
+/// The built-in tokenizers' rank tables, decoded once here from the ranks `tiktoken-rs` ships, as
+/// `$OUT_DIR/{name}.ranks` (read with `include_bytes!` by `src/tokenize/builtin.rs`, so that a built-in
+/// loads without parsing base64 or building tiktoken's own encoder at run time). Little-endian u32s: the
+/// number of ranks n, n + 1 offsets into the token bytes that follow them, the bytes; then the number of
+/// special tokens and, for each, its id, its length and its text.
+fn write_rank_tables(out_dir: &Path) {
+    let tables = [
+        ("o200k_base", tiktoken_rs::o200k_base()),
+        ("cl100k_base", tiktoken_rs::cl100k_base()),
+    ];
+    for (name, core) in tables {
+        let core = core.unwrap_or_else(|e| panic!("{name}: {e}"));
+        let mut specials: Vec<(u32, String)> = core
+            .special_tokens()
+            .into_iter()
+            .map(|t| (core.encode_with_special_tokens(t)[0], t.to_string()))
+            .collect();
+        specials.sort();
+        // Ranks 0, 1, 2, ... up to the first special token or the first rank that does not decode.
+        let mut tokens: Vec<Vec<u8>> = Vec::new();
+        for rank in 0u32.. {
+            if specials.iter().any(|&(id, _)| id == rank) {
+                break;
+            }
+            match core.decode_bytes(&[rank]) {
+                Ok(bytes) => tokens.push(bytes),
+                Err(_) => break,
+            }
+        }
+        let mut out: Vec<u8> = Vec::new();
+        let put = |out: &mut Vec<u8>, v: usize| {
+            out.extend_from_slice(&u32::try_from(v).unwrap().to_le_bytes())
+        };
+        put(&mut out, tokens.len());
+        let mut at = 0;
+        put(&mut out, 0);
+        for t in &tokens {
+            at += t.len();
+            put(&mut out, at);
+        }
+        for t in &tokens {
+            out.extend_from_slice(t);
+        }
+        put(&mut out, specials.len());
+        for (id, text) in &specials {
+            put(&mut out, *id as usize);
+            put(&mut out, text.len());
+            out.extend_from_slice(text.as_bytes());
+        }
+        std::fs::write(out_dir.join(format!("{name}.ranks")), out).unwrap();
+    }
 }

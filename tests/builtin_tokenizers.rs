@@ -1,7 +1,7 @@
 //! The built-in tokenizers are converted from tiktoken ranks; they must give exactly the ids of tiktoken's
 //! own encoder (the `tiktoken-rs` crate) on varied text.
 
-use sft_collate::Tokenizer;
+use sft_collate::{EngineChoice, Tokenizer};
 
 /// Text meant to exercise every branch of the split patterns and the byte-level fallbacks.
 fn corpus() -> Vec<String> {
@@ -87,6 +87,37 @@ fn o200k_base_matches_tiktoken() {
 #[test]
 fn cl100k_base_matches_tiktoken() {
     check("cl100k_base", tiktoken_rs::cl100k_base().unwrap());
+}
+
+/// The tables compiled in (build.rs) are tiktoken's: every rank's bytes, the special tokens, the split
+/// pattern.
+#[test]
+fn builtins_are_tiktokens_tables() {
+    assert_eq!(
+        sft_collate::tokenize::split_patterns::O200K,
+        tiktoken_rs::O200K_BASE_PAT_STR
+    );
+    for (name, reference) in [
+        ("o200k_base", tiktoken_rs::o200k_base().unwrap()),
+        ("cl100k_base", tiktoken_rs::cl100k_base().unwrap()),
+    ] {
+        let ours = Tokenizer::builtin_with(name, EngineChoice::Fast).unwrap();
+        let mut ranks = 0;
+        for rank in 0u32.. {
+            let Ok(bytes) = reference.decode_bytes(&[rank]) else {
+                break;
+            };
+            let text = String::from_utf8_lossy(&bytes);
+            assert_eq!(ours.token_text(rank), text, "{name} rank {rank}");
+            ranks += 1;
+        }
+        let specials = reference.special_tokens();
+        assert_eq!(ours.vocab_size(), ranks + specials.len(), "{name}");
+        for special in specials {
+            let id = reference.encode_with_special_tokens(special)[0];
+            assert_eq!(ours.token_to_id(special), Some(id), "{name} {special}");
+        }
+    }
 }
 
 #[test]

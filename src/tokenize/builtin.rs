@@ -1,6 +1,8 @@
-//! Built-in tokenizers: OpenAI's `o200k_base` and `cl100k_base`, converted from the BPE ranks that the
-//! `tiktoken-rs` crate ships into a `tokenizers::Tokenizer` (byte-level BPE, the tiktoken split regex), so
-//! that the whole crate runs on one tokenizer type and nothing is downloaded.
+//! Built-in tokenizers: OpenAI's `o200k_base` and `cl100k_base`, from the BPE ranks that the
+//! `tiktoken-rs` crate ships, decoded at build time into compact tables compiled into the library
+//! (build.rs): the fast engine loads from them directly (a built-in job costs no more than one on a
+//! `tokenizer.json`); for `tokenizers` they are converted into a `tokenizers::Tokenizer` (byte-level BPE,
+//! the tiktoken split regex) on first use. Nothing is downloaded.
 //!
 //! The conversion for `tokenizers` is the one `transformers` uses for tiktoken models: the vocabulary is
 //! the rank table with bytes written in GPT-2's byte-to-unicode alphabet, and each multi-byte token gets
@@ -23,13 +25,17 @@ use super::fast::patterns::{self, Pattern};
 use super::fast::{to_byte_level, AddedSpec, BpeSpec, Symbols};
 use crate::{Error, Result};
 
+/// The rank tables, decoded from `tiktoken-rs`'s at build time (build.rs).
+static O200K_TABLE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/o200k_base.ranks"));
+static CL100K_TABLE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/cl100k_base.ranks"));
+
 /// Names accepted by [`builtin_tokenizer`] and wherever a tokenizer is taken.
 pub const BUILTIN_TOKENIZERS: &[&str] = &["o200k_base", "cl100k_base"];
 
 /// What a built-in tokenizer is made of, from which both engines are built.
 pub(crate) struct BuiltinParts {
     /// Token bytes by rank (= id).
-    pub by_rank: Vec<Vec<u8>>,
+    pub by_rank: Vec<&'static [u8]>,
     /// For each multi-byte token in rank order, the two parts its last merge joins: only `tokenizers`
     /// needs them (the fast engine merges by rank), so they are recovered on first use.
     merges: OnceLock<Vec<(Vec<u8>, Vec<u8>)>>,
@@ -44,12 +50,8 @@ pub(crate) fn builtin_parts(name: &str) -> Result<&'static BuiltinParts> {
     static O200K_PARTS: OnceLock<Parts> = OnceLock::new();
     static CL100K_PARTS: OnceLock<Parts> = OnceLock::new();
     let parts = match name {
-        "o200k_base" => {
-            O200K_PARTS.get_or_init(|| parts(tiktoken_rs::o200k_base(), patterns::O200K))
-        }
-        "cl100k_base" => {
-            CL100K_PARTS.get_or_init(|| parts(tiktoken_rs::cl100k_base(), patterns::CL100K))
-        }
+        "o200k_base" => O200K_PARTS.get_or_init(|| parts(O200K_TABLE, patterns::O200K)),
+        "cl100k_base" => CL100K_PARTS.get_or_init(|| parts(CL100K_TABLE, patterns::CL100K)),
         _ => {
             return Err(Error::Tokenizer {
                 name: name.to_string(),
@@ -81,7 +83,7 @@ pub(crate) fn builtin_spec(parts: &BuiltinParts) -> std::result::Result<BpeSpec,
         .by_rank
         .iter()
         .enumerate()
-        .map(|(rank, bytes)| (bytes.clone(), rank as u32))
+        .map(|(rank, bytes)| (bytes.to_vec(), rank as u32))
         .collect();
     vocab.extend(
         parts
@@ -115,34 +117,21 @@ pub(crate) fn builtin_spec(parts: &BuiltinParts) -> std::result::Result<BpeSpec,
 
 type Parts = std::result::Result<BuiltinParts, String>;
 
-fn parts(
-    core: std::result::Result<tiktoken_rs::CoreBPE, impl std::fmt::Display>,
-    pattern: &'static str,
-) -> Parts {
-    let core = core.map_err(|e| e.to_string())?;
-
-    // The rank table: token bytes for ranks 0, 1, 2, ... up to the first rank that does not decode (the
-    // special tokens sit past a gap and are handled below).
-    let mut by_rank: Vec<Vec<u8>> = Vec::new();
-    let specials: Vec<(String, u32)> = {
-        let mut s: Vec<(String, u32)> = core
-            .special_tokens()
-            .into_iter()
-            .map(|t| (t.to_string(), core.encode_with_special_tokens(t)[0]))
-            .collect();
-        s.sort_by_key(|&(_, id)| id);
-        s
-    };
-    for rank in 0u32.. {
-        if specials.iter().any(|&(_, id)| id == rank) {
-            break;
-        }
-        match core.decode_bytes(&[rank]) {
-            Ok(bytes) => {
-                by_rank.push(bytes);
-            }
-            Err(_) => break,
-        }
+/// A rank table as build.rs writes it (see `write_rank_tables` there).
+fn parts(table: &'static [u8], pattern: &'static str) -> Parts {
+    let mut r = Reader { table, at: 0 };
+    let n = r.u32()?;
+    let offsets: Vec<usize> = (0..=n)
+        .map(|_| r.u32())
+        .collect::<std::result::Result<_, _>>()?;
+    let bytes = r.bytes(offsets[n])?;
+    let by_rank = offsets.windows(2).map(|w| &bytes[w[0]..w[1]]).collect();
+    let mut specials = Vec::new();
+    for _ in 0..r.u32()? {
+        let id = r.u32()? as u32;
+        let len = r.u32()?;
+        let text = std::str::from_utf8(r.bytes(len)?).map_err(|e| e.to_string())?;
+        specials.push((text.to_string(), id));
     }
     Ok(BuiltinParts {
         by_rank,
@@ -150,6 +139,28 @@ fn parts(
         specials,
         pattern,
     })
+}
+
+/// Reads a rank table front to back.
+struct Reader {
+    table: &'static [u8],
+    at: usize,
+}
+
+impl Reader {
+    fn bytes(&mut self, len: usize) -> std::result::Result<&'static [u8], String> {
+        let out = self
+            .table
+            .get(self.at..self.at + len)
+            .ok_or("rank table cut short")?;
+        self.at += len;
+        Ok(out)
+    }
+
+    fn u32(&mut self) -> std::result::Result<usize, String> {
+        let word = self.bytes(4)?;
+        Ok(u32::from_le_bytes(word.try_into().expect("4 bytes")) as usize)
+    }
 }
 
 impl BuiltinParts {

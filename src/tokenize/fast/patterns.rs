@@ -95,8 +95,23 @@ pub const QWEN2: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|
 /// tiktoken's regex engine) means `(\p{N}{1,3})+` in Oniguruma's Ruby syntax, so it is written `\p{N}{1,3}`,
 /// which matches the same since nothing follows it in its alternative.
 pub const CL100K: &str = r"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s";
-/// o200k_base's split pattern, as tiktoken writes it.
-pub const O200K: &str = tiktoken_rs::O200K_BASE_PAT_STR;
+/// o200k_base's split pattern, as tiktoken writes it (`tests/builtin_tokenizers.rs` checks it is
+/// `tiktoken_rs::O200K_BASE_PAT_STR`).
+pub const O200K: &str = concat!(
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+    "|",
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+    "|",
+    r"\p{N}{1,3}",
+    "|",
+    r" ?[^\s\p{L}\p{N}]+[\r\n/]*",
+    "|",
+    r"\s*[\r\n]+",
+    "|",
+    r"\s+(?!\S)",
+    "|",
+    r"\s+"
+);
 
 /// DeepSeek-V3's (and R1's) three `Split` regexes, applied in turn, as its `tokenizer.json` writes them:
 /// runs of up to three digits, runs of CJK ideographs and kana, then the rest. Compiled, not hand-written.
