@@ -454,6 +454,21 @@ mod tests {
         assert!(compile(CL100K).is_err());
     }
 
+    /// The scanners written by hand for Llama 3's and Qwen2's patterns cut as Oniguruma does.
+    #[test]
+    fn hand_written_scanners_split_as_oniguruma() {
+        for regex in [LLAMA3, QWEN2] {
+            let pattern = Pattern::recognize(regex).unwrap();
+            let mut runner = TestRunner::new(Config::with_cases(3000));
+            runner
+                .run(&texts(), |text| {
+                    prop_assert_eq!(ours(&pattern, &text), oniguruma(regex, &text), "{}", regex);
+                    Ok(())
+                })
+                .unwrap();
+        }
+    }
+
     #[test]
     fn refuses_what_it_does_not_take() {
         for (regex, why) in [

@@ -131,6 +131,18 @@ pub(crate) struct Pattern {
     alternatives: Vec<Vec<Atom>>,
     /// Sorted, disjoint code point ranges `[start, end]` of the classes whose `set` names them.
     sets: Vec<Vec<(u32, u32)>>,
+    /// A scanner written for this pattern, run instead of the alternatives (the same pieces).
+    scanner: Option<Scanner>,
+}
+
+/// Scanners written by hand for the most used patterns: one pass that decides, from the character at a
+/// position and the one after it, which alternative matches, instead of trying them in turn.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Scanner {
+    /// Llama 3's and Qwen2's pattern (they differ in how many digits `\p{N}{1,k}` takes):
+    /// `(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,k}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+`.
+    /// Every character starts a match of one of them, so there are no gaps.
+    LlamaLike { digits: u32 },
 }
 
 impl Pattern {
@@ -144,6 +156,7 @@ impl Pattern {
             name,
             alternatives,
             sets,
+            scanner: None,
         }
     }
 
@@ -158,6 +171,7 @@ impl Pattern {
                 if individual { 1 } else { INF },
             )]],
             sets: Vec::new(),
+            scanner: None,
         }
     }
 
@@ -193,9 +207,13 @@ impl Pattern {
             ];
             ("gpt2", alts)
         } else if regex == LLAMA3 {
-            ("llama3", llama_like(3))
+            let mut p = Pattern::from_parts("llama3", llama_like(3), Vec::new());
+            p.scanner = Some(Scanner::LlamaLike { digits: 3 });
+            return Some(p);
         } else if regex == QWEN2 {
-            ("qwen2", llama_like(1))
+            let mut p = Pattern::from_parts("qwen2", llama_like(1), Vec::new());
+            p.scanner = Some(Scanner::LlamaLike { digits: 1 });
+            return Some(p);
         } else if regex == CL100K {
             // Possessive where tiktoken wrote `?+`, `++`, `*+`; `\p{N}{1,3}` plain (see builtin.rs).
             let alts = vec![
@@ -251,6 +269,7 @@ impl Pattern {
             name,
             alternatives,
             sets: Vec::new(),
+            scanner: None,
         })
     }
 
@@ -273,6 +292,15 @@ impl Pattern {
             ascii,
             sets: &self.sets,
         };
+        if let Some(Scanner::LlamaLike { digits }) = self.scanner {
+            let mut pos = 0;
+            while pos < bytes.len() {
+                let end = m.llama_like(pos, digits);
+                piece(&text[pos..end]);
+                pos = end;
+            }
+            return;
+        }
         let (mut pos, mut gap_start) = (0usize, 0usize);
         while pos < bytes.len() {
             match self.alternatives.iter().find_map(|alt| m.seq(alt, pos)) {
@@ -408,6 +436,87 @@ impl Matcher<'_> {
                 .then(|| self.seq(rest, pos))
                 .flatten(),
         }
+    }
+
+    /// The end of [`Scanner::LlamaLike`]'s match at `pos` (before the end): the alternatives in order,
+    /// each decided from the characters at `pos` and after it.
+    #[inline]
+    fn llama_like(&self, pos: usize, digits: u32) -> usize {
+        let len = self.bytes.len();
+        let (f0, w0) = self.flags_at(pos);
+        let next = pos + w0;
+        // `[^\r\n\p{L}\p{N}]?\p{L}+` with the prefix empty (the contractions start with `'`).
+        if f0 & L != 0 {
+            return self.run(next, L, false, INF);
+        }
+        // The contractions.
+        if self.bytes[pos] == b'\'' {
+            if let Some(end) = self.contraction(pos, true) {
+                return end;
+            }
+        }
+        let (f1, w1) = if next < len {
+            self.flags_at(next)
+        } else {
+            (0, 0)
+        };
+        // The same with a prefix: any character but CR, LF, a letter or a number, then letters.
+        if f0 & (CR | LF | N) == 0 && f1 & L != 0 {
+            return self.run(next + w1, L, false, INF);
+        }
+        // `\p{N}{1,k}`.
+        if f0 & N != 0 {
+            return self.run(next, N, false, digits - 1);
+        }
+        // ` ?[^\s\p{L}\p{N}]+[\r\n]*`: a character of none of the three, after an optional space.
+        let other = |f: u32| f & (S | L | N) == 0;
+        let start = if other(f0) {
+            Some(next)
+        } else if self.bytes[pos] == b' ' && next < len && other(f1) {
+            Some(next + w1)
+        } else {
+            None
+        };
+        if let Some(start) = start {
+            let end = self.run(start, S | L | N, true, INF);
+            return self.run(end, CR | LF, false, INF);
+        }
+        // What is left is whitespace. `\s*[\r\n]+`: through the run's last CR or LF;
+        // `\s+(?!\S)`: the run, less its last character unless the text ends with it; `\s+`.
+        let (mut end, mut last_start, mut after_newline) = (pos, pos, None);
+        while end < len {
+            let (f, w) = self.flags_at(end);
+            if f & S == 0 {
+                break;
+            }
+            if f & (CR | LF) != 0 {
+                after_newline = Some(end + w);
+            }
+            last_start = end;
+            end += w;
+        }
+        match after_newline {
+            Some(e) => e,
+            None if end == len => end,
+            None if last_start > pos => last_start,
+            None => end,
+        }
+    }
+
+    /// The end of the longest run from `pos` of at most `max` characters with a flag in `mask` (none of
+    /// them when `negated`).
+    #[inline(always)]
+    fn run(&self, mut pos: usize, mask: u32, negated: bool, max: u32) -> usize {
+        let mut count = 0;
+        while count < max && pos < self.bytes.len() {
+            let (f, w) = self.flags_at(pos);
+            if (f & mask != 0) == negated {
+                break;
+            }
+            pos += w;
+            count += 1;
+        }
+        pos
     }
 
     /// Whether the character at `pos` is in range set `set`.
