@@ -113,6 +113,7 @@ pub(super) fn with_cache<R>(key: u64, f: impl FnOnce(&mut Cache) -> R) -> R {
     CACHES.with(|caches| {
         let mut caches = caches.borrow_mut();
         match caches.iter().position(|c| c.key == key) {
+            Some(at) if at + 1 == caches.len() => {}
             Some(at) => {
                 let mine = caches.remove(at);
                 caches.push(mine);
