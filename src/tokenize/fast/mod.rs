@@ -336,7 +336,11 @@ impl FastBpe {
             return;
         }
         if let Some(ids) = cache.get(word.as_bytes()) {
-            out.extend_from_slice(ids);
+            // Most words are one token: a push, not a call to copy a slice of unknown length.
+            match *ids {
+                [id] => out.push(id),
+                _ => out.extend_from_slice(ids),
+            }
             cache.hits += 1;
             return;
         }
