@@ -64,7 +64,9 @@ fn pack(word: &[u8]) -> u64 {
         // The overlap holds the same bytes in both.
         lo | hi << (8 * (n - 4))
     } else {
-        word[0] as u64 | (word[n / 2] as u64) << (8 * (n / 2)) | (word[n - 1] as u64) << (8 * (n - 1))
+        word[0] as u64
+            | (word[n / 2] as u64) << (8 * (n / 2))
+            | (word[n - 1] as u64) << (8 * (n - 1))
     };
     bytes | (n as u64) << 56
 }
