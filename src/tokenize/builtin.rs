@@ -22,7 +22,7 @@ use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::{AddedToken, SplitDelimiterBehavior};
 
 use super::fast::patterns::{self, Pattern};
-use super::fast::{to_byte_level, AddedSpec, BpeSpec, Symbols};
+use super::fast::{to_byte_level, AddedSpec, BpeSpec, MergeList, Symbols};
 use crate::{Error, Result};
 
 /// The rank tables, decoded from `tiktoken-rs`'s at build time (build.rs).
@@ -96,8 +96,7 @@ pub(crate) fn builtin_spec(parts: &BuiltinParts) -> std::result::Result<BpeSpec,
         symbols: Symbols::Bytes,
         vocab_size: vocab.len(),
         vocab,
-        merges: Vec::new(),
-        merges_from_ranks: true,
+        merges: MergeList::FromRanks,
         ignore_merges: true,
         added: parts
             .specials

@@ -66,38 +66,18 @@ impl Alphabet {
 const NONE: u64 = u64::MAX;
 
 impl Merges {
-    pub(crate) fn new(
-        merges: &[(Vec<u8>, Vec<u8>)],
-        vocab: &FxHashMap<Box<[u8]>, u32>,
-        alphabet: Alphabet,
-    ) -> Result<Merges, String> {
-        // Lookups on every core, then the map filled in rank order: a pair listed twice keeps its last
-        // rank, as `tokenizers`' map (built by collecting) does.
-        let entries = merges
-            .par_iter()
-            .enumerate()
-            .map_init(Vec::new, |joined, (rank, (a, b))| {
-                let id = |t: &[u8]| {
-                    vocab.get(t).copied().ok_or_else(|| {
-                        format!(
-                            "merge token {:?} not in the vocabulary",
-                            String::from_utf8_lossy(t)
-                        )
-                    })
-                };
-                joined.clear();
-                joined.extend_from_slice(a);
-                joined.extend_from_slice(b);
-                Ok((
-                    (id(a)? as u64) << 32 | id(b)? as u64,
-                    (rank as u64) << 32 | id(joined)? as u64,
-                ))
-            })
-            .collect::<Result<Vec<(u64, u64)>, String>>()?;
+    /// From (left id, right id, merged id) in rank order. The map is filled in rank order: a pair listed
+    /// twice keeps its last rank, as `tokenizers`' map (built by collecting) does.
+    pub(crate) fn new(merges: &[(u32, u32, u32)], alphabet: Alphabet) -> Merges {
         let mut pairs = FxHashMap::default();
-        pairs.reserve(entries.len());
-        pairs.extend(entries);
-        Ok(Merges { pairs, alphabet })
+        pairs.reserve(merges.len());
+        pairs.extend(merges.iter().enumerate().map(|(rank, &(a, b, merged))| {
+            (
+                (a as u64) << 32 | b as u64,
+                (rank as u64) << 32 | merged as u64,
+            )
+        }));
+        Merges { pairs, alphabet }
     }
 
     /// tiktoken's merges, from the vocabulary alone (ids are ranks): every split of every token into two
@@ -297,11 +277,11 @@ mod tests {
             let joined: Vec<u8> = a.iter().chain(&b).copied().collect();
             if !vocab.contains_key(&joined[..]) {
                 vocab.insert(joined.clone().into_boxed_slice(), tokens.len() as u32);
-                tokens.push(joined);
+                tokens.push(joined.clone());
             }
-            merges.push((a, b));
+            merges.push((vocab[&a[..]], vocab[&b[..]], vocab[&joined[..]]));
         }
-        Merges::new(&merges, &vocab, Alphabet::Bytes(byte_ids)).unwrap()
+        Merges::new(&merges, Alphabet::Bytes(byte_ids))
     }
 
     proptest! {

@@ -15,7 +15,7 @@ use super::compile;
 use super::normalize::{self, Normalize};
 use super::patterns::{Pattern, GPT2};
 use super::sentencepiece::{Metaspace, PrependScheme};
-use super::{AddedSpec, BpeSpec, Symbols};
+use super::{AddedSpec, BpeSpec, MergeList, Symbols};
 
 #[derive(Deserialize)]
 struct TokenizerJson<'a> {
@@ -312,8 +312,10 @@ pub(crate) fn spec_from_json(json: &str) -> Result<BpeSpec, String> {
         }
     }
 
-    // Vocabulary strings to bytes, and merges to byte pairs, on every core (150k+ entries each). A
-    // SentencePiece-style token's bytes are its UTF-8.
+    // Vocabulary strings to bytes (a SentencePiece-style token's bytes are its UTF-8), and merges to
+    // ids through the file's own strings, at once (150k+ entries each). Two tokens' strings joined are
+    // the string of their bytes joined (GPT-2's alphabet writes each byte as one character), so a merge
+    // needs no conversion and no allocation: (left, right, joined) looked up as written.
     let bytes_of = |token: &str| match symbols {
         Symbols::Bytes => from_byte_level(token),
         Symbols::Chars => Some(token.as_bytes().to_vec()),
@@ -327,16 +329,26 @@ pub(crate) fn spec_from_json(json: &str) -> Result<BpeSpec, String> {
                 .collect::<Vec<_>>()
         },
         || {
+            let mut ids: FxHashMap<&str, u32> = FxHashMap::default();
+            ids.reserve(m.vocab.0.len());
+            ids.extend(m.vocab.0.iter().map(|(t, id)| (t.as_ref(), *id)));
             m.merges
                 .par_iter()
-                .map(|MergeJson(a, b)| match (bytes_of(a), bytes_of(b)) {
-                    (Some(a), Some(b)) => Ok((a, b)),
-                    _ => Err(format!("merge {a:?} {b:?} outside the byte alphabet")),
+                .map_init(String::new, |joined, MergeJson(a, b)| {
+                    let id = |t: &str| {
+                        ids.get(t)
+                            .copied()
+                            .ok_or_else(|| format!("merge token {t:?} not in the vocabulary"))
+                    };
+                    joined.clear();
+                    joined.push_str(a);
+                    joined.push_str(b);
+                    Ok((id(a)?, id(b)?, id(joined)?))
                 })
                 .collect::<Result<Vec<_>, String>>()
         },
     );
-    let merges = merges?;
+    let merges = MergeList::Ids(merges?);
     let mut vocab = Vec::with_capacity(converted.len());
     // Tokens with characters outside the byte alphabet can never come out of byte-level BPE; they are
     // kept aside for `token_to_id`.
@@ -367,7 +379,6 @@ pub(crate) fn spec_from_json(json: &str) -> Result<BpeSpec, String> {
         symbols,
         vocab,
         merges,
-        merges_from_ranks: false,
         ignore_merges: m.ignore_merges,
         added: number_added_tokens(&t.added_tokens, &in_model, m.vocab.0.len() as u32),
         normalizers,

@@ -45,6 +45,16 @@ use normalize::{normalize, Normalize};
 use patterns::Pattern;
 use sentencepiece::{Cuts, Metaspace};
 
+/// Where a tokenizer's merges come from.
+pub(crate) enum MergeList {
+    /// Merges in rank order, as (left id, right id, merged id).
+    Ids(Vec<(u32, u32, u32)>),
+    /// tiktoken's rule instead of a merge list: any two adjacent tokens whose bytes together are a token
+    /// merge, the lowest such token id (= rank) first. The built-ins use it: it is how tiktoken encodes,
+    /// and it needs no merge list recovered first.
+    FromRanks,
+}
+
 /// What a vocabulary's tokens are made of.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub(crate) enum Symbols {
@@ -62,12 +72,7 @@ pub(crate) struct BpeSpec {
     /// Token bytes and id, for every token of the model's vocabulary that is made of bytes (with
     /// [`Symbols::Chars`], every token: its UTF-8).
     pub vocab: Vec<(Vec<u8>, u32)>,
-    /// Merges in rank order, as (left bytes, right bytes).
-    pub merges: Vec<(Vec<u8>, Vec<u8>)>,
-    /// tiktoken's rule instead of a merge list: any two adjacent tokens whose bytes together are a token
-    /// merge, the lowest such token id (= rank) first. The built-ins use it: it is how tiktoken encodes,
-    /// and it needs no merge list recovered first.
-    pub merges_from_ranks: bool,
+    pub merges: MergeList,
     pub ignore_merges: bool,
     pub added: Vec<AddedSpec>,
     pub normalizers: Vec<Normalize>,
@@ -138,12 +143,12 @@ impl FastBpe {
             Symbols::Bytes => Alphabet::Bytes(byte_tokens(&vocab)?),
             Symbols::Chars => char_tokens(&vocab)?,
         };
-        let merges = match spec.merges_from_ranks {
-            true => match alphabet {
+        let merges = match &spec.merges {
+            MergeList::FromRanks => match alphabet {
                 Alphabet::Bytes(byte_ids) => Merges::from_ranks(&vocab, byte_ids),
                 Alphabet::Chars { .. } => return Err("tiktoken ranks over characters".into()),
             },
-            false => Merges::new(&spec.merges, &vocab, alphabet)?,
+            MergeList::Ids(list) => Merges::new(list, alphabet),
         };
         let token = |id: u32| {
             let &(start, len) = spans.get(id as usize)?;
