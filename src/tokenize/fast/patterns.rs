@@ -143,6 +143,10 @@ enum Scanner {
     /// `(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,k}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+`.
     /// Every character starts a match of one of them, so there are no gaps.
     LlamaLike { digits: u32 },
+    /// o200k_base's pattern, decided directly where every character that decides the match is ASCII
+    /// (its letter classes overlap outside ASCII — `\p{Lm}`, `\p{Lo}`, `\p{M}` are both "upper" and
+    /// "lower" — so anything else goes to the alternatives).
+    O200kAscii,
 }
 
 impl Pattern {
@@ -261,7 +265,9 @@ impl Pattern {
                 ],
             ];
             ws_tail(&mut alts);
-            ("o200k", alts)
+            let mut p = Pattern::from_parts("o200k", alts, Vec::new());
+            p.scanner = Some(Scanner::O200kAscii);
+            return Some(p);
         } else {
             return None;
         };
@@ -301,9 +307,11 @@ impl Pattern {
             }
             return;
         }
+        let ascii_o200k = self.scanner == Some(Scanner::O200kAscii);
         let (mut pos, mut gap_start) = (0usize, 0usize);
         while pos < bytes.len() {
-            match self.alternatives.iter().find_map(|alt| m.seq(alt, pos)) {
+            let decided = ascii_o200k.then(|| m.o200k_ascii(pos)).flatten();
+            match decided.or_else(|| self.alternatives.iter().find_map(|alt| m.seq(alt, pos))) {
                 Some(end) if end > pos => {
                     if gap_start < pos {
                         piece(&text[gap_start..pos]);
@@ -501,6 +509,94 @@ impl Matcher<'_> {
             None if last_start > pos => last_start,
             None => end,
         }
+    }
+
+    /// The flags of the character at `i`: `Ok(None)` at the end of the text, `Err(())` when it is not
+    /// ASCII.
+    #[inline(always)]
+    fn ascii_at(&self, i: usize) -> Result<Option<u32>, ()> {
+        match self.bytes.get(i) {
+            None => Ok(None),
+            Some(&b) if b < 0x80 => Ok(Some(self.ascii[b as usize])),
+            Some(_) => Err(()),
+        }
+    }
+
+    /// The end of o200k's match at `pos` when the characters that decide it are ASCII, `None` when one
+    /// is not. In ASCII every letter is upper or lower case and no character is both, so the first two
+    /// alternatives (`P? U* W+ C?`, `P? U+ W* C?`) both end after the upper-case run and the lower-case
+    /// run that follows it (the prefix `P`: one character but CR, LF, a letter or a number, before a
+    /// letter), then an optional contraction.
+    fn o200k_ascii(&self, pos: usize) -> Option<usize> {
+        let f0 = self.ascii_at(pos).ok()??;
+        let run = |mut i: usize, mask: u32, max: usize| -> Option<usize> {
+            let start = i;
+            while i - start < max {
+                match self.ascii_at(i).ok()? {
+                    Some(f) if f & mask != 0 => i += 1,
+                    _ => break,
+                }
+            }
+            Some(i)
+        };
+        let letters_at = if f0 & L != 0 {
+            Some(pos)
+        } else if f0 & (CR | LF | N) == 0 {
+            self.ascii_at(pos + 1)
+                .ok()?
+                .and_then(|f1| (f1 & L != 0).then_some(pos + 1))
+        } else {
+            None
+        };
+        if let Some(q) = letters_at {
+            let end = run(run(q, LU, usize::MAX)?, LL, usize::MAX)?;
+            return Some(self.contraction(end, true).unwrap_or(end));
+        }
+        // `\p{N}{1,3}`.
+        if f0 & N != 0 {
+            return run(pos, N, 3);
+        }
+        // ` ?[^\s\p{L}\p{N}]+[\r\n/]*`.
+        let other = |f: u32| f & (S | L | N) == 0;
+        let start = if other(f0) {
+            Some(pos + 1)
+        } else if self.bytes[pos] == b' ' {
+            self.ascii_at(pos + 1)
+                .ok()?
+                .and_then(|f1| other(f1).then_some(pos + 2))
+        } else {
+            None
+        };
+        if let Some(mut end) = start {
+            loop {
+                match self.ascii_at(end).ok()? {
+                    Some(f) if other(f) => end += 1,
+                    _ => break,
+                }
+            }
+            while matches!(self.bytes.get(end), Some(b'\r' | b'\n' | b'/')) {
+                end += 1;
+            }
+            return Some(end);
+        }
+        // Whitespace, as in `llama_like`.
+        let (mut end, mut last_start, mut after_newline) = (pos, pos, None);
+        while let Some(f) = self.ascii_at(end).ok()? {
+            if f & S == 0 {
+                break;
+            }
+            if f & (CR | LF) != 0 {
+                after_newline = Some(end + 1);
+            }
+            last_start = end;
+            end += 1;
+        }
+        Some(match after_newline {
+            Some(e) => e,
+            None if end == self.bytes.len() => end,
+            None if last_start > pos => last_start,
+            None => end,
+        })
     }
 
     /// The end of the longest run from `pos` of at most `max` characters with a flag in `mask` (none of
