@@ -75,9 +75,10 @@ impl Normalize {
                 }
             }
             "Prepend" => Normalize::Prepend(text("prepend").ok_or("Prepend without prepend")?),
+            // Both fields are required, as `tokenizers` reads them.
             "Strip" => Normalize::Strip {
-                left: flag("strip_left").unwrap_or(true),
-                right: flag("strip_right").unwrap_or(true),
+                left: flag("strip_left").ok_or("Strip without strip_left")?,
+                right: flag("strip_right").ok_or("Strip without strip_right")?,
             },
             _ => return Err(format!("normalizer {n}")),
         };
