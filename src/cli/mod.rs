@@ -64,7 +64,7 @@ struct TokenizerArgs {
     /// A tokenizer.json (or a directory holding one), or a built-in: o200k_base, cl100k_base.
     #[arg(long, default_value = "o200k_base")]
     tokenizer: String,
-    /// Which encoder runs it: `auto` takes the fast byte-level BPE encoder when it supports the tokenizer
+    /// Which encoder runs it: `auto` takes the fast BPE encoder when it supports the tokenizer
     /// (same ids as Hugging Face `tokenizers`) and `tokenizers` otherwise; `fast` fails instead of falling
     /// back; `tokenizers` always uses `tokenizers`. The manifest and `doctor --tokenizer` say which ran.
     #[arg(long, default_value = "auto", value_parser = choice::<EngineChoice>(EngineChoice::NAMES))]

@@ -49,7 +49,8 @@ crate::names::named_enum!(EngineChoice {
 /// The encoder a [`Tokenizer`] runs, and why.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Engine {
-    /// This crate's byte-level BPE encoder (same ids as `tokenizers`); `detail` names its split pattern.
+    /// This crate's BPE encoder (same ids as `tokenizers`); `detail` names its model, normalizers and
+    /// pre-tokenizer.
     Fast { detail: String },
     /// Hugging Face `tokenizers`: asked for, or the fallback (`reason` says why the fast one could not).
     Tokenizers { reason: String },
