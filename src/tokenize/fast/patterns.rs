@@ -147,6 +147,8 @@ enum Scanner {
     /// (its letter classes overlap outside ASCII — `\p{Lm}`, `\p{Lo}`, `\p{M}` are both "upper" and
     /// "lower" — so anything else goes to the alternatives).
     O200kAscii,
+    /// cl100k_base's pattern, the same way.
+    Cl100kAscii,
 }
 
 impl Pattern {
@@ -237,7 +239,9 @@ impl Pattern {
                 vec![class(S, 1, INF), Atom::NotBeforeNonSpace],
                 vec![class(S, 1, 1)],
             ];
-            ("cl100k", alts)
+            let mut p = Pattern::from_parts("cl100k", alts, Vec::new());
+            p.scanner = Some(Scanner::Cl100kAscii);
+            return Some(p);
         } else if regex == O200K {
             let contraction = Atom::Contraction {
                 case_insensitive: true,
@@ -307,10 +311,14 @@ impl Pattern {
             }
             return;
         }
-        let ascii_o200k = self.scanner == Some(Scanner::O200kAscii);
+        let ascii = match self.scanner {
+            Some(Scanner::O200kAscii) => Some(true),
+            Some(Scanner::Cl100kAscii) => Some(false),
+            _ => None,
+        };
         let (mut pos, mut gap_start) = (0usize, 0usize);
         while pos < bytes.len() {
-            let decided = ascii_o200k.then(|| m.o200k_ascii(pos)).flatten();
+            let decided = ascii.and_then(|o200k| m.ascii_scan(pos, o200k));
             match decided.or_else(|| self.alternatives.iter().find_map(|alt| m.seq(alt, pos))) {
                 Some(end) if end > pos => {
                     if gap_start < pos {
@@ -522,23 +530,35 @@ impl Matcher<'_> {
         }
     }
 
-    /// The end of o200k's match at `pos` when the characters that decide it are ASCII, `None` when one
-    /// is not. In ASCII every letter is upper or lower case and no character is both, so the first two
-    /// alternatives (`P? U* W+ C?`, `P? U+ W* C?`) both end after the upper-case run and the lower-case
-    /// run that follows it (the prefix `P`: one character but CR, LF, a letter or a number, before a
-    /// letter), then an optional contraction.
-    fn o200k_ascii(&self, pos: usize) -> Option<usize> {
-        let f0 = self.ascii_at(pos).ok()??;
-        let run = |mut i: usize, mask: u32, max: usize| -> Option<usize> {
-            let start = i;
-            while i - start < max {
-                match self.ascii_at(i).ok()? {
-                    Some(f) if f & mask != 0 => i += 1,
-                    _ => break,
-                }
+    /// The end of the ASCII run from `i` of characters with a flag in `mask` (none of them when
+    /// `negated`), at most `max` of them; `None` when a character that would decide where it ends is not
+    /// ASCII.
+    #[inline(always)]
+    fn ascii_run(&self, mut i: usize, mask: u32, negated: bool, max: usize) -> Option<usize> {
+        let start = i;
+        while i - start < max {
+            match self.ascii_at(i).ok()? {
+                Some(f) if (f & mask != 0) != negated => i += 1,
+                _ => break,
             }
-            Some(i)
-        };
+        }
+        Some(i)
+    }
+
+    /// The end of o200k's or cl100k's match at `pos` when the characters that decide it are ASCII,
+    /// `None` when one is not. In ASCII every letter is upper or lower case and none is both, so o200k's
+    /// first two alternatives (`P? U* W+ C?`, `P? U+ W* C?`; `P` one character but CR, LF, a letter or a
+    /// number) both end after the upper-case run and the lower-case run after it, then an optional
+    /// contraction; cl100k's (`'(?i:…)`, then `P?+ \p{L}++`) after the letters. Then `\p{N}{1,3}`,
+    /// ` ?[^\s\p{L}\p{N}]+` and its tail (`[\r\n/]*`, `[\r\n]*`), then the whitespace rules: cl100k
+    /// takes a run that ends the text whole (`\s++$`) before it looks for the last CR or LF.
+    fn ascii_scan(&self, pos: usize, o200k: bool) -> Option<usize> {
+        let f0 = self.ascii_at(pos).ok()??;
+        if !o200k && self.bytes[pos] == b'\'' {
+            if let Some(end) = self.contraction(pos, true) {
+                return Some(end);
+            }
+        }
         let letters_at = if f0 & L != 0 {
             Some(pos)
         } else if f0 & (CR | LF | N) == 0 {
@@ -549,14 +569,16 @@ impl Matcher<'_> {
             None
         };
         if let Some(q) = letters_at {
-            let end = run(run(q, LU, usize::MAX)?, LL, usize::MAX)?;
+            if !o200k {
+                return self.ascii_run(q, L, false, usize::MAX);
+            }
+            let upper = self.ascii_run(q, LU, false, usize::MAX)?;
+            let end = self.ascii_run(upper, LL, false, usize::MAX)?;
             return Some(self.contraction(end, true).unwrap_or(end));
         }
-        // `\p{N}{1,3}`.
         if f0 & N != 0 {
-            return run(pos, N, 3);
+            return self.ascii_run(pos, N, false, 3);
         }
-        // ` ?[^\s\p{L}\p{N}]+[\r\n/]*`.
         let other = |f: u32| f & (S | L | N) == 0;
         let start = if other(f0) {
             Some(pos + 1)
@@ -567,14 +589,11 @@ impl Matcher<'_> {
         } else {
             None
         };
-        if let Some(mut end) = start {
-            loop {
-                match self.ascii_at(end).ok()? {
-                    Some(f) if other(f) => end += 1,
-                    _ => break,
-                }
-            }
-            while matches!(self.bytes.get(end), Some(b'\r' | b'\n' | b'/')) {
+        if let Some(start) = start {
+            let mut end = self.ascii_run(start, S | L | N, true, usize::MAX)?;
+            while matches!(self.bytes.get(end), Some(b'\r' | b'\n'))
+                || (o200k && self.bytes.get(end) == Some(&b'/'))
+            {
                 end += 1;
             }
             return Some(end);
@@ -592,6 +611,7 @@ impl Matcher<'_> {
             end += 1;
         }
         Some(match after_newline {
+            _ if !o200k && end == self.bytes.len() => end,
             Some(e) => e,
             None if end == self.bytes.len() => end,
             None if last_start > pos => last_start,
