@@ -335,6 +335,10 @@ impl FastBpe {
     /// One word's ids, from the cache or the merge loop.
     #[inline]
     fn word(&self, word: &str, cache: &mut Cache, out: &mut Vec<u32>) {
+        // (Splitters never give an empty word; the cache's packed keys assume none.)
+        if word.is_empty() {
+            return;
+        }
         if word.len() == 1 {
             cache.hits += 1;
             out.push(self.merges.byte_id(word.as_bytes()[0]));
