@@ -454,11 +454,11 @@ mod tests {
         assert!(compile(CL100K).is_err());
     }
 
-    /// The scanners written by hand for Llama 3's, Qwen2's, o200k's and cl100k's patterns cut as
-    /// Oniguruma does.
+    /// The scanners written by hand for Llama 3's, Qwen2's, o200k's, cl100k's and GPT-2's patterns cut
+    /// as Oniguruma does.
     #[test]
     fn hand_written_scanners_split_as_oniguruma() {
-        for regex in [LLAMA3, QWEN2, O200K, CL100K] {
+        for regex in [LLAMA3, QWEN2, O200K, CL100K, GPT2] {
             let pattern = Pattern::recognize(regex).unwrap();
             let mut runner = TestRunner::new(Config::with_cases(3000));
             runner

@@ -149,6 +149,9 @@ enum Scanner {
     O200kAscii,
     /// cl100k_base's pattern, the same way.
     Cl100kAscii,
+    /// GPT-2's pattern (`ByteLevel`'s own regex): `'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+|
+    /// ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+`. Every character starts a match, so there are no gaps.
+    Gpt2,
 }
 
 impl Pattern {
@@ -199,7 +202,7 @@ impl Pattern {
             ws_tail(&mut alts);
             alts
         };
-        let (name, alternatives) = if regex == GPT2 {
+        let (name, alternatives, scanner) = if regex == GPT2 {
             let alts = vec![
                 vec![Atom::Contraction {
                     case_insensitive: false,
@@ -211,15 +214,11 @@ impl Pattern {
                 vec![class(S, 1, INF), Atom::NotBeforeNonSpace],
                 vec![class(S, 1, INF)],
             ];
-            ("gpt2", alts)
+            ("gpt2", alts, Scanner::Gpt2)
         } else if regex == LLAMA3 {
-            let mut p = Pattern::from_parts("llama3", llama_like(3), Vec::new());
-            p.scanner = Some(Scanner::LlamaLike { digits: 3 });
-            return Some(p);
+            ("llama3", llama_like(3), Scanner::LlamaLike { digits: 3 })
         } else if regex == QWEN2 {
-            let mut p = Pattern::from_parts("qwen2", llama_like(1), Vec::new());
-            p.scanner = Some(Scanner::LlamaLike { digits: 1 });
-            return Some(p);
+            ("qwen2", llama_like(1), Scanner::LlamaLike { digits: 1 })
         } else if regex == CL100K {
             // Possessive where tiktoken wrote `?+`, `++`, `*+`; `\p{N}{1,3}` plain (see builtin.rs).
             let alts = vec![
@@ -239,9 +238,7 @@ impl Pattern {
                 vec![class(S, 1, INF), Atom::NotBeforeNonSpace],
                 vec![class(S, 1, 1)],
             ];
-            let mut p = Pattern::from_parts("cl100k", alts, Vec::new());
-            p.scanner = Some(Scanner::Cl100kAscii);
-            return Some(p);
+            ("cl100k", alts, Scanner::Cl100kAscii)
         } else if regex == O200K {
             let contraction = Atom::Contraction {
                 case_insensitive: true,
@@ -269,9 +266,7 @@ impl Pattern {
                 ],
             ];
             ws_tail(&mut alts);
-            let mut p = Pattern::from_parts("o200k", alts, Vec::new());
-            p.scanner = Some(Scanner::O200kAscii);
-            return Some(p);
+            ("o200k", alts, Scanner::O200kAscii)
         } else {
             return None;
         };
@@ -279,7 +274,7 @@ impl Pattern {
             name,
             alternatives,
             sets: Vec::new(),
-            scanner: None,
+            scanner: Some(scanner),
         })
     }
 
@@ -302,10 +297,13 @@ impl Pattern {
             ascii,
             sets: &self.sets,
         };
-        if let Some(Scanner::LlamaLike { digits }) = self.scanner {
+        if let Some(scanner @ (Scanner::LlamaLike { .. } | Scanner::Gpt2)) = self.scanner {
             let mut pos = 0;
             while pos < bytes.len() {
-                let end = m.llama_like(pos, digits);
+                let end = match scanner {
+                    Scanner::LlamaLike { digits } => m.llama_like(pos, digits),
+                    _ => m.gpt2(pos),
+                };
                 piece(&text[pos..end]);
                 pos = end;
             }
@@ -516,6 +514,45 @@ impl Matcher<'_> {
             None if end == len => end,
             None if last_start > pos => last_start,
             None => end,
+        }
+    }
+
+    /// The end of GPT-2's match at `pos` (before the end): the alternatives in order, each decided from the
+    /// characters at `pos` and after it.
+    #[inline]
+    fn gpt2(&self, pos: usize) -> usize {
+        if self.bytes[pos] == b'\'' {
+            if let Some(end) = self.contraction(pos, false) {
+                return end;
+            }
+        }
+        let (f0, w0) = self.flags_at(pos);
+        // ` ?\p{L}+`, ` ?\p{N}+`, ` ?[^\s\p{L}\p{N}]+`: the class of the character after an optional
+        // space.
+        let (class_at, f) = if self.bytes[pos] == b' ' && pos + 1 < self.bytes.len() {
+            (pos + 1, self.flags_at(pos + 1).0)
+        } else {
+            (pos, f0)
+        };
+        for (mask, negated) in [(L, false), (N, false), (S | L | N, true)] {
+            if (f & mask != 0) != negated {
+                return self.run(class_at, mask, negated, INF);
+            }
+        }
+        // Whitespace: `\s+(?!\S)` (the run, less its last character unless the text ends with it), `\s+`.
+        let (mut end, mut last_start) = (pos, pos);
+        while end < self.bytes.len() {
+            let (f, w) = self.flags_at(end);
+            if f & S == 0 {
+                break;
+            }
+            last_start = end;
+            end += w;
+        }
+        match () {
+            _ if end == self.bytes.len() => end,
+            _ if last_start > pos => last_start,
+            _ => end.max(pos + w0),
         }
     }
 
