@@ -438,17 +438,21 @@ mod tests {
         prop::collection::vec(chars, 0..30).prop_map(|c| c.into_iter().collect())
     }
 
+    /// `pattern` cuts `cases` random texts as Oniguruma cuts them with `regex`.
+    fn agrees_with_oniguruma(regex: &str, pattern: &Pattern, cases: u32) {
+        TestRunner::new(Config::with_cases(cases))
+            .run(&texts(), |text| {
+                prop_assert_eq!(ours(pattern, &text), oniguruma(regex, &text), "{}", regex);
+                Ok(())
+            })
+            .unwrap();
+    }
+
     #[test]
     fn known_patterns_compile_and_split_as_oniguruma() {
         for regex in [GPT2, LLAMA3, QWEN2, O200K] {
             let pattern = compiled(regex);
-            let mut runner = TestRunner::new(Config::with_cases(500));
-            runner
-                .run(&texts(), |text| {
-                    prop_assert_eq!(ours(&pattern, &text), oniguruma(regex, &text), "{}", regex);
-                    Ok(())
-                })
-                .unwrap();
+            agrees_with_oniguruma(regex, &pattern, 500);
         }
         // cl100k's `\s++$`-style tail and `'(?i:[sdmt]|ll|ve|re)` are outside the subset: hand-written.
         assert!(compile(CL100K).is_err());
@@ -460,13 +464,7 @@ mod tests {
     fn hand_written_scanners_split_as_oniguruma() {
         for regex in [LLAMA3, QWEN2, O200K, CL100K, GPT2] {
             let pattern = Pattern::recognize(regex).unwrap();
-            let mut runner = TestRunner::new(Config::with_cases(3000));
-            runner
-                .run(&texts(), |text| {
-                    prop_assert_eq!(ours(&pattern, &text), oniguruma(regex, &text), "{}", regex);
-                    Ok(())
-                })
-                .unwrap();
+            agrees_with_oniguruma(regex, &pattern, 3000);
         }
     }
 
@@ -498,13 +496,7 @@ mod tests {
         let regexes: Vec<&str> = DEEPSEEK_V3.iter().copied().chain([TEKKEN]).collect();
         for regex in regexes {
             let pattern = compiled(regex);
-            let mut runner = TestRunner::new(Config::with_cases(2000));
-            runner
-                .run(&texts(), |text| {
-                    prop_assert_eq!(ours(&pattern, &text), oniguruma(regex, &text), "{}", regex);
-                    Ok(())
-                })
-                .unwrap();
+            agrees_with_oniguruma(regex, &pattern, 2000);
         }
     }
 

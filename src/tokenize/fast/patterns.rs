@@ -336,6 +336,13 @@ impl Pattern {
     }
 }
 
+/// A run of whitespace: where it ends, where its last character starts, and the end of its last CR or LF.
+struct Whitespace {
+    end: usize,
+    last_start: usize,
+    after_newline: Option<usize>,
+}
+
 struct Matcher<'a> {
     bytes: &'a [u8],
     ascii: &'a [u32; 128],
@@ -497,24 +504,41 @@ impl Matcher<'_> {
         }
         // What is left is whitespace. `\s*[\r\n]+`: through the run's last CR or LF;
         // `\s+(?!\S)`: the run, less its last character unless the text ends with it; `\s+`.
-        let (mut end, mut last_start, mut after_newline) = (pos, pos, None);
-        while end < len {
-            let (f, w) = self.flags_at(end);
+        let run = self.whitespace(pos, false).expect("any character");
+        match run.after_newline {
+            Some(e) => e,
+            None if run.end == len => run.end,
+            None if run.last_start > pos => run.last_start,
+            None => run.end,
+        }
+    }
+
+    /// The run of `\s` characters from `pos`; with `ascii_only`, `None` when a character that decides
+    /// where it ends is not ASCII.
+    #[inline(always)]
+    fn whitespace(&self, pos: usize, ascii_only: bool) -> Option<Whitespace> {
+        let mut run = Whitespace {
+            end: pos,
+            last_start: pos,
+            after_newline: None,
+        };
+        while run.end < self.bytes.len() {
+            let (f, w) = match self.ascii_at(run.end) {
+                Ok(Some(f)) => (f, 1),
+                Ok(None) => break,
+                Err(()) if ascii_only => return None,
+                Err(()) => self.flags_at(run.end),
+            };
             if f & S == 0 {
                 break;
             }
             if f & (CR | LF) != 0 {
-                after_newline = Some(end + w);
+                run.after_newline = Some(run.end + w);
             }
-            last_start = end;
-            end += w;
+            run.last_start = run.end;
+            run.end += w;
         }
-        match after_newline {
-            Some(e) => e,
-            None if end == len => end,
-            None if last_start > pos => last_start,
-            None => end,
-        }
+        Some(run)
     }
 
     /// The end of GPT-2's match at `pos` (before the end): the alternatives in order, each decided from the
@@ -540,19 +564,11 @@ impl Matcher<'_> {
             }
         }
         // Whitespace: `\s+(?!\S)` (the run, less its last character unless the text ends with it), `\s+`.
-        let (mut end, mut last_start) = (pos, pos);
-        while end < self.bytes.len() {
-            let (f, w) = self.flags_at(end);
-            if f & S == 0 {
-                break;
-            }
-            last_start = end;
-            end += w;
-        }
+        let run = self.whitespace(pos, false).expect("any character");
         match () {
-            _ if end == self.bytes.len() => end,
-            _ if last_start > pos => last_start,
-            _ => end.max(pos + w0),
+            _ if run.end == self.bytes.len() => run.end,
+            _ if run.last_start > pos => run.last_start,
+            _ => run.end.max(pos + w0),
         }
     }
 
@@ -636,23 +652,14 @@ impl Matcher<'_> {
             return Some(end);
         }
         // Whitespace, as in `llama_like`.
-        let (mut end, mut last_start, mut after_newline) = (pos, pos, None);
-        while let Some(f) = self.ascii_at(end).ok()? {
-            if f & S == 0 {
-                break;
-            }
-            if f & (CR | LF) != 0 {
-                after_newline = Some(end + 1);
-            }
-            last_start = end;
-            end += 1;
-        }
-        Some(match after_newline {
-            _ if !o200k && end == self.bytes.len() => end,
+        let run = self.whitespace(pos, true)?;
+        let at_end = run.end == self.bytes.len();
+        Some(match run.after_newline {
+            _ if !o200k && at_end => run.end,
             Some(e) => e,
-            None if end == self.bytes.len() => end,
-            None if last_start > pos => last_start,
-            None => end,
+            None if at_end => run.end,
+            None if run.last_start > pos => run.last_start,
+            None => run.end,
         })
     }
 
