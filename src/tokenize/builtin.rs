@@ -22,6 +22,7 @@ use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::{AddedToken, SplitDelimiterBehavior};
 
 use super::fast::patterns::{self, Pattern};
+use super::fast::vocab::VocabBuilder;
 use super::fast::{to_byte_level, AddedSpec, BpeSpec, MergeList, Symbols};
 use crate::{Error, Result};
 
@@ -79,23 +80,19 @@ pub fn builtin_tokenizer(name: &str) -> Result<tokenizers::Tokenizer> {
 /// The fast engine's form of a built-in tokenizer: the same vocabulary, merges, specials and pattern as
 /// [`builtin_tokenizer`] gives `tokenizers`.
 pub(crate) fn builtin_spec(parts: &BuiltinParts) -> std::result::Result<BpeSpec, String> {
-    let mut vocab: Vec<(Vec<u8>, u32)> = parts
-        .by_rank
-        .iter()
-        .enumerate()
-        .map(|(rank, bytes)| (bytes.to_vec(), rank as u32))
-        .collect();
-    vocab.extend(
-        parts
-            .specials
-            .iter()
-            .map(|(t, id)| (t.as_bytes().to_vec(), *id)),
-    );
+    let bytes = parts.by_rank.iter().map(|t| t.len()).sum();
+    let mut vocab = VocabBuilder::with_capacity(parts.by_rank.len() + parts.specials.len(), bytes);
+    for (rank, token) in parts.by_rank.iter().enumerate() {
+        vocab.push(token, rank as u32);
+    }
+    for (text, id) in &parts.specials {
+        vocab.push(text.as_bytes(), *id);
+    }
     let pattern = Pattern::recognize(parts.pattern).ok_or("pattern not known to the fast path")?;
     Ok(BpeSpec {
         symbols: Symbols::Bytes,
         vocab_size: vocab.len(),
-        vocab,
+        vocab: vocab.finish()?,
         merges: MergeList::FromRanks,
         ignore_merges: true,
         added: parts

@@ -12,6 +12,8 @@ use std::collections::BinaryHeap;
 use rayon::prelude::*;
 use rustc_hash::FxHashMap;
 
+use super::vocab::Vocab;
+
 /// Above this many bytes a word takes the heap path.
 const SCAN_MAX: usize = 48;
 
@@ -83,18 +85,14 @@ impl Merges {
     /// tiktoken's merges, from the vocabulary alone (ids are ranks): every split of every token into two
     /// tokens is a pair that merges into it, with the token's rank. (A pair's bytes joined are one token,
     /// so no pair merges two ways.)
-    pub(crate) fn from_ranks(vocab: &FxHashMap<Box<[u8]>, u32>, byte_ids: [u32; 256]) -> Merges {
-        let tokens: Vec<(&[u8], u32)> = vocab
-            .iter()
-            .filter(|(t, _)| t.len() > 1)
-            .map(|(t, &id)| (&t[..], id))
-            .collect();
+    pub(crate) fn from_ranks(vocab: &Vocab, byte_ids: [u32; 256]) -> Merges {
+        let tokens: Vec<(&[u8], u32)> = vocab.iter().filter(|(t, _)| t.len() > 1).collect();
         let entries: Vec<(u64, u64)> = tokens
             .par_iter()
             .flat_map_iter(|&(token, id)| {
                 (1..token.len()).filter_map(move |k| {
-                    let a = *vocab.get(&token[..k])?;
-                    let b = *vocab.get(&token[k..])?;
+                    let a = vocab.get(&token[..k])?;
+                    let b = vocab.get(&token[k..])?;
                     Some(((a as u64) << 32 | b as u64, (id as u64) << 32 | id as u64))
                 })
             })
@@ -120,7 +118,7 @@ impl Merges {
     /// Whether a merge joins a symbol ending in anything but `c` to one starting with `c`: if none does,
     /// no merge crosses the point before a `c` that follows another character, and a word encodes as its
     /// pieces cut there do, each on its own. `token` gives an id's token bytes.
-    pub(crate) fn merges_into(&self, c: char, token: impl Fn(u32) -> Option<Vec<u8>>) -> bool {
+    pub(crate) fn merges_into<'v>(&self, c: char, token: impl Fn(u32) -> Option<&'v [u8]>) -> bool {
         let mut buf = [0; 4];
         let c = c.encode_utf8(&mut buf).as_bytes();
         self.pairs.keys().any(|&pair| {

@@ -10,11 +10,12 @@ use serde::Deserialize;
 
 use rustc_hash::{FxHashMap, FxHashSet};
 
-use super::byte_level::from_byte_level;
+use super::byte_level::from_byte_level_into;
 use super::compile;
 use super::normalize::{self, Normalize};
 use super::patterns::{Pattern, GPT2};
 use super::sentencepiece::{Metaspace, PrependScheme};
+use super::vocab::VocabBuilder;
 use super::{AddedSpec, BpeSpec, MergeList, Symbols};
 
 #[derive(Deserialize)]
@@ -66,7 +67,7 @@ struct ModelJson<'a> {
     #[serde(default)]
     ignore_merges: bool,
     #[serde(borrow)]
-    vocab: Vocab<'a>,
+    vocab: VocabJson<'a>,
     #[serde(borrow, default)]
     merges: Vec<MergeJson<'a>>,
 }
@@ -93,22 +94,22 @@ impl<'de: 'a, 'a> Deserialize<'de> for Str<'a> {
     }
 }
 
-struct Vocab<'a>(Vec<(Cow<'a, str>, u32)>);
+struct VocabJson<'a>(Vec<(Cow<'a, str>, u32)>);
 
-impl<'de: 'a, 'a> Deserialize<'de> for Vocab<'a> {
+impl<'de: 'a, 'a> Deserialize<'de> for VocabJson<'a> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct V<'a>(std::marker::PhantomData<&'a ()>);
         impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
-            type Value = Vocab<'a>;
+            type Value = VocabJson<'a>;
             fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
                 f.write_str("a map from token to id")
             }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Vocab<'a>, A::Error> {
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<VocabJson<'a>, A::Error> {
                 let mut out = Vec::with_capacity(map.size_hint().unwrap_or(0));
                 while let Some((k, v)) = map.next_entry::<Str<'a>, u32>()? {
                     out.push((k.0, v));
                 }
-                Ok(Vocab(out))
+                Ok(VocabJson(out))
             }
         }
         d.deserialize_map(V(std::marker::PhantomData))
@@ -312,53 +313,63 @@ pub(crate) fn spec_from_json(json: &str) -> Result<BpeSpec, String> {
         }
     }
 
-    // Vocabulary strings to bytes (a SentencePiece-style token's bytes are its UTF-8), and merges to
-    // ids through the file's own strings, at once (150k+ entries each). Two tokens' strings joined are
-    // the string of their bytes joined (GPT-2's alphabet writes each byte as one character), so a merge
-    // needs no conversion and no allocation: (left, right, joined) looked up as written.
-    let bytes_of = |token: &str| match symbols {
-        Symbols::Bytes => from_byte_level(token),
-        Symbols::Chars => Some(token.as_bytes().to_vec()),
+    // Vocabulary strings to bytes, written straight into one buffer (a SentencePiece-style token's bytes
+    // are its UTF-8). Tokens with characters outside the byte alphabet can never come out of byte-level
+    // BPE; they are kept aside for `token_to_id`.
+    let to_bytes = |token: &str, out: &mut Vec<u8>| match symbols {
+        Symbols::Bytes => from_byte_level_into(token, out),
+        Symbols::Chars => {
+            out.extend_from_slice(token.as_bytes());
+            true
+        }
     };
-    let (converted, merges) = rayon::join(
-        || {
-            m.vocab
-                .0
-                .par_iter()
-                .map(|(token, id)| (bytes_of(token), token, *id))
-                .collect::<Vec<_>>()
-        },
-        || {
-            let mut ids: FxHashMap<&str, u32> = FxHashMap::default();
-            ids.reserve(m.vocab.0.len());
-            ids.extend(m.vocab.0.iter().map(|(t, id)| (t.as_ref(), *id)));
-            m.merges
-                .par_iter()
-                .map_init(String::new, |joined, MergeJson(a, b)| {
-                    let id = |t: &str| {
-                        ids.get(t)
-                            .copied()
-                            .ok_or_else(|| format!("merge token {t:?} not in the vocabulary"))
-                    };
-                    joined.clear();
-                    joined.push_str(a);
-                    joined.push_str(b);
-                    Ok((id(a)?, id(b)?, id(joined)?))
-                })
-                .collect::<Result<Vec<_>, String>>()
-        },
-    );
-    let merges = MergeList::Ids(merges?);
-    let mut vocab = Vec::with_capacity(converted.len());
-    // Tokens with characters outside the byte alphabet can never come out of byte-level BPE; they are
-    // kept aside for `token_to_id`.
+    let text_bytes: usize = m.vocab.0.iter().map(|(t, _)| t.len()).sum();
+    let mut builder = VocabBuilder::with_capacity(m.vocab.0.len(), text_bytes);
     let mut other_vocab = Vec::new();
-    for (bytes, token, id) in converted {
-        match bytes {
-            Some(bytes) => vocab.push((bytes, id)),
-            None => other_vocab.push((token.to_string(), id)),
+    for (token, id) in &m.vocab.0 {
+        if !builder.push_with(*id, |out| to_bytes(token, out)) {
+            other_vocab.push((token.to_string(), *id));
         }
     }
+    let vocab = builder.finish()?;
+    // Merges to ids through the vocabulary just built, on every core (150k+ of them): the two tokens'
+    // bytes, then those bytes joined. A merge of a token outside the byte alphabet can never apply and
+    // is left out (`tokenizers` keeps it, to the same effect).
+    let merges = m
+        .merges
+        .par_iter()
+        .map_init(
+            || (Vec::new(), Vec::new()),
+            |(a_bytes, b_bytes), MergeJson(a, b)| {
+                let missing = |t: &str| format!("merge token {t:?} not in the vocabulary");
+                a_bytes.clear();
+                b_bytes.clear();
+                if !to_bytes(a, a_bytes) || !to_bytes(b, b_bytes) {
+                    let known = |t: &str| {
+                        let mut bytes = Vec::new();
+                        match to_bytes(t, &mut bytes) {
+                            true => vocab.contains(&bytes),
+                            false => other_vocab.iter().any(|(o, _)| o == t),
+                        }
+                    };
+                    return match (known(a), known(b)) {
+                        (true, true) => Ok(None),
+                        (false, _) => Err(missing(a)),
+                        (_, false) => Err(missing(b)),
+                    };
+                }
+                let ia = vocab.get(a_bytes).ok_or_else(|| missing(a))?;
+                let ib = vocab.get(b_bytes).ok_or_else(|| missing(b))?;
+                a_bytes.extend_from_slice(b_bytes);
+                let joined = vocab
+                    .get(a_bytes)
+                    .ok_or_else(|| missing(&format!("{a}{b}")))?;
+                Ok(Some((ia, ib, joined)))
+            },
+        )
+        .filter_map(Result::transpose)
+        .collect::<Result<Vec<_>, String>>()?;
+    let merges = MergeList::Ids(merges);
     // `tokenizers`: model vocabulary + distinct added contents - those the model already has.
     let contents: FxHashSet<&str> = t.added_tokens.iter().map(|a| a.content.as_str()).collect();
     let overlapping = m

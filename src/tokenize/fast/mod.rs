@@ -16,6 +16,7 @@
 //! | [`sentencepiece`] | `▁` for spaces (Metaspace), and where a SentencePiece-style text may be cut |
 //! | [`bpe`] | the merge loop |
 //! | [`cache`] | the per-thread cache from pre-token bytes to ids |
+//! | [`vocab`] | the vocabulary: tokens in one buffer, by id and by bytes |
 //!
 //! This file holds the encoder itself ([`FastBpe`]): the neutral [`BpeSpec`] both sources (a
 //! `tokenizer.json`, a built-in rank table) become, and the encode pipeline.
@@ -30,6 +31,7 @@ mod normalize;
 pub(crate) mod patterns;
 mod sentencepiece;
 pub(crate) mod unicode;
+pub(crate) mod vocab;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -44,6 +46,7 @@ pub use cache::CacheStats;
 use normalize::{normalize, Normalize};
 use patterns::Pattern;
 use sentencepiece::{Cuts, Metaspace};
+use vocab::Vocab;
 
 /// Where a tokenizer's merges come from.
 pub(crate) enum MergeList {
@@ -69,9 +72,9 @@ pub(crate) enum Symbols {
 /// into.
 pub(crate) struct BpeSpec {
     pub symbols: Symbols,
-    /// Token bytes and id, for every token of the model's vocabulary that is made of bytes (with
-    /// [`Symbols::Chars`], every token: its UTF-8).
-    pub vocab: Vec<(Vec<u8>, u32)>,
+    /// Every token of the model's vocabulary that is made of bytes (with [`Symbols::Chars`], every
+    /// token: its UTF-8).
+    pub vocab: Vocab,
     pub merges: MergeList,
     pub ignore_merges: bool,
     pub added: Vec<AddedSpec>,
@@ -95,12 +98,9 @@ pub(crate) struct AddedSpec {
 /// The encoder.
 pub(crate) struct FastBpe {
     merges: Merges,
-    /// Whole pre-token → id, for `ignore_merges`.
-    vocab: FxHashMap<Box<[u8]>, u32>,
+    /// Tokens by bytes (a whole pre-token, for `ignore_merges`) and by id (for token texts).
+    vocab: Vocab,
     ignore_merges: bool,
-    /// Token bytes by id (`bytes[spans[id]]`), for token texts.
-    bytes: Vec<u8>,
-    spans: Vec<(u32, u32)>,
     added_raw: Option<AddedSet>,
     added_normalized: Option<AddedSet>,
     added_by_content: FxHashMap<String, u32>,
@@ -122,23 +122,7 @@ pub(crate) struct FastBpe {
 impl FastBpe {
     pub(crate) fn new(spec: BpeSpec) -> Result<FastBpe, String> {
         static NEXT_KEY: AtomicU64 = AtomicU64::new(1);
-        let mut vocab: FxHashMap<Box<[u8]>, u32> = FxHashMap::default();
-        vocab.reserve(spec.vocab.len());
-        let max_id = spec.vocab.iter().map(|v| v.1).max().unwrap_or(0);
-        // Ids index a table below; a file with ids far beyond its size is not one this engine takes.
-        if max_id as usize > 4 * spec.vocab.len() + (1 << 20) {
-            return Err(format!(
-                "token id {max_id} in a vocabulary of {}",
-                spec.vocab.len()
-            ));
-        }
-        let mut spans = vec![(0u32, 0u32); max_id as usize + 1];
-        let mut bytes = Vec::new();
-        for (token, id) in spec.vocab {
-            spans[id as usize] = (bytes.len() as u32, token.len() as u32);
-            bytes.extend_from_slice(&token);
-            vocab.insert(token.into_boxed_slice(), id);
-        }
+        let vocab = spec.vocab;
         let alphabet = match spec.symbols {
             Symbols::Bytes => Alphabet::Bytes(byte_tokens(&vocab)?),
             Symbols::Chars => char_tokens(&vocab)?,
@@ -150,10 +134,7 @@ impl FastBpe {
             },
             MergeList::Ids(list) => Merges::new(list, alphabet),
         };
-        let token = |id: u32| {
-            let &(start, len) = spans.get(id as usize)?;
-            Some(bytes[start as usize..(start + len) as usize].to_vec())
-        };
+        let token = |id: u32| vocab.token(id);
         let cuts = match (&spec.metaspace, spec.symbols) {
             (_, Symbols::Bytes) => Cuts::None,
             (Some(m), _) if m.split => Cuts::Before(m.replacement),
@@ -162,7 +143,7 @@ impl FastBpe {
             (m, _) => {
                 let space = m.as_ref().map_or(sentencepiece::SPACE, |m| m.replacement);
                 let mut one = [0; 4];
-                let in_vocab = vocab.contains_key(space.encode_utf8(&mut one).as_bytes());
+                let in_vocab = vocab.contains(space.encode_utf8(&mut one).as_bytes());
                 match in_vocab && !merges.merges_into(space, token) {
                     true => Cuts::BeforeRunOf(space),
                     false => Cuts::None,
@@ -188,8 +169,6 @@ impl FastBpe {
             merges,
             vocab,
             ignore_merges: spec.ignore_merges,
-            bytes,
-            spans,
             added_raw: AddedSet::new(raw)?,
             added_normalized: AddedSet::new(normalized)?,
             added_by_content,
@@ -254,8 +233,8 @@ impl FastBpe {
             return Some(id);
         }
         match self.symbols {
-            Symbols::Bytes => self.vocab.get(&from_byte_level(token)?[..]).copied(),
-            Symbols::Chars => self.vocab.get(token.as_bytes()).copied(),
+            Symbols::Bytes => self.vocab.get(&from_byte_level(token)?),
+            Symbols::Chars => self.vocab.get(token.as_bytes()),
         }
     }
 
@@ -265,11 +244,10 @@ impl FastBpe {
         if let Some((content, _)) = self.added_by_content.iter().find(|(_, &i)| i == id) {
             return Some(content.clone());
         }
-        let &(start, len) = self.spans.get(id as usize)?;
-        let bytes = &self.bytes[start as usize..(start + len) as usize];
+        let bytes = self.vocab.token(id)?;
         let text = String::from_utf8_lossy(bytes);
         match self.symbols {
-            _ if len == 0 => None,
+            _ if bytes.is_empty() => None,
             Symbols::Bytes => Some(text.into_owned()),
             Symbols::Chars => Some(match byte_token(&text) {
                 Some(b) => String::from_utf8_lossy(&[b]).into_owned(),
@@ -360,7 +338,7 @@ impl FastBpe {
             .then(|| self.vocab.get(word.as_bytes()))
             .flatten()
         {
-            Some(&id) => out.push(id),
+            Some(id) => out.push(id),
             None => self.merges.encode(word, out),
         }
         cache.insert(word.as_bytes(), &out[start..]);
@@ -368,11 +346,11 @@ impl FastBpe {
 }
 
 /// Each byte's token, for byte-level BPE.
-fn byte_tokens(vocab: &FxHashMap<Box<[u8]>, u32>) -> Result<[u32; 256], String> {
+fn byte_tokens(vocab: &Vocab) -> Result<[u32; 256], String> {
     let mut ids = [0u32; 256];
     for (b, slot) in ids.iter_mut().enumerate() {
-        *slot = match vocab.get(&[b as u8][..]) {
-            Some(&id) => id,
+        *slot = match vocab.get(&[b as u8]) {
+            Some(id) => id,
             // Bytes that never occur in UTF-8 (0xC0, 0xC1, 0xF5..=0xFF) never reach the encoder, whose
             // input is a `&str`: vocabularies that lack them (GPT-NeoX, Pythia) need none.
             None if matches!(b, 0xC0 | 0xC1 | 0xF5..=0xFF) => u32::MAX,
@@ -391,10 +369,10 @@ fn byte_token(token: &str) -> Option<u8> {
 
 /// The symbols of a SentencePiece-style vocabulary: its one-character tokens, and a `<0xNN>` token for
 /// every byte (what `byte_fallback` needs; a vocabulary without all 256 is not one this engine takes).
-fn char_tokens(vocab: &FxHashMap<Box<[u8]>, u32>) -> Result<Alphabet, String> {
+fn char_tokens(vocab: &Vocab) -> Result<Alphabet, String> {
     let mut bytes = [u32::MAX; 256];
     let mut chars = FxHashMap::default();
-    for (token, &id) in vocab {
+    for (token, id) in vocab.iter() {
         let Ok(token) = std::str::from_utf8(token) else {
             continue;
         };
