@@ -186,11 +186,15 @@ impl Tokenizer {
                 None,
             )?,
             _ => {
-                let json = std::fs::read_to_string(&path).map_err(|e| Error::Tokenizer {
+                let bytes = std::fs::read(&path).map_err(|e| Error::Tokenizer {
                     name: name.clone(),
                     reason: e.to_string(),
                 })?;
-                Self::from_json_text(&json, name, engine, Source::File(path.clone()))?
+                let json = simdutf8::basic::from_utf8(&bytes).map_err(|_| Error::Tokenizer {
+                    name: name.clone(),
+                    reason: "not UTF-8 text".into(),
+                })?;
+                Self::from_json_text(json, name, engine, Source::File(path.clone()))?
             }
         };
         if tokenizer.configured_pad.is_none() {

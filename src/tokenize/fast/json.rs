@@ -370,22 +370,24 @@ pub(crate) fn spec_from_json(json: &str) -> Result<BpeSpec, String> {
         .filter_map(Result::transpose)
         .collect::<Result<Vec<_>, String>>()?;
     let merges = MergeList::Ids(merges);
-    // `tokenizers`: model vocabulary + distinct added contents - those the model already has.
+    // `tokenizers`: model vocabulary + distinct added contents - those the model already has. The model's
+    // id of a content, looked up by its bytes (few added tokens, 150k+ vocabulary entries).
+    let model_id = |content: &str| {
+        let mut bytes = Vec::new();
+        match to_bytes(content, &mut bytes) {
+            true => vocab.get(&bytes),
+            false => other_vocab
+                .iter()
+                .find(|(o, _)| o == content)
+                .map(|&(_, id)| id),
+        }
+    };
     let contents: FxHashSet<&str> = t.added_tokens.iter().map(|a| a.content.as_str()).collect();
-    let overlapping = m
-        .vocab
-        .0
+    let in_model: FxHashMap<&str, u32> = contents
         .iter()
-        .filter(|(t, _)| contents.contains(t.as_ref()))
-        .count();
-    let vocab_size = m.vocab.0.len() + contents.len() - overlapping;
-    let in_model: FxHashMap<&str, u32> = m
-        .vocab
-        .0
-        .iter()
-        .filter(|(t, _)| contents.contains(t.as_ref()))
-        .map(|(t, id)| (t.as_ref(), *id))
+        .filter_map(|&c| Some((c, model_id(c)?)))
         .collect();
+    let vocab_size = m.vocab.0.len() + contents.len() - in_model.len();
     Ok(BpeSpec {
         symbols,
         vocab,
