@@ -298,6 +298,11 @@ impl FastBpe {
         out: &mut Vec<u32>,
     ) {
         match (patterns.split_first(), &self.metaspace) {
+            // Byte-level BPE's usual shape (one split regex, then the words as they are): each piece
+            // straight to the word step.
+            (Some((only, [])), None) if self.cuts == Cuts::None => {
+                only.split(text, &self.ascii, |piece| self.word(piece, cache, out))
+            }
             (None, None) => sentencepiece::words(text, self.cuts, |w| self.word(w, cache, out)),
             (None, Some(metaspace)) => {
                 let text = metaspace.apply(text, at_start);
