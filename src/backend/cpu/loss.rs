@@ -378,6 +378,47 @@ fn documents(cu_seqlens: Option<&[i32]>, trained: &[bool]) -> (Vec<usize>, Vec<u
     (doc_of, per_doc)
 }
 
+/// What the loss and gradient of one trained row need: its softmax statistics, its label's logit
+/// (after the softcap), PyTorch's smoothing term `mean_j(-log p_j)`, and the argmax of the raw logits.
+#[derive(Clone, Copy, Debug)]
+struct RowStats {
+    kind: Row,
+    x_label: f64,
+    smooth: f64,
+    argmax: i32,
+}
+
+/// The logits of one row after the optional softcap.
+fn capped<T: Float>(raw: &[T], cap: Option<f64>) -> Vec<f64> {
+    raw.iter()
+        .map(|v| {
+            let v = v.to_f64();
+            cap.map_or(v, |c| c * (v / c).tanh())
+        })
+        .collect()
+}
+
+/// The rows an input trains, each trained row's label checked against a vocabulary of `vocab` (before
+/// anything is computed).
+fn trained_rows<T>(
+    input: &crate::loss::CeInput<'_, T>,
+    options: &crate::loss::CeOptions,
+    vocab: usize,
+) -> Result<Vec<bool>> {
+    input.validate()?;
+    options.validate()?;
+    let trained: Vec<bool> = (0..input.shape.rows)
+        .map(|r| input.trained(r, options))
+        .collect();
+    for row in (0..trained.len()).filter(|&r| trained[r]) {
+        let label = input.labels.get(row);
+        if !usize::try_from(label).is_ok_and(|l| l < vocab) {
+            return Err(Error::LabelOutOfRange { row, label, vocab });
+        }
+    }
+    Ok(trained)
+}
+
 /// Masked cross-entropy on the CPU in f64 with every option of [`crate::loss::CeOptions`]: per-token
 /// log-probs, entropy, logsumexp, argmax and loss terms over trained rows, the sums, counts, the
 /// normalized loss and, with `with_grad`, `d loss / d logits`. For a trained row of raw logits `x`,
@@ -398,11 +439,49 @@ pub fn masked_cross_entropy<T: Float>(
     options: &crate::loss::CeOptions,
     with_grad: bool,
 ) -> Result<CeReference> {
-    input.validate()?;
-    options.validate()?;
     let shape = input.shape;
-    let (n, vocab) = (shape.rows, shape.vocab);
-    let trained: Vec<bool> = (0..n).map(|r| input.trained(r, options)).collect();
+    let vocab = shape.vocab;
+    let trained = trained_rows(input, options, vocab)?;
+    let cap = options.softcap.map(f64::from);
+    let stats = (0..shape.rows)
+        .map(|row| {
+            trained[row].then(|| {
+                let raw = &input.logits[row * shape.row_stride..row * shape.row_stride + vocab];
+                let x = capped(raw, cap);
+                let kind = classify(&x);
+                // PyTorch's smoothing term mean_j(-log p_j) = lse - mean(x'), as ln(1 + r) + mean(m - x').
+                let smooth = match kind {
+                    Row::Finite { m, r, .. } => {
+                        r.ln_1p() + x.iter().map(|&v| m - v).sum::<f64>() / vocab as f64
+                    }
+                    _ => f64::NAN,
+                };
+                RowStats {
+                    kind,
+                    x_label: x[input.labels.get(row) as usize],
+                    smooth,
+                    argmax: argmax(raw),
+                }
+            })
+        })
+        .collect::<Vec<_>>();
+    Ok(finish(input, options, with_grad, 0, vocab, &stats))
+}
+
+/// Outputs, loss and gradient from each trained row's statistics. The input's columns are
+/// `start..start + shape.vocab` of a vocabulary of `vocab` (all of it, or one rank's shard): the
+/// gradient covers those columns.
+fn finish<T: Float>(
+    input: &crate::loss::CeInput<'_, T>,
+    options: &crate::loss::CeOptions,
+    with_grad: bool,
+    start: usize,
+    vocab: usize,
+    stats: &[Option<RowStats>],
+) -> CeReference {
+    let shape = input.shape;
+    let (n, width) = (shape.rows, shape.vocab);
+    let trained: Vec<bool> = stats.iter().map(Option::is_some).collect();
     let (doc_of, per_doc) = documents(input.cu_seqlens, &trained);
     let sequence_mean = options.normalization == crate::loss::Normalization::SequenceMean;
     let (eps, s) = (
@@ -422,28 +501,13 @@ pub fn masked_cross_entropy<T: Float>(
         correct: 0,
         documents: per_doc.iter().filter(|&&c| c > 0).count(),
         loss: 0.0,
-        grad: with_grad.then(|| vec![0.0; n * vocab]),
+        grad: with_grad.then(|| vec![0.0; n * width]),
     };
-    // Every trained row's label is checked before anything is computed.
-    for row in (0..n).filter(|&r| trained[r]) {
+    let mut weights = vec![0.0; n];
+    for (row, stat) in stats.iter().enumerate() {
+        let Some(stat) = stat else { continue };
+        let kind = stat.kind;
         let label = input.labels.get(row);
-        if usize::try_from(label).is_ok_and(|l| l < vocab) {
-            continue;
-        }
-        return Err(Error::LabelOutOfRange { row, label, vocab });
-    }
-    let mut rows = Vec::new();
-    for row in (0..n).filter(|&r| trained[r]) {
-        let raw = &input.logits[row * shape.row_stride..row * shape.row_stride + vocab];
-        let x: Vec<f64> = raw
-            .iter()
-            .map(|v| {
-                let v = v.to_f64();
-                cap.map_or(v, |c| c * (v / c).tanh())
-            })
-            .collect();
-        let kind = classify(&x);
-        let label = input.labels.get(row) as usize;
         let w = f64::from(input.weights.map_or(1.0, |w| w[row]))
             / if sequence_mean {
                 per_doc[doc_of[row]] as f64
@@ -451,16 +515,9 @@ pub fn masked_cross_entropy<T: Float>(
                 1.0
             };
         let lse = kind.logsumexp();
-        let log_prob = kind.log_prob(x[label]);
-        // PyTorch's smoothing term mean_j(-log p_j) = lse - mean(x'), as ln(1 + r) + mean(m - x').
-        let smooth = match kind {
-            Row::Finite { m, r, .. } => {
-                r.ln_1p() + x.iter().map(|&v| m - v).sum::<f64>() / vocab as f64
-            }
-            _ => f64::NAN,
-        };
+        let log_prob = kind.log_prob(stat.x_label);
         let ce = if eps > 0.0 {
-            (1.0 - eps) * -log_prob + eps * smooth
+            (1.0 - eps) * -log_prob + eps * stat.smooth
         } else {
             -log_prob
         };
@@ -468,13 +525,13 @@ pub fn masked_cross_entropy<T: Float>(
         out.lse[row] = lse;
         out.log_probs[row] = log_prob;
         out.entropy[row] = kind.entropy();
-        out.argmax[row] = argmax(raw);
+        out.argmax[row] = stat.argmax;
         out.row_loss[row] = w * (ce + z);
         out.sum += out.row_loss[row];
         out.z_sum += w * z;
         out.count += 1;
-        out.correct += usize::from(out.argmax[row] == label as i32);
-        rows.push((row, kind, x, w));
+        out.correct += usize::from(i64::from(stat.argmax) == label);
+        weights[row] = w;
     }
     let denominator = options.normalization.denominator(out.count, out.documents);
     out.loss = if denominator > 0.0 {
@@ -488,13 +545,18 @@ pub fn masked_cross_entropy<T: Float>(
         } else {
             0.0
         };
-        for (row, kind, x, w) in rows {
-            let raw = &input.logits[row * shape.row_stride..row * shape.row_stride + vocab];
-            let label = input.labels.get(row) as usize;
+        for (row, stat) in stats.iter().enumerate() {
+            let Some(stat) = stat else { continue };
+            let kind = stat.kind;
+            let raw = &input.logits[row * shape.row_stride..row * shape.row_stride + width];
+            let x = capped(raw, cap);
+            // The label's column here, if it is one of this input's.
+            let label = (input.labels.get(row) as usize).checked_sub(start);
             let lse = out.lse[row];
-            let p_label = kind.softmax_minus_onehot(x[label], false);
-            for (i, g) in grad[row * vocab..(row + 1) * vocab].iter_mut().enumerate() {
-                let mut d = if i == label {
+            let p_label = kind.softmax_minus_onehot(stat.x_label, false);
+            for (i, g) in grad[row * width..(row + 1) * width].iter_mut().enumerate() {
+                let is_label = label == Some(i);
+                let mut d = if is_label {
                     let z = if s != 0.0 {
                         2.0 * s * lse * p_label
                     } else {
@@ -507,7 +569,7 @@ pub fn masked_cross_entropy<T: Float>(
                     kind.softmax_minus_onehot(x[i], false)
                 };
                 if eps > 0.0 {
-                    let at_label = if i == label { eps } else { 0.0 };
+                    let at_label = if is_label { eps } else { 0.0 };
                     d += at_label - eps / vocab as f64;
                 }
                 if let Some(c) = cap {
@@ -515,11 +577,11 @@ pub fn masked_cross_entropy<T: Float>(
                     let cosh = (raw[i].to_f64() / c).cosh();
                     d /= cosh * cosh;
                 }
-                *g = scale * w * d;
+                *g = scale * weights[row] * d;
             }
         }
     }
-    Ok(out)
+    out
 }
 
 #[cfg(test)]
