@@ -79,6 +79,11 @@ pub enum Error {
     #[error("shape mismatch: {0}")]
     Shape(String),
 
+    /// An exchange between ranks failed (a rank left, ranks disagreed on what they exchange) or another
+    /// rank's input was refused ([`crate::loss::parallel`]).
+    #[error("collective: {0}")]
+    Collective(String),
+
     /// A label outside `[0, vocab)` on a row that is read.
     #[error("label {label} at row {row} is outside [0, {vocab})")]
     LabelOutOfRange {

@@ -10,6 +10,8 @@
 //! (label smoothing ε, PyTorch's definition) and `z = s · lse²` (z-loss), `w` = 1 without weights. Rows
 //! not trained are not read: their outputs are 0 (argmax -1) and their gradient rows zeros.
 
+pub mod parallel;
+
 use crate::{Error, Result};
 
 /// How the summed loss `Σ w·(ce + z)` over trained rows is normalized. The gradient is scaled the same

@@ -5,6 +5,7 @@
 //! tensors of `masked_normalize` / `masked_mean` come with an explicit shape. Every element type that
 //! implements [`Float`] (f32, f64, `half::f16`, `half::bf16`) is widened to f64 before any arithmetic.
 
+use crate::loss::parallel::{Communicator, RowPartial, VocabShard};
 use crate::loss::Float;
 use crate::{Error, Result};
 
@@ -582,6 +583,220 @@ fn finish<T: Float>(
         }
     }
     out
+}
+
+/// One trained row's [`RowPartial`] over this rank's columns `x` (after the softcap; `raw` before it),
+/// which start at column `start`; `label` is the label's column here, if it is one of them.
+fn row_partial<T: Float>(raw: &[T], x: &[f64], start: usize, label: Option<usize>) -> RowPartial {
+    let mut p = RowPartial {
+        max: f64::NEG_INFINITY,
+        argmax_value: f64::NEG_INFINITY,
+        argmax: start as f64,
+        ..RowPartial::default()
+    };
+    let mut flags = 0;
+    if let Some(l) = label {
+        p.label = x[l];
+        flags |= RowPartial::HAS_LABEL;
+    }
+    if x.iter().any(|v| v.is_nan()) {
+        flags |= RowPartial::NAN;
+    } else if x.contains(&f64::INFINITY) {
+        flags |= RowPartial::POS_INF;
+    } else if let Row::Finite { m, r, u } = classify(x) {
+        (p.max, p.r, p.u) = (m, r, u);
+        p.spread = x.iter().map(|&v| m - v).sum();
+    } else {
+        // Every column -inf: each is infinitely below any finite maximum elsewhere.
+        p.spread = f64::INFINITY;
+    }
+    let best = argmax(raw);
+    p.argmax_value = match best {
+        -1 => f64::NAN,
+        b => raw
+            .get(b as usize)
+            .map_or(f64::NEG_INFINITY, |v| v.to_f64()),
+    };
+    p.argmax = if best < 0 {
+        -1.0
+    } else {
+        (start + best as usize) as f64
+    };
+    p.flags = f64::from(flags);
+    p
+}
+
+/// The whole row's statistics from every rank's partial (`widths[k]`: rank k's columns, at least one),
+/// in a vocabulary of `vocab`.
+fn merge_partials(parts: &[RowPartial], widths: &[usize], vocab: usize) -> RowStats {
+    let x_label = parts
+        .iter()
+        .find(|p| p.has(RowPartial::HAS_LABEL))
+        .map_or(f64::NAN, |p| p.label);
+    let argmax = if parts.iter().any(|p| p.argmax < 0.0) {
+        -1
+    } else {
+        // The largest value, the first column among equals (`torch.argmax`).
+        parts
+            .iter()
+            .fold(None::<(f64, f64)>, |best, p| match best {
+                Some((v, i)) if v > p.argmax_value || (v == p.argmax_value && i < p.argmax) => {
+                    Some((v, i))
+                }
+                _ => Some((p.argmax_value, p.argmax)),
+            })
+            .map_or(-1, |(_, i)| i as i32)
+    };
+    let kind = if parts.iter().any(|p| p.has(RowPartial::NAN)) {
+        Row::Nan
+    } else if parts.iter().any(|p| p.has(RowPartial::POS_INF)) {
+        Row::PosInf
+    } else {
+        let m = parts
+            .iter()
+            .map(|p| p.max)
+            .fold(f64::NEG_INFINITY, f64::max);
+        if m == f64::NEG_INFINITY {
+            Row::AllNegInf
+        } else {
+            // The first rank holding the maximum keeps its `r` (its own 1 is the one left out); every
+            // other rank's sum `1 + r` is rescaled to the common maximum.
+            let first = parts
+                .iter()
+                .position(|p| p.max == m)
+                .expect("m is some rank's max");
+            let (mut r, mut u) = (0.0, 0.0);
+            for (k, p) in parts
+                .iter()
+                .enumerate()
+                .filter(|(_, p)| p.max > f64::NEG_INFINITY)
+            {
+                let scale = (p.max - m).exp();
+                r += if k == first { p.r } else { (1.0 + p.r) * scale };
+                u += scale * ((1.0 + p.r) * (m - p.max) + p.u);
+            }
+            Row::Finite { m, r, u }
+        }
+    };
+    let smooth = match kind {
+        Row::Finite { m, r, .. } => {
+            let spread: f64 = parts
+                .iter()
+                .zip(widths)
+                .map(|(p, &w)| match p.max > f64::NEG_INFINITY {
+                    true => p.spread + w as f64 * (m - p.max),
+                    false => p.spread,
+                })
+                .sum();
+            r.ln_1p() + spread / vocab as f64
+        }
+        _ => f64::NAN,
+    };
+    RowStats {
+        kind,
+        x_label,
+        smooth,
+        argmax,
+    }
+}
+
+/// [`masked_cross_entropy`] when the vocabulary is split over the ranks of `comm`: `input` holds this
+/// rank's columns (`shard.start..` of `shard.vocab`; its `shape.vocab` is their number), labels are ids
+/// in the whole vocabulary, and every rank passes the same rows, labels, mask, weights and options.
+/// Every rank gets the whole vocabulary's per-row outputs, sums and loss, and the gradient of its own
+/// columns: together, what [`masked_cross_entropy`] gives on the unsplit logits. Two exchanges: the
+/// shards and each rank's verdict on its input (so that a bad input on one rank fails every rank
+/// instead of leaving the others waiting), then one [`RowPartial`] per trained row.
+pub fn vocab_parallel_cross_entropy<T: Float>(
+    input: &crate::loss::CeInput<'_, T>,
+    shard: VocabShard,
+    options: &crate::loss::CeOptions,
+    comm: &dyn Communicator,
+    with_grad: bool,
+) -> Result<CeReference> {
+    let width = input.shape.vocab;
+    let local = match shard
+        .start
+        .checked_add(width)
+        .filter(|&end| end <= shard.vocab)
+    {
+        Some(_) => trained_rows(input, options, shard.vocab),
+        None => Err(Error::Shape(format!(
+            "columns {}..{} are outside a vocabulary of {}",
+            shard.start,
+            shard.start.saturating_add(width),
+            shard.vocab
+        ))),
+    };
+    let trained_count = local
+        .as_ref()
+        .map_or(0, |t| t.iter().filter(|&&t| t).count());
+    let record = [
+        shard.vocab as u64,
+        shard.start as u64,
+        width as u64,
+        input.shape.rows as u64,
+        trained_count as u64,
+        u64::from(local.is_ok()),
+    ];
+    let table: Vec<u64> =
+        bytemuck::pod_collect_to_vec(&comm.all_gather(bytemuck::cast_slice(&record))?);
+    let ranks: Vec<&[u64]> = table.chunks(record.len()).collect();
+    let trained = local?;
+    if let Some(k) = ranks.iter().position(|r| r[5] == 0) {
+        return Err(Error::Collective(format!("rank {k} refused its input")));
+    }
+    if ranks
+        .iter()
+        .any(|r| r[0] != record[0] || r[3] != record[3] || r[4] != record[4])
+    {
+        return Err(Error::Collective(format!(
+            "ranks disagree on the vocabulary, the rows or the trained rows: {:?}",
+            ranks.iter().map(|r| (r[0], r[3], r[4])).collect::<Vec<_>>()
+        )));
+    }
+    let mut spans: Vec<(u64, u64)> = ranks.iter().map(|r| (r[1], r[1] + r[2])).collect();
+    spans.sort_unstable();
+    let tiled = spans
+        .iter()
+        .try_fold(0, |end, &(a, b)| (a == end).then_some(b))
+        == Some(shard.vocab as u64);
+    if !tiled {
+        return Err(Error::Collective(format!(
+            "the ranks' columns {spans:?} do not tile a vocabulary of {}",
+            shard.vocab
+        )));
+    }
+    let widths: Vec<usize> = ranks.iter().map(|r| r[2] as usize).collect();
+
+    let shape = input.shape;
+    let cap = options.softcap.map(f64::from);
+    let rows: Vec<usize> = (0..shape.rows).filter(|&r| trained[r]).collect();
+    let partials: Vec<RowPartial> = rows
+        .iter()
+        .map(|&row| {
+            let raw = &input.logits[row * shape.row_stride..row * shape.row_stride + width];
+            let label = (input.labels.get(row) as usize)
+                .checked_sub(shard.start)
+                .filter(|&l| l < width);
+            row_partial(raw, &capped(raw, cap), shard.start, label)
+        })
+        .collect();
+    let all: Vec<RowPartial> =
+        bytemuck::pod_collect_to_vec(&comm.all_gather(bytemuck::cast_slice(&partials))?);
+    let mut stats = vec![None; shape.rows];
+    for (i, &row) in rows.iter().enumerate() {
+        let parts: Vec<RowPartial> = (0..widths.len()).map(|k| all[k * rows.len() + i]).collect();
+        stats[row] = Some(merge_partials(&parts, &widths, shard.vocab));
+    }
+    Ok(finish(
+        input,
+        options,
+        with_grad,
+        shard.start,
+        shard.vocab,
+        &stats,
+    ))
 }
 
 #[cfg(test)]
