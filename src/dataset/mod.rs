@@ -560,7 +560,10 @@ impl Stages<'_> {
                 Collated::Padded(batch) => batch.to_safetensors(Some(metadata.clone()))?,
                 Collated::Packed(pack) => pack.to_safetensors(Some(metadata.clone()))?,
             };
-            write_atomically(&dir.join(&name), &bytes)?;
+            // Written in place: the staging directory is this run's own and becomes the output only
+            // whole (a file cut short by a crash is never seen), so no temporary name and rename.
+            let path = dir.join(&name);
+            std::fs::write(&path, &bytes).map_err(|e| Error::io(&path, e))?;
             commit::crash_point(&format!("staged-{}", index + 1));
             let stats = work.collated.stats();
             rows += stats.rows;
