@@ -45,11 +45,13 @@ pub fn run(args: DoctorArgs) -> Result<()> {
         }
     }
     if let Some(name) = &args.tokenizer {
+        let started = std::time::Instant::now();
         let tokenizer = TokenizerArgs {
             tokenizer: name.clone(),
             tokenizer_engine: args.tokenizer_engine,
         }
         .load()?;
+        let loaded = started.elapsed();
         println!(
             "tokenizer: {} (vocab {}, pad id {:?})\ntokenizer engine: {}",
             tokenizer.name(),
@@ -57,6 +59,10 @@ pub fn run(args: DoctorArgs) -> Result<()> {
             tokenizer.pad_id(),
             tokenizer.engine(),
         );
+        match tokenizer.cache_use() {
+            Some(cache) => println!("tokenizer load: {loaded:.1?}; load cache: {cache}"),
+            None => println!("tokenizer load: {loaded:.1?}"),
+        }
     }
     let mut failures = 0;
     for device in present_devices() {

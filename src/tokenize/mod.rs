@@ -12,7 +12,7 @@ use std::sync::{Arc, OnceLock};
 use rayon::prelude::*;
 
 pub use builtin::{builtin_tokenizer, BUILTIN_TOKENIZERS};
-pub use fast::CacheStats;
+pub use fast::{CacheStats, CacheUse};
 pub use rows::{tokenize_pairs, tokenize_rows};
 
 /// Split regexes as `tokenizer.json` files write them: the ones the fast engine runs hand-compiled
@@ -224,7 +224,7 @@ impl Tokenizer {
     ) -> Result<Self> {
         let fast = match engine {
             EngineChoice::Tokenizers => Err("asked for".to_string()),
-            _ => FastBpe::from_json(json),
+            _ => FastBpe::from_json(json, fast::cache_dir().as_deref()),
         };
         // A fallback parses the text already read rather than reading it again.
         let fallback = (fast.is_err() && engine != EngineChoice::Fast).then(|| {
@@ -323,6 +323,12 @@ impl Tokenizer {
     /// `tokenizers`.
     pub fn cache_stats(&self) -> Option<CacheStats> {
         self.fast().map(FastBpe::cache_stats)
+    }
+
+    /// What loading a `tokenizer.json` on the fast engine did with the load cache (`None` for built-ins
+    /// and for tokenizers `tokenizers` runs): see the README's "Tokenizers".
+    pub fn cache_use(&self) -> Option<&CacheUse> {
+        self.fast().and_then(FastBpe::cache_use)
     }
 
     /// The `tokenizers::Tokenizer` of the same file or built-in, built on first use.

@@ -6,7 +6,7 @@ use std::borrow::Cow;
 
 use rayon::prelude::*;
 use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize, Serializer};
 
 use rustc_hash::{FxHashMap, FxHashSet};
 
@@ -15,10 +15,12 @@ use super::compile;
 use super::normalize::{self, Normalize};
 use super::patterns::{Pattern, GPT2};
 use super::sentencepiece::{Metaspace, PrependScheme};
-use super::vocab::VocabBuilder;
+use super::vocab::{Vocab, VocabBuilder};
 use super::{AddedSpec, BpeSpec, MergeList, Symbols};
 
-#[derive(Deserialize)]
+/// The parts of a `tokenizer.json` the engine reads. Serialized, it is the file's rest: what the load
+/// cache keeps as JSON, with the vocabulary and merges written empty (the cache holds them converted).
+#[derive(Deserialize, Serialize)]
 struct TokenizerJson<'a> {
     #[serde(default)]
     added_tokens: Vec<AddedTokenJson>,
@@ -34,7 +36,7 @@ struct TokenizerJson<'a> {
     model: ModelJson<'a>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Serialize)]
 struct AddedTokenJson {
     /// What the file says; `tokenizers` does not use it (see `number_added_tokens`).
     #[allow(dead_code)]
@@ -52,7 +54,7 @@ struct AddedTokenJson {
     special: bool,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Serialize)]
 struct ModelJson<'a> {
     #[serde(rename = "type", default)]
     kind: Option<String>,
@@ -66,10 +68,18 @@ struct ModelJson<'a> {
     byte_fallback: bool,
     #[serde(default)]
     ignore_merges: bool,
-    #[serde(borrow)]
+    #[serde(borrow, serialize_with = "empty_map")]
     vocab: VocabJson<'a>,
-    #[serde(borrow, default)]
+    #[serde(borrow, default, serialize_with = "empty_seq")]
     merges: Vec<MergeJson<'a>>,
+}
+
+fn empty_map<S: Serializer, T>(_: &T, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_map(std::iter::empty::<((), ())>())
+}
+
+fn empty_seq<S: Serializer, T>(_: &T, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(std::iter::empty::<()>())
 }
 
 /// A JSON string, borrowed from the input when it has no escapes.
@@ -254,14 +264,61 @@ fn pre_tokenizer_of(
     Ok(pre)
 }
 
+/// The large part of a file, in the engine's form: the vocabulary indexed, the merges as ids (what the
+/// load cache keeps, see `disk`).
+pub(super) struct Model {
+    pub vocab: Vocab,
+    /// Vocabulary strings that are not byte-level (never produced by the model; kept for `token_to_id`).
+    pub other_vocab: Vec<(String, u32)>,
+    pub merges: Vec<(u32, u32, u32)>,
+    /// Entries of the file's vocabulary and merge lists, as written.
+    pub file_vocab_len: usize,
+    pub file_merges_len: usize,
+}
+
+/// What the small rest of the file says, checked: everything but the vocabulary and merges.
+struct Config {
+    normalizers: Vec<Normalize>,
+    pre: PreTokenizer,
+    symbols: Symbols,
+}
+
+/// A `tokenizer.json` → the engine's spec; `Err` says what is outside the fast path.
 pub(crate) fn spec_from_json(json: &str) -> Result<BpeSpec, String> {
+    spec_from_json_saving(json, |_, _| {})
+}
+
+/// [`spec_from_json`], calling `save` with the file's rest (as JSON, vocabulary and merges left empty)
+/// and its [`Model`] before they are assembled: what the load cache stores.
+pub(super) fn spec_from_json_saving(
+    json: &str,
+    save: impl FnOnce(&str, &Model),
+) -> Result<BpeSpec, String> {
     let t: TokenizerJson = serde_json::from_str(json).map_err(|e| e.to_string())?;
+    let config = config_of(&t, t.model.merges.len())?;
+    let model = model_of(&t.model, config.symbols)?;
+    save(
+        &serde_json::to_string(&t).expect("JSON values serialize"),
+        &model,
+    );
+    Ok(assemble(&t, config, model))
+}
+
+/// The spec from a file's rest (see [`spec_from_json_saving`]) and its [`Model`], read back.
+pub(super) fn spec_from_saved(rest: &str, model: Model) -> Result<BpeSpec, String> {
+    let t: TokenizerJson = serde_json::from_str(rest).map_err(|e| e.to_string())?;
+    let config = config_of(&t, model.file_merges_len)?;
+    Ok(assemble(&t, config, model))
+}
+
+/// Everything the engine checks outside the vocabulary and merges (`merges`: how many the file lists).
+fn config_of(t: &TokenizerJson, merges: usize) -> Result<Config, String> {
     let m = &t.model;
     match m.kind.as_deref() {
         Some("BPE") => {}
         // Files from before "type" was written: `tokenizers` takes the first model the fields fit, a BPE
         // when there are merges.
-        None if !m.merges.is_empty() => {}
+        None if merges > 0 => {}
         None => return Err("a model without \"type\" and without merges (not a BPE)".into()),
         Some(other) => return Err(format!("model {other} (only BPE)")),
     }
@@ -313,16 +370,30 @@ pub(crate) fn spec_from_json(json: &str) -> Result<BpeSpec, String> {
         }
     }
 
-    // Vocabulary strings to bytes, written straight into one buffer (a SentencePiece-style token's bytes
-    // are its UTF-8). Tokens with characters outside the byte alphabet can never come out of byte-level
-    // BPE; they are kept aside for `token_to_id`.
-    let to_bytes = |token: &str, out: &mut Vec<u8>| match symbols {
+    Ok(Config {
+        normalizers,
+        pre,
+        symbols,
+    })
+}
+
+/// A vocabulary string's bytes appended to `out`: GPT-2's alphabet decoded (false for a character
+/// outside it), or a SentencePiece-style token's UTF-8.
+fn to_bytes(symbols: Symbols, token: &str, out: &mut Vec<u8>) -> bool {
+    match symbols {
         Symbols::Bytes => from_byte_level_into(token, out),
         Symbols::Chars => {
             out.extend_from_slice(token.as_bytes());
             true
         }
-    };
+    }
+}
+
+/// The vocabulary and merges in the engine's form.
+fn model_of(m: &ModelJson, symbols: Symbols) -> Result<Model, String> {
+    // Vocabulary strings to bytes, written straight into one buffer. Tokens with characters outside
+    // the byte alphabet can never come out of byte-level BPE; they are kept aside for `token_to_id`.
+    let to_bytes = |token: &str, out: &mut Vec<u8>| to_bytes(symbols, token, out);
     let text_bytes: usize = m.vocab.0.iter().map(|(t, _)| t.len()).sum();
     let mut builder = VocabBuilder::with_capacity(m.vocab.0.len(), text_bytes);
     let mut other_vocab = Vec::new();
@@ -369,7 +440,26 @@ pub(crate) fn spec_from_json(json: &str) -> Result<BpeSpec, String> {
         )
         .filter_map(Result::transpose)
         .collect::<Result<Vec<_>, String>>()?;
-    let merges = MergeList::Ids(merges);
+    Ok(Model {
+        vocab,
+        other_vocab,
+        merges,
+        file_vocab_len: m.vocab.0.len(),
+        file_merges_len: m.merges.len(),
+    })
+}
+
+/// The spec from the checked rest and the model.
+fn assemble(t: &TokenizerJson, config: Config, model: Model) -> BpeSpec {
+    let Model {
+        vocab,
+        other_vocab,
+        merges,
+        file_vocab_len,
+        ..
+    } = model;
+    let symbols = config.symbols;
+    let to_bytes = |token: &str, out: &mut Vec<u8>| to_bytes(symbols, token, out);
     // `tokenizers`: model vocabulary + distinct added contents - those the model already has. The model's
     // id of a content, looked up by its bytes (few added tokens, 150k+ vocabulary entries).
     let model_id = |content: &str| {
@@ -387,19 +477,19 @@ pub(crate) fn spec_from_json(json: &str) -> Result<BpeSpec, String> {
         .iter()
         .filter_map(|&c| Some((c, model_id(c)?)))
         .collect();
-    let vocab_size = m.vocab.0.len() + contents.len() - in_model.len();
-    Ok(BpeSpec {
+    let vocab_size = file_vocab_len + contents.len() - in_model.len();
+    BpeSpec {
         symbols,
         vocab,
-        merges,
-        ignore_merges: m.ignore_merges,
-        added: number_added_tokens(&t.added_tokens, &in_model, m.vocab.0.len() as u32),
-        normalizers,
-        patterns: pre.patterns,
-        metaspace: pre.metaspace,
+        merges: MergeList::Ids(merges),
+        ignore_merges: t.model.ignore_merges,
+        added: number_added_tokens(&t.added_tokens, &in_model, file_vocab_len as u32),
+        normalizers: config.normalizers,
+        patterns: config.pre.patterns,
+        metaspace: config.pre.metaspace,
         vocab_size,
         other_vocab,
-    })
+    }
 }
 
 /// The ids `tokenizers` gives the added tokens when it loads a file: it adds them one by one, in the

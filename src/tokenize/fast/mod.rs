@@ -7,6 +7,7 @@
 //! | file | concern |
 //! | --- | --- |
 //! | [`json`] | `tokenizer.json` → [`BpeSpec`], and why a file is not supported |
+//! | [`disk`] | the load cache: a `tokenizer.json` prepared once, read back at the next load |
 //! | [`added`] | added tokens, found with Aho-Corasick (leftmost-longest, non-normalized ones first) |
 //! | [`normalize`] | normalizers (NFC, NFKC, Lowercase, Replace, Prepend, Strip, ...) |
 //! | [`patterns`] | the split regexes, hand-compiled, run by a small backtracking matcher |
@@ -26,6 +27,7 @@ mod bpe;
 mod byte_level;
 mod cache;
 mod compile;
+mod disk;
 mod json;
 mod normalize;
 pub(crate) mod patterns;
@@ -43,6 +45,8 @@ use byte_level::from_byte_level;
 pub(crate) use byte_level::to_byte_level;
 use cache::Cache;
 pub use cache::CacheStats;
+pub(crate) use disk::cache_dir;
+pub use disk::CacheUse;
 use normalize::{normalize, Normalize};
 use patterns::Pattern;
 use sentencepiece::{Cuts, Metaspace};
@@ -115,6 +119,8 @@ pub(crate) struct FastBpe {
     vocab_size: usize,
     /// Distinguishes this tokenizer's entries in the per-thread caches.
     key: u64,
+    /// What loading it did with the load cache (`None`: not from a `tokenizer.json`).
+    loaded: Option<CacheUse>,
     hits: AtomicU64,
     misses: AtomicU64,
 }
@@ -181,14 +187,28 @@ impl FastBpe {
             ascii: unicode::ascii_flags(),
             vocab_size: spec.vocab_size,
             key: NEXT_KEY.fetch_add(1, Ordering::Relaxed),
+            loaded: None,
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
         })
     }
 
-    /// Read a `tokenizer.json`; `Err` says what is outside the fast path.
-    pub(crate) fn from_json(json: &str) -> Result<FastBpe, String> {
-        FastBpe::new(json::spec_from_json(json)?)
+    /// Read a `tokenizer.json`, through the load cache in `cache` when given; `Err` says what is
+    /// outside the fast path.
+    pub(crate) fn from_json(
+        json: &str,
+        cache: Option<&std::path::Path>,
+    ) -> Result<FastBpe, String> {
+        let (spec, loaded) = disk::spec_from_json(json, cache)?;
+        Ok(FastBpe {
+            loaded: Some(loaded),
+            ..FastBpe::new(spec)?
+        })
+    }
+
+    /// What loading it did with the load cache.
+    pub(crate) fn cache_use(&self) -> Option<&CacheUse> {
+        self.loaded.as_ref()
     }
 
     /// A one-line description: model, normalizers, pre-tokenizer.

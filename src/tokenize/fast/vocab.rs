@@ -65,6 +65,28 @@ impl VocabBuilder {
         self.count
     }
 
+    /// A builder holding the tokens of an arena as [`Vocab::arena`] gave it (read back from the load
+    /// cache); `None` unless every entry is whole.
+    pub(crate) fn from_arena(arena: Vec<u8>) -> Option<VocabBuilder> {
+        let (mut offset, mut count, mut max_id) = (0usize, 0usize, None);
+        while offset < arena.len() {
+            let header = arena.get(offset..offset.checked_add(HEADER)?)?;
+            let id = u32::from_le_bytes(header[..4].try_into().expect("4 bytes"));
+            let len = u32::from_le_bytes(header[4..].try_into().expect("4 bytes")) as usize;
+            offset = offset.checked_add(HEADER)?.checked_add(len)?;
+            if offset > arena.len() {
+                return None;
+            }
+            count += 1;
+            max_id = max_id.max(Some(id));
+        }
+        Some(VocabBuilder {
+            arena,
+            count,
+            max_id,
+        })
+    }
+
     /// The indexed vocabulary; `Err` for one this engine does not take (ids far beyond its size, or
     /// more than 4 GiB of tokens).
     pub(crate) fn finish(self) -> Result<Vocab, String> {
@@ -163,6 +185,11 @@ impl Vocab {
         }
     }
 
+    /// Every token as pushed, in order: what [`VocabBuilder::from_arena`] reads back.
+    pub(crate) fn arena(&self) -> &[u8] {
+        &self.arena
+    }
+
     /// Every token (by bytes, with the id a lookup gives), in no particular order.
     pub(crate) fn iter(&self) -> impl Iterator<Item = (&[u8], u32)> + '_ {
         self.slots.iter().filter(|&&s| s != 0).map(|&s| {
@@ -250,6 +277,29 @@ mod tests {
         assert_eq!(vocab.get(b"ab"), Some(0));
         assert_eq!(vocab.get(b"zz"), None);
         assert_eq!(vocab.token(1), None);
+    }
+
+    #[test]
+    fn an_arena_reads_back_whole_or_not_at_all() {
+        let mut builder = VocabBuilder::with_capacity(3, 8);
+        builder.push(b"ab", 7);
+        builder.push(b"", 2);
+        builder.push(b"xyz", 0);
+        let vocab = builder.finish().unwrap();
+        let again = VocabBuilder::from_arena(vocab.arena().to_vec()).unwrap();
+        assert_eq!(again.len(), 3);
+        let again = again.finish().unwrap();
+        assert_eq!(again.arena(), vocab.arena());
+        assert_eq!((again.get(b"ab"), again.get(b"xyz")), (Some(7), Some(0)));
+        for cut in 1..vocab.arena().len() {
+            let arena = vocab.arena()[..cut].to_vec();
+            let whole = [8 + 2, 8 + 2 + 8].contains(&cut);
+            assert_eq!(
+                VocabBuilder::from_arena(arena).is_some(),
+                whole,
+                "cut at {cut}"
+            );
+        }
     }
 
     #[test]
