@@ -8,8 +8,8 @@
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
+use std::sync::Arc;
 
-use rayon::prelude::*;
 use rustc_hash::FxHashMap;
 
 use super::vocab::Vocab;
@@ -18,9 +18,17 @@ use super::vocab::Vocab;
 const SCAN_MAX: usize = 48;
 
 pub(crate) struct Merges {
-    /// (left id << 32 | right id) → (rank << 32 | merged id).
-    pairs: FxHashMap<u64, u64>,
+    pairs: Pairs,
     alphabet: Alphabet,
+}
+
+/// Which pairs merge, into what, at which rank.
+enum Pairs {
+    /// A merge list: (left id << 32 | right id) → (rank << 32 | merged id).
+    Table(FxHashMap<u64, u64>),
+    /// tiktoken's rule (ids are ranks): two adjacent tokens merge when their bytes joined are a token,
+    /// into it, at its rank; looked up in the vocabulary as tiktoken does, so nothing is built at load.
+    Ranks(Arc<Vocab>),
 }
 
 /// What a word's symbols are before any merge. (One per tokenizer, read on every word: the tables stay
@@ -79,29 +87,17 @@ impl Merges {
                 (rank as u64) << 32 | merged as u64,
             )
         }));
-        Merges { pairs, alphabet }
+        Merges {
+            pairs: Pairs::Table(pairs),
+            alphabet,
+        }
     }
 
-    /// tiktoken's merges, from the vocabulary alone (ids are ranks): every split of every token into two
-    /// tokens is a pair that merges into it, with the token's rank. (A pair's bytes joined are one token,
-    /// so no pair merges two ways.)
-    pub(crate) fn from_ranks(vocab: &Vocab, byte_ids: [u32; 256]) -> Merges {
-        let tokens: Vec<(&[u8], u32)> = vocab.iter().filter(|(t, _)| t.len() > 1).collect();
-        let entries: Vec<(u64, u64)> = tokens
-            .par_iter()
-            .flat_map_iter(|&(token, id)| {
-                (1..token.len()).filter_map(move |k| {
-                    let a = vocab.get(&token[..k])?;
-                    let b = vocab.get(&token[k..])?;
-                    Some(((a as u64) << 32 | b as u64, (id as u64) << 32 | id as u64))
-                })
-            })
-            .collect();
-        let mut pairs = FxHashMap::default();
-        pairs.reserve(entries.len());
-        pairs.extend(entries);
+    /// tiktoken's merges, from the vocabulary alone (ids are ranks): any two adjacent tokens whose bytes
+    /// joined are a token merge into it, with its rank.
+    pub(crate) fn from_ranks(vocab: Arc<Vocab>, byte_ids: [u32; 256]) -> Merges {
         Merges {
-            pairs,
+            pairs: Pairs::Ranks(vocab),
             alphabet: Alphabet::Bytes(byte_ids),
         }
     }
@@ -121,7 +117,11 @@ impl Merges {
     pub(crate) fn merges_into<'v>(&self, c: char, token: impl Fn(u32) -> Option<&'v [u8]>) -> bool {
         let mut buf = [0; 4];
         let c = c.encode_utf8(&mut buf).as_bytes();
-        self.pairs.keys().any(|&pair| {
+        // (Ranks: byte-level only, never cut; say that merges may cross.)
+        let Pairs::Table(pairs) = &self.pairs else {
+            return true;
+        };
+        pairs.keys().any(|&pair| {
             let (a, b) = (token((pair >> 32) as u32), token(pair as u32));
             match (a, b) {
                 (Some(a), Some(b)) => !a.ends_with(c) && b.starts_with(c),
@@ -130,12 +130,30 @@ impl Merges {
         })
     }
 
+    /// `rank << 32 | merged id` of the pair `a b`, or [`NONE`].
     #[inline]
     fn pair(&self, a: u32, b: u32) -> u64 {
-        self.pairs
-            .get(&((a as u64) << 32 | b as u64))
-            .copied()
-            .unwrap_or(NONE)
+        match &self.pairs {
+            Pairs::Table(pairs) => pairs
+                .get(&((a as u64) << 32 | b as u64))
+                .copied()
+                .unwrap_or(NONE),
+            Pairs::Ranks(vocab) => {
+                let (Some(x), Some(y)) = (vocab.token(a), vocab.token(b)) else {
+                    return NONE;
+                };
+                let mut joined = [0u8; 128];
+                let id = match joined.get_mut(..x.len() + y.len()) {
+                    Some(buf) => {
+                        buf[..x.len()].copy_from_slice(x);
+                        buf[x.len()..].copy_from_slice(y);
+                        vocab.get(buf)
+                    }
+                    None => vocab.get(&[x, y].concat()),
+                };
+                id.map_or(NONE, |id| (id as u64) << 32 | id as u64)
+            }
+        }
     }
 
     /// Append the ids of `word` (at least one byte).
@@ -157,8 +175,27 @@ impl Merges {
             ids[n0] = id;
             n0 += 1;
         });
+        // With tiktoken's rule symbols are bytes, and the pair at i is the word's bytes from symbol i's
+        // start to symbol i + 1's end: looked up as they are, not joined from the two tokens.
+        let mut starts = [0u8; SCAN_MAX + 1];
+        let ranked = match &self.pairs {
+            Pairs::Ranks(vocab) => {
+                for (i, s) in starts.iter_mut().enumerate().take(n0 + 1) {
+                    *s = i as u8;
+                }
+                Some(&**vocab)
+            }
+            Pairs::Table(_) => None,
+        };
+        let bytes = word.as_bytes();
+        let pair = |ids: &[u32], starts: &[u8], i: usize| match ranked {
+            Some(vocab) => vocab
+                .get(&bytes[starts[i] as usize..starts[i + 2] as usize])
+                .map_or(NONE, |id| (id as u64) << 32 | id as u64),
+            None => self.pair(ids[i], ids[i + 1]),
+        };
         for i in 0..n0.saturating_sub(1) {
-            ranks[i] = self.pair(ids[i], ids[i + 1]);
+            ranks[i] = pair(&ids, &starts, i);
         }
         let mut n = n0;
         while n > 1 {
@@ -175,13 +212,14 @@ impl Merges {
             }
             ids[at] = best as u32;
             ids.copy_within(at + 2..n, at + 1);
+            starts.copy_within(at + 2..n + 1, at + 1);
             ranks.copy_within(at + 1..n - 1, at);
             n -= 1;
             if at > 0 {
-                ranks[at - 1] = self.pair(ids[at - 1], ids[at]);
+                ranks[at - 1] = pair(&ids, &starts, at - 1);
             }
             if at + 1 < n {
-                ranks[at] = self.pair(ids[at], ids[at + 1]);
+                ranks[at] = pair(&ids, &starts, at);
             }
             ranks[n - 1] = NONE;
         }
@@ -252,6 +290,7 @@ impl Merges {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tokenize::fast::vocab::VocabBuilder;
     use proptest::prelude::*;
 
     /// A tiny vocabulary over the bytes a, b, c with random merges between them.
@@ -282,7 +321,61 @@ mod tests {
         Merges::new(&merges, Alphabet::Bytes(byte_ids))
     }
 
+    /// tiktoken's rule on a vocabulary of the 256 bytes and random tokens over a, b, c (ids after the
+    /// bytes, in the order drawn): looked up in the vocabulary, and as the table of every split of every
+    /// token (how the rule was built before).
+    fn ranks_both_ways(tokens: &[Vec<u8>]) -> (Merges, Merges) {
+        let mut builder = VocabBuilder::with_capacity(0, 0);
+        let mut byte_ids = [0u32; 256];
+        for b in 0..=255u8 {
+            byte_ids[b as usize] = b as u32;
+            builder.push(&[b], b as u32);
+        }
+        let mut next = 256;
+        let mut seen = std::collections::HashSet::new();
+        for t in tokens
+            .iter()
+            .filter(|t| t.len() > 1 && seen.insert(t.to_vec()))
+        {
+            builder.push(t, next);
+            next += 1;
+        }
+        let vocab = Arc::new(builder.finish().unwrap());
+        let mut table = FxHashMap::default();
+        for (token, id) in vocab.iter().filter(|(t, _)| t.len() > 1) {
+            for k in 1..token.len() {
+                if let (Some(a), Some(b)) = (vocab.get(&token[..k]), vocab.get(&token[k..])) {
+                    table.insert((a as u64) << 32 | b as u64, (id as u64) << 32 | id as u64);
+                }
+            }
+        }
+        let by_table = Merges {
+            pairs: Pairs::Table(table),
+            alphabet: Alphabet::Bytes(byte_ids),
+        };
+        (Merges::from_ranks(vocab, byte_ids), by_table)
+    }
+
     proptest! {
+        #[test]
+        fn ranks_looked_up_equal_the_table_of_splits(
+            tokens in prop::collection::vec("[abc]{2,6}", 0..60),
+            word in "[abc]{1,80}",
+        ) {
+            let tokens: Vec<Vec<u8>> = tokens.into_iter().map(String::into_bytes).collect();
+            let (ranks, table) = ranks_both_ways(&tokens);
+            let (mut a, mut b) = (Vec::new(), Vec::new());
+            ranks.encode(&word, &mut a);
+            table.encode(&word, &mut b);
+            prop_assert_eq!(&a, &b);
+            if word.len() <= SCAN_MAX {
+                let (mut c, mut d) = (Vec::new(), Vec::new());
+                ranks.encode_heap(&word, &mut c);
+                table.encode_scan(&word, &mut d);
+                prop_assert_eq!((c, d), (a.clone(), a));
+            }
+        }
+
         #[test]
         fn scan_and_heap_agree(
             seq in prop::collection::vec((97u8..100, 97u8..100), 0..40),

@@ -36,6 +36,7 @@ pub(crate) mod unicode;
 pub(crate) mod vocab;
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use rustc_hash::FxHashMap;
 
@@ -102,8 +103,9 @@ pub(crate) struct AddedSpec {
 /// The encoder.
 pub(crate) struct FastBpe {
     merges: Merges,
-    /// Tokens by bytes (a whole pre-token, for `ignore_merges`) and by id (for token texts).
-    vocab: Vocab,
+    /// Tokens by bytes (a whole pre-token, for `ignore_merges`) and by id (for token texts); shared
+    /// with the merges under tiktoken's rule.
+    vocab: Arc<Vocab>,
     ignore_merges: bool,
     added_raw: Option<AddedSet>,
     added_normalized: Option<AddedSet>,
@@ -128,14 +130,14 @@ pub(crate) struct FastBpe {
 impl FastBpe {
     pub(crate) fn new(spec: BpeSpec) -> Result<FastBpe, String> {
         static NEXT_KEY: AtomicU64 = AtomicU64::new(1);
-        let vocab = spec.vocab;
+        let vocab = Arc::new(spec.vocab);
         let alphabet = match spec.symbols {
             Symbols::Bytes => Alphabet::Bytes(byte_tokens(&vocab)?),
             Symbols::Chars => char_tokens(&vocab)?,
         };
         let merges = match &spec.merges {
             MergeList::FromRanks => match alphabet {
-                Alphabet::Bytes(byte_ids) => Merges::from_ranks(&vocab, byte_ids),
+                Alphabet::Bytes(byte_ids) => Merges::from_ranks(vocab.clone(), byte_ids),
                 Alphabet::Chars { .. } => return Err("tiktoken ranks over characters".into()),
             },
             MergeList::Ids(list) => Merges::new(list, alphabet),
