@@ -194,8 +194,8 @@ impl Merges {
                 .map_or(NONE, |id| (id as u64) << 32 | id as u64),
             None => self.pair(ids[i], ids[i + 1]),
         };
-        for i in 0..n0.saturating_sub(1) {
-            ranks[i] = pair(&ids, &starts, i);
+        for (i, rank) in ranks.iter_mut().enumerate().take(n0.saturating_sub(1)) {
+            *rank = pair(&ids, &starts, i);
         }
         let mut n = n0;
         while n > 1 {
@@ -331,14 +331,12 @@ mod tests {
             byte_ids[b as usize] = b as u32;
             builder.push(&[b], b as u32);
         }
-        let mut next = 256;
         let mut seen = std::collections::HashSet::new();
-        for t in tokens
+        let fresh = tokens
             .iter()
-            .filter(|t| t.len() > 1 && seen.insert(t.to_vec()))
-        {
+            .filter(|t| t.len() > 1 && seen.insert(t.to_vec()));
+        for (next, t) in (256..).zip(fresh) {
             builder.push(t, next);
-            next += 1;
         }
         let vocab = Arc::new(builder.finish().unwrap());
         let mut table = FxHashMap::default();
