@@ -85,6 +85,13 @@ impl Tokenizer {
         self.inner.vocab_size()
     }
 
+    /// What loading a `tokenizer.json` on the fast engine did with the load cache (`SFT_COLLATE_CACHE`;
+    /// `None` for built-ins and files `tokenizers` runs).
+    #[getter]
+    fn load_cache(&self) -> Option<String> {
+        self.inner.cache_use().map(|c| c.to_string())
+    }
+
     #[getter]
     fn pad_id(&self) -> Option<u32> {
         self.inner.pad_id()

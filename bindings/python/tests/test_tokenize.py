@@ -77,6 +77,24 @@ def test_random_text_and_every_tokenizer_form(qwen2_path):
             assert torch.equal(got[name], tensor), (type(form), name)
 
 
+def test_the_load_cache_gives_the_same_tokenizer(qwen2_path, tmp_path, monkeypatch):
+    """A tokenizer.json read back from the load cache ($SFT_COLLATE_CACHE) encodes as the file does."""
+    monkeypatch.setenv("SFT_COLLATE_CACHE", str(tmp_path))
+    first = sft_collate.Tokenizer(qwen2_path)
+    assert first.load_cache.startswith("prepared and saved to " + str(tmp_path))
+    second = sft_collate.Tokenizer(qwen2_path)
+    assert second.load_cache.startswith("read from " + str(tmp_path))
+    hf = tokenizers.Tokenizer.from_file(qwen2_path)
+    texts = ["Hello, world!", "  spaces\n\nand 12345 東京 😀", "<|im_start|>user\nhi<|im_end|>"]
+    for text in texts:
+        want = hf.encode(text, add_special_tokens=False).ids
+        assert first.encode(text) == want and second.encode(text) == want, text
+    assert second.vocab_size == first.vocab_size == hf.get_vocab_size(with_added_tokens=True)
+    monkeypatch.setenv("SFT_COLLATE_CACHE", "off")
+    assert sft_collate.Tokenizer(qwen2_path).load_cache == "off"
+    assert sft_collate.Tokenizer("o200k_base").load_cache is None
+
+
 def test_transformers_tokenizer_and_its_pad_id(qwen2_path):
     transformers = pytest.importorskip("transformers")
     tok = transformers.PreTrainedTokenizerFast(tokenizer_file=qwen2_path, pad_token="<|im_end|>")
