@@ -438,10 +438,22 @@ mod tests {
         prop::collection::vec(chars, 0..30).prop_map(|c| c.into_iter().collect())
     }
 
+    /// Texts of long ASCII letter runs (what the scanners read eight bytes at a time), ended by every
+    /// kind of character: another letter outside ASCII, `@`/`[`/`` ` ``/`{` (next to the letter ranges),
+    /// digits, spaces, marks, the end.
+    fn wordy_texts() -> impl Strategy<Value = String> {
+        let chars = prop_oneof![
+            12 => prop::sample::select("abcxyzABCXYZ".chars().collect::<Vec<_>>()),
+            3 => prop::sample::select(" \n'@[`{09.,_".chars().collect::<Vec<_>>()),
+            1 => prop::sample::select("éßЖ中\u{301}😀\u{a0}".chars().collect::<Vec<_>>()),
+        ];
+        prop::collection::vec(chars, 0..80).prop_map(|c| c.into_iter().collect())
+    }
+
     /// `pattern` cuts `cases` random texts as Oniguruma cuts them with `regex`.
     fn agrees_with_oniguruma(regex: &str, pattern: &Pattern, cases: u32) {
         TestRunner::new(Config::with_cases(cases))
-            .run(&texts(), |text| {
+            .run(&prop_oneof![texts(), wordy_texts()], |text| {
                 prop_assert_eq!(ours(pattern, &text), oniguruma(regex, &text), "{}", regex);
                 Ok(())
             })

@@ -468,7 +468,7 @@ impl Matcher<'_> {
         let next = pos + w0;
         // `[^\r\n\p{L}\p{N}]?\p{L}+` with the prefix empty (the contractions start with `'`).
         if f0 & L != 0 {
-            return self.run(next, L, false, INF);
+            return self.letters(next);
         }
         // The contractions.
         if self.bytes[pos] == b'\'' {
@@ -483,7 +483,7 @@ impl Matcher<'_> {
         };
         // The same with a prefix: any character but CR, LF, a letter or a number, then letters.
         if f0 & (CR | LF | N) == 0 && f1 & L != 0 {
-            return self.run(next + w1, L, false, INF);
+            return self.letters(next + w1);
         }
         // `\p{N}{1,k}`.
         if f0 & N != 0 {
@@ -558,7 +558,10 @@ impl Matcher<'_> {
         } else {
             (pos, f0)
         };
-        for (mask, negated) in [(L, false), (N, false), (S | L | N, true)] {
+        if f & L != 0 {
+            return self.letters(class_at);
+        }
+        for (mask, negated) in [(N, false), (S | L | N, true)] {
             if (f & mask != 0) != negated {
                 return self.run(class_at, mask, negated, INF);
             }
@@ -677,6 +680,33 @@ impl Matcher<'_> {
             count += 1;
         }
         pos
+    }
+
+    /// The end of the run of `\p{L}` from `pos`: eight ASCII letters at a time while there are eight
+    /// (SWAR: a byte is an ASCII letter when it is below 0x80 and, with bit 5 set, in `a..=z`), then one
+    /// character at a time from the first byte that is not one.
+    #[inline(always)]
+    fn letters(&self, mut pos: usize) -> usize {
+        const HIGH: u64 = 0x8080_8080_8080_8080;
+        const ONES: u64 = 0x0101_0101_0101_0101;
+        while let Some(eight) = self.bytes.get(pos..pos + 8) {
+            let w = u64::from_le_bytes(eight.try_into().expect("8 bytes"));
+            if w & HIGH != 0 {
+                break;
+            }
+            let lower = w | (0x20 * ONES);
+            // Per byte (all below 0x80, so no carry crosses a byte): high bit set iff >= b'a', and iff
+            // > b'z'.
+            let at_least_a = (lower + (0x80 - b'a' as u64) * ONES) & HIGH;
+            let above_z = (lower + (0x80 - b'z' as u64 - 1) * ONES) & HIGH;
+            let letters = at_least_a & !above_z;
+            if letters != HIGH {
+                // The first byte that is not a letter ends the run.
+                return pos + ((!letters & HIGH).trailing_zeros() / 8) as usize;
+            }
+            pos += 8;
+        }
+        self.run(pos, L, false, INF)
     }
 
     /// Whether the character at `pos` is in range set `set`.
