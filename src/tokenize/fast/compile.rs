@@ -442,12 +442,16 @@ mod tests {
     /// kind of character: another letter outside ASCII, `@`/`[`/`` ` ``/`{` (next to the letter ranges),
     /// digits, spaces, marks, the end.
     fn wordy_texts() -> impl Strategy<Value = String> {
-        let chars = prop_oneof![
-            12 => prop::sample::select("abcxyzABCXYZ".chars().collect::<Vec<_>>()),
-            3 => prop::sample::select(" \n'@[`{09.,_".chars().collect::<Vec<_>>()),
-            1 => prop::sample::select("éßЖ中\u{301}😀\u{a0}".chars().collect::<Vec<_>>()),
+        let pieces = prop_oneof![
+            4 => "[A-Z]{0,10}[a-z]{0,12}",
+            2 => "[a-zA-Z]{0,20}",
+            2 => prop::sample::select(
+                [" ", "\n", "'", "'s", "@", "[", "`", "{", "09", ".", "_", "é", "Ж", "中", "\u{301}", "😀", "\u{a0}"]
+                    .map(String::from)
+                    .to_vec()
+            ),
         ];
-        prop::collection::vec(chars, 0..80).prop_map(|c| c.into_iter().collect())
+        prop::collection::vec(pieces, 0..12).prop_map(|p| p.concat())
     }
 
     /// `pattern` cuts `cases` random texts as Oniguruma cuts them with `regex`.

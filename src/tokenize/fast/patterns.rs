@@ -626,10 +626,10 @@ impl Matcher<'_> {
         };
         if let Some(q) = letters_at {
             if !o200k {
-                return self.ascii_run(q, L, false, usize::MAX);
+                return self.ascii_range_run(q, (b'a', b'z', 0x20), L);
             }
-            let upper = self.ascii_run(q, LU, false, usize::MAX)?;
-            let end = self.ascii_run(upper, LL, false, usize::MAX)?;
+            let upper = self.ascii_range_run(q, (b'A', b'Z', 0), LU)?;
+            let end = self.ascii_range_run(upper, (b'a', b'z', 0), LL)?;
             return Some(self.contraction(end, true).unwrap_or(end));
         }
         if f0 & N != 0 {
@@ -682,11 +682,23 @@ impl Matcher<'_> {
         pos
     }
 
-    /// The end of the run of `\p{L}` from `pos`: eight ASCII letters at a time while there are eight
-    /// (SWAR: a byte is an ASCII letter when it is below 0x80 and, with bit 5 set, in `a..=z`), then one
-    /// character at a time from the first byte that is not one.
+    /// The end of the run of `\p{L}` from `pos`: eight ASCII letters at a time while there are eight,
+    /// then one character at a time.
     #[inline(always)]
-    fn letters(&self, mut pos: usize) -> usize {
+    fn letters(&self, pos: usize) -> usize {
+        match self.ascii_blocks(pos, b'a', b'z', 0x20) {
+            (end, true) => end,
+            (from, false) => self.run(from, L, false, INF),
+        }
+    }
+
+    /// Eight bytes at a time from `pos` while each, with `fold` OR-ed in, is in `lo..=hi` (an ASCII
+    /// range): `(end, true)` when a block shows where the run ends (its first byte outside the range,
+    /// all before it ASCII), else `(where to go on one character at a time, false)`: a block with a byte
+    /// of 0x80 or more, or fewer than eight bytes left. SWAR: with every byte below 0x80, adding
+    /// `0x80 - lo` sets a byte's high bit iff it is `>= lo`, and no carry crosses a byte.
+    #[inline(always)]
+    fn ascii_blocks(&self, mut pos: usize, lo: u8, hi: u8, fold: u8) -> (usize, bool) {
         const HIGH: u64 = 0x8080_8080_8080_8080;
         const ONES: u64 = 0x0101_0101_0101_0101;
         while let Some(eight) = self.bytes.get(pos..pos + 8) {
@@ -694,19 +706,31 @@ impl Matcher<'_> {
             if w & HIGH != 0 {
                 break;
             }
-            let lower = w | (0x20 * ONES);
-            // Per byte (all below 0x80, so no carry crosses a byte): high bit set iff >= b'a', and iff
-            // > b'z'.
-            let at_least_a = (lower + (0x80 - b'a' as u64) * ONES) & HIGH;
-            let above_z = (lower + (0x80 - b'z' as u64 - 1) * ONES) & HIGH;
-            let letters = at_least_a & !above_z;
-            if letters != HIGH {
-                // The first byte that is not a letter ends the run.
-                return pos + ((!letters & HIGH).trailing_zeros() / 8) as usize;
+            let v = w | (fold as u64 * ONES);
+            let at_least_lo = (v + (0x80 - lo as u64) * ONES) & HIGH;
+            let above_hi = (v + (0x80 - hi as u64 - 1) * ONES) & HIGH;
+            let inside = at_least_lo & !above_hi;
+            if inside != HIGH {
+                return (pos + ((!inside & HIGH).trailing_zeros() / 8) as usize, true);
             }
             pos += 8;
         }
-        self.run(pos, L, false, INF)
+        (pos, false)
+    }
+
+    /// [`Matcher::ascii_run`] of the characters `lo..=hi` (with `fold` OR-ed in) flagged `mask`, eight
+    /// at a time first.
+    #[inline(always)]
+    fn ascii_range_run(
+        &self,
+        pos: usize,
+        (lo, hi, fold): (u8, u8, u8),
+        mask: u32,
+    ) -> Option<usize> {
+        match self.ascii_blocks(pos, lo, hi, fold) {
+            (end, true) => Some(end),
+            (from, false) => self.ascii_run(from, mask, false, usize::MAX),
+        }
     }
 
     /// Whether the character at `pos` is in range set `set`.
