@@ -145,6 +145,26 @@ fn a_cached_tokenizer_is_the_tokenizer() {
         }
     }
 
+    // Several threads preparing the same file at once: each gets the tokenizer, the entry ends whole.
+    let reference = load(&sources[0]);
+    for entry in files(&cache) {
+        std::fs::remove_file(entry).unwrap();
+    }
+    let loaded: Vec<Tokenizer> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..4).map(|_| scope.spawn(|| load(&sources[0]))).collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (i, t) in loaded.iter().enumerate() {
+        same(&reference, t, &format!("concurrent load {i}"));
+    }
+    let after = load(&sources[0]);
+    assert!(
+        matches!(after.cache_use(), Some(CacheUse::Hit(_))),
+        "{:?}",
+        after.cache_use()
+    );
+    assert_eq!(files(&cache).len(), 1, "no temporary left behind");
+
     // Off: nothing read or written.
     let before = files(&cache);
     std::env::set_var("SFT_COLLATE_CACHE", "off");
