@@ -205,6 +205,18 @@ fn the_engine_is_chosen_and_named() {
         stdout.contains("tokenizer engine: fast (cl100k split)"),
         "{stdout}"
     );
+
+    // Where the load cache is and what it holds; off when asked.
+    let cache = tempfile::tempdir().unwrap();
+    std::fs::write(cache.path().join("tokenizer-0.bin"), [0u8; 2000]).unwrap();
+    let out = run(bin()
+        .args(["doctor"])
+        .env("SFT_COLLATE_CACHE", cache.path()));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = format!("load cache: {} (1 entries, 0.0 MB;", cache.path().display());
+    assert!(stdout.contains(&line), "{stdout}");
+    let out = run(bin().args(["doctor"]).env("SFT_COLLATE_CACHE", "off"));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("load cache: off\n"));
 }
 
 #[test]

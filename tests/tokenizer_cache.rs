@@ -1,7 +1,8 @@
 //! The load cache of the fast engine (`src/tokenize/fast/disk.rs`): a tokenizer read back from it is the
 //! tokenizer read from its source — the same ids as `tokenizers` on hard texts, the same vocabulary size,
-//! token ids and texts; an edited source is a new entry; a damaged entry is ignored and written again; a
-//! cache that is off or cannot be written changes nothing but the time.
+//! token ids and texts; an edited source is a new entry; a damaged entry is ignored and written again;
+//! concurrent loads leave one whole entry; the most recently used entries are kept; a cache that is off
+//! or cannot be written changes nothing but the time.
 //!
 //! One test, alone in its binary, because the cache is chosen by an environment variable.
 
@@ -183,6 +184,43 @@ fn a_cached_tokenizer_is_the_tokenizer() {
         unwritable.cache_use()
     );
     same(&off, &unwritable, "unwritable cache");
+
+    // The 32 most recently used entries are kept: an entry read again outlives older ones.
+    let lru = root.join("lru");
+    std::env::set_var("SFT_COLLATE_CACHE", &lru);
+    let base: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&sources[1]).unwrap()).unwrap();
+    let variant = |i: usize| {
+        let mut json = base.clone();
+        json["added_tokens"]
+            .as_array_mut()
+            .unwrap()
+            .push(serde_json::json!({
+                "id": 100_000 + i, "content": format!("<extra_{i}>"), "single_word": false,
+                "lstrip": false, "rstrip": false, "normalized": false, "special": true
+            }));
+        let path = root.join(format!("variant-{i}.json"));
+        std::fs::write(&path, serde_json::to_string(&json).unwrap()).unwrap();
+        path
+    };
+    let stored = |path: &Path| match load(path).cache_use() {
+        Some(CacheUse::Stored(entry)) => entry.clone(),
+        other => panic!("{}: {other:?}", path.display()),
+    };
+    let first = variant(0);
+    let kept = stored(&first);
+    let early: Vec<PathBuf> = (1..=10).map(|i| stored(&variant(i))).collect();
+    assert!(matches!(load(&first).cache_use(), Some(CacheUse::Hit(_))));
+    for i in 11..=40 {
+        stored(&variant(i));
+    }
+    assert_eq!(files(&lru).len(), 32);
+    assert!(kept.exists(), "the entry read again is kept");
+    assert!(
+        early[..9].iter().all(|e| !e.exists()),
+        "the oldest are gone"
+    );
+    assert!(early[9].exists());
 
     // Built-ins have no load cache.
     assert_eq!(Tokenizer::load("o200k_base").unwrap().cache_use(), None);

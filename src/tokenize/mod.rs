@@ -325,6 +325,12 @@ impl Tokenizer {
         self.fast().map(FastBpe::cache_stats)
     }
 
+    /// The directory the fast engine's load cache uses, from the environment as a load reads it
+    /// (`$SFT_COLLATE_CACHE`, `$XDG_CACHE_HOME/sft-collate`, `~/.cache/sft-collate`); `None` when off.
+    pub fn load_cache_dir() -> Option<PathBuf> {
+        fast::cache_dir()
+    }
+
     /// What loading a `tokenizer.json` on the fast engine did with the load cache (`None` for built-ins
     /// and for tokenizers `tokenizers` runs): see the README's "Tokenizers".
     pub fn cache_use(&self) -> Option<&CacheUse> {

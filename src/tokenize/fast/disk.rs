@@ -11,8 +11,8 @@
 //! written (read-only home, full disk) costs nothing but the time it would have saved.
 //!
 //! Where: `$SFT_COLLATE_CACHE` (a directory; `off` turns the cache off), else
-//! `$XDG_CACHE_HOME/sft-collate`, else `~/.cache/sft-collate`. About 4 MB per tokenizer of 150k tokens,
-//! never evicted (delete the directory to reclaim it).
+//! `$XDG_CACHE_HOME/sft-collate`, else `~/.cache/sft-collate`. About 4 MB per tokenizer of 150k tokens;
+//! the [`KEEP`] most recently used entries are kept (older ones deleted when a new one is written).
 
 use std::path::{Path, PathBuf};
 
@@ -79,17 +79,52 @@ pub(super) fn spec_from_json(
     {
         // A spec the rest does not give (it always does, for a file this version wrote) is made afresh.
         if let Ok(spec) = json::spec_from_saved(&rest, model) {
+            // Recently used, for pruning (best effort: a read-only entry stays as old as it was).
+            let _ = std::fs::File::options()
+                .append(true)
+                .open(&path)
+                .and_then(|f| f.set_modified(std::time::SystemTime::now()));
             return Ok((spec, CacheUse::Hit(path)));
         }
     }
     let mut stored = CacheUse::NotStored("not reached".into());
     let spec = json::spec_from_json_saving(json, |rest, model| {
         stored = match write(&path, &encode(key, json.len(), rest, model)) {
-            Ok(()) => CacheUse::Stored(path.clone()),
+            Ok(()) => {
+                prune(dir, KEEP);
+                CacheUse::Stored(path.clone())
+            }
             Err(e) => CacheUse::NotStored(format!("{}: {e}", path.display())),
         };
     })?;
     Ok((spec, stored))
+}
+
+/// Entries kept: the most recently used (written or read); older ones are deleted when one is written.
+pub(crate) const KEEP: usize = 32;
+
+/// Delete all but the `keep` most recently used entries of `dir` (best effort: another process may be
+/// doing the same; one that loses an entry it was about to read prepares the file again).
+fn prune(dir: &Path, keep: usize) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let mut entries: Vec<(std::time::SystemTime, PathBuf)> = entries
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            name.starts_with("tokenizer-") && name.ends_with(".bin")
+        })
+        .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+        .collect();
+    if entries.len() <= keep {
+        return;
+    }
+    entries.sort_by_key(|e| std::cmp::Reverse(e.0));
+    for (_, path) in entries.drain(keep..) {
+        let _ = std::fs::remove_file(path);
+    }
 }
 
 fn write(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
