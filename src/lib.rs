@@ -112,7 +112,8 @@ pub use cs336::tokenize_prompt_and_output;
 pub use error::{Error, Result};
 pub use ragged::{LengthLimit, RaggedBatch, Truncation};
 pub use tokenize::{
-    tokenize_pairs, tokenize_rows, CacheUse, Engine, EngineChoice, Tokenizer, BUILTIN_TOKENIZERS,
+    tokenize_pairs, tokenize_rows, CacheUse, Engine, EngineChoice, LoadCache, Tokenizer,
+    BUILTIN_TOKENIZERS,
 };
 
 /// The README's Rust examples run as doc tests, so they cannot rot.

@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::ce::{case_strategy, close, extreme_rows_case, non_finite_case, Case};
+use common::ce::{case_strategy, check_rows, close, extreme_rows_case, non_finite_case, Case};
 use proptest::prelude::*;
 use sft_collate::backend::cpu::loss::{
     masked_cross_entropy, vocab_parallel_cross_entropy, CeReference,
@@ -68,19 +68,8 @@ fn check_against_oracle(case: &Case, shards: &[(usize, usize)], with_grad: bool)
     for (rank, (got, &(start, width))) in results.into_iter().zip(shards).enumerate() {
         let got = got.unwrap_or_else(|e| panic!("rank {rank}: {e}"));
         let what = format!("rank {rank} of {shards:?}");
-        for (name, g, w) in [
-            ("log_probs", &got.log_probs, &want.log_probs),
-            ("entropy", &got.entropy, &want.entropy),
-            ("lse", &got.lse, &want.lse),
-            ("row_loss", &got.row_loss, &want.row_loss),
-        ] {
-            for (i, (&g, &w)) in g.iter().zip(w).enumerate() {
-                assert!(
-                    close(g, w, 1e-10, 1e-12),
-                    "{what}: {name}[{i}] = {g}, want {w}"
-                );
-            }
-        }
+        let rows = [&got.log_probs, &got.entropy, &got.lse, &got.row_loss];
+        check_rows(rows.map(Vec::as_slice), &want, (1e-10, 1e-12), &what);
         assert_eq!(got.argmax, want.argmax, "{what}: argmax");
         assert_eq!(
             (got.count, got.correct, got.documents),

@@ -44,24 +44,13 @@ pub fn run(args: DoctorArgs) -> Result<()> {
             println!("  wrote {}", path.display());
         }
     }
-    match sft_collate::Tokenizer::load_cache_dir() {
-        Some(dir) => {
-            // Entries and their size (the directory may not exist yet).
-            let entries: Vec<u64> = std::fs::read_dir(&dir)
-                .map(|d| {
-                    d.filter_map(|e| e.ok())
-                        .filter(|e| e.file_name().to_string_lossy().starts_with("tokenizer-"))
-                        .filter_map(|e| e.metadata().ok().map(|m| m.len()))
-                        .collect()
-                })
-                .unwrap_or_default();
-            println!(
-                "load cache: {} ({} entries, {:.1} MB; SFT_COLLATE_CACHE=off turns it off)",
-                dir.display(),
-                entries.len(),
-                entries.iter().sum::<u64>() as f64 / 1e6
-            );
-        }
+    match sft_collate::Tokenizer::load_cache() {
+        Some(cache) => println!(
+            "load cache: {} ({} entries, {:.1} MB; SFT_COLLATE_CACHE=off turns it off)",
+            cache.dir.display(),
+            cache.entries,
+            cache.bytes as f64 / 1e6
+        ),
         None => println!("load cache: off"),
     }
     if let Some(name) = &args.tokenizer {

@@ -12,7 +12,7 @@ use std::sync::{Arc, OnceLock};
 use rayon::prelude::*;
 
 pub use builtin::{builtin_tokenizer, BUILTIN_TOKENIZERS};
-pub use fast::{CacheStats, CacheUse};
+pub use fast::{CacheStats, CacheUse, LoadCache};
 pub use rows::{tokenize_pairs, tokenize_rows};
 
 /// Split regexes as `tokenizer.json` files write them: the ones the fast engine runs hand-compiled
@@ -325,10 +325,11 @@ impl Tokenizer {
         self.fast().map(FastBpe::cache_stats)
     }
 
-    /// The directory the fast engine's load cache uses, from the environment as a load reads it
-    /// (`$SFT_COLLATE_CACHE`, `$XDG_CACHE_HOME/sft-collate`, `~/.cache/sft-collate`); `None` when off.
-    pub fn load_cache_dir() -> Option<PathBuf> {
-        fast::cache_dir()
+    /// The fast engine's load cache as a load would use it now (from `$SFT_COLLATE_CACHE`,
+    /// `$XDG_CACHE_HOME/sft-collate` or `~/.cache/sft-collate`): its directory and what it holds; `None`
+    /// when off.
+    pub fn load_cache() -> Option<LoadCache> {
+        fast::load_cache()
     }
 
     /// What loading a `tokenizer.json` on the fast engine did with the load cache (`None` for built-ins

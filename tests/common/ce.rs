@@ -22,19 +22,8 @@ pub fn close(got: f64, want: f64, rtol: f64, atol: f64) -> bool {
 /// same values the oracle reads and computes in f32); the gradient within 1e-5 for f32 and 1e-2 for
 /// f16/bf16 (it is rounded once to the logits' dtype; f16 underflows below 2^-24).
 pub fn check<T: LogitElem>(got: &CeOutput<T>, want: &CeReference, what: &str) {
-    for (name, g, w) in [
-        ("log_probs", &got.log_probs, &want.log_probs),
-        ("entropy", &got.entropy, &want.entropy),
-        ("lse", &got.lse, &want.lse),
-        ("row_loss", &got.row_loss, &want.row_loss),
-    ] {
-        for (i, (&g, &w)) in g.iter().zip(w).enumerate() {
-            assert!(
-                close(f64::from(g), w, 1e-5, 1e-6),
-                "{what}: {name}[{i}] = {g}, want {w}"
-            );
-        }
-    }
+    let rows = [&got.log_probs, &got.entropy, &got.lse, &got.row_loss];
+    check_rows(rows.map(Vec::as_slice), want, (1e-5, 1e-6), what);
     if !got.argmax.is_empty() {
         assert_eq!(got.argmax, want.argmax, "{what}: argmax");
         assert_eq!(got.correct as usize, want.correct, "{what}: correct");
@@ -71,6 +60,26 @@ pub fn check<T: LogitElem>(got: &CeOutput<T>, want: &CeReference, what: &str) {
             assert!(
                 close(g, w, rtol, atol * scale.max(1.0)),
                 "{what}: grad[{i}] = {g}, want {w}"
+            );
+        }
+    }
+}
+
+/// Per-row outputs (log-probs, entropy, lse, row losses, in that order; any float type) against the
+/// oracle's, within `(rtol, atol)`.
+pub fn check_rows<G: Copy + Into<f64> + std::fmt::Display>(
+    got: [&[G]; 4],
+    want: &CeReference,
+    (rtol, atol): (f64, f64),
+    what: &str,
+) {
+    let names = ["log_probs", "entropy", "lse", "row_loss"];
+    let wants = [&want.log_probs, &want.entropy, &want.lse, &want.row_loss];
+    for ((name, g), w) in names.into_iter().zip(got).zip(wants) {
+        for (i, (&g, &w)) in g.iter().zip(w).enumerate() {
+            assert!(
+                close(g.into(), w, rtol, atol),
+                "{what}: {name}[{i}] = {g}, want {w}"
             );
         }
     }

@@ -380,13 +380,15 @@ fn documents(cu_seqlens: Option<&[i32]>, trained: &[bool]) -> (Vec<usize>, Vec<u
 }
 
 /// What the loss and gradient of one trained row need: its softmax statistics, its label's logit
-/// (after the softcap), PyTorch's smoothing term `mean_j(-log p_j)`, and the argmax of the raw logits.
-#[derive(Clone, Copy, Debug)]
+/// (after the softcap), PyTorch's smoothing term `mean_j(-log p_j)`, the argmax of the raw logits, and
+/// the row's logits after the softcap in the columns at hand (for the gradient).
+#[derive(Clone, Debug)]
 struct RowStats {
     kind: Row,
     x_label: f64,
     smooth: f64,
     argmax: i32,
+    x: Vec<f64>,
 }
 
 /// The logits of one row after the optional softcap.
@@ -462,6 +464,7 @@ pub fn masked_cross_entropy<T: Float>(
                     x_label: x[input.labels.get(row) as usize],
                     smooth,
                     argmax: argmax(raw),
+                    x,
                 }
             })
         })
@@ -550,7 +553,7 @@ fn finish<T: Float>(
             let Some(stat) = stat else { continue };
             let kind = stat.kind;
             let raw = &input.logits[row * shape.row_stride..row * shape.row_stride + width];
-            let x = capped(raw, cap);
+            let x = &stat.x;
             // The label's column here, if it is one of this input's.
             let label = (input.labels.get(row) as usize).checked_sub(start);
             let lse = out.lse[row];
@@ -599,16 +602,15 @@ fn row_partial<T: Float>(raw: &[T], x: &[f64], start: usize, label: Option<usize
         p.label = x[l];
         flags |= RowPartial::HAS_LABEL;
     }
-    if x.iter().any(|v| v.is_nan()) {
-        flags |= RowPartial::NAN;
-    } else if x.contains(&f64::INFINITY) {
-        flags |= RowPartial::POS_INF;
-    } else if let Row::Finite { m, r, u } = classify(x) {
-        (p.max, p.r, p.u) = (m, r, u);
-        p.spread = x.iter().map(|&v| m - v).sum();
-    } else {
+    match classify(x) {
+        Row::Nan => flags |= RowPartial::NAN,
+        Row::PosInf => flags |= RowPartial::POS_INF,
+        Row::Finite { m, r, u } => {
+            (p.max, p.r, p.u) = (m, r, u);
+            p.spread = x.iter().map(|&v| m - v).sum();
+        }
         // Every column -inf: each is infinitely below any finite maximum elsewhere.
-        p.spread = f64::INFINITY;
+        Row::AllNegInf => p.spread = f64::INFINITY,
     }
     let best = argmax(raw);
     p.argmax_value = match best {
@@ -627,8 +629,8 @@ fn row_partial<T: Float>(raw: &[T], x: &[f64], start: usize, label: Option<usize
 }
 
 /// The whole row's statistics from every rank's partial (`widths[k]`: rank k's columns, at least one),
-/// in a vocabulary of `vocab`.
-fn merge_partials(parts: &[RowPartial], widths: &[usize], vocab: usize) -> RowStats {
+/// in a vocabulary of `vocab`; `x` is this rank's columns after the softcap.
+fn merge_partials(parts: &[RowPartial], widths: &[usize], vocab: usize, x: Vec<f64>) -> RowStats {
     let x_label = parts
         .iter()
         .find(|p| p.has(RowPartial::HAS_LABEL))
@@ -697,6 +699,7 @@ fn merge_partials(parts: &[RowPartial], widths: &[usize], vocab: usize) -> RowSt
         x_label,
         smooth,
         argmax,
+        x,
     }
 }
 
@@ -772,22 +775,25 @@ pub fn vocab_parallel_cross_entropy<T: Float>(
     let shape = input.shape;
     let cap = options.softcap.map(f64::from);
     let rows: Vec<usize> = (0..shape.rows).filter(|&r| trained[r]).collect();
-    let partials: Vec<RowPartial> = rows
+    // Each trained row's columns after the softcap (kept for the gradient) and their partial.
+    let (xs, partials): (Vec<Vec<f64>>, Vec<RowPartial>) = rows
         .iter()
         .map(|&row| {
             let raw = &input.logits[row * shape.row_stride..row * shape.row_stride + width];
             let label = (input.labels.get(row) as usize)
                 .checked_sub(shard.start)
                 .filter(|&l| l < width);
-            row_partial(raw, &capped(raw, cap), shard.start, label)
+            let x = capped(raw, cap);
+            let partial = row_partial(raw, &x, shard.start, label);
+            (x, partial)
         })
-        .collect();
+        .unzip();
     let all: Vec<RowPartial> =
         bytemuck::pod_collect_to_vec(&comm.all_gather(bytemuck::cast_slice(&partials))?);
     let mut stats = vec![None; shape.rows];
-    for (i, &row) in rows.iter().enumerate() {
+    for (i, (&row, x)) in rows.iter().zip(xs).enumerate() {
         let parts: Vec<RowPartial> = (0..widths.len()).map(|k| all[k * rows.len() + i]).collect();
-        stats[row] = Some(merge_partials(&parts, &widths, shard.vocab));
+        stats[row] = Some(merge_partials(&parts, &widths, shard.vocab, x));
     }
     Ok(finish(
         input,

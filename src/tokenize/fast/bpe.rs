@@ -75,6 +75,12 @@ impl Alphabet {
 
 const NONE: u64 = u64::MAX;
 
+/// Under tiktoken's rule, a pair that joins into token `id` merges at rank `id` into it.
+#[inline]
+fn ranked(id: Option<u32>) -> u64 {
+    id.map_or(NONE, |id| (id as u64) << 32 | id as u64)
+}
+
 impl Merges {
     /// From (left id, right id, merged id) in rank order. The map is filled in rank order: a pair listed
     /// twice keeps its last rank, as `tokenizers`' map (built by collecting) does.
@@ -151,7 +157,7 @@ impl Merges {
                     }
                     None => vocab.get(&[x, y].concat()),
                 };
-                id.map_or(NONE, |id| (id as u64) << 32 | id as u64)
+                ranked(id)
             }
         }
     }
@@ -178,7 +184,7 @@ impl Merges {
         // With tiktoken's rule symbols are bytes, and the pair at i is the word's bytes from symbol i's
         // start to symbol i + 1's end: looked up as they are, not joined from the two tokens.
         let mut starts = [0u8; SCAN_MAX + 1];
-        let ranked = match &self.pairs {
+        let by_bytes = match &self.pairs {
             Pairs::Ranks(vocab) => {
                 for (i, s) in starts.iter_mut().enumerate().take(n0 + 1) {
                     *s = i as u8;
@@ -188,10 +194,8 @@ impl Merges {
             Pairs::Table(_) => None,
         };
         let bytes = word.as_bytes();
-        let pair = |ids: &[u32], starts: &[u8], i: usize| match ranked {
-            Some(vocab) => vocab
-                .get(&bytes[starts[i] as usize..starts[i + 2] as usize])
-                .map_or(NONE, |id| (id as u64) << 32 | id as u64),
+        let pair = |ids: &[u32], starts: &[u8], i: usize| match by_bytes {
+            Some(vocab) => ranked(vocab.get(&bytes[starts[i] as usize..starts[i + 2] as usize])),
             None => self.pair(ids[i], ids[i + 1]),
         };
         for (i, rank) in ranks.iter_mut().enumerate().take(n0.saturating_sub(1)) {

@@ -69,7 +69,7 @@ pub(super) fn spec_from_json(
     dir: Option<&Path>,
 ) -> Result<(BpeSpec, CacheUse), String> {
     let Some(dir) = dir else {
-        return Ok((json::spec_from_json(json)?, CacheUse::Off));
+        return Ok((json::spec_from_json(json, None)?, CacheUse::Off));
     };
     let key = XxHash3_128::oneshot(json.as_bytes());
     let path = dir.join(format!("tokenizer-{key:032x}.bin"));
@@ -88,41 +88,73 @@ pub(super) fn spec_from_json(
         }
     }
     let mut stored = CacheUse::NotStored("not reached".into());
-    let spec = json::spec_from_json_saving(json, |rest, model| {
-        stored = match write(&path, &encode(key, json.len(), rest, model)) {
-            Ok(()) => {
-                prune(dir, KEEP);
-                CacheUse::Stored(path.clone())
-            }
-            Err(e) => CacheUse::NotStored(format!("{}: {e}", path.display())),
-        };
-    })?;
+    let spec = json::spec_from_json(
+        json,
+        Some(&mut |rest, model| {
+            stored = match write(&path, &encode(key, json.len(), rest, model)) {
+                Ok(()) => {
+                    prune(dir, KEEP);
+                    CacheUse::Stored(path.clone())
+                }
+                Err(e) => CacheUse::NotStored(format!("{}: {e}", path.display())),
+            };
+        }),
+    )?;
     Ok((spec, stored))
 }
 
 /// Entries kept: the most recently used (written or read); older ones are deleted when one is written.
 pub(crate) const KEEP: usize = 32;
 
-/// Delete all but the `keep` most recently used entries of `dir` (best effort: another process may be
-/// doing the same; one that loses an entry it was about to read prepares the file again).
-fn prune(dir: &Path, keep: usize) {
+/// The load cache's directory and what it holds now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LoadCache {
+    pub dir: PathBuf,
+    /// Entries (prepared tokenizers) in it.
+    pub entries: usize,
+    /// Their size in bytes.
+    pub bytes: u64,
+}
+
+/// The load cache as the environment sets it now; `None` when off.
+pub(crate) fn load_cache() -> Option<LoadCache> {
+    let dir = cache_dir()?;
+    let entries = entries(&dir);
+    Some(LoadCache {
+        entries: entries.len(),
+        bytes: entries.iter().map(|e| e.2).sum(),
+        dir,
+    })
+}
+
+/// The entries of `dir`: when each was last used, its path, its size (none if it cannot be read).
+fn entries(dir: &Path) -> Vec<(std::time::SystemTime, PathBuf, u64)> {
     let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
+        return Vec::new();
     };
-    let mut entries: Vec<(std::time::SystemTime, PathBuf)> = entries
+    entries
         .filter_map(|e| e.ok())
         .filter(|e| {
             let name = e.file_name();
             let name = name.to_string_lossy();
             name.starts_with("tokenizer-") && name.ends_with(".bin")
         })
-        .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
-        .collect();
+        .filter_map(|e| {
+            let meta = e.metadata().ok()?;
+            Some((meta.modified().ok()?, e.path(), meta.len()))
+        })
+        .collect()
+}
+
+/// Delete all but the `keep` most recently used entries of `dir` (best effort: another process may be
+/// doing the same; one that loses an entry it was about to read prepares the file again).
+fn prune(dir: &Path, keep: usize) {
+    let mut entries = entries(dir);
     if entries.len() <= keep {
         return;
     }
     entries.sort_by_key(|e| std::cmp::Reverse(e.0));
-    for (_, path) in entries.drain(keep..) {
+    for (_, path, _) in entries.drain(keep..) {
         let _ = std::fs::remove_file(path);
     }
 }

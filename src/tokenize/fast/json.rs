@@ -283,28 +283,26 @@ struct Config {
     symbols: Symbols,
 }
 
-/// A `tokenizer.json` → the engine's spec; `Err` says what is outside the fast path.
-pub(crate) fn spec_from_json(json: &str) -> Result<BpeSpec, String> {
-    spec_from_json_saving(json, |_, _| {})
-}
+/// What the load cache does with a file's rest and its model, once prepared.
+pub(super) type Save<'s> = &'s mut dyn FnMut(&str, &Model);
 
-/// [`spec_from_json`], calling `save` with the file's rest (as JSON, vocabulary and merges left empty)
-/// and its [`Model`] before they are assembled: what the load cache stores.
-pub(super) fn spec_from_json_saving(
-    json: &str,
-    save: impl FnOnce(&str, &Model),
-) -> Result<BpeSpec, String> {
+/// A `tokenizer.json` → the engine's spec; `Err` says what is outside the fast path. With `save`, it
+/// is called with the file's rest (as JSON, vocabulary and merges left empty) and its [`Model`] before
+/// they are assembled: what the load cache stores.
+pub(super) fn spec_from_json(json: &str, save: Option<Save<'_>>) -> Result<BpeSpec, String> {
     let t: TokenizerJson = serde_json::from_str(json).map_err(|e| e.to_string())?;
     let config = config_of(&t, t.model.merges.len())?;
     let model = model_of(&t.model, config.symbols)?;
-    save(
-        &serde_json::to_string(&t).expect("JSON values serialize"),
-        &model,
-    );
+    if let Some(save) = save {
+        save(
+            &serde_json::to_string(&t).expect("JSON values serialize"),
+            &model,
+        );
+    }
     Ok(assemble(&t, config, model))
 }
 
-/// The spec from a file's rest (see [`spec_from_json_saving`]) and its [`Model`], read back.
+/// The spec from a file's rest (see [`spec_from_json`]) and its [`Model`], read back.
 pub(super) fn spec_from_saved(rest: &str, model: Model) -> Result<BpeSpec, String> {
     let t: TokenizerJson = serde_json::from_str(rest).map_err(|e| e.to_string())?;
     let config = config_of(&t, model.file_merges_len)?;
@@ -389,6 +387,23 @@ fn to_bytes(symbols: Symbols, token: &str, out: &mut Vec<u8>) -> bool {
     }
 }
 
+/// The model's id of a vocabulary string: by its bytes, or among the strings outside the byte alphabet.
+fn model_id(
+    symbols: Symbols,
+    vocab: &Vocab,
+    other_vocab: &[(String, u32)],
+    token: &str,
+) -> Option<u32> {
+    let mut bytes = Vec::new();
+    match to_bytes(symbols, token, &mut bytes) {
+        true => vocab.get(&bytes),
+        false => other_vocab
+            .iter()
+            .find(|(o, _)| o == token)
+            .map(|&(_, id)| id),
+    }
+}
+
 /// The vocabulary and merges in the engine's form.
 fn model_of(m: &ModelJson, symbols: Symbols) -> Result<Model, String> {
     // Vocabulary strings to bytes, written straight into one buffer. Tokens with characters outside
@@ -416,13 +431,7 @@ fn model_of(m: &ModelJson, symbols: Symbols) -> Result<Model, String> {
                 a_bytes.clear();
                 b_bytes.clear();
                 if !to_bytes(a, a_bytes) || !to_bytes(b, b_bytes) {
-                    let known = |t: &str| {
-                        let mut bytes = Vec::new();
-                        match to_bytes(t, &mut bytes) {
-                            true => vocab.contains(&bytes),
-                            false => other_vocab.iter().any(|(o, _)| o == t),
-                        }
-                    };
+                    let known = |t: &str| model_id(symbols, &vocab, &other_vocab, t).is_some();
                     return match (known(a), known(b)) {
                         (true, true) => Ok(None),
                         (false, _) => Err(missing(a)),
@@ -459,23 +468,12 @@ fn assemble(t: &TokenizerJson, config: Config, model: Model) -> BpeSpec {
         ..
     } = model;
     let symbols = config.symbols;
-    let to_bytes = |token: &str, out: &mut Vec<u8>| to_bytes(symbols, token, out);
-    // `tokenizers`: model vocabulary + distinct added contents - those the model already has. The model's
-    // id of a content, looked up by its bytes (few added tokens, 150k+ vocabulary entries).
-    let model_id = |content: &str| {
-        let mut bytes = Vec::new();
-        match to_bytes(content, &mut bytes) {
-            true => vocab.get(&bytes),
-            false => other_vocab
-                .iter()
-                .find(|(o, _)| o == content)
-                .map(|&(_, id)| id),
-        }
-    };
+    // `tokenizers`: model vocabulary + distinct added contents - those the model already has (looked up
+    // by content: few added tokens, 150k+ vocabulary entries).
     let contents: FxHashSet<&str> = t.added_tokens.iter().map(|a| a.content.as_str()).collect();
     let in_model: FxHashMap<&str, u32> = contents
         .iter()
-        .filter_map(|&c| Some((c, model_id(c)?)))
+        .filter_map(|&c| Some((c, model_id(symbols, &vocab, &other_vocab, c)?)))
         .collect();
     let vocab_size = file_vocab_len + contents.len() - in_model.len();
     BpeSpec {

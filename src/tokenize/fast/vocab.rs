@@ -130,46 +130,39 @@ fn entry(arena: &[u8], offset: usize) -> (u32, &[u8]) {
 }
 
 impl Vocab {
-    /// Index the token at `offset`: a new slot, or the slot of the same bytes taken over.
-    fn insert(&mut self, offset: u32) {
-        let token = entry(&self.arena, offset as usize).1;
-        let h = hash(token);
+    /// The slot of `token` (of hash `h`): the one holding it (and its id), or the empty one where it
+    /// would go.
+    #[inline]
+    fn probe(&self, token: &[u8], h: u64) -> (usize, Option<u32>) {
         let mask = self.slots.len() - 1;
         let mut i = h as usize & mask;
         loop {
             let slot = self.slots[i];
             if slot == 0 {
-                break;
+                return (i, None);
             }
-            if (slot >> 32) as u32 == (h >> 32) as u32
-                && entry(&self.arena, (slot as u32 - 1) as usize).1 == token
-            {
-                break;
+            if (slot >> 32) as u32 == (h >> 32) as u32 {
+                let (id, bytes) = entry(&self.arena, (slot as u32 - 1) as usize);
+                if bytes == token {
+                    return (i, Some(id));
+                }
             }
             i = (i + 1) & mask;
         }
+    }
+
+    /// Index the token at `offset`: a new slot, or the slot of the same bytes taken over.
+    fn insert(&mut self, offset: u32) {
+        let token = entry(&self.arena, offset as usize).1;
+        let h = hash(token);
+        let i = self.probe(token, h).0;
         self.slots[i] = (h >> 32) << 32 | (offset as u64 + 1);
     }
 
     /// The id of the token with these bytes.
     #[inline]
     pub(crate) fn get(&self, token: &[u8]) -> Option<u32> {
-        let h = hash(token);
-        let mask = self.slots.len() - 1;
-        let mut i = h as usize & mask;
-        loop {
-            let slot = self.slots[i];
-            if slot == 0 {
-                return None;
-            }
-            if (slot >> 32) as u32 == (h >> 32) as u32 {
-                let (id, bytes) = entry(&self.arena, (slot as u32 - 1) as usize);
-                if bytes == token {
-                    return Some(id);
-                }
-            }
-            i = (i + 1) & mask;
-        }
+        self.probe(token, hash(token)).1
     }
 
     pub(crate) fn contains(&self, token: &[u8]) -> bool {
