@@ -83,6 +83,7 @@ struct CeArgs {
     u64 logits_stride;
     u64 grad_stride;
     u64 documents;             // cu_seqlens has documents + 1 entries
+    u64 row_offset;            // the first row's index in the batch (a launch over a chunk of rows)
     i64 ignore_index;
     float norm_fixed;          // the denominator of CE_NORM_FIXED
     float upstream;            // d final loss / d this loss

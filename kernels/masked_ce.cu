@@ -485,8 +485,10 @@ __device__ __forceinline__ void masked_ce_impl(const CeArgs &a) {
         // The row's weight; under per-sequence means divided by its document's trained rows.
         float w = a.weights ? a.weights[row] : 1.0f;
         if (a.norm_mode == CE_NORM_SEQUENCE_MEAN) {
+            // Documents are found by the row's index in the batch (a launch may cover a chunk of rows).
+            const u64 batch_row = a.row_offset + row;
             const float in_document =
-                a.cu_seqlens ? (float)a.doc_trained[ce_document(a.cu_seqlens, a.documents, row)]
+                a.cu_seqlens ? (float)a.doc_trained[ce_document(a.cu_seqlens, a.documents, batch_row)]
                              : (float)a.count[0];
             w = w / in_document;
         }

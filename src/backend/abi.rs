@@ -152,6 +152,38 @@ pub fn ce_args(options: &CeOptions, shape: &LogitsShape, documents: usize) -> Ce
     }
 }
 
+impl CeArgs {
+    /// The row kernel's arguments over rows `start..start + rows` of the batch `self` describes: logits
+    /// read at `logits` and the gradient written at `grad` (0: none), both starting with row `start`, in
+    /// rows of `logits_stride` and `grad_stride`; the per-row inputs and outputs offset to the chunk;
+    /// the batch's counters (counted once over every row) shared, and documents found by the row's index
+    /// in the batch. This is how the fused linear cross-entropy runs the kernel on one chunk of logits at
+    /// a time with the batch's normalization.
+    pub fn rows_chunk(&self, start: usize, rows: usize, logits: u64, grad: u64) -> CeArgs {
+        debug_assert!(start + rows <= self.rows as usize);
+        let at = |base: u64, bytes: usize| match base {
+            0 => 0,
+            base => base + (start * bytes) as u64,
+        };
+        CeArgs {
+            logits,
+            grad,
+            labels: at(self.labels, if self.labels_are_i64 != 0 { 8 } else { 4 }),
+            mask: at(self.mask, 1),
+            weights: at(self.weights, 4),
+            row_loss: at(self.row_loss, 4),
+            row_z: at(self.row_z, 4),
+            log_probs: at(self.log_probs, 4),
+            entropy: at(self.entropy, 4),
+            lse: at(self.lse, 4),
+            argmax: at(self.argmax, 4),
+            rows: rows as u64,
+            row_offset: self.row_offset + start as u64,
+            ..*self
+        }
+    }
+}
+
 /// The error the kernels' flag reports (0: none).
 pub fn ce_error(flag: u32) -> Result<()> {
     if flag & CE_ERR_LABEL != 0 {
