@@ -126,6 +126,10 @@ pub enum Error {
     #[error("no CUDA device: {0}")]
     NoDevice(String),
 
+    /// An operation this device's backend does not have (yet); the message says where it runs.
+    #[error("{0}")]
+    Unsupported(String),
+
     /// A CUDA driver call failed, or the device returned something impossible.
     #[error("CUDA: {0}")]
     Cuda(String),

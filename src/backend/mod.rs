@@ -292,6 +292,40 @@ impl Device {
     }
 }
 
+impl Device {
+    /// The fused linear cross-entropy of host inputs (see [`crate::loss::linear`]): the loss of
+    /// `hidden · weightᵀ + bias` and the gradients `config` asks for, one chunk of logits at a time. The
+    /// CPU is the oracle (unfused, f64, the whole `[N, V]` logits: small shapes); the emulator runs the
+    /// chunked path with the cross-entropy kernel. The CUDA path (cuBLAS GEMMs around the same kernel)
+    /// is not built yet: on CUDA this is an [`Error::Unsupported`].
+    pub fn linear_cross_entropy<T: LogitElem>(
+        &self,
+        input: &crate::loss::linear::LinearCeInput<'_, T>,
+        options: &CeOptions,
+        request: CeRequest,
+        config: &crate::loss::linear::LinearCeConfig,
+    ) -> Result<crate::loss::linear::LinearCeOutput<T>> {
+        match &self.backend {
+            Backend::Cpu => {
+                // The oracle runs unfused, but a chunk size no backend could take is refused here too.
+                let (n, v, h) = (input.rows(), input.vocab(), input.hidden_size);
+                config.chunk_rows(n, v, h, std::mem::size_of::<T>())?;
+                Ok(cpu::linear::linear_cross_entropy(input, options, config.grads)?.to_output(request))
+            }
+            #[cfg(feature = "cuda")]
+            Backend::Cuda(_) => Err(Error::Unsupported(
+                "the fused linear cross-entropy runs on the cpu and emulated devices; its CUDA path \
+                 (cuBLAS) is not built yet"
+                    .into(),
+            )),
+            #[cfg(feature = "emulation")]
+            Backend::Emulated(emulator) => {
+                emulator.linear_cross_entropy(input, options, request, config)
+            }
+        }
+    }
+}
+
 /// Copying a device result back to the host.
 pub trait ToHost {
     /// The host form.

@@ -10,6 +10,7 @@
 //! (label smoothing ε, PyTorch's definition) and `z = s · lse²` (z-loss), `w` = 1 without weights. Rows
 //! not trained are not read: their outputs are 0 (argmax -1) and their gradient rows zeros.
 
+pub mod linear;
 pub mod parallel;
 
 use crate::{Error, Result};
@@ -255,8 +256,14 @@ impl<'a, T> CeInput<'a, T> {
     }
 
     pub fn validate(&self) -> Result<()> {
+        self.validate_for_logits(self.logits.len())
+    }
+
+    /// [`CeInput::validate`] for logits of `logits_len` elements that are not in `self.logits` (the fused
+    /// linear cross-entropy makes them a chunk at a time).
+    pub(crate) fn validate_for_logits(&self, logits_len: usize) -> Result<()> {
         self.shape.validate(
-            self.logits.len(),
+            logits_len,
             self.labels.len(),
             self.mask.map_or(self.shape.rows, <[bool]>::len),
             self.weights.map(<[f32]>::len),

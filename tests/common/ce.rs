@@ -112,7 +112,7 @@ impl Case {
 
 /// Options drawn for a case: the normalization (with document boundaries for the per-sequence mean),
 /// ignore_index instead of a mask, z-loss, label smoothing, softcap.
-fn options_of(bits: u32, rows: usize, upstream: f32) -> CeOptions {
+pub fn options_of(bits: u32, rows: usize, upstream: f32) -> CeOptions {
     let normalization = match bits % 5 {
         0 => Normalization::TokenMean,
         1 => Normalization::Sum,

@@ -2,6 +2,8 @@
 //! fast path (CUDA kernels, their emulation, the fast tokenizer) is tested against it.
 
 pub mod collate;
+pub mod gemm;
+pub mod linear;
 pub mod loss;
 
 pub use collate::{collate, collate_pack};

@@ -61,16 +61,18 @@ pub(crate) struct CeRun<'a, T: LogitElem> {
 }
 
 impl<'a, T: LogitElem> CeRun<'a, T> {
-    /// Check `input` (its logits are only read by [`CeRun::rows`], through the addresses given there),
-    /// set up the outputs, and count the trained rows of the whole batch.
+    /// Check `input` for logits of `logits_len` elements (its logits are only read by [`CeRun::rows`],
+    /// through the addresses given there), set up the outputs, and count the trained rows of the whole
+    /// batch.
     pub fn start(
         emulator: &Emulator,
         input: &CeInput<'a, T>,
+        logits_len: usize,
         options: &CeOptions,
         request: CeRequest,
         backward: bool,
     ) -> Result<Self> {
-        input.validate()?;
+        input.validate_for_logits(logits_len)?;
         options.validate()?;
         let n = input.shape.rows;
         let mask: Option<Vec<u8>> = input.mask.map(|m| m.iter().map(|&m| u8::from(m)).collect());
@@ -160,7 +162,10 @@ impl<'a, T: LogitElem> CeRun<'a, T> {
         if rows == 0 {
             return;
         }
-        assert!(start + rows <= self.args.rows as usize, "rows past the batch");
+        assert!(
+            start + rows <= self.args.rows as usize,
+            "rows past the batch"
+        );
         let args = CeArgs {
             logits_stride: logits.1 as u64,
             grad_stride: grad.1 as u64,
@@ -210,7 +215,8 @@ impl Emulator {
         request: CeRequest,
         grad: Grad,
     ) -> Result<CeOutput<T>> {
-        let mut run = CeRun::start(self, input, options, request, grad != Grad::None)?;
+        let backward = grad != Grad::None;
+        let mut run = CeRun::start(self, input, input.logits.len(), options, request, backward)?;
         let shape = input.shape;
         let n = shape.rows;
         // Device-like copies: aligned as cudaMalloc'ed memory, so the vector paths run.

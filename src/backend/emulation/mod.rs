@@ -5,10 +5,12 @@
 //! oracle check the kernels' logic on machines without a GPU. It is a checking tool, not a fast path.
 
 mod collate;
+mod linear;
 mod loss;
 
 use crate::backend::abi::{CeArgs, CeVariant, CollateArgs, CollatePackArgs, Launch};
 
+pub use linear::linear_row_stride;
 pub use loss::Grad;
 
 /// The emulator: the CUDA kernels run on CPU threads. Every call is synchronous.
