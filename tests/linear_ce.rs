@@ -5,13 +5,19 @@
 
 mod common;
 
-use common::ce::{case_strategy, check, close, options_of, Case};
-use proptest::prelude::*;
+use common::ce::close;
 use sft_collate::backend::cpu;
-use sft_collate::loss::linear::{LinearCeConfig, LinearCeGrads, LinearCeInput, LinearCeOutput};
-use sft_collate::loss::{CeOptions, CeRequest, Labels, LogitElem, Normalization};
+use sft_collate::loss::linear::{LinearCeConfig, LinearCeGrads, LinearCeInput};
+use sft_collate::loss::{CeOptions, CeRequest, Labels, Normalization};
 use sft_collate::{Device, Error};
+#[cfg(feature = "emulation")]
+use {
+    common::ce::{case_strategy, Case},
+    proptest::prelude::*,
+    sft_collate::loss::LogitElem,
+};
 
+#[cfg(feature = "emulation")]
 /// A linear problem: a cross-entropy case's targets and options, with hidden states, an LM head and
 /// maybe a bias whose logits are of the case's size.
 #[derive(Debug)]
@@ -24,6 +30,7 @@ struct LinearCase {
     chunk_rows: Option<usize>,
 }
 
+#[cfg(feature = "emulation")]
 impl LinearCase {
     fn input<'a, T>(
         &'a self,
@@ -47,6 +54,7 @@ impl LinearCase {
     }
 }
 
+#[cfg(feature = "emulation")]
 fn linear_case() -> impl Strategy<Value = LinearCase> {
     (
         case_strategy(),
@@ -92,6 +100,7 @@ fn linear_case() -> impl Strategy<Value = LinearCase> {
         })
 }
 
+#[cfg(feature = "emulation")]
 fn convert<T: LogitElem>(x: &[f32]) -> Vec<T> {
     x.iter().map(|&v| T::from_f32(v)).collect()
 }
@@ -115,29 +124,6 @@ fn check_vec(got: &[f64], want: &[f64], rtol: f64, atol: f64, what: &str) {
 
 mod oracle {
     use super::*;
-
-    /// The oracle's loss of a perturbed f64 problem.
-    fn loss_of(
-        hidden: &[f64],
-        weight: &[f64],
-        bias: &[f64],
-        h: usize,
-        labels: &[i64],
-        options: &CeOptions,
-        weights: &[f32],
-        cu: &[i32],
-    ) -> f64 {
-        let input = LinearCeInput {
-            bias: Some(bias),
-            weights: Some(weights),
-            cu_seqlens: Some(cu),
-            ..LinearCeInput::new(hidden, weight, h, Labels::I64(labels), None)
-        };
-        cpu::linear::linear_cross_entropy(&input, options, LinearCeGrads::NONE)
-            .unwrap()
-            .ce
-            .loss
-    }
 
     /// d loss / d hidden, weight and bias of the oracle equal central differences of its loss, under
     /// every option (z-loss, smoothing, softcap, weights, per-sequence means, ignore_index).
@@ -185,6 +171,19 @@ mod oracle {
             };
             let got =
                 cpu::linear::linear_cross_entropy(&input, &options, LinearCeGrads::ALL).unwrap();
+            // The oracle's loss of the problem with perturbed parameters.
+            let loss_of = |hidden: &[f64], weight: &[f64], bias: &[f64]| {
+                let input = LinearCeInput {
+                    bias: Some(bias),
+                    weight,
+                    hidden,
+                    ..input
+                };
+                cpu::linear::linear_cross_entropy(&input, &options, LinearCeGrads::NONE)
+                    .unwrap()
+                    .ce
+                    .loss
+            };
             let upstream = f64::from(options.upstream);
             let step = 1e-6;
             let fd = |which: usize, i: usize| {
@@ -195,8 +194,8 @@ mod oracle {
                     1 => (wp[i] += step, wm[i] -= step),
                     _ => (bp[i] += step, bm[i] -= step),
                 };
-                let plus = loss_of(&hp, &wp, &bp, h, &labels, &options, &weights, &cu);
-                let minus = loss_of(&hm, &wm, &bm, h, &labels, &options, &weights, &cu);
+                let plus = loss_of(&hp, &wp, &bp);
+                let minus = loss_of(&hm, &wm, &bm);
                 upstream * (plus - minus) / (2.0 * step)
             };
             let grads = [
@@ -383,7 +382,7 @@ fn refuses_bad_input(device: &Device) {
 
 /// No rows, and rows all masked: a zero loss and zero gradients, never NaN.
 fn empty_and_all_masked(device: &Device) {
-    let weight = vec![0.5f32; 5 * 3];
+    let weight = [0.5f32; 5 * 3];
     let none = LinearCeInput::new(&[][..], &weight[..], 3, Labels::I32(&[]), Some(&[][..]));
     let out = device
         .linear_cross_entropy(
@@ -396,7 +395,7 @@ fn empty_and_all_masked(device: &Device) {
     assert_eq!((out.ce.loss, out.ce.count), (0.0, 0));
     assert_eq!(out.grad_hidden.unwrap(), Vec::<f32>::new());
     assert!(out.grad_weight.unwrap().iter().all(|&g| g == 0.0));
-    let hidden = vec![1.0f32; 4 * 3];
+    let hidden = [1.0f32; 4 * 3];
     let masked = LinearCeInput::new(
         &hidden[..],
         &weight[..],
@@ -422,8 +421,10 @@ device_tests!(refuses_bad_input, empty_and_all_masked);
 #[cfg(feature = "emulation")]
 mod emulated {
     use super::*;
+    use common::ce::{check, options_of};
     use sft_collate::backend::cpu::gemm::{gemm, Mat, MatMut};
     use sft_collate::backend::emulation::{linear_row_stride, Emulator, Grad};
+    use sft_collate::loss::linear::LinearCeOutput;
     use sft_collate::loss::Float;
     use sft_collate::loss::{CeInput, LogitsShape};
 
