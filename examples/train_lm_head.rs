@@ -250,7 +250,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "mean loss {first:.4} over the first {report} steps, {last_mean:.4} over the last ones (ln V = {:.4})",
         (v as f32).ln()
     );
-    if !(last_mean < first) {
+    // NaN (a diverged run) fails too.
+    if last_mean.partial_cmp(&first) != Some(std::cmp::Ordering::Less) {
         return Err(format!("the loss did not fall: {first} → {last_mean}").into());
     }
     Ok(())

@@ -56,10 +56,39 @@ struct CollatePackArgs {
     i32 use_ignore_index;
 };
 
+#define CE_PART_LABEL 1    // partial flag: the row's label is one of this rank's columns
+#define CE_PART_NAN 2      // partial flag: a NaN among the columns
+#define CE_PART_POS_INF 4  // partial flag: a +inf among the columns (and no NaN)
+#define CE_PART_NEG_INF 8  // partial flag: a -inf among the columns
+// Vocabulary-parallel: one trained row's statistics over one rank's columns (after the softcap), written
+// by masked_ce_shard_fwd_*; the ranks exchange them and merge (src/loss/parallel.rs).
+struct CePartial {
+    float max;           // the columns' max (-inf when all are -inf)
+    float r;             // Σ e^(x - max) - 1
+    float u;             // Σ e^(x - max)·(max - x)
+    float spread;        // Σ (max - x) over the columns that are not -inf
+    float label;         // the label's logit, when CE_PART_LABEL
+    float argmax_value;  // the largest raw logit (before the softcap)
+    i32 argmax;          // its first column here, -1 with a NaN
+    u32 flags;           // CE_PART_*
+};
+// Vocabulary-parallel backward: per trained row, what the merged statistics of the whole vocabulary give
+// (computed on the host in f64): d loss / d x_i = coef · [zf · e^((x'_i - m) - log_s) - eps_v] · dx'/dx,
+// and coef · label_term · dx'/dx at the label's column.
+struct CeShardRow {
+    float m;           // the whole row's max (±inf or NaN for rows that are not finite)
+    float log_s;       // log(1 + r) of the whole row
+    float coef;        // upstream / denominator · the row's weight
+    float zf;          // 1 + 2s·lse (z-loss), 1 without
+    float label_term;  // the label's bracket, computed without cancellation
+    float eps_v;       // ε / V (label smoothing over the whole vocabulary)
+};
 // Every cross-entropy kernel takes this one struct, in launch order: masked_ce_count (counts, clears the
 // flag), masked_ce_documents (with cu_seqlens), masked_ce_{fwd,fwd_bwd}_{f32,f16,bf16}_{lean,entropy,full}
-// (one block per row), masked_ce_reduce (sums, loss, correct rows). A row is trained when its mask byte is
-// 1 (no mask: every row) and its label is not ignore_index (when use_ignore_index).
+// (one block per row), masked_ce_reduce (sums, loss, correct rows); for a vocabulary split over ranks,
+// masked_ce_shard_fwd_* (partials) and masked_ce_shard_bwd_* (the gradient of this rank's columns). A row
+// is trained when its mask byte is 1 (no mask: every row) and its label is not ignore_index (when
+// use_ignore_index).
 struct CeArgs {
     const void *logits;        // rows of logits_stride elements, vocab used (f32, f16 or bf16)
     const void *labels;        // rows labels, i32 or i64 (labels_are_i64)
@@ -77,6 +106,8 @@ struct CeArgs {
     i32 *argmax;               // rows, or null (the full kernels only)
     void *grad;                // rows of grad_stride elements, or null; may alias logits (in place)
     float *scalars;            // [sum, loss, z_sum]
+    CePartial *partials;       // rows: each trained row's partial (masked_ce_shard_fwd_*)
+    const CeShardRow *shard_rows; // rows: each trained row's merged statistics (masked_ce_shard_bwd_*)
     u32 *error_flag;           // CE_ERR_* bits
     u64 rows;
     u64 vocab;
@@ -84,6 +115,7 @@ struct CeArgs {
     u64 grad_stride;
     u64 documents;             // cu_seqlens has documents + 1 entries
     u64 row_offset;            // the first row's index in the batch (a launch over a chunk of rows)
+    u64 column_start;          // vocabulary-parallel: the first column's index in the whole vocabulary
     i64 ignore_index;
     float norm_fixed;          // the denominator of CE_NORM_FIXED
     float upstream;            // d final loss / d this loss

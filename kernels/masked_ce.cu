@@ -548,6 +548,77 @@ __device__ __forceinline__ void masked_ce_impl(const CeArgs &a) {
     }
 }
 
+// Vocabulary-parallel, forward: each trained row's statistics over this rank's columns (`vocab` of them,
+// the first being column `column_start` of the whole vocabulary) as a CePartial, always with everything a
+// merge needs (the entropy accumulator, the spread, the argmax; the softcap applied). Rows not trained
+// are not read and their partial is not written.
+template <typename T>
+__device__ __forceinline__ void masked_ce_shard_fwd_impl(const CeArgs &a) {
+    constexpr int F = CE_ENTROPY | CE_EXTRAS;
+    __shared__ Online scratch[32];
+    const T *logits = (const T *)a.logits;
+    const float cap = a.softcap, inv_cap = cap > 0.0f ? 1.0f / cap : 0.0f;
+    for (u64 row = blockIdx.x; row < a.rows; row += gridDim.x) {
+        const i64 label = ce_label(a, row);
+        if (!ce_trained(a, row, label)) continue;
+        const T *x = logits + row * a.logits_stride;
+        const Online total = online_block_reduce<F>(row_statistics<T, F>(x, a.vocab, cap), scratch);
+        if (threadIdx.x == 0) {
+            const bool poisoned = total.r != total.r || total.m != total.m;
+            const i64 local = label - (i64)a.column_start;
+            const bool has_label = local >= 0 && (u64)local < a.vocab;
+            u32 flags = has_label ? (u32)CE_PART_LABEL : 0u;
+            if (poisoned) {
+                flags |= CE_PART_NAN;
+            } else if (total.m == CE_POS_INF) {
+                flags |= CE_PART_POS_INF;
+            }
+            if (total.ninf) flags |= CE_PART_NEG_INF;
+            CePartial p;
+            p.max = total.m;
+            p.r = total.r;
+            p.u = total.u;
+            p.spread = total.d;
+            p.label = has_label ? softcapped(to_float(x[local]), cap, inv_cap) : 0.0f;
+            p.argmax_value = total.am;
+            p.argmax = poisoned ? -1 : (total.arg == CE_NO_ARG ? 0 : total.arg);
+            p.flags = flags;
+            a.partials[row] = p;
+        }
+    }
+}
+
+// Vocabulary-parallel, backward: the gradient of this rank's columns from each trained row's merged
+// statistics (CeShardRow), in place or into `grad`; rows not trained get zeros.
+template <typename T>
+__device__ __forceinline__ void masked_ce_shard_bwd_impl(const CeArgs &a) {
+    const T *logits = (const T *)a.logits;
+    T *grad = (T *)a.grad;
+    const float cap = a.softcap, inv_cap = cap > 0.0f ? 1.0f / cap : 0.0f;
+    for (u64 row = blockIdx.x; row < a.rows; row += gridDim.x) {
+        const i64 label = ce_label(a, row);
+        T *g = grad + row * a.grad_stride;
+        if (!ce_trained(a, row, label)) {
+            write_row(g, a.vocab, [&](u64) { return 0.0f; });
+            continue;
+        }
+        const CeShardRow st = a.shard_rows[row];
+        const i64 local = label - (i64)a.column_start;
+        transform_row(logits + row * a.logits_stride, g, a.vocab, [&](u64 i, float v) {
+            float xc = v, dcap = 1.0f;
+            if (cap > 0.0f) {
+                const float u = v * inv_cap;
+                xc = cap * tanhf(u);
+                const float e = exp_nonpositive(-2.0f * fabsf(u));
+                dcap = 4.0f * e / ((1.0f + e) * (1.0f + e));
+            }
+            const float b = (i64)i == local ? st.label_term
+                                            : st.zf * exp_nonpositive((xc - st.m) - st.log_s) - st.eps_v;
+            return st.coef * (b * dcap);
+        });
+    }
+}
+
 #define CE_KERNEL(op, suffix, variant, T, BACKWARD, F)                                         \
     extern "C" __global__ void __launch_bounds__(CE_BLOCK)                                     \
         masked_ce_##op##_##suffix##_##variant(const CeArgs a) {                                \
@@ -560,7 +631,13 @@ __device__ __forceinline__ void masked_ce_impl(const CeArgs &a) {
     CE_KERNEL(fwd, suffix, full, T, false, CE_ENTROPY | CE_EXTRAS)                             \
     CE_KERNEL(fwd_bwd, suffix, lean, T, true, 0)                                               \
     CE_KERNEL(fwd_bwd, suffix, entropy, T, true, CE_ENTROPY)                                   \
-    CE_KERNEL(fwd_bwd, suffix, full, T, true, CE_ENTROPY | CE_EXTRAS)
+    CE_KERNEL(fwd_bwd, suffix, full, T, true, CE_ENTROPY | CE_EXTRAS)                          \
+    extern "C" __global__ void __launch_bounds__(CE_BLOCK) masked_ce_shard_fwd_##suffix(const CeArgs a) { \
+        masked_ce_shard_fwd_impl<T>(a);                                                        \
+    }                                                                                          \
+    extern "C" __global__ void __launch_bounds__(CE_BLOCK) masked_ce_shard_bwd_##suffix(const CeArgs a) { \
+        masked_ce_shard_bwd_impl<T>(a);                                                        \
+    }
 
 CE_KERNELS(f32, float)
 CE_KERNELS(f16, f16)

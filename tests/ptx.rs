@@ -20,6 +20,10 @@ fn entries(family: &str, listed: &[&str]) -> Vec<String> {
     let mut all: Vec<String> = listed.iter().map(|e| e.to_string()).collect();
     if family == "masked_ce" {
         all.extend(ce_kernels());
+        // Vocabulary-parallel partials and gradient (launched by the emulator; compiled for the GPU).
+        for op in ["fwd", "bwd"] {
+            all.extend(["f32", "f16", "bf16"].map(|s| format!("masked_ce_shard_{op}_{s}")));
+        }
     }
     all
 }

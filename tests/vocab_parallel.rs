@@ -6,14 +6,16 @@
 
 mod common;
 
-use common::ce::{case_strategy, check_rows, close, extreme_rows_case, non_finite_case, Case};
+use common::ce::{
+    case_strategy, check, check_rows, close, extreme_rows_case, non_finite_case, Case,
+};
 use proptest::prelude::*;
 use sft_collate::backend::cpu::loss::{
     masked_cross_entropy, vocab_parallel_cross_entropy, CeReference,
 };
 use sft_collate::loss::parallel::{Communicator, InProcessGroup, VocabShard};
-use sft_collate::loss::{CeInput, Labels, LogitsShape};
-use sft_collate::{Error, Result};
+use sft_collate::loss::{CeInput, CeRequest, Labels, LogitElem, LogitsShape};
+use sft_collate::{Device, DeviceKind, Error, Result};
 
 /// Run `case` split into the column ranges `shards` (one rank each, on its own thread; `vocab` is the
 /// whole vocabulary the ranks are told of); each rank's result.
@@ -240,4 +242,140 @@ fn all_gather_concatenates_in_rank_order_and_refuses_uneven_lengths() {
         }
     });
     assert!(InProcessGroup::new(0).is_err());
+}
+
+/// Each rank on the device `device_of(rank)` gives, for the whole vocabulary, what the unsplit oracle
+/// gives on the same logits (within the kernels' tolerances: `common::ce::check`), and the gradient of
+/// its own columns.
+fn device_split<T: LogitElem>(
+    device_of: &(dyn Fn(usize) -> Device + Sync),
+    case: &Case,
+    shards: &[(usize, usize)],
+    with_grad: bool,
+) {
+    let logits: Vec<T> = case.logits.iter().map(|&x| T::from_f32(x)).collect();
+    let want = masked_cross_entropy(
+        &case.input(&logits, Labels::I64(&case.labels)),
+        &case.options,
+        with_grad,
+    )
+    .unwrap();
+    let group = InProcessGroup::new(shards.len()).unwrap();
+    let results: Vec<_> = std::thread::scope(|scope| {
+        let handles: Vec<_> = group
+            .into_iter()
+            .zip(shards)
+            .enumerate()
+            .map(|(rank, (comm, &(start, width)))| {
+                let logits = &logits;
+                scope.spawn(move || {
+                    let input = CeInput {
+                        logits: &logits[start.min(logits.len())..],
+                        shape: LogitsShape {
+                            rows: case.rows,
+                            vocab: width,
+                            row_stride: case.vocab,
+                        },
+                        ..case.input(logits, Labels::I64(&case.labels))
+                    };
+                    let shard = VocabShard {
+                        start,
+                        vocab: case.vocab,
+                    };
+                    device_of(rank).vocab_parallel_cross_entropy(
+                        &input,
+                        shard,
+                        &case.options,
+                        CeRequest::default(),
+                        &comm,
+                        with_grad,
+                    )
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (rank, (got, &(start, width))) in results.into_iter().zip(shards).enumerate() {
+        let got = got.unwrap_or_else(|e| panic!("rank {rank}: {e}"));
+        // The oracle's gradient restricted to this rank's columns.
+        let mine = CeReference {
+            grad: want.grad.as_ref().map(|g| {
+                g.chunks(case.vocab)
+                    .flat_map(|row| row[start..start + width].iter().copied())
+                    .collect()
+            }),
+            ..want.clone()
+        };
+        check(
+            &got,
+            &mine,
+            &format!("{} rank {rank} of {shards:?}", T::SUFFIX),
+        );
+    }
+}
+
+/// Every rank on `device`: random problems (every option, masks or ignore_index, weights, documents)
+/// split anywhere, the rows that stress the numerics, in f32 and bf16.
+fn vocab_parallel_on_device(device: &Device) {
+    let kind = device.kind();
+    let device_of = |_: usize| match kind {
+        DeviceKind::Cpu => Device::cpu(),
+        _ => Device::new(kind.to_string().parse().unwrap()).unwrap(),
+    };
+    let cases = if kind == DeviceKind::Cpu { 48 } else { 12 };
+    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig {
+        cases,
+        max_shrink_iters: 30,
+        ..ProptestConfig::default()
+    });
+    let strategy = (
+        case_strategy(),
+        prop::collection::vec(1usize..60_000, 0..4),
+        any::<bool>(),
+    );
+    runner
+        .run(&strategy, |(case, cuts, with_grad)| {
+            let shards = shards_at(case.vocab, &cuts);
+            device_split::<f32>(&device_of, &case, &shards, with_grad);
+            device_split::<half::bf16>(&device_of, &case, &shards, with_grad);
+            Ok(())
+        })
+        .unwrap();
+    for case in [extreme_rows_case(), non_finite_case(40)] {
+        for cuts in [vec![4], vec![case.vocab / 2], vec![6, 9, 500]] {
+            device_split::<f32>(&device_of, &case, &shards_at(case.vocab, &cuts), true);
+        }
+    }
+}
+
+#[test]
+fn vocab_parallel_on_the_cpu() {
+    vocab_parallel_on_device(&Device::cpu());
+}
+
+/// The partials and gradient kernels (`masked_ce_shard_{fwd,bwd}_*`) on the emulator. (No CUDA twin yet:
+/// the CUDA backend does not launch them.)
+#[cfg(feature = "emulation")]
+#[test]
+fn vocab_parallel_on_the_emulator() {
+    vocab_parallel_on_device(&Device::emulated());
+}
+
+/// Ranks on different backends are one group (one protocol): rank 0 on the CPU, rank 1 emulated.
+#[cfg(feature = "emulation")]
+#[test]
+fn cpu_and_emulated_ranks_form_one_group() {
+    let device_of = |rank: usize| match rank {
+        0 => Device::cpu(),
+        _ => Device::emulated(),
+    };
+    let case = extreme_rows_case();
+    device_split::<f32>(&device_of, &case, &shards_at(case.vocab, &[300]), true);
+    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig::with_cases(6));
+    runner
+        .run(&(case_strategy(), 1usize..60_000), |(case, cut)| {
+            device_split::<f32>(&device_of, &case, &shards_at(case.vocab, &[cut]), true);
+            Ok(())
+        })
+        .unwrap();
 }

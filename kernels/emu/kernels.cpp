@@ -23,7 +23,9 @@ EMU_WRAPPER(collate_pack_i64, CollatePackArgs)
     EMU_WRAPPER(masked_ce_fwd_##suffix##_full, CeArgs)       \
     EMU_WRAPPER(masked_ce_fwd_bwd_##suffix##_lean, CeArgs)   \
     EMU_WRAPPER(masked_ce_fwd_bwd_##suffix##_entropy, CeArgs) \
-    EMU_WRAPPER(masked_ce_fwd_bwd_##suffix##_full, CeArgs)
+    EMU_WRAPPER(masked_ce_fwd_bwd_##suffix##_full, CeArgs)   \
+    EMU_WRAPPER(masked_ce_shard_fwd_##suffix, CeArgs)        \
+    EMU_WRAPPER(masked_ce_shard_bwd_##suffix, CeArgs)
 EMU_CE_WRAPPERS(f32)
 EMU_CE_WRAPPERS(f16)
 EMU_CE_WRAPPERS(bf16)

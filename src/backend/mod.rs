@@ -326,6 +326,40 @@ impl Device {
     }
 }
 
+impl Device {
+    /// The cross-entropy of a vocabulary split over the ranks of `comm` (see [`crate::loss::parallel`]):
+    /// `input` holds this rank's columns `shard.start..` of `shard.vocab`, and every rank passes the
+    /// same rows, labels, mask, weights and options. Every rank gets the whole vocabulary's outputs and
+    /// loss, and the gradient of its own columns. The CPU computes it in f64; the emulator runs the
+    /// partials and gradient kernels (`masked_ce_shard_{fwd,bwd}_*`) around the same exchanges, so ranks
+    /// on either backend form one group. On CUDA this is not built yet ([`Error::Unsupported`]).
+    pub fn vocab_parallel_cross_entropy<T: LogitElem>(
+        &self,
+        input: &CeInput<'_, T>,
+        shard: crate::loss::parallel::VocabShard,
+        options: &CeOptions,
+        request: CeRequest,
+        comm: &dyn crate::loss::parallel::Communicator,
+        with_grad: bool,
+    ) -> Result<CeOutput<T>> {
+        match &self.backend {
+            Backend::Cpu => Ok(cpu::loss::vocab_parallel_cross_entropy(
+                input, shard, options, comm, with_grad,
+            )?
+            .to_output(request)),
+            #[cfg(feature = "cuda")]
+            Backend::Cuda(_) => Err(Error::Unsupported(
+                "the vocabulary-parallel cross-entropy runs on the cpu and emulated devices; its \
+                 CUDA launches are not built yet"
+                    .into(),
+            )),
+            #[cfg(feature = "emulation")]
+            Backend::Emulated(emulator) => emulator
+                .vocab_parallel_cross_entropy(input, shard, options, request, comm, with_grad),
+        }
+    }
+}
+
 /// Copying a device result back to the host.
 pub trait ToHost {
     /// The host form.

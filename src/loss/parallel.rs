@@ -11,8 +11,9 @@
 //! any split of the vocabulary gives the unsharded loss and gradient); an NCCL one is the natural
 //! implementation across GPUs.
 //!
-//! The computation itself is `backend::cpu::loss::vocab_parallel_cross_entropy` (f64, the oracle of
-//! any future device version).
+//! The computation is `backend::cpu::loss::vocab_parallel_cross_entropy` (f64, the oracle) and, on a
+//! device, [`crate::Device::vocab_parallel_cross_entropy`] (the emulator runs the partials and gradient
+//! kernels around the same exchanges).
 
 use std::sync::{Arc, Condvar, Mutex};
 

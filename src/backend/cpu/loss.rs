@@ -5,6 +5,7 @@
 //! tensors of `masked_normalize` / `masked_mean` come with an explicit shape. Every element type that
 //! implements [`Float`] (f32, f64, `half::f16`, `half::bf16`) is widened to f64 before any arithmetic.
 
+use crate::backend::abi::CeShardRow;
 use crate::loss::parallel::{Communicator, RowPartial, VocabShard};
 use crate::loss::Float;
 use crate::{Error, Result};
@@ -486,8 +487,8 @@ fn finish<T: Float>(
     let shape = input.shape;
     let (n, width) = (shape.rows, shape.vocab);
     let trained: Vec<bool> = stats.iter().map(Option::is_some).collect();
-    let (doc_of, per_doc) = documents(input.cu_seqlens, &trained);
-    let sequence_mean = options.normalization == crate::loss::Normalization::SequenceMean;
+    let (_, per_doc) = documents(input.cu_seqlens, &trained);
+    let weights = row_weights(input, options, &trained);
     let (eps, s) = (
         f64::from(options.label_smoothing),
         f64::from(options.z_loss),
@@ -507,17 +508,11 @@ fn finish<T: Float>(
         loss: 0.0,
         grad: with_grad.then(|| vec![0.0; n * width]),
     };
-    let mut weights = vec![0.0; n];
     for (row, stat) in stats.iter().enumerate() {
         let Some(stat) = stat else { continue };
         let kind = stat.kind;
         let label = input.labels.get(row);
-        let w = f64::from(input.weights.map_or(1.0, |w| w[row]))
-            / if sequence_mean {
-                per_doc[doc_of[row]] as f64
-            } else {
-                1.0
-            };
+        let w = weights[row];
         let lse = kind.logsumexp();
         let log_prob = kind.log_prob(stat.x_label);
         let ce = if eps > 0.0 {
@@ -535,7 +530,6 @@ fn finish<T: Float>(
         out.z_sum += w * z;
         out.count += 1;
         out.correct += usize::from(i64::from(stat.argmax) == label);
-        weights[row] = w;
     }
     let denominator = options.normalization.denominator(out.count, out.documents);
     out.loss = if denominator > 0.0 {
@@ -557,24 +551,17 @@ fn finish<T: Float>(
             // The label's column here, if it is one of this input's.
             let label = (input.labels.get(row) as usize).checked_sub(start);
             let lse = out.lse[row];
-            let p_label = kind.softmax_minus_onehot(stat.x_label, false);
+            let at_label = label_gradient(kind, stat.x_label, lse, s, eps, vocab);
             for (i, g) in grad[row * width..(row + 1) * width].iter_mut().enumerate() {
-                let is_label = label == Some(i);
-                let mut d = if is_label {
-                    let z = if s != 0.0 {
-                        2.0 * s * lse * p_label
-                    } else {
-                        0.0
-                    };
-                    kind.softmax_minus_onehot(x[i], true) + z
+                let mut d = if label == Some(i) {
+                    at_label
                 } else if s != 0.0 {
                     (1.0 + 2.0 * s * lse) * kind.softmax_minus_onehot(x[i], false)
                 } else {
                     kind.softmax_minus_onehot(x[i], false)
                 };
-                if eps > 0.0 {
-                    let at_label = if is_label { eps } else { 0.0 };
-                    d += at_label - eps / vocab as f64;
+                if eps > 0.0 && label != Some(i) {
+                    d -= eps / vocab as f64;
                 }
                 if let Some(c) = cap {
                     // d(C·tanh(x/C))/dx = 1 - tanh² = 1 / cosh², without cancellation near |tanh| = 1.
@@ -586,6 +573,47 @@ fn finish<T: Float>(
         }
     }
     out
+}
+
+/// Each row's weight: the per-token weight (1 without), divided by its document's trained rows under
+/// per-sequence means; 0 for rows not trained.
+fn row_weights<T>(
+    input: &crate::loss::CeInput<'_, T>,
+    options: &crate::loss::CeOptions,
+    trained: &[bool],
+) -> Vec<f64> {
+    let (doc_of, per_doc) = documents(input.cu_seqlens, trained);
+    let sequence_mean = options.normalization == crate::loss::Normalization::SequenceMean;
+    (0..trained.len())
+        .map(|row| match trained[row] {
+            false => 0.0,
+            true => {
+                f64::from(input.weights.map_or(1.0, |w| w[row]))
+                    / if sequence_mean {
+                        per_doc[doc_of[row]] as f64
+                    } else {
+                        1.0
+                    }
+            }
+        })
+        .collect()
+}
+
+/// The bracket of the gradient at a trained row's label (before the softcap's derivative and the
+/// scale): `(1 + 2s·lse)·p - (1 - ε) - ε/V` as `(p - 1) + 2s·lse·p + ε - ε/V`, with `p - 1` taken without
+/// cancellation.
+fn label_gradient(kind: Row, x_label: f64, lse: f64, s: f64, eps: f64, vocab: usize) -> f64 {
+    let z = if s != 0.0 {
+        2.0 * s * lse * kind.softmax_minus_onehot(x_label, false)
+    } else {
+        0.0
+    };
+    let d = kind.softmax_minus_onehot(x_label, true) + z;
+    if eps > 0.0 {
+        d + (eps - eps / vocab as f64)
+    } else {
+        d
+    }
 }
 
 /// One trained row's [`RowPartial`] over this rank's columns `x` (after the softcap; `raw` before it),
@@ -629,8 +657,8 @@ fn row_partial<T: Float>(raw: &[T], x: &[f64], start: usize, label: Option<usize
 }
 
 /// The whole row's statistics from every rank's partial (`widths[k]`: rank k's columns, at least one),
-/// in a vocabulary of `vocab`; `x` is this rank's columns after the softcap.
-fn merge_partials(parts: &[RowPartial], widths: &[usize], vocab: usize, x: Vec<f64>) -> RowStats {
+/// in a vocabulary of `vocab` (without this rank's columns: the CPU's gradient adds them).
+fn merge_partials(parts: &[RowPartial], widths: &[usize], vocab: usize) -> RowStats {
     let x_label = parts
         .iter()
         .find(|p| p.has(RowPartial::HAS_LABEL))
@@ -699,7 +727,7 @@ fn merge_partials(parts: &[RowPartial], widths: &[usize], vocab: usize, x: Vec<f
         x_label,
         smooth,
         argmax,
-        x,
+        x: Vec::new(),
     }
 }
 
@@ -717,6 +745,129 @@ pub fn vocab_parallel_cross_entropy<T: Float>(
     comm: &dyn Communicator,
     with_grad: bool,
 ) -> Result<CeReference> {
+    let (trained, widths) = shard_handshake(input, shard, options, comm)?;
+    let shape = input.shape;
+    let width = shape.vocab;
+    let cap = options.softcap.map(f64::from);
+    let rows: Vec<usize> = (0..shape.rows).filter(|&r| trained[r]).collect();
+    // Each trained row's columns after the softcap (kept for the gradient) and their partial.
+    let (xs, partials): (Vec<Vec<f64>>, Vec<RowPartial>) = rows
+        .iter()
+        .map(|&row| {
+            let raw = &input.logits[row * shape.row_stride..row * shape.row_stride + width];
+            let label = (input.labels.get(row) as usize)
+                .checked_sub(shard.start)
+                .filter(|&l| l < width);
+            let x = capped(raw, cap);
+            let partial = row_partial(raw, &x, shard.start, label);
+            (x, partial)
+        })
+        .unzip();
+    let mut stats = gather_and_merge(&partials, &rows, &widths, shard.vocab, shape.rows, comm)?;
+    for (&row, x) in rows.iter().zip(xs) {
+        if let Some(stat) = &mut stats[row] {
+            stat.x = x;
+        }
+    }
+    Ok(finish(
+        input,
+        options,
+        with_grad,
+        shard.start,
+        shard.vocab,
+        &stats,
+    ))
+}
+
+/// The vocabulary-parallel protocol for a device backend, which computes the partials and the gradient
+/// itself: the same exchanges as [`vocab_parallel_cross_entropy`] (so ranks on different backends can be
+/// one group), `partials` called with the trained rows for theirs (in row order, columns numbered in the
+/// whole vocabulary), the outputs from the merged statistics in f64, and, with `with_grad`, one
+/// [`CeShardRow`] per row (trained rows only meaningful) from which the kernel makes the gradient of
+/// this rank's columns.
+#[cfg_attr(not(feature = "emulation"), allow(dead_code))]
+pub(crate) fn vocab_parallel_from_partials<T: Float>(
+    input: &crate::loss::CeInput<'_, T>,
+    shard: VocabShard,
+    options: &crate::loss::CeOptions,
+    comm: &dyn Communicator,
+    with_grad: bool,
+    partials: impl FnOnce(&[bool]) -> Result<Vec<RowPartial>>,
+) -> Result<(CeReference, Option<Vec<CeShardRow>>)> {
+    let (trained, widths) = shard_handshake(input, shard, options, comm)?;
+    let rows: Vec<usize> = (0..trained.len()).filter(|&r| trained[r]).collect();
+    let local = partials(&trained)?;
+    if local.len() != rows.len() {
+        return Err(Error::Collective(format!(
+            "{} partials for {} trained rows",
+            local.len(),
+            rows.len()
+        )));
+    }
+    let stats = gather_and_merge(&local, &rows, &widths, shard.vocab, trained.len(), comm)?;
+    let reference = finish(input, options, false, shard.start, shard.vocab, &stats);
+    let shard_rows = with_grad.then(|| {
+        let denominator = options
+            .normalization
+            .denominator(reference.count, reference.documents);
+        let scale = if denominator > 0.0 {
+            f64::from(options.upstream) / denominator
+        } else {
+            0.0
+        };
+        let weights = row_weights(input, options, &trained);
+        let (eps, s) = (
+            f64::from(options.label_smoothing),
+            f64::from(options.z_loss),
+        );
+        stats
+            .iter()
+            .zip(weights)
+            .enumerate()
+            .map(|(row, (stat, w))| {
+                let Some(stat) = stat else {
+                    return CeShardRow::default();
+                };
+                let kind = stat.kind;
+                let lse = reference.lse[row];
+                let (m, log_s) = match kind {
+                    Row::Finite { m, r, .. } => (m, r.ln_1p()),
+                    Row::AllNegInf => (f64::NEG_INFINITY, 0.0),
+                    Row::Nan => (f64::NAN, 0.0),
+                    Row::PosInf => (f64::INFINITY, 0.0),
+                };
+                let label_term = label_gradient(kind, stat.x_label, lse, s, eps, shard.vocab);
+                CeShardRow {
+                    m: m as f32,
+                    log_s: log_s as f32,
+                    coef: (scale * w) as f32,
+                    zf: if s != 0.0 {
+                        (1.0 + 2.0 * s * lse) as f32
+                    } else {
+                        1.0
+                    },
+                    label_term: label_term as f32,
+                    eps_v: if eps > 0.0 {
+                        (eps / shard.vocab as f64) as f32
+                    } else {
+                        0.0
+                    },
+                }
+            })
+            .collect()
+    });
+    Ok((reference, shard_rows))
+}
+
+/// The first exchange of a vocabulary-parallel call: every rank's shard, rows, trained rows and verdict
+/// on its input, so that a bad input on one rank fails every rank. Returns the trained rows and each
+/// rank's number of columns.
+fn shard_handshake<T>(
+    input: &crate::loss::CeInput<'_, T>,
+    shard: VocabShard,
+    options: &crate::loss::CeOptions,
+    comm: &dyn Communicator,
+) -> Result<(Vec<bool>, Vec<usize>)> {
     let width = input.shape.vocab;
     let local = match shard
         .start
@@ -770,39 +921,27 @@ pub fn vocab_parallel_cross_entropy<T: Float>(
             shard.vocab
         )));
     }
-    let widths: Vec<usize> = ranks.iter().map(|r| r[2] as usize).collect();
+    Ok((trained, ranks.iter().map(|r| r[2] as usize).collect()))
+}
 
-    let shape = input.shape;
-    let cap = options.softcap.map(f64::from);
-    let rows: Vec<usize> = (0..shape.rows).filter(|&r| trained[r]).collect();
-    // Each trained row's columns after the softcap (kept for the gradient) and their partial.
-    let (xs, partials): (Vec<Vec<f64>>, Vec<RowPartial>) = rows
-        .iter()
-        .map(|&row| {
-            let raw = &input.logits[row * shape.row_stride..row * shape.row_stride + width];
-            let label = (input.labels.get(row) as usize)
-                .checked_sub(shard.start)
-                .filter(|&l| l < width);
-            let x = capped(raw, cap);
-            let partial = row_partial(raw, &x, shard.start, label);
-            (x, partial)
-        })
-        .unzip();
+/// The second exchange: every rank's partials of the trained `rows` (in row order), merged per row into
+/// the whole vocabulary's statistics (`None` for rows not trained; `x` left empty).
+fn gather_and_merge(
+    partials: &[RowPartial],
+    rows: &[usize],
+    widths: &[usize],
+    vocab: usize,
+    n: usize,
+    comm: &dyn Communicator,
+) -> Result<Vec<Option<RowStats>>> {
     let all: Vec<RowPartial> =
-        bytemuck::pod_collect_to_vec(&comm.all_gather(bytemuck::cast_slice(&partials))?);
-    let mut stats = vec![None; shape.rows];
-    for (i, (&row, x)) in rows.iter().zip(xs).enumerate() {
+        bytemuck::pod_collect_to_vec(&comm.all_gather(bytemuck::cast_slice(partials))?);
+    let mut stats = vec![None; n];
+    for (i, &row) in rows.iter().enumerate() {
         let parts: Vec<RowPartial> = (0..widths.len()).map(|k| all[k * rows.len() + i]).collect();
-        stats[row] = Some(merge_partials(&parts, &widths, shard.vocab, x));
+        stats[row] = Some(merge_partials(&parts, widths, vocab));
     }
-    Ok(finish(
-        input,
-        options,
-        with_grad,
-        shard.start,
-        shard.vocab,
-        &stats,
-    ))
+    Ok(stats)
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@
 mod collate;
 mod linear;
 mod loss;
+mod parallel;
 
 use crate::backend::abi::{CeArgs, CeVariant, CollateArgs, CollatePackArgs, Launch};
 
@@ -78,6 +79,28 @@ ce_kernels! {
     true "bf16" Lean => emu_masked_ce_fwd_bwd_bf16_lean,
     true "bf16" Entropy => emu_masked_ce_fwd_bwd_bf16_entropy,
     true "bf16" Full => emu_masked_ce_fwd_bwd_bf16_full,
+}
+
+extern "C" {
+    fn emu_masked_ce_shard_fwd_f32(cfg: *const Launch, args: *const CeArgs);
+    fn emu_masked_ce_shard_fwd_f16(cfg: *const Launch, args: *const CeArgs);
+    fn emu_masked_ce_shard_fwd_bf16(cfg: *const Launch, args: *const CeArgs);
+    fn emu_masked_ce_shard_bwd_f32(cfg: *const Launch, args: *const CeArgs);
+    fn emu_masked_ce_shard_bwd_f16(cfg: *const Launch, args: *const CeArgs);
+    fn emu_masked_ce_shard_bwd_bf16(cfg: *const Launch, args: *const CeArgs);
+}
+
+/// The emulated `masked_ce_shard_{fwd,bwd}_{suffix}` (vocabulary-parallel).
+fn shard_kernel(backward: bool, suffix: &str) -> EmuKernel<CeArgs> {
+    match (backward, suffix) {
+        (false, "f32") => emu_masked_ce_shard_fwd_f32,
+        (false, "f16") => emu_masked_ce_shard_fwd_f16,
+        (false, "bf16") => emu_masked_ce_shard_fwd_bf16,
+        (true, "f32") => emu_masked_ce_shard_bwd_f32,
+        (true, "f16") => emu_masked_ce_shard_bwd_f16,
+        (true, "bf16") => emu_masked_ce_shard_bwd_bf16,
+        _ => unreachable!("a logits dtype without kernels: {suffix}"),
+    }
 }
 
 /// The size of every argument struct and the offset of every field as the C++ compiler lays them out, in
