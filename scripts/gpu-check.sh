@@ -51,13 +51,13 @@ if ! command -v nvidia-smi >/dev/null || ! nvidia-smi -L >/dev/null 2>&1; then
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 step doctor "$bin_dir/sft-collate" doctor
-# The #[ignore]d tests are the GPU instances of every kernel property (tests/backends.rs, tests/cs336.rs)
-# and the CUDA-only API (tests/cuda.rs).
-for t in backends cuda cs336; do
+# The #[ignore]d tests are the GPU instances of every kernel property (tests/backends.rs, tests/cs336.rs,
+# the vocabulary-parallel kernels in tests/vocab_parallel.rs) and the CUDA-only API (tests/cuda.rs).
+for t in backends cuda cs336 vocab_parallel; do
     step "gpu-tests-$t" "$bin_dir/$t" --ignored --test-threads=1
 done
 if command -v compute-sanitizer >/dev/null; then
-    for t in backends cuda; do
+    for t in backends cuda vocab_parallel; do
         step "sanitizer-memcheck-$t" compute-sanitizer --tool memcheck --error-exitcode 1 \
             "$bin_dir/$t" --ignored --test-threads=1
     done

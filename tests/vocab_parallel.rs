@@ -353,12 +353,19 @@ fn vocab_parallel_on_the_cpu() {
     vocab_parallel_on_device(&Device::cpu());
 }
 
-/// The partials and gradient kernels (`masked_ce_shard_{fwd,bwd}_*`) on the emulator. (No CUDA twin yet:
-/// the CUDA backend does not launch them.)
+/// The partials and gradient kernels (`masked_ce_shard_{fwd,bwd}_*`) on the emulator.
 #[cfg(feature = "emulation")]
 #[test]
 fn vocab_parallel_on_the_emulator() {
     vocab_parallel_on_device(&Device::emulated());
+}
+
+/// The same kernels launched on a GPU.
+#[cfg(feature = "cuda")]
+#[test]
+#[ignore = "needs a CUDA device"]
+fn vocab_parallel_on_cuda() {
+    vocab_parallel_on_device(&Device::cuda(0).expect("a CUDA device"));
 }
 
 /// Ranks on different backends are one group (one protocol): rank 0 on the CPU, rank 1 emulated.

@@ -7,6 +7,7 @@
 #![cfg_attr(not(any(feature = "cuda", feature = "emulation")), allow(dead_code))]
 
 use crate::collate::CollatePlan;
+use crate::loss::parallel::RowPartial;
 use crate::loss::{CeOptions, CeRequest, LogitsShape, Normalization};
 use crate::{Error, Result};
 
@@ -21,6 +22,10 @@ unsafe impl cudarc::driver::DeviceRepr for CollateArgs {}
 unsafe impl cudarc::driver::DeviceRepr for CollatePackArgs {}
 #[cfg(feature = "cuda")]
 unsafe impl cudarc::driver::DeviceRepr for CeArgs {}
+#[cfg(feature = "cuda")]
+unsafe impl cudarc::driver::DeviceRepr for CePartial {}
+#[cfg(feature = "cuda")]
+unsafe impl cudarc::driver::DeviceRepr for CeShardRow {}
 
 /// A launch's grid and block (the emulator reads this very struct).
 #[repr(C)]
@@ -180,6 +185,47 @@ impl CeArgs {
             rows: rows as u64,
             row_offset: self.row_offset + start as u64,
             ..*self
+        }
+    }
+}
+
+impl CePartial {
+    /// The kernel's partial in the exchanged form (f64, columns numbered in the whole vocabulary from
+    /// this rank's first, `start`).
+    pub fn exchanged(&self, start: usize) -> RowPartial {
+        let has = |flag: u32| self.flags & flag != 0;
+        let mut flags = 0;
+        for (device, host) in [
+            (CE_PART_LABEL, RowPartial::HAS_LABEL),
+            (CE_PART_NAN, RowPartial::NAN),
+            (CE_PART_POS_INF, RowPartial::POS_INF),
+        ] {
+            if has(device) {
+                flags |= host;
+            }
+        }
+        RowPartial {
+            max: f64::from(self.max),
+            r: f64::from(self.r),
+            u: f64::from(self.u),
+            // A -inf column is infinitely far below the max (the kernel's spread leaves it out).
+            spread: if has(CE_PART_NEG_INF) {
+                f64::INFINITY
+            } else {
+                f64::from(self.spread)
+            },
+            label: f64::from(self.label),
+            argmax_value: if self.argmax < 0 {
+                f64::NAN
+            } else {
+                f64::from(self.argmax_value)
+            },
+            argmax: if self.argmax < 0 {
+                -1.0
+            } else {
+                (start + self.argmax as usize) as f64
+            },
+            flags: f64::from(flags),
         }
     }
 }

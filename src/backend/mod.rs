@@ -330,9 +330,10 @@ impl Device {
     /// The cross-entropy of a vocabulary split over the ranks of `comm` (see [`crate::loss::parallel`]):
     /// `input` holds this rank's columns `shard.start..` of `shard.vocab`, and every rank passes the
     /// same rows, labels, mask, weights and options. Every rank gets the whole vocabulary's outputs and
-    /// loss, and the gradient of its own columns. The CPU computes it in f64; the emulator runs the
-    /// partials and gradient kernels (`masked_ce_shard_{fwd,bwd}_*`) around the same exchanges, so ranks
-    /// on either backend form one group. On CUDA this is not built yet ([`Error::Unsupported`]).
+    /// loss, and the gradient of its own columns. The CPU computes it in f64; the emulator and CUDA run
+    /// the partials and gradient kernels (`masked_ce_shard_{fwd,bwd}_*`) around the same exchanges, so
+    /// ranks on any backend form one group. Host inputs and outputs (the exchange goes through the host:
+    /// on CUDA the partials' copy back synchronizes the stream).
     pub fn vocab_parallel_cross_entropy<T: LogitElem>(
         &self,
         input: &CeInput<'_, T>,
@@ -348,11 +349,9 @@ impl Device {
             )?
             .to_output(request)),
             #[cfg(feature = "cuda")]
-            Backend::Cuda(_) => Err(Error::Unsupported(
-                "the vocabulary-parallel cross-entropy runs on the cpu and emulated devices; its \
-                 CUDA launches are not built yet"
-                    .into(),
-            )),
+            Backend::Cuda(device) => device
+                .masked_cross_entropy()?
+                .vocab_parallel(input, shard, options, request, comm, with_grad),
             #[cfg(feature = "emulation")]
             Backend::Emulated(emulator) => emulator
                 .vocab_parallel_cross_entropy(input, shard, options, request, comm, with_grad),

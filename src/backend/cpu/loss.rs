@@ -785,7 +785,7 @@ pub fn vocab_parallel_cross_entropy<T: Float>(
 /// whole vocabulary), the outputs from the merged statistics in f64, and, with `with_grad`, one
 /// [`CeShardRow`] per row (trained rows only meaningful) from which the kernel makes the gradient of
 /// this rank's columns.
-#[cfg_attr(not(feature = "emulation"), allow(dead_code))]
+#[cfg_attr(not(any(feature = "emulation", feature = "cuda")), allow(dead_code))]
 pub(crate) fn vocab_parallel_from_partials<T: Float>(
     input: &crate::loss::CeInput<'_, T>,
     shard: VocabShard,

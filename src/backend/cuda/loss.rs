@@ -147,7 +147,10 @@ impl<T: LogitElem> DeviceCeOutput<T> {
 
 /// Keep the guard of an address a kernel is about to use (it records the use when dropped after the
 /// launch) and return the address.
-fn keep<'a>(guards: &mut Vec<SyncOnDrop<'a>>, (addr, guard): (u64, SyncOnDrop<'a>)) -> u64 {
+pub(super) fn keep<'a>(
+    guards: &mut Vec<SyncOnDrop<'a>>,
+    (addr, guard): (u64, SyncOnDrop<'a>),
+) -> u64 {
     guards.push(guard);
     addr
 }
@@ -207,6 +210,8 @@ pub struct MaskedCrossEntropy {
     count: CudaFunction,
     documents: CudaFunction,
     reduce: CudaFunction,
+    /// `masked_ce_shard_{fwd,bwd}_{suffix}` (vocabulary-parallel, `super::parallel`).
+    pub(super) shard: std::collections::HashMap<String, CudaFunction>,
     origin: ModuleOrigin,
 }
 
@@ -233,7 +238,16 @@ impl MaskedCrossEntropy {
                 }
             }
         }
+        let mut shard = std::collections::HashMap::new();
+        for op in ["fwd", "bwd"] {
+            for suffix in ["f32", "f16", "bf16"] {
+                let name = format!("masked_ce_shard_{op}_{suffix}");
+                let function = module.load_function(&name).map_err(cuda_err)?;
+                shard.insert(name, function);
+            }
+        }
         Ok(MaskedCrossEntropy {
+            shard,
             count: module.load_function("masked_ce_count").map_err(cuda_err)?,
             documents: module
                 .load_function("masked_ce_documents")

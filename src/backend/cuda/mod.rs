@@ -20,6 +20,7 @@ mod collate;
 mod loss;
 pub mod memory;
 mod module;
+mod parallel;
 
 use std::sync::{Arc, OnceLock};
 

@@ -4,51 +4,11 @@
 //! backends form one group), and the gradient of this rank's columns by `masked_ce_shard_bwd_*`.
 
 use super::{addr, shard_kernel, DeviceLikeBuffer, Emulator};
-use crate::backend::abi::{
-    self, CeArgs, CePartial, CE_PART_LABEL, CE_PART_NAN, CE_PART_NEG_INF, CE_PART_POS_INF,
-};
+use crate::backend::abi::{self, CeArgs, CePartial};
 use crate::backend::cpu::loss::vocab_parallel_from_partials;
-use crate::loss::parallel::{Communicator, RowPartial, VocabShard};
+use crate::loss::parallel::{Communicator, VocabShard};
 use crate::loss::{CeInput, CeOptions, CeOutput, CeRequest, Labels, LogitElem};
 use crate::Result;
-
-/// A kernel's partial in the exchanged form (f64, columns numbered in the whole vocabulary).
-fn exchanged(p: &CePartial, start: usize) -> RowPartial {
-    let has = |flag: u32| p.flags & flag != 0;
-    let mut flags = 0;
-    for (device, host) in [
-        (CE_PART_LABEL, RowPartial::HAS_LABEL),
-        (CE_PART_NAN, RowPartial::NAN),
-        (CE_PART_POS_INF, RowPartial::POS_INF),
-    ] {
-        if has(device) {
-            flags |= host;
-        }
-    }
-    RowPartial {
-        max: f64::from(p.max),
-        r: f64::from(p.r),
-        u: f64::from(p.u),
-        // A -inf column is infinitely far below the max (the kernel's spread leaves it out).
-        spread: if has(CE_PART_NEG_INF) {
-            f64::INFINITY
-        } else {
-            f64::from(p.spread)
-        },
-        label: f64::from(p.label),
-        argmax_value: if p.argmax < 0 {
-            f64::NAN
-        } else {
-            f64::from(p.argmax_value)
-        },
-        argmax: if p.argmax < 0 {
-            -1.0
-        } else {
-            (start + p.argmax as usize) as f64
-        },
-        flags: f64::from(flags),
-    }
-}
 
 impl Emulator {
     /// [`crate::backend::cpu::loss::vocab_parallel_cross_entropy`] with the kernels: `input` holds this
@@ -100,7 +60,7 @@ impl Emulator {
                 .iter()
                 .zip(&out)
                 .filter(|(&t, _)| t)
-                .map(|(_, p)| exchanged(p, shard.start))
+                .map(|(_, p)| p.exchanged(shard.start))
                 .collect())
         };
         let (reference, rows) =
