@@ -61,7 +61,15 @@ impl Emulator {
         // The chunk's logits as the kernel reads them: aligned as device memory, each row padded to 16
         // bytes so that every row takes the kernel's vector path; and a dense f32 copy for the GEMMs.
         let stride = linear_row_stride::<T>(v);
-        let mut logits = DeviceLikeBuffer::zeroed(chunk * stride * std::mem::size_of::<T>());
+        let chunk_bytes = chunk
+            .checked_mul(stride)
+            .and_then(|e| e.checked_mul(std::mem::size_of::<T>()))
+            .filter(|&b| b <= isize::MAX as usize)
+            .ok_or_else(|| crate::Error::InvalidOption {
+                name: "chunk_rows",
+                reason: format!("{chunk} rows of {v} logits do not fit in memory"),
+            })?;
+        let mut logits = DeviceLikeBuffer::zeroed(chunk_bytes);
         let mut chunk_f32 = vec![0f32; chunk * v];
         let mut hidden_f32 = Vec::new();
         let mut dh = vec![0f32; if grads.hidden { chunk * h } else { 0 }];
