@@ -53,6 +53,14 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 step doctor "$bin_dir/sft-collate" doctor
 # The #[ignore]d tests are the GPU instances of every kernel property (tests/backends.rs, tests/cs336.rs,
 # the vocabulary-parallel kernels in tests/vocab_parallel.rs) and the CUDA-only API (tests/cuda.rs).
+# NCCL for the NCCL group's test (tests/vocab_parallel.rs): the nvidia-nccl-cu12 wheel PyTorch brings
+# has only libnccl.so.2, and cudarc loads libnccl.so: a link to it, on the loader's path.
+nccl_lib=$(python3 -c 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], "lib"))' 2>/dev/null || true)
+if [ -n "$nccl_lib" ] && [ -f "$nccl_lib/libnccl.so.2" ]; then
+    nccl_link=$(mktemp -d)
+    ln -s "$nccl_lib/libnccl.so.2" "$nccl_link/libnccl.so"
+    export LD_LIBRARY_PATH="$nccl_link${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+fi
 for t in backends cuda cs336 vocab_parallel; do
     step "gpu-tests-$t" "$bin_dir/$t" --ignored --test-threads=1
 done

@@ -386,3 +386,96 @@ fn cpu_and_emulated_ranks_form_one_group() {
         })
         .unwrap();
 }
+
+/// Without the NCCL library the group is a typed error, never cudarc's panic (this VM has none on the
+/// loader's path; where one is, a unique id is made or NCCL's own error is reported).
+#[cfg(feature = "nccl")]
+#[test]
+fn nccl_without_its_library_is_an_error() {
+    use sft_collate::backend::cuda::NcclGroup;
+    match std::panic::catch_unwind(NcclGroup::unique_id) {
+        Ok(Err(Error::NoDevice(why))) => assert!(why.contains("libnccl"), "{why}"),
+        Ok(Ok(_)) | Ok(Err(Error::Collective(_))) => {}
+        Ok(Err(other)) => panic!("unexpected error {other}"),
+        Err(_) => panic!("NcclGroup::unique_id panicked"),
+    }
+}
+
+/// A group of every GPU of this machine over NCCL: the exchange concatenates in rank order, and the
+/// vocabulary-parallel loss over it (the vocabulary split into as many shards as GPUs) equals the
+/// unsplit oracle.
+#[cfg(feature = "nccl")]
+#[test]
+#[ignore = "needs a CUDA device and libnccl"]
+fn nccl_group_of_this_machines_gpus() {
+    use sft_collate::backend::cuda::{default_stream, device_count, NcclGroup};
+    let gpus = device_count().expect("a CUDA device");
+    let streams = (0..gpus).map(|g| default_stream(g).unwrap()).collect();
+    let group = NcclGroup::from_streams(streams).expect("NCCL");
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = group
+            .iter()
+            .map(|comm| scope.spawn(move || comm.all_gather(&[comm.rank() as u8, 7]).unwrap()))
+            .collect();
+        let want: Vec<u8> = (0..gpus).flat_map(|r| [r as u8, 7]).collect();
+        for h in handles {
+            assert_eq!(h.join().unwrap(), want);
+        }
+    });
+    let case = extreme_rows_case();
+    let cuts: Vec<usize> = (1..gpus).map(|k| k * case.vocab / gpus).collect();
+    let shards = shards_at(case.vocab, &cuts);
+    let logits = &case.logits;
+    let want = masked_cross_entropy(
+        &case.input(logits, Labels::I64(&case.labels)),
+        &case.options,
+        true,
+    )
+    .unwrap();
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = group
+            .iter()
+            .zip(&shards)
+            .enumerate()
+            .map(|(gpu, (comm, &(start, width)))| {
+                let case = &case;
+                scope.spawn(move || {
+                    let input = CeInput {
+                        logits: &logits[start..],
+                        shape: LogitsShape {
+                            rows: case.rows,
+                            vocab: width,
+                            row_stride: case.vocab,
+                        },
+                        ..case.input(logits, Labels::I64(&case.labels))
+                    };
+                    let shard = VocabShard {
+                        start,
+                        vocab: case.vocab,
+                    };
+                    Device::cuda(gpu)
+                        .unwrap()
+                        .vocab_parallel_cross_entropy(
+                            &input,
+                            shard,
+                            &case.options,
+                            CeRequest::default(),
+                            comm,
+                            false,
+                        )
+                        .unwrap()
+                })
+            })
+            .collect();
+        for h in handles {
+            check(
+                &h.join().unwrap(),
+                &CeReference {
+                    grad: None,
+                    ..want.clone()
+                },
+                "nccl",
+            );
+        }
+    });
+}

@@ -20,6 +20,8 @@ mod collate;
 mod loss;
 pub mod memory;
 mod module;
+#[cfg(feature = "nccl")]
+mod nccl;
 mod parallel;
 
 use std::sync::{Arc, OnceLock};
@@ -34,6 +36,8 @@ pub use loss::{
 };
 pub use memory::{borrowed_stream, hand_off, DeviceRead, DeviceWrite, ForeignSlice};
 pub use module::ModuleOrigin;
+#[cfg(feature = "nccl")]
+pub use nccl::NcclGroup;
 
 use crate::backend::abi::Launch;
 use crate::{Error, Result};
