@@ -17,6 +17,25 @@ use sft_collate::loss::parallel::{Communicator, InProcessGroup, VocabShard};
 use sft_collate::loss::{CeInput, CeRequest, Labels, LogitElem, LogitsShape};
 use sft_collate::{Device, DeviceKind, Error, Result};
 
+/// Rank input: columns `start..start + width` of every row of `logits` (the case's layout, `case.vocab`
+/// apart), with the case's targets.
+fn shard_input<'a, T>(
+    case: &'a Case,
+    logits: &'a [T],
+    start: usize,
+    width: usize,
+) -> CeInput<'a, T> {
+    CeInput {
+        logits: &logits[start.min(logits.len())..],
+        shape: LogitsShape {
+            rows: case.rows,
+            vocab: width,
+            row_stride: case.vocab,
+        },
+        ..case.input(logits, Labels::I64(&case.labels))
+    }
+}
+
 /// Run `case` split into the column ranges `shards` (one rank each, on its own thread; `vocab` is the
 /// whole vocabulary the ranks are told of); each rank's result.
 fn run_sharded(
@@ -32,18 +51,7 @@ fn run_sharded(
             .zip(shards)
             .map(|(comm, &(start, width))| {
                 scope.spawn(move || {
-                    let input = CeInput {
-                        logits: &case.logits[start.min(case.logits.len())..],
-                        shape: LogitsShape {
-                            rows: case.rows,
-                            vocab: width,
-                            row_stride: case.vocab,
-                        },
-                        labels: Labels::I64(&case.labels),
-                        mask: case.mask.as_deref(),
-                        weights: case.weights.as_deref(),
-                        cu_seqlens: case.cu_seqlens.as_deref(),
-                    };
+                    let input = shard_input(case, &case.logits, start, width);
                     let shard = VocabShard { start, vocab };
                     vocab_parallel_cross_entropy(&input, shard, &case.options, &comm, with_grad)
                 })
@@ -269,15 +277,7 @@ fn device_split<T: LogitElem>(
             .map(|(rank, (comm, &(start, width)))| {
                 let logits = &logits;
                 scope.spawn(move || {
-                    let input = CeInput {
-                        logits: &logits[start.min(logits.len())..],
-                        shape: LogitsShape {
-                            rows: case.rows,
-                            vocab: width,
-                            row_stride: case.vocab,
-                        },
-                        ..case.input(logits, Labels::I64(&case.labels))
-                    };
+                    let input = shard_input(case, logits, start, width);
                     let shard = VocabShard {
                         start,
                         vocab: case.vocab,
@@ -440,15 +440,7 @@ fn nccl_group_of_this_machines_gpus() {
             .map(|(gpu, (comm, &(start, width)))| {
                 let case = &case;
                 scope.spawn(move || {
-                    let input = CeInput {
-                        logits: &logits[start..],
-                        shape: LogitsShape {
-                            rows: case.rows,
-                            vocab: width,
-                            row_stride: case.vocab,
-                        },
-                        ..case.input(logits, Labels::I64(&case.labels))
-                    };
+                    let input = shard_input(case, logits, start, width);
                     let shard = VocabShard {
                         start,
                         vocab: case.vocab,

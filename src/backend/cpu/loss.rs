@@ -5,7 +5,7 @@
 //! tensors of `masked_normalize` / `masked_mean` come with an explicit shape. Every element type that
 //! implements [`Float`] (f32, f64, `half::f16`, `half::bf16`) is widened to f64 before any arithmetic.
 
-use crate::backend::abi::CeShardRow;
+use crate::backend::abi::{CePartial, CeShardRow};
 use crate::loss::parallel::{Communicator, RowPartial, VocabShard};
 use crate::loss::Float;
 use crate::{Error, Result};
@@ -781,10 +781,10 @@ pub fn vocab_parallel_cross_entropy<T: Float>(
 
 /// The vocabulary-parallel protocol for a device backend, which computes the partials and the gradient
 /// itself: the same exchanges as [`vocab_parallel_cross_entropy`] (so ranks on different backends can be
-/// one group), `partials` called with the trained rows for theirs (in row order, columns numbered in the
-/// whole vocabulary), the outputs from the merged statistics in f64, and, with `with_grad`, one
-/// [`CeShardRow`] per row (trained rows only meaningful) from which the kernel makes the gradient of
-/// this rank's columns.
+/// one group), `partials` called once the input is checked for the kernel's partial of every row (those
+/// of rows not trained are ignored), the outputs from the merged statistics in f64, and, with
+/// `with_grad`, one [`CeShardRow`] per row (trained rows only meaningful) from which the kernel makes the
+/// gradient of this rank's columns.
 #[cfg_attr(not(any(feature = "emulation", feature = "cuda")), allow(dead_code))]
 pub(crate) fn vocab_parallel_from_partials<T: Float>(
     input: &crate::loss::CeInput<'_, T>,
@@ -792,18 +792,16 @@ pub(crate) fn vocab_parallel_from_partials<T: Float>(
     options: &crate::loss::CeOptions,
     comm: &dyn Communicator,
     with_grad: bool,
-    partials: impl FnOnce(&[bool]) -> Result<Vec<RowPartial>>,
+    partials: impl FnOnce() -> Result<Vec<CePartial>>,
 ) -> Result<(CeReference, Option<Vec<CeShardRow>>)> {
     let (trained, widths) = shard_handshake(input, shard, options, comm)?;
     let rows: Vec<usize> = (0..trained.len()).filter(|&r| trained[r]).collect();
-    let local = partials(&trained)?;
-    if local.len() != rows.len() {
-        return Err(Error::Collective(format!(
-            "{} partials for {} trained rows",
-            local.len(),
-            rows.len()
-        )));
-    }
+    let all = partials()?;
+    assert_eq!(all.len(), trained.len(), "a partial per row");
+    let local: Vec<RowPartial> = rows
+        .iter()
+        .map(|&r| all[r].exchanged(shard.start))
+        .collect();
     let stats = gather_and_merge(&local, &rows, &widths, shard.vocab, trained.len(), comm)?;
     let reference = finish(input, options, false, shard.start, shard.vocab, &stats);
     let shard_rows = with_grad.then(|| {

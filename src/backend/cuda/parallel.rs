@@ -71,7 +71,7 @@ impl MaskedCrossEntropy {
             ..abi::ce_args(options, &shape, 0)
         };
         let mut uploaded: Option<Uploaded<T>> = None;
-        let partials = |trained: &[bool]| {
+        let partials = || {
             if n == 0 {
                 // Nothing to copy up (and no empty allocation to make).
                 return Ok(Vec::new());
@@ -90,7 +90,7 @@ impl MaskedCrossEntropy {
                     None => None,
                 },
             };
-            // One record per row; those of rows not trained are never read back.
+            // One record per row; those of rows not trained are ignored.
             let mut out = cuda_result(stream.clone_htod(&vec![CePartial::default(); n]))?;
             {
                 let mut g = Vec::new();
@@ -112,12 +112,7 @@ impl MaskedCrossEntropy {
             }
             let host = cuda_result(stream.clone_dtoh(&out))?;
             uploaded = Some(up);
-            Ok(trained
-                .iter()
-                .zip(&host)
-                .filter(|(&t, _)| t)
-                .map(|(_, p)| p.exchanged(shard.start))
-                .collect())
+            Ok(host)
         };
         let (reference, rows) =
             vocab_parallel_from_partials(input, shard, options, comm, with_grad, partials)?;

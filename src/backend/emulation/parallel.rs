@@ -39,7 +39,7 @@ impl Emulator {
             column_start: shard.start as u64,
             ..abi::ce_args(options, &shape, 0)
         };
-        let partials = |trained: &[bool]| {
+        let partials = || {
             // Garbage where the kernel must write (as uninitialized device memory would be).
             let garbage = CePartial {
                 max: f32::NAN,
@@ -52,16 +52,11 @@ impl Emulator {
                 partials: if n == 0 { 0 } else { addr(out.as_mut_ptr()) },
                 ..args
             };
-            // SAFETY: the protocol validated the input (`trained` came from its checks: rows of
-            // `row_stride` with `vocab` columns in the copy, one label and mask byte per row); the kernel
-            // writes one partial per trained row into `out` (n entries); everything outlives the call.
+            // SAFETY: the protocol validated the input before calling this (rows of `row_stride` with
+            // `vocab` columns in the copy, one label and mask byte per row); the kernel writes one partial
+            // per trained row into `out` (n entries); everything outlives the call.
             unsafe { shard_kernel(false, T::SUFFIX)(&abi::ce_rows_launch(n), &args) };
-            Ok(trained
-                .iter()
-                .zip(&out)
-                .filter(|(&t, _)| t)
-                .map(|(_, p)| p.exchanged(shard.start))
-                .collect())
+            Ok(out)
         };
         let (reference, rows) =
             vocab_parallel_from_partials(input, shard, options, comm, with_grad, partials)?;
