@@ -1186,6 +1186,148 @@ fn cuda_status() -> (bool, String) {
     }
 }
 
+/// A [`Communicator`](sft_collate::loss::parallel::Communicator) over a Python callable
+/// `all_gather(bytes) -> bytes` (every rank's bytes, concatenated in rank order: `torch.distributed`'s
+/// `all_gather`, an MPI call, threads with a barrier). The Rust side runs without the GIL and takes it
+/// only for the call.
+struct PyCommunicator {
+    all_gather: Py<PyAny>,
+    rank: usize,
+    size: usize,
+}
+
+impl sft_collate::loss::parallel::Communicator for PyCommunicator {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn size(&self) -> usize {
+        self.size
+    }
+
+    fn all_gather(&self, local: &[u8]) -> sft_collate::Result<Vec<u8>> {
+        let gathered = Python::attach(|py| {
+            let out = self
+                .all_gather
+                .call1(py, (pyo3::types::PyBytes::new(py, local),))?;
+            out.extract::<Vec<u8>>(py)
+        })
+        .map_err(|e| sft_collate::Error::Collective(format!("all_gather raised {e}")))?;
+        if gathered.len() != local.len() * self.size {
+            return Err(sft_collate::Error::Collective(format!(
+                "all_gather returned {} bytes for {} ranks of {}",
+                gathered.len(),
+                self.size,
+                local.len()
+            )));
+        }
+        Ok(gathered)
+    }
+}
+
+/// The vocabulary-parallel cross-entropy of this rank's columns `start..start + width` of a vocabulary of
+/// `vocab`: `logits` (f32, CPU, `rows × width` contiguous), labels (ids in the whole vocabulary, i32 or
+/// i64), `mask` (bytes, 0 for none: trained where the label is not `ignore_index`), the exchange through
+/// `all_gather`. Writes `row_loss` (f32, rows) and, when `grad` is not 0, the gradient of this rank's
+/// columns (f32, `rows × width`; upstream 1); returns `(loss, sum, count)`.
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+#[pyo3(signature = (rows, width, start, vocab, logits, labels, labels_i64, mask, ignore_index, rank, size, all_gather, normalization, z_loss, label_smoothing, softcap, row_loss, grad))]
+fn vocab_parallel_cross_entropy(
+    py: Python<'_>,
+    rows: usize,
+    width: usize,
+    start: usize,
+    vocab: usize,
+    logits: u64,
+    labels: u64,
+    labels_i64: bool,
+    mask: u64,
+    ignore_index: i64,
+    rank: usize,
+    size: usize,
+    all_gather: Py<PyAny>,
+    normalization: &str,
+    z_loss: f32,
+    label_smoothing: f32,
+    softcap: f32,
+    row_loss: u64,
+    grad: u64,
+) -> PyResult<(f64, f64, usize)> {
+    let normalization = match normalization {
+        "mean" => Normalization::TokenMean,
+        "sum" => Normalization::Sum,
+        other => {
+            return Err(PyValueError::new_err(format!(
+                "normalization {other:?}: mean or sum"
+            )))
+        }
+    };
+    if rank >= size {
+        return Err(PyValueError::new_err(format!(
+            "rank {rank} of a group of {size}"
+        )));
+    }
+    let options = CeOptions {
+        normalization,
+        upstream: 1.0,
+        z_loss,
+        label_smoothing,
+        softcap: (softcap != 0.0).then_some(softcap),
+        ignore_index: (mask == 0).then_some(ignore_index),
+    };
+    let comm = PyCommunicator {
+        all_gather,
+        rank,
+        size,
+    };
+    // SAFETY: the Python layer passes contiguous CPU tensors of these lengths and types, alive for the
+    // call; the outputs it allocated are written only here.
+    let (logits, mask_bytes, labels32, labels64) = unsafe {
+        (
+            host::<f32>(logits, rows * width),
+            (mask != 0).then(|| host::<u8>(mask, rows)),
+            (!labels_i64).then(|| host::<i32>(labels, rows)),
+            labels_i64.then(|| host::<i64>(labels, rows)),
+        )
+    };
+    let mask: Option<Vec<bool>> = mask_bytes.map(|m| m.iter().map(|&b| b != 0).collect());
+    let labels = match (labels32, labels64) {
+        (Some(l), _) => Labels::I32(l),
+        (_, Some(l)) => Labels::I64(l),
+        _ => unreachable!("one of the two"),
+    };
+    let input = CeInput {
+        logits,
+        shape: LogitsShape::dense(rows, width),
+        labels,
+        mask: mask.as_deref(),
+        weights: None,
+        cu_seqlens: None,
+    };
+    let shard = sft_collate::loss::parallel::VocabShard { start, vocab };
+    let result = py
+        .detach(|| {
+            cpu::loss::vocab_parallel_cross_entropy(&input, shard, &options, &comm, grad != 0)
+        })
+        .map_err(py_err)?;
+    // SAFETY: as above: `row_loss` holds `rows` f32, `grad` (when given) `rows × width` f32.
+    unsafe {
+        for (d, &v) in host_mut::<f32>(row_loss, rows)
+            .iter_mut()
+            .zip(&result.row_loss)
+        {
+            *d = v as f32;
+        }
+        if let (Some(g), true) = (&result.grad, grad != 0) {
+            for (d, &v) in host_mut::<f32>(grad, rows * width).iter_mut().zip(g) {
+                *d = v as f32;
+            }
+        }
+    }
+    Ok((result.loss, result.sum, result.count))
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Tokenizer>()?;
@@ -1200,6 +1342,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(pack_plan, m)?)?;
     m.add_function(wrap_pyfunction!(bucket_order, m)?)?;
     m.add_function(wrap_pyfunction!(masked_cross_entropy, m)?)?;
+    m.add_function(wrap_pyfunction!(vocab_parallel_cross_entropy, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_status, m)?)?;
     m.add(
         "BUILTIN_TOKENIZERS",

@@ -6,6 +6,7 @@ masked cross-entropy, in Rust and CUDA, for PyTorch.
   :class:`Loader`: a training loop's batches from it, every epoch, every rank, resumable;
   :func:`export_megatron`: it as Megatron-Bridge packed-sequence Parquet
 - :func:`masked_cross_entropy` (autograd; on CUDA the fused kernel on torch's current stream)
+- :func:`vocab_parallel_cross_entropy`: the same loss over a vocabulary split across ranks (CPU tensors)
 - :class:`Tokenizer`, :func:`load_tokenizer` (a path, a built-in, ``tokenizers`` or ``transformers``)
 - :mod:`sft_collate.cs336`: CS336's functions with CS336's signatures
 """
@@ -33,8 +34,8 @@ def __getattr__(name):
     # The cross-entropy needs torch; importing it lazily keeps `import sft_collate` working without.
     import importlib
 
-    if name == "masked_cross_entropy":
-        return importlib.import_module("._loss", __name__).masked_cross_entropy
+    if name in ("masked_cross_entropy", "vocab_parallel_cross_entropy"):
+        return getattr(importlib.import_module("._loss", __name__), name)
     if name == "cs336":
         return importlib.import_module(".cs336", __name__)
     raise AttributeError(f"module 'sft_collate' has no attribute {name!r}")
@@ -54,4 +55,5 @@ __all__ = [
     "tokenize_conversations",
     "tokenize_prompt_and_output",
     "tokenize_to_store",
+    "vocab_parallel_cross_entropy",
 ]

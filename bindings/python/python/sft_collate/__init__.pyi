@@ -1,5 +1,5 @@
 from os import PathLike
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -143,4 +143,20 @@ def masked_cross_entropy(
     return_log_probs: bool = False,
     return_entropy: bool = False,
     return_accuracy: bool = False,
+) -> Any: ...
+def vocab_parallel_cross_entropy(
+    logits: Any,
+    labels: Any,
+    response_mask: Any = None,
+    *,
+    vocab_start: int,
+    vocab_size: int,
+    all_gather: Callable[[bytes], bytes],
+    rank: int,
+    world_size: int,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    z_loss: float = 0.0,
+    label_smoothing: float = 0.0,
+    softcap: Optional[float] = None,
 ) -> Any: ...

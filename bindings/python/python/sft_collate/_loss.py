@@ -289,3 +289,104 @@ def masked_cross_entropy(
     if z_loss != 0.0:
         extras["z_loss"] = z_sum.detach()  # Σ w · s · lse², before the reduction
     return loss, extras
+
+
+class _VocabParallelCE(torch.autograd.Function):
+    """The loss of one rank's vocabulary columns; backward scales the gradient computed in forward."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, mask, start, vocab, ignore_index, rank, size, all_gather, kind, options):
+        rows, width = logits.shape
+        x = logits.detach().to(torch.float32).contiguous()
+        row_loss = torch.empty(rows, dtype=torch.float32)
+        grad = torch.empty(rows, width, dtype=torch.float32) if logits.requires_grad else None
+        loss, _total, _count = _native.vocab_parallel_cross_entropy(
+            rows,
+            width,
+            start,
+            vocab,
+            x.data_ptr(),
+            labels.data_ptr(),
+            labels.dtype == torch.int64,
+            0 if mask is None else mask.data_ptr(),
+            ignore_index,
+            rank,
+            size,
+            all_gather,
+            kind,
+            *options,
+            row_loss.data_ptr(),
+            0 if grad is None else grad.data_ptr(),
+        )
+        ctx.save_for_backward(grad)
+        ctx.dtype = logits.dtype
+        return torch.tensor(loss, dtype=torch.float32)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (grad,) = ctx.saved_tensors
+        # The loss is linear in the upstream gradient: the one computed with upstream 1, scaled.
+        return (grad * grad_output).to(ctx.dtype), *([None] * 10)
+
+
+def vocab_parallel_cross_entropy(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    response_mask: Optional[torch.Tensor] = None,
+    *,
+    vocab_start: int,
+    vocab_size: int,
+    all_gather: Any,
+    rank: int,
+    world_size: int,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    z_loss: float = 0.0,
+    label_smoothing: float = 0.0,
+    softcap: Optional[float] = None,
+) -> torch.Tensor:
+    """The cross-entropy over a vocabulary split across ranks (a tensor-parallel LM head): ``logits
+    [N, W]`` are this rank's columns ``vocab_start .. vocab_start + W`` of ``vocab_size``, ``labels [N]``
+    ids in the whole vocabulary (the same on every rank, as the mask). ``all_gather(bytes) -> bytes``
+    returns every rank's bytes concatenated in rank order: with ``torch.distributed``::
+
+        def all_gather(b):
+            t = torch.frombuffer(bytearray(b), dtype=torch.uint8)
+            parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+            dist.all_gather(parts, t)
+            return b"".join(p.numpy().tobytes() for p in parts)
+
+    Every rank gets the whole vocabulary's loss (one exchange of 64 bytes per trained row, after one of
+    the shards), and backward the gradient of its own columns. CPU tensors (float32; others are
+    converted); ``reduction`` ``"mean"`` or ``"sum"``; the options as :func:`masked_cross_entropy`'s.
+    Bad input on any rank raises on every rank."""
+    if logits.dim() != 2:
+        raise ValueError("logits must be [N, W]: this rank's columns")
+    if logits.device.type != "cpu":
+        raise ValueError(f"logits on {logits.device}: the vocabulary-parallel loss takes CPU tensors")
+    rows = logits.shape[0]
+    if labels.shape != (rows,) or labels.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"labels must be [{rows}] int32 or int64, not {tuple(labels.shape)} {labels.dtype}")
+    mask = None
+    if response_mask is not None:
+        if response_mask.shape != (rows,):
+            raise ValueError(f"response_mask {tuple(response_mask.shape)} does not match labels [{rows}]")
+        mask = response_mask.to(torch.bool).contiguous()
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction={reduction!r}: mean or sum")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} of a group of {world_size}")
+    options = (float(z_loss), float(label_smoothing), float(softcap or 0.0))
+    return _VocabParallelCE.apply(
+        logits,
+        labels.contiguous(),
+        mask,
+        int(vocab_start),
+        int(vocab_size),
+        int(ignore_index),
+        int(rank),
+        int(world_size),
+        all_gather,
+        reduction,
+        options,
+    )
