@@ -434,6 +434,24 @@ __device__ __forceinline__ u64 ce_document(const i32 *__restrict__ cu, u64 docum
     return lo;
 }
 
+// One element of a trained row's gradient, for the raw logit `v`: coef · b · dx'/dx with x' = C·tanh(v / C)
+// (`cap` = C, 0: none, x' = v) and b = label_term at the label, zf · e^((x' - m) - log s) - eps_v elsewhere.
+// Written once for the fused backward and the vocabulary-parallel one.
+__device__ __forceinline__ float ce_grad_element(float v, bool is_label, float cap, float inv_cap, float m,
+                                                 float log_s, float zf, float label_term, float eps_v,
+                                                 float coef) {
+    float xc = v, dcap = 1.0f;
+    if (cap > 0.0f) {
+        const float u = v * inv_cap;
+        xc = cap * tanhf(u);
+        // 1 - tanh² u = 4e / (1 + e)² with e = e^(-2|u|): no cancellation where tanh u nears 1.
+        const float e = exp_nonpositive(-2.0f * fabsf(u));
+        dcap = 4.0f * e / ((1.0f + e) * (1.0f + e));
+    }
+    const float b = is_label ? label_term : zf * exp_nonpositive((xc - m) - log_s) - eps_v;
+    return coef * (b * dcap);
+}
+
 // `grad` may alias `logits` (in-place backward), so neither is __restrict__.
 template <typename T, bool BACKWARD, int F>
 __device__ __forceinline__ void masked_ce_impl(const CeArgs &a) {
@@ -532,17 +550,8 @@ __device__ __forceinline__ void masked_ce_impl(const CeArgs &a) {
                 label_term = zf * p_label - (1.0f - eps) - eps_v;
             }
             transform_row(x, grad + row * a.grad_stride, vocab, [&](u64 i, float v) {
-                float xc = v, dcap = 1.0f;
-                if ((F & CE_EXTRAS) && cap > 0.0f) {
-                    const float u = v * inv_cap;
-                    xc = cap * tanhf(u);
-                    // 1 - tanh² u = 4e / (1 + e)² with e = e^(-2|u|): no cancellation where tanh u nears 1.
-                    const float e = exp_nonpositive(-2.0f * fabsf(u));
-                    dcap = 4.0f * e / ((1.0f + e) * (1.0f + e));
-                }
-                float g = i == (u64)label ? label_term : zf * exp_nonpositive((xc - total.m) - log_s) - eps_v;
-                if (F & CE_EXTRAS) g *= dcap;
-                return scale * g;
+                return ce_grad_element(v, i == (u64)label, cap, inv_cap, total.m, log_s, zf, label_term, eps_v,
+                                       scale);
             });
         }
     }
@@ -605,16 +614,8 @@ __device__ __forceinline__ void masked_ce_shard_bwd_impl(const CeArgs &a) {
         const CeShardRow st = a.shard_rows[row];
         const i64 local = label - (i64)a.column_start;
         transform_row(logits + row * a.logits_stride, g, a.vocab, [&](u64 i, float v) {
-            float xc = v, dcap = 1.0f;
-            if (cap > 0.0f) {
-                const float u = v * inv_cap;
-                xc = cap * tanhf(u);
-                const float e = exp_nonpositive(-2.0f * fabsf(u));
-                dcap = 4.0f * e / ((1.0f + e) * (1.0f + e));
-            }
-            const float b = (i64)i == local ? st.label_term
-                                            : st.zf * exp_nonpositive((xc - st.m) - st.log_s) - st.eps_v;
-            return st.coef * (b * dcap);
+            return ce_grad_element(v, (i64)i == local, cap, inv_cap, st.m, st.log_s, st.zf, st.label_term,
+                                   st.eps_v, st.coef);
         });
     }
 }

@@ -290,9 +290,7 @@ impl Device {
             }
         })
     }
-}
 
-impl Device {
     /// The fused linear cross-entropy of host inputs (see [`crate::loss::linear`]): the loss of
     /// `hidden · weightᵀ + bias` and the gradients `config` asks for, one chunk of logits at a time. The
     /// CPU is the oracle (unfused, f64, the whole `[N, V]` logits: small shapes); the emulator runs the
@@ -307,9 +305,8 @@ impl Device {
     ) -> Result<crate::loss::linear::LinearCeOutput<T>> {
         match &self.backend {
             Backend::Cpu => {
-                // The oracle runs unfused, but a chunk size no backend could take is refused here too.
-                let (n, v, h) = (input.rows(), input.vocab(), input.hidden_size);
-                config.chunk_rows(n, v, h, std::mem::size_of::<T>())?;
+                // The oracle runs unfused, but refuses the configurations every backend refuses.
+                config.validate()?;
                 Ok(cpu::linear::linear_cross_entropy(input, options, config.grads)?.to_output(request))
             }
             #[cfg(feature = "cuda")]
@@ -324,9 +321,7 @@ impl Device {
             }
         }
     }
-}
 
-impl Device {
     /// The cross-entropy of a vocabulary split over the ranks of `comm` (see [`crate::loss::parallel`]):
     /// `input` holds this rank's columns `shard.start..` of `shard.vocab`, and every rank passes the
     /// same rows, labels, mask, weights and options. Every rank gets the whole vocabulary's outputs and

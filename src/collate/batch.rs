@@ -198,7 +198,7 @@ pub(crate) fn bools_from_bytes(bytes: &[u8]) -> Result<Vec<bool>> {
 }
 
 /// View a `bool` slice as bytes (each `bool` is one byte holding 0 or 1).
-fn bool_bytes(v: &[bool]) -> &[u8] {
+pub(crate) fn bool_bytes(v: &[bool]) -> &[u8] {
     // SAFETY: `bool` has size 1, alignment 1, and only the values 0 and 1, so every bool is a valid u8.
     unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), v.len()) }
 }

@@ -15,6 +15,8 @@ mod batch;
 mod plan;
 mod spec;
 
+#[cfg(any(feature = "cuda", feature = "emulation"))]
+pub(crate) use batch::bool_bytes;
 pub use batch::{Batch, BatchStats, IdTensor, Pack};
 pub use plan::CollatePlan;
 pub use spec::{CollateSpec, IdDtype, LabelFormat};

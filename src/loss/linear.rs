@@ -201,18 +201,24 @@ pub struct LinearCeConfig {
 }
 
 impl LinearCeConfig {
+    /// Refuse a chunk of no rows.
+    pub fn validate(&self) -> Result<()> {
+        match self.chunk_rows {
+            Some(0) => Err(Error::InvalidOption {
+                name: "chunk_rows",
+                reason: "a chunk must hold at least one row".into(),
+            }),
+            _ => Ok(()),
+        }
+    }
+
     /// The rows per chunk for `n` rows, vocabulary `v`, hidden size `h` and logits of `elem_bytes`:
     /// the one set, else Liger's rule (about `N / ⌈V / H⌉` rows, so that a chunk of logits is about as
     /// large as the hidden states, rounded up to a power of two), capped by `max_chunk_bytes` (at least
     /// one row), never more than `n` (and 1 for no rows).
     pub fn chunk_rows(&self, n: usize, v: usize, h: usize, elem_bytes: usize) -> Result<usize> {
+        self.validate()?;
         let rows = match self.chunk_rows {
-            Some(0) => {
-                return Err(Error::InvalidOption {
-                    name: "chunk_rows",
-                    reason: "a chunk must hold at least one row".into(),
-                })
-            }
             Some(c) => c,
             None => {
                 let ratio = v.div_ceil(h.max(1)).max(1);

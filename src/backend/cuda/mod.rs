@@ -108,42 +108,68 @@ impl CudaDevice {
         request: crate::loss::CeRequest,
         with_grad: bool,
     ) -> Result<DeviceCeOutput<T>> {
-        use crate::loss::Labels;
         input.validate()?;
         let kernels = self.masked_cross_entropy()?;
         let stream = &self.stream;
-        let logits = cuda_result(stream.clone_htod(input.logits))?;
-        let mask = match input.mask {
-            Some(m) => {
-                let bytes: Vec<u8> = m.iter().map(|&m| u8::from(m)).collect();
-                Some(cuda_result(stream.clone_htod(&bytes))?)
-            }
-            None => None,
-        };
+        let up = HostCopy::upload(stream, input)?;
         let upload = |v: Option<&[_]>| v.map(|v| cuda_result(stream.clone_htod(v))).transpose();
         let weights = upload(input.weights)?;
         let cu_seqlens = match input.cu_seqlens {
             Some(cu) => Some(cuda_result(stream.clone_htod(cu))?),
             None => None,
         };
-        let (labels32, labels64) = match input.labels {
-            Labels::I32(l) => (Some(cuda_result(stream.clone_htod(l))?), None),
-            Labels::I64(l) => (None, Some(cuda_result(stream.clone_htod(l))?)),
+        let targets = DeviceCeTargets {
+            mask: up.mask.as_ref().map(|m| m as &dyn DeviceRead<u8>),
+            weights: weights.as_ref().map(|w| w as &dyn DeviceRead<f32>),
+            cu_seqlens: cu_seqlens.as_ref().map(|c| c as &dyn DeviceRead<i32>),
+            ..DeviceCeTargets::unmasked(input.shape, up.labels())
         };
-        let labels = match (&labels32, &labels64) {
+        match with_grad {
+            true => kernels.forward_backward(&up.logits, &targets, options, request),
+            false => kernels.forward(&up.logits, &targets, options, request),
+        }
+    }
+}
+
+/// A host problem's logits, labels and mask copied to the device: what every launcher of host inputs
+/// uploads.
+pub(crate) struct HostCopy<T> {
+    pub logits: CudaSlice<T>,
+    labels: (Option<CudaSlice<i32>>, Option<CudaSlice<i64>>),
+    /// The mask as bytes (0 or 1), when there is one.
+    pub mask: Option<CudaSlice<u8>>,
+}
+
+impl<T: crate::loss::LogitElem> HostCopy<T> {
+    /// Copy `input`'s logits (as they lie, rows `row_stride` apart), labels and mask to `stream`'s device.
+    pub(crate) fn upload(
+        stream: &Arc<CudaStream>,
+        input: &crate::loss::CeInput<'_, T>,
+    ) -> Result<Self> {
+        use crate::loss::Labels;
+        Ok(HostCopy {
+            logits: cuda_result(stream.clone_htod(input.logits))?,
+            labels: match input.labels {
+                Labels::I32(l) => (Some(cuda_result(stream.clone_htod(l))?), None),
+                Labels::I64(l) => (None, Some(cuda_result(stream.clone_htod(l))?)),
+            },
+            mask: match input.mask {
+                Some(m) => Some(cuda_result(
+                    stream.clone_htod(crate::collate::bool_bytes(m)),
+                )?),
+                None => None,
+            },
+        })
+    }
+}
+
+impl<T> HostCopy<T> {
+    /// The labels, as the launchers take them.
+    pub(crate) fn labels(&self) -> DeviceLabels<'_> {
+        match &self.labels {
             (Some(l), _) => DeviceLabels::I32(l),
             (_, Some(l)) => DeviceLabels::I64(l),
             _ => unreachable!("one of the two was uploaded"),
-        };
-        let targets = DeviceCeTargets {
-            mask: mask.as_ref().map(|m| m as &dyn DeviceRead<u8>),
-            weights: weights.as_ref().map(|w| w as &dyn DeviceRead<f32>),
-            cu_seqlens: cu_seqlens.as_ref().map(|c| c as &dyn DeviceRead<i32>),
-            ..DeviceCeTargets::unmasked(input.shape, labels)
-        };
-        match with_grad {
-            true => kernels.forward_backward(&logits, &targets, options, request),
-            false => kernels.forward(&logits, &targets, options, request),
         }
     }
 }

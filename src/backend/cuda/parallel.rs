@@ -5,48 +5,35 @@
 //! the merged per-row records. The emulator runs the same kernels in CI; this launcher runs on a GPU only
 //! (`tests/vocab_parallel.rs`, ignored without one).
 
-use cudarc::driver::{CudaSlice, CudaStream, PushKernelArg, SyncOnDrop};
+use cudarc::driver::{CudaStream, PushKernelArg, SyncOnDrop};
 
-use super::loss::{keep, MaskedCrossEntropy};
+use super::loss::{keep, DeviceLabels, MaskedCrossEntropy};
 use super::memory::{DeviceRead, DeviceWrite};
-use super::{cuda_err, cuda_result, launch_config};
+use super::{cuda_err, cuda_result, launch_config, HostCopy};
 use crate::backend::abi::{self, CeArgs, CePartial};
 use crate::backend::cpu::loss::vocab_parallel_from_partials;
 use crate::loss::parallel::{Communicator, VocabShard};
-use crate::loss::{CeInput, CeOptions, CeOutput, CeRequest, Labels, LogitElem};
+use crate::loss::{CeInput, CeOptions, CeOutput, CeRequest, LogitElem};
 use crate::Result;
 
-/// This rank's inputs on the device.
-struct Uploaded<T> {
-    logits: CudaSlice<T>,
-    labels: (Option<CudaSlice<i32>>, Option<CudaSlice<i64>>),
-    mask: Option<CudaSlice<u8>>,
-}
-
-impl<T> Uploaded<T> {
-    /// `base` with the addresses of these inputs, kept alive in `g` (their guards record the stream's
-    /// use when dropped after the launch).
-    fn args<'a>(
-        &'a self,
-        stream: &'a CudaStream,
-        g: &mut Vec<SyncOnDrop<'a>>,
-        base: CeArgs,
-    ) -> CeArgs {
-        let (labels, labels_are_i64) = match &self.labels {
-            (Some(l), _) => (keep(g, l.read_addr(stream)), 0),
-            (_, Some(l)) => (keep(g, l.read_addr(stream)), 1),
-            _ => unreachable!("one of the two is uploaded"),
-        };
-        CeArgs {
-            logits: keep(g, self.logits.read_addr(stream)),
-            labels,
-            labels_are_i64,
-            mask: self
-                .mask
-                .as_ref()
-                .map_or(0, |m| keep(g, m.read_addr(stream))),
-            ..base
-        }
+/// `base` with the addresses of the uploaded inputs, kept alive in `g` (their guards record the stream's
+/// use when dropped after the launch).
+fn args_of<'a, T>(
+    up: &'a HostCopy<T>,
+    stream: &'a CudaStream,
+    g: &mut Vec<SyncOnDrop<'a>>,
+    base: CeArgs,
+) -> CeArgs {
+    let (labels, labels_are_i64) = match up.labels() {
+        DeviceLabels::I32(l) => (keep(g, l.read_addr(stream)), 0),
+        DeviceLabels::I64(l) => (keep(g, l.read_addr(stream)), 1),
+    };
+    CeArgs {
+        logits: keep(g, up.logits.read_addr(stream)),
+        labels,
+        labels_are_i64,
+        mask: up.mask.as_ref().map_or(0, |m| keep(g, m.read_addr(stream))),
+        ..base
     }
 }
 
@@ -70,33 +57,20 @@ impl MaskedCrossEntropy {
             column_start: shard.start as u64,
             ..abi::ce_args(options, &shape, 0)
         };
-        let mut uploaded: Option<Uploaded<T>> = None;
+        let mut uploaded: Option<HostCopy<T>> = None;
         let partials = || {
             if n == 0 {
                 // Nothing to copy up (and no empty allocation to make).
                 return Ok(Vec::new());
             }
-            let up = Uploaded {
-                logits: cuda_result(stream.clone_htod(input.logits))?,
-                labels: match input.labels {
-                    Labels::I32(l) => (Some(cuda_result(stream.clone_htod(l))?), None),
-                    Labels::I64(l) => (None, Some(cuda_result(stream.clone_htod(l))?)),
-                },
-                mask: match input.mask {
-                    Some(m) => {
-                        let bytes: Vec<u8> = m.iter().map(|&m| u8::from(m)).collect();
-                        Some(cuda_result(stream.clone_htod(&bytes))?)
-                    }
-                    None => None,
-                },
-            };
+            let up = HostCopy::upload(stream, input)?;
             // One record per row; those of rows not trained are ignored.
             let mut out = cuda_result(stream.clone_htod(&vec![CePartial::default(); n]))?;
             {
                 let mut g = Vec::new();
                 let args = CeArgs {
                     partials: keep(&mut g, out.write_addr(stream)),
-                    ..up.args(stream, &mut g, base)
+                    ..args_of(&up, stream, &mut g, base)
                 };
                 // SAFETY: the protocol validated the input before calling this (rows of `row_stride`
                 // with `vocab` columns, all copied up; one label and mask byte per row); the kernel
@@ -131,7 +105,7 @@ impl MaskedCrossEntropy {
                     grad: keep(&mut g, grad.write_addr(stream)),
                     grad_stride: shape.vocab as u64,
                     shard_rows: keep(&mut g, rows.read_addr(stream)),
-                    ..up.args(stream, &mut g, base)
+                    ..args_of(up, stream, &mut g, base)
                 };
                 // SAFETY: as the forward launch; `rows` holds one record per row, `grad` rows × vocab.
                 unsafe {

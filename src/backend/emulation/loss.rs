@@ -2,7 +2,7 @@
 
 use super::{addr, ce_kernel, DeviceLikeBuffer, Emulator};
 use crate::backend::abi::{self, CeArgs, CeVariant};
-use crate::loss::{CeInput, CeOptions, CeOutput, CeRequest, Labels, LogitElem};
+use crate::loss::{CeInput, CeOptions, CeOutput, CeRequest, LogitElem};
 use crate::Result;
 
 /// Where the gradient goes.
@@ -44,8 +44,7 @@ pub(crate) struct CeRun<'a, T: LogitElem> {
     kernel: super::EmuKernel<CeArgs>,
     request: CeRequest,
     z_loss: bool,
-    // Kept alive for the addresses in `args`.
-    _mask: Option<Vec<u8>>,
+    // Kept alive for the addresses in `args` (the input's own buffers are borrowed for 'a).
     _upstream: Box<f32>,
     _doc_trained: Vec<u32>,
     row_loss: Vec<f32>,
@@ -75,11 +74,6 @@ impl<'a, T: LogitElem> CeRun<'a, T> {
         input.validate_for_logits(logits_len)?;
         options.validate()?;
         let n = input.shape.rows;
-        let mask: Option<Vec<u8>> = input.mask.map(|m| m.iter().map(|&m| u8::from(m)).collect());
-        let (labels, labels_are_i64) = match input.labels {
-            Labels::I32(v) => (addr(v.as_ptr()), 0),
-            Labels::I64(v) => (addr(v.as_ptr()), 1),
-        };
         let documents = input.cu_seqlens.map_or(0, |cu| cu.len() - 1);
         let upstream = Box::new(options.upstream);
         // Garbage where the kernels must write (as uninitialized device memory would be).
@@ -88,7 +82,6 @@ impl<'a, T: LogitElem> CeRun<'a, T> {
             kernel: ce_kernel(backward, T::SUFFIX, CeVariant::of(options, &request)),
             request,
             z_loss: options.z_loss != 0.0,
-            _mask: mask,
             _upstream: upstream,
             _doc_trained: vec![u32::MAX; documents],
             row_loss: vec![f32::NAN; n],
@@ -102,14 +95,11 @@ impl<'a, T: LogitElem> CeRun<'a, T> {
             error_flag: Box::new(0xDEAD),
             _input: std::marker::PhantomData,
         };
+        let base = abi::ce_args(options, &input.shape, documents);
         run.args = CeArgs {
             // The row kernel's logits and gradient come with each `rows` call.
             logits: 0,
             grad: 0,
-            labels,
-            mask: run._mask.as_ref().map_or(0, |m| addr(m.as_ptr())),
-            weights: input.weights.map_or(0, |w| addr(w.as_ptr())),
-            cu_seqlens: input.cu_seqlens.map_or(0, |cu| addr(cu.as_ptr())),
             upstream_ptr: match emulator.upstream_by_pointer {
                 true => addr(&*run._upstream),
                 false => 0,
@@ -124,13 +114,12 @@ impl<'a, T: LogitElem> CeRun<'a, T> {
             argmax: out_addr(&mut run.argmax),
             scalars: addr(run.scalars.as_mut_ptr()),
             error_flag: addr(&mut *run.error_flag as *mut u32),
-            labels_are_i64,
             // By pointer, the by-value field is poisoned: a kernel that read it would give NaN.
             upstream: match emulator.upstream_by_pointer {
                 true => f32::NAN,
                 false => options.upstream,
             },
-            ..abi::ce_args(options, &input.shape, documents)
+            ..super::with_targets(base, input)
         };
         // SAFETY: `validate` checked that labels, mask and weights have one entry per row and that
         // cu_seqlens rise from 0 to the rows (documents + 1 entries, doc_trained one per document); these

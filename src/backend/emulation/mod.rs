@@ -118,6 +118,26 @@ fn addr<T>(p: *const T) -> u64 {
     p as u64
 }
 
+/// `base` with the addresses of `input`'s targets as the cross-entropy kernels read them: labels (and
+/// whether they are i64), the mask's bytes (the `bool`s themselves), weights and `cu_seqlens` (0: none).
+fn with_targets<T>(base: CeArgs, input: &crate::loss::CeInput<'_, T>) -> CeArgs {
+    use crate::loss::Labels;
+    let (labels, labels_are_i64) = match input.labels {
+        Labels::I32(v) => (addr(v.as_ptr()), 0),
+        Labels::I64(v) => (addr(v.as_ptr()), 1),
+    };
+    CeArgs {
+        labels,
+        labels_are_i64,
+        mask: input
+            .mask
+            .map_or(0, |m| addr(crate::collate::bool_bytes(m).as_ptr())),
+        weights: input.weights.map_or(0, |w| addr(w.as_ptr())),
+        cu_seqlens: input.cu_seqlens.map_or(0, |cu| addr(cu.as_ptr())),
+        ..base
+    }
+}
+
 /// A host buffer aligned like device memory (256 bytes), so that the kernels' vector paths run here as
 /// they do on the GPU.
 pub(crate) struct DeviceLikeBuffer {

@@ -7,7 +7,7 @@ use super::{addr, shard_kernel, DeviceLikeBuffer, Emulator};
 use crate::backend::abi::{self, CeArgs, CePartial};
 use crate::backend::cpu::loss::vocab_parallel_from_partials;
 use crate::loss::parallel::{Communicator, VocabShard};
-use crate::loss::{CeInput, CeOptions, CeOutput, CeRequest, Labels, LogitElem};
+use crate::loss::{CeInput, CeOptions, CeOutput, CeRequest, LogitElem};
 use crate::Result;
 
 impl Emulator {
@@ -26,19 +26,12 @@ impl Emulator {
         let shape = input.shape;
         let n = shape.rows;
         let mut logits = DeviceLikeBuffer::from_slice(input.logits);
-        let mask: Option<Vec<u8>> = input.mask.map(|m| m.iter().map(|&m| u8::from(m)).collect());
-        let (labels, labels_are_i64) = match input.labels {
-            Labels::I32(v) => (addr(v.as_ptr()), 0),
-            Labels::I64(v) => (addr(v.as_ptr()), 1),
-        };
-        let mut args = CeArgs {
+        let base = CeArgs {
             logits: logits.addr(),
-            labels,
-            labels_are_i64,
-            mask: mask.as_ref().map_or(0, |m| addr(m.as_ptr())),
             column_start: shard.start as u64,
             ..abi::ce_args(options, &shape, 0)
         };
+        let mut args = super::with_targets(base, input);
         let partials = || {
             // Garbage where the kernel must write (as uninitialized device memory would be).
             let garbage = CePartial {

@@ -374,8 +374,6 @@ def vocab_parallel_cross_entropy(
         mask = response_mask.to(torch.bool).contiguous()
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction={reduction!r}: mean or sum")
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} of a group of {world_size}")
     options = (float(z_loss), float(label_smoothing), float(softcap or 0.0))
     return _VocabParallelCE.apply(
         logits,
