@@ -37,23 +37,36 @@ impl CacheStats {
     }
 }
 
-/// One tokenizer's cache on one thread. Words of up to [`SHORT`] bytes (most of them) are keyed by their
-/// bytes packed into a `u64`: one multiply to hash and one compare to check, no allocation per entry.
+/// One tokenizer's cache on one thread. Words of up to [`MEDIUM`] bytes (nearly all of them) are keyed
+/// by their bytes packed into integers, in tables of their own ([`PackedTable`]: a multiply to hash, a
+/// compare to check, one cache line per lookup); longer words in a hash map. A word of one token (most of
+/// them) keeps its id in its entry; the ids of longer ones are in `ids`.
 #[derive(Default)]
 pub(super) struct Cache {
     key: u64,
-    short: FxHashMap<u64, (u32, u32)>,
-    map: FxHashMap<Box<[u8]>, (u32, u32)>,
+    short: PackedTable<u64>,
+    medium: PackedTable<[u64; 2]>,
+    map: FxHashMap<Box<[u8]>, Entry>,
     ids: Vec<u32>,
     pub(super) hits: u64,
     pub(super) misses: u64,
 }
 
+/// A cached word's ids: `n` of them, the id itself when `n` is 1, else their start in [`Cache::ids`].
+#[derive(Clone, Copy, Default)]
+struct Entry {
+    at: u32,
+    n: u32,
+}
+
 /// Words this long or shorter go in [`Cache::short`].
 const SHORT: usize = 7;
+/// Words longer than [`SHORT`] and this long or shorter go in [`Cache::medium`].
+const MEDIUM: usize = 15;
 
-/// A short word's bytes and length in one `u64` (the length in the top byte keeps "a" and "a\0" apart),
-/// from overlapping loads rather than a copy into a buffer (whose stores the load would wait for).
+/// A short word's bytes and length in one `u64` (the length in the top byte keeps "a" and "a\0" apart,
+/// and no word's key is 0), from overlapping loads rather than a copy into a buffer (whose stores the load
+/// would wait for).
 #[inline(always)]
 fn pack(word: &[u8]) -> u64 {
     let n = word.len();
@@ -71,16 +84,124 @@ fn pack(word: &[u8]) -> u64 {
     bytes | (n as u64) << 56
 }
 
+/// A medium word (8 to 15 bytes): its first eight bytes, then the rest and its length as [`pack`] lays
+/// them out (from the last eight bytes, shifted down past the overlap).
+#[inline(always)]
+fn pack_medium(word: &[u8]) -> [u64; 2] {
+    let n = word.len();
+    debug_assert!((SHORT + 1..=MEDIUM).contains(&n));
+    let lo = u64::from_le_bytes(word[..8].try_into().expect("8 bytes"));
+    let last = u64::from_le_bytes(word[n - 8..].try_into().expect("8 bytes"));
+    // `n - 8` bytes past the first eight, at most 7: the top byte is free for the length. (`n == 8`
+    // shifts by 64, which `checked_shr` turns into no bytes.)
+    let rest = last.checked_shr(8 * (16 - n) as u32).unwrap_or(0);
+    [lo, rest | (n as u64) << 56]
+}
+
+/// A key of a [`PackedTable`]: never equal to `Default::default()`, which marks an empty slot.
+trait PackedKey: Copy + Default + PartialEq {
+    fn mix(self) -> u64;
+}
+
+impl PackedKey for u64 {
+    #[inline(always)]
+    fn mix(self) -> u64 {
+        self
+    }
+}
+
+impl PackedKey for [u64; 2] {
+    #[inline(always)]
+    fn mix(self) -> u64 {
+        self[0] ^ self[1].wrapping_mul(0xC2B2_AE3D_27D4_EB4F).rotate_left(31)
+    }
+}
+
+/// Open addressing over packed keys, linear probing, at most half full: key and entry in one slot, so a
+/// hit reads one cache line (a general map reads its control bytes, then the slot).
+#[derive(Default)]
+struct PackedTable<K> {
+    slots: Vec<(K, Entry)>,
+    len: usize,
+}
+
+impl<K: PackedKey> PackedTable<K> {
+    const FIRST: usize = 1 << 12;
+
+    #[inline(always)]
+    fn home(&self, key: K) -> usize {
+        // Fibonacci hashing: the top bits of the product, which every key bit reaches.
+        let bits = self.slots.len().trailing_zeros();
+        (key.mix().wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - bits)) as usize
+    }
+
+    #[inline(always)]
+    fn get(&self, key: K) -> Option<&Entry> {
+        if self.slots.is_empty() {
+            return None;
+        }
+        let mask = self.slots.len() - 1;
+        let mut at = self.home(key);
+        loop {
+            let (k, ref entry) = self.slots[at];
+            if k == key {
+                return Some(entry);
+            }
+            if k == K::default() {
+                return None;
+            }
+            at = (at + 1) & mask;
+        }
+    }
+
+    fn insert(&mut self, key: K, entry: Entry) {
+        if (self.len + 1) * 2 > self.slots.len() {
+            let old = std::mem::take(&mut self.slots);
+            self.slots = vec![(K::default(), Entry::default()); (old.len() * 2).max(Self::FIRST)];
+            self.len = 0;
+            for (k, e) in old {
+                if k != K::default() {
+                    self.insert(k, e);
+                }
+            }
+        }
+        let mask = self.slots.len() - 1;
+        let mut at = self.home(key);
+        while self.slots[at].0 != K::default() && self.slots[at].0 != key {
+            at = (at + 1) & mask;
+        }
+        if self.slots[at].0 == K::default() {
+            self.len += 1;
+        }
+        self.slots[at] = (key, entry);
+    }
+
+    fn clear(&mut self) {
+        self.slots.fill((K::default(), Entry::default()));
+        self.len = 0;
+    }
+}
+
 impl Cache {
     /// The ids cached for `word` (not empty).
-    #[inline]
+    #[inline(always)]
     pub(super) fn get(&self, word: &[u8]) -> Option<&[u32]> {
-        let &(start, len) = if word.len() <= SHORT {
-            self.short.get(&pack(word))?
+        let entry = if word.len() <= SHORT {
+            self.short.get(pack(word))?
+        } else if word.len() <= MEDIUM {
+            self.medium.get(pack_medium(word))?
         } else {
-            self.map.get(word)?
+            self.get_long(word)?
         };
-        Some(&self.ids[start as usize..(start + len) as usize])
+        Some(match entry.n {
+            1 => std::slice::from_ref(&entry.at),
+            n => &self.ids[entry.at as usize..(entry.at + n) as usize],
+        })
+    }
+
+    #[inline(never)]
+    fn get_long(&self, word: &[u8]) -> Option<&Entry> {
+        self.map.get(word)
     }
 
     /// Remember `ids` for `word` (a word over [`CACHE_WORD_MAX`] bytes is not kept).
@@ -88,16 +209,27 @@ impl Cache {
         if word.len() > CACHE_WORD_MAX {
             return;
         }
-        if self.map.len() + self.short.len() >= CACHE_ENTRIES {
+        if self.map.len() + self.short.len + self.medium.len >= CACHE_ENTRIES {
             self.map.clear();
             self.short.clear();
+            self.medium.clear();
             self.ids.clear();
         }
-        let at = self.ids.len() as u32;
-        self.ids.extend_from_slice(ids);
-        let entry = (at, ids.len() as u32);
+        let entry = match ids {
+            [id] => Entry { at: *id, n: 1 },
+            _ => {
+                let at = self.ids.len() as u32;
+                self.ids.extend_from_slice(ids);
+                Entry {
+                    at,
+                    n: ids.len() as u32,
+                }
+            }
+        };
         if word.len() <= SHORT {
             self.short.insert(pack(word), entry);
+        } else if word.len() <= MEDIUM {
+            self.medium.insert(pack_medium(word), entry);
         } else {
             self.map.insert(word.into(), entry);
         }
@@ -138,21 +270,95 @@ pub(super) fn with_cache<R>(key: u64, f: impl FnOnce(&mut Cache) -> R) -> R {
 mod tests {
     use super::*;
 
-    /// Every word of up to 7 bytes packs to its own key (all of them over a small alphabet, with 0).
+    /// Every word of up to 7 bytes packs to its own key (all of them over a small alphabet, with 0), and
+    /// every word of 8 to 15 bytes to its own medium key (over two bytes, 0 and 0xFF).
     #[test]
     fn packed_keys_tell_words_apart() {
-        let alphabet = [0u8, 1, b'a', 0xFF];
+        let words = |alphabet: &[u8], n: usize| -> Vec<Vec<u8>> {
+            (0..alphabet.len().pow(n as u32))
+                .map(|k| {
+                    (0..n)
+                        .map(|i| alphabet[k / alphabet.len().pow(i as u32) % alphabet.len()])
+                        .collect()
+                })
+                .collect()
+        };
         let mut seen = std::collections::HashSet::new();
-        let mut words = 0;
+        let mut count = 0;
         for n in 1..=SHORT {
-            for k in 0..alphabet.len().pow(n as u32) {
-                let word: Vec<u8> = (0..n)
-                    .map(|i| alphabet[k / alphabet.len().pow(i as u32) % alphabet.len()])
-                    .collect();
-                assert!(seen.insert(pack(&word)), "{word:?}");
-                words += 1;
+            for word in words(&[0, 1, b'a', 0xFF], n) {
+                let key = pack(&word);
+                assert!(key != 0 && seen.insert(key), "{word:?}");
+                count += 1;
             }
         }
-        assert_eq!(seen.len(), words);
+        assert_eq!(seen.len(), count);
+        let mut seen = std::collections::HashSet::new();
+        count = 0;
+        for n in SHORT + 1..=MEDIUM {
+            for word in words(&[0, 0xFF], n) {
+                let key = pack_medium(&word);
+                assert!(key != [0, 0] && seen.insert(key), "{word:?}");
+                count += 1;
+            }
+        }
+        assert_eq!(seen.len(), count);
+    }
+
+    /// The cache against a plain map: words of every length class (short, medium, long, over the length
+    /// kept), one id or several, through the tables' growth and the reset at [`CACHE_ENTRIES`].
+    #[test]
+    fn cache_is_a_map() {
+        let mut cache = Cache::default();
+        let mut model: std::collections::HashMap<Vec<u8>, Vec<u32>> = Default::default();
+        let mut state = 0x2545_F491_4F6C_DD1Du64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let lengths = [
+            1,
+            2,
+            3,
+            7,
+            8,
+            9,
+            15,
+            16,
+            17,
+            40,
+            CACHE_WORD_MAX,
+            CACHE_WORD_MAX + 1,
+        ];
+        let mut inserted = 0;
+        for round in 0..3 * CACHE_ENTRIES / 2 {
+            let n = lengths[next() as usize % lengths.len()];
+            // A small alphabet, so that words repeat and near-misses (one byte apart) are common.
+            let word: Vec<u8> = (0..n).map(|_| b"ab\0\xFF"[next() as usize % 4]).collect();
+            let ids: Vec<u32> = (0..1 + next() % 3 / 2).map(|_| next() as u32).collect();
+            if let Some(want) = model.get(&word) {
+                assert_eq!(cache.get(&word), Some(&want[..]), "round {round}: {word:?}");
+                continue;
+            }
+            if inserted == CACHE_ENTRIES {
+                // The reset: every entry is gone.
+                model.clear();
+                inserted = 0;
+            }
+            assert_eq!(cache.get(&word), None, "round {round}: {word:?}");
+            cache.insert(&word, &ids);
+            if n <= CACHE_WORD_MAX {
+                model.insert(word.clone(), ids.clone());
+                inserted += 1;
+                assert_eq!(cache.get(&word), Some(&ids[..]));
+            } else {
+                assert_eq!(cache.get(&word), None, "kept a word over the length kept");
+            }
+        }
+        for (word, ids) in &model {
+            assert_eq!(cache.get(word), Some(&ids[..]), "{word:?}");
+        }
     }
 }

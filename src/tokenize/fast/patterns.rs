@@ -297,17 +297,12 @@ impl Pattern {
             ascii,
             sets: &self.sets,
         };
-        if let Some(scanner @ (Scanner::LlamaLike { .. } | Scanner::Gpt2)) = self.scanner {
-            let mut pos = 0;
-            while pos < bytes.len() {
-                let end = match scanner {
-                    Scanner::LlamaLike { digits } => m.llama_like(pos, digits),
-                    _ => m.gpt2(pos),
-                };
-                piece(&text[pos..end]);
-                pos = end;
+        match self.scanner {
+            Some(Scanner::LlamaLike { digits }) => {
+                return m.pieces(text, &mut piece, |m, pos| m.llama_like(pos, digits))
             }
-            return;
+            Some(Scanner::Gpt2) => return m.pieces(text, &mut piece, Matcher::gpt2),
+            _ => {}
         }
         let ascii = match self.scanner {
             Some(Scanner::O200kAscii) => Some(true),
@@ -350,6 +345,23 @@ struct Matcher<'a> {
 }
 
 impl Matcher<'_> {
+    /// `piece` with each match of a scanner that matches everywhere (`end` gives the end of the match
+    /// at a position before the end of the text): one loop, the scanner and `piece` inlined into it.
+    #[inline(always)]
+    fn pieces<'t>(
+        &self,
+        text: &'t str,
+        piece: &mut impl FnMut(&'t str),
+        end: impl Fn(&Self, usize) -> usize,
+    ) {
+        let mut pos = 0;
+        while pos < text.len() {
+            let end = end(self, pos);
+            piece(&text[pos..end]);
+            pos = end;
+        }
+    }
+
     /// The code point at `pos` (a char boundary before the end) and its length in bytes.
     #[inline(always)]
     fn decode(&self, pos: usize) -> (u32, usize) {
@@ -461,7 +473,7 @@ impl Matcher<'_> {
 
     /// The end of [`Scanner::LlamaLike`]'s match at `pos` (before the end): the alternatives in order,
     /// each decided from the characters at `pos` and after it.
-    #[inline]
+    #[inline(always)]
     fn llama_like(&self, pos: usize, digits: u32) -> usize {
         let len = self.bytes.len();
         let (f0, w0) = self.flags_at(pos);
