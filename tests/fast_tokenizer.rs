@@ -735,3 +735,18 @@ fn caches_survive_alternating_tokenizers() {
         "two vocabularies, two encodings"
     );
 }
+
+/// Every word counts once: a hit (a one-byte word needs no lookup) or a miss (merged, then cached).
+#[test]
+fn cache_counts_every_word_once() {
+    let tokenizer = Tokenizer::builtin_with("o200k_base", EngineChoice::Fast).unwrap();
+    let counts = || {
+        let s = tokenizer.cache_stats().unwrap();
+        (s.hits, s.misses)
+    };
+    // o200k's words: "a", " ab", " ab", " ab", "!".
+    tokenizer.encode("a ab ab ab!").unwrap();
+    assert_eq!(counts(), (4, 1));
+    tokenizer.encode("a ab ab ab!").unwrap();
+    assert_eq!(counts(), (9, 1));
+}

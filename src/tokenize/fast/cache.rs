@@ -48,7 +48,7 @@ pub(super) struct Cache {
     medium: PackedTable<[u64; 2]>,
     map: FxHashMap<Box<[u8]>, Entry>,
     ids: Vec<u32>,
-    pub(super) hits: u64,
+    /// Words that went through the merge loop (the hits are counted by the caller, from the words).
     pub(super) misses: u64,
 }
 

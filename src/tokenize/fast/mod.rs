@@ -282,7 +282,8 @@ impl FastBpe {
     pub(crate) fn encode(&self, text: &str) -> Vec<u32> {
         let mut out = Vec::with_capacity(text.len() / 3 + 1);
         cache::with_cache(self.key, |cache| {
-            let (h0, m0) = (cache.hits, cache.misses);
+            let m0 = cache.misses;
+            let mut words = 0;
             split_added(text, self.added_raw.as_ref(), |piece| match piece {
                 Piece::Added(id) => out.push(id),
                 // `tokenizers` drops empty pieces before normalizing (a `Prepend` adds nothing to them).
@@ -299,18 +300,22 @@ impl FastBpe {
                                 // Metaspace's `first`: the piece that starts the input.
                                 let at_start = std::ptr::eq(raw.as_ptr(), text.as_ptr())
                                     && std::ptr::eq(t.as_ptr(), normalized.as_ptr());
-                                self.pre_tokenize(t, at_start, &self.patterns, cache, &mut out)
+                                words +=
+                                    self.pre_tokenize(t, at_start, &self.patterns, cache, &mut out)
                             }
                         },
                     );
                 }
             });
-            self.hits.fetch_add(cache.hits - h0, Ordering::Relaxed);
-            self.misses.fetch_add(cache.misses - m0, Ordering::Relaxed);
+            // Every word is looked up (a one-byte word's lookup is its byte's id) and missed at most once.
+            let misses = cache.misses - m0;
+            self.hits.fetch_add(words - misses, Ordering::Relaxed);
+            self.misses.fetch_add(misses, Ordering::Relaxed);
         });
         out
     }
 
+    /// The words of `text` encoded onto `out`; returns their number.
     fn pre_tokenize(
         &self,
         text: &str,
@@ -318,26 +323,36 @@ impl FastBpe {
         patterns: &[Pattern],
         cache: &mut Cache,
         out: &mut Vec<u32>,
-    ) {
+    ) -> u64 {
+        let mut words = 0;
+        let word = |w: &str| {
+            words += 1;
+            self.word(w, cache, out)
+        };
         match (patterns.split_first(), &self.metaspace) {
             // Byte-level BPE's usual shape (one split regex, then the words as they are): each piece
-            // straight to the word step.
-            (Some((only, [])), None) if self.cuts == Cuts::None => only.split(
-                text,
-                &self.ascii,
-                #[inline(always)]
-                |piece| self.word(piece, cache, out),
-            ),
-            (None, None) => sentencepiece::words(text, self.cuts, |w| self.word(w, cache, out)),
+            // straight to the word step, the count kept by the splitter.
+            (Some((only, [])), None) if self.cuts == Cuts::None => {
+                return only.split(
+                    text,
+                    &self.ascii,
+                    #[inline(always)]
+                    |piece| self.word(piece, cache, out),
+                ) as u64
+            }
+            (None, None) => sentencepiece::words(text, self.cuts, word),
             (None, Some(metaspace)) => {
                 let text = metaspace.apply(text, at_start);
-                sentencepiece::words(&text, self.cuts, |w| self.word(w, cache, out))
+                sentencepiece::words(&text, self.cuts, word)
             }
-            (Some((first, rest)), _) => first.split(text, &self.ascii, |piece| {
-                let at_start = at_start && std::ptr::eq(piece.as_ptr(), text.as_ptr());
-                self.pre_tokenize(piece, at_start, rest, cache, out)
-            }),
+            (Some((first, rest)), _) => {
+                first.split(text, &self.ascii, |piece| {
+                    let at_start = at_start && std::ptr::eq(piece.as_ptr(), text.as_ptr());
+                    words += self.pre_tokenize(piece, at_start, rest, cache, out)
+                });
+            }
         }
+        words
     }
 
     /// One word's ids, from the cache or the merge loop. Inlined into the splitters' loops; the merge
@@ -347,7 +362,6 @@ impl FastBpe {
         // (Splitters never give an empty word; the cache's packed keys assume none.)
         if word.len() <= 1 {
             if let [b] = word.as_bytes() {
-                cache.hits += 1;
                 out.push(self.merges.byte_id(*b));
             }
             return;
@@ -358,7 +372,6 @@ impl FastBpe {
                 [id] => out.push(id),
                 _ => out.extend_from_slice(ids),
             }
-            cache.hits += 1;
             return;
         }
         self.word_missed(word, cache, out)

@@ -284,13 +284,14 @@ impl Pattern {
     }
 
     /// Call `piece` with each piece of `text`, in order, as `tokenizers`' `Split` with `Isolated`
-    /// behaviour cuts it: every match, and every stretch between matches.
+    /// behaviour cuts it: every match, and every stretch between matches. Returns the number of pieces
+    /// (counted here, in a register, rather than by the caller through memory in its hot loop).
     pub(crate) fn split<'t>(
         &self,
         text: &'t str,
         ascii: &[u32; 128],
         mut piece: impl FnMut(&'t str),
-    ) {
+    ) -> usize {
         let bytes = text.as_bytes();
         let m = Matcher {
             bytes,
@@ -309,15 +310,17 @@ impl Pattern {
             Some(Scanner::Cl100kAscii) => Some(false),
             _ => None,
         };
-        let (mut pos, mut gap_start) = (0usize, 0usize);
+        let (mut pos, mut gap_start, mut pieces) = (0usize, 0usize, 0usize);
         while pos < bytes.len() {
             let decided = ascii.and_then(|o200k| m.ascii_scan(pos, o200k));
             match decided.or_else(|| self.alternatives.iter().find_map(|alt| m.seq(alt, pos))) {
                 Some(end) if end > pos => {
                     if gap_start < pos {
                         piece(&text[gap_start..pos]);
+                        pieces += 1;
                     }
                     piece(&text[pos..end]);
+                    pieces += 1;
                     pos = end;
                     gap_start = end;
                 }
@@ -327,7 +330,9 @@ impl Pattern {
         }
         if gap_start < bytes.len() {
             piece(&text[gap_start..]);
+            pieces += 1;
         }
+        pieces
     }
 }
 
@@ -347,19 +352,22 @@ struct Matcher<'a> {
 impl Matcher<'_> {
     /// `piece` with each match of a scanner that matches everywhere (`end` gives the end of the match
     /// at a position before the end of the text): one loop, the scanner and `piece` inlined into it.
+    /// Returns the number of pieces.
     #[inline(always)]
     fn pieces<'t>(
         &self,
         text: &'t str,
         piece: &mut impl FnMut(&'t str),
         end: impl Fn(&Self, usize) -> usize,
-    ) {
-        let mut pos = 0;
+    ) -> usize {
+        let (mut pos, mut pieces) = (0, 0);
         while pos < text.len() {
             let end = end(self, pos);
             piece(&text[pos..end]);
             pos = end;
+            pieces += 1;
         }
+        pieces
     }
 
     /// The code point at `pos` (a char boundary before the end) and its length in bytes.
