@@ -327,13 +327,13 @@ impl FastBpe {
         let mut words = 0;
         let word = |w: &str| {
             words += 1;
-            self.word(w, cache, out)
+            self.word(w.as_bytes(), cache, out)
         };
         match (patterns.split_first(), &self.metaspace) {
             // Byte-level BPE's usual shape (one split regex, then the words as they are): each piece
             // straight to the word step, the count kept by the splitter.
             (Some((only, [])), None) if self.cuts == Cuts::None => {
-                return only.split(
+                return only.split_bytes(
                     text,
                     &self.ascii,
                     #[inline(always)]
@@ -358,15 +358,15 @@ impl FastBpe {
     /// One word's ids, from the cache or the merge loop. Inlined into the splitters' loops; the merge
     /// loop (under 1% of words on SFT text) is a call of its own, so that the hit path keeps a small frame.
     #[inline(always)]
-    fn word(&self, word: &str, cache: &mut Cache, out: &mut Vec<u32>) {
+    fn word(&self, word: &[u8], cache: &mut Cache, out: &mut Vec<u32>) {
         // (Splitters never give an empty word; the cache's packed keys assume none.)
         if word.len() <= 1 {
-            if let [b] = word.as_bytes() {
+            if let [b] = word {
                 out.push(self.merges.byte_id(*b));
             }
             return;
         }
-        if let Some(ids) = cache.get(word.as_bytes()) {
+        if let Some(ids) = cache.get(word) {
             // Most words are one token: a push, not a call to copy a slice of unknown length.
             match *ids {
                 [id] => out.push(id),
@@ -380,8 +380,12 @@ impl FastBpe {
     /// [`FastBpe::word`] for a word not in the cache: merged, then cached.
     #[cold]
     #[inline(never)]
-    fn word_missed(&self, word: &str, cache: &mut Cache, out: &mut Vec<u32>) {
+    fn word_missed(&self, word: &[u8], cache: &mut Cache, out: &mut Vec<u32>) {
         cache.misses += 1;
+        // Splitters cut between characters; a word that is not whole characters would be a bug in one.
+        let Ok(word) = std::str::from_utf8(word) else {
+            unreachable!("a splitter cut inside a character: {word:?}")
+        };
         let start = out.len();
         match self
             .ignore_merges

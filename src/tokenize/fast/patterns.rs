@@ -284,13 +284,41 @@ impl Pattern {
     }
 
     /// Call `piece` with each piece of `text`, in order, as `tokenizers`' `Split` with `Isolated`
-    /// behaviour cuts it: every match, and every stretch between matches. Returns the number of pieces
-    /// (counted here, in a register, rather than by the caller through memory in its hot loop).
+    /// behaviour cuts it: every match, and every stretch between matches. Returns the number of pieces.
     pub(crate) fn split<'t>(
         &self,
         text: &'t str,
         ascii: &[u32; 128],
         mut piece: impl FnMut(&'t str),
+    ) -> usize {
+        self.split_ranges(text, ascii, |from, to| piece(&text[from..to]))
+    }
+
+    /// [`Pattern::split`] with each piece as its bytes (the word step's input): no character-boundary
+    /// checks in the hot loop (the pieces are whole characters all the same).
+    pub(crate) fn split_bytes<'t>(
+        &self,
+        text: &'t str,
+        ascii: &[u32; 128],
+        mut piece: impl FnMut(&'t [u8]),
+    ) -> usize {
+        let bytes = text.as_bytes();
+        self.split_ranges(
+            text,
+            ascii,
+            #[inline(always)]
+            |from, to| piece(&bytes[from..to]),
+        )
+    }
+
+    /// The pieces as byte ranges `from..to`, each called once, in order; returns their number (counted
+    /// here, in a register, rather than by the caller through memory in its hot loop).
+    #[inline(always)]
+    fn split_ranges(
+        &self,
+        text: &str,
+        ascii: &[u32; 128],
+        mut piece: impl FnMut(usize, usize),
     ) -> usize {
         let bytes = text.as_bytes();
         let m = Matcher {
@@ -300,9 +328,9 @@ impl Pattern {
         };
         match self.scanner {
             Some(Scanner::LlamaLike { digits }) => {
-                return m.pieces(text, &mut piece, |m, pos| m.llama_like(pos, digits))
+                return m.pieces(&mut piece, |m, pos| m.llama_like(pos, digits))
             }
-            Some(Scanner::Gpt2) => return m.pieces(text, &mut piece, Matcher::gpt2),
+            Some(Scanner::Gpt2) => return m.pieces(&mut piece, Matcher::gpt2),
             _ => {}
         }
         let ascii = match self.scanner {
@@ -316,10 +344,10 @@ impl Pattern {
             match decided.or_else(|| self.alternatives.iter().find_map(|alt| m.seq(alt, pos))) {
                 Some(end) if end > pos => {
                     if gap_start < pos {
-                        piece(&text[gap_start..pos]);
+                        piece(gap_start, pos);
                         pieces += 1;
                     }
-                    piece(&text[pos..end]);
+                    piece(pos, end);
                     pieces += 1;
                     pos = end;
                     gap_start = end;
@@ -329,7 +357,7 @@ impl Pattern {
             }
         }
         if gap_start < bytes.len() {
-            piece(&text[gap_start..]);
+            piece(gap_start, bytes.len());
             pieces += 1;
         }
         pieces
@@ -354,16 +382,15 @@ impl Matcher<'_> {
     /// at a position before the end of the text): one loop, the scanner and `piece` inlined into it.
     /// Returns the number of pieces.
     #[inline(always)]
-    fn pieces<'t>(
+    fn pieces(
         &self,
-        text: &'t str,
-        piece: &mut impl FnMut(&'t str),
+        piece: &mut impl FnMut(usize, usize),
         end: impl Fn(&Self, usize) -> usize,
     ) -> usize {
         let (mut pos, mut pieces) = (0, 0);
-        while pos < text.len() {
+        while pos < self.bytes.len() {
             let end = end(self, pos);
-            piece(&text[pos..end]);
+            piece(pos, end);
             pos = end;
             pieces += 1;
         }
