@@ -280,7 +280,7 @@ impl FastBpe {
 
     /// Encode one text (no special tokens added, as everywhere in this crate).
     pub(crate) fn encode(&self, text: &str) -> Vec<u32> {
-        let mut out = Vec::with_capacity(text.len() / 3 + 1);
+        let mut out = Vec::with_capacity(text.len() / 2 + 8);
         cache::with_cache(self.key, |cache| {
             let m0 = cache.misses;
             let mut words = 0;
