@@ -69,28 +69,52 @@ id_elem!(i32, i64);
 
 type Filled<T> = (Vec<T>, Vec<T>, Vec<bool>, Option<Vec<bool>>);
 
-/// The padded layout, position by position, straight into the id dtype.
+/// The padded layout, row by row, straight into the id dtype: a row's tokens then pads for the inputs,
+/// its tokens from the second then pads for the labels (the ignore index where a label is not trained),
+/// the mask over the trained labels. Position `j` of a row reads:
+///
+/// ```text
+/// input_ids[j]     = seq[j]       (pad_id past the row)
+/// labels[j]        = seq[j + 1]   (pad_id past the row; the ignore index where not trained, if set)
+/// response_mask[j] = j + 1 < len and token j + 1 is trainable
+/// ```
 fn fill<T: IdElem>(batch: &RaggedBatch, plan: &CollatePlan, attention: bool) -> Filled<T> {
     let n = plan.len();
+    let width = plan.width;
+    let pad = T::from_i64(i64::from(plan.pad_id));
+    let id = |t: &u32| T::from_i64(i64::from(*t));
     let (mut input_ids, mut labels) = (Vec::with_capacity(n), Vec::with_capacity(n));
     let mut response_mask = Vec::with_capacity(n);
     let mut attention_mask = attention.then(|| Vec::with_capacity(n));
     for i in 0..batch.rows() {
         let seq = batch.row(i);
         let trainable = batch.trainable_in_row(i);
-        let token = |k: usize| i64::from(seq.get(k).copied().unwrap_or(plan.pad_id));
-        for j in 0..plan.width {
-            // The label is token j + 1: trained when it is (an output / trainable-segment token).
-            let is_response = j + 1 < seq.len() && trainable(j + 1);
-            input_ids.push(T::from_i64(token(j)));
-            labels.push(T::from_i64(match plan.ignore_index {
-                Some(ignore) if !is_response => ignore,
-                _ => token(j + 1),
-            }));
-            response_mask.push(is_response);
-            if let Some(attention) = &mut attention_mask {
-                attention.push(j < seq.len());
+        let inputs = &seq[..seq.len().min(width)];
+        input_ids.extend(inputs.iter().map(id));
+        input_ids.resize(input_ids.len() + width - inputs.len(), pad);
+        let targets = seq.get(1..).unwrap_or_default();
+        let targets = &targets[..targets.len().min(width)];
+        let trained = response_mask.len();
+        response_mask.extend((1..=width).map(|k| k < seq.len() && trainable(k)));
+        match plan.ignore_index {
+            None => labels.extend(targets.iter().map(id)),
+            Some(ignore) => {
+                let ignore = T::from_i64(ignore);
+                labels.extend(
+                    targets
+                        .iter()
+                        .zip(&response_mask[trained..])
+                        .map(|(t, &on)| if on { id(t) } else { ignore }),
+                );
             }
+        }
+        let tail = match plan.ignore_index {
+            Some(ignore) => T::from_i64(ignore),
+            None => pad,
+        };
+        labels.resize(labels.len() + width - targets.len(), tail);
+        if let Some(attention) = &mut attention_mask {
+            attention.extend((0..width).map(|j| j < seq.len()));
         }
     }
     (input_ids, labels, response_mask, attention_mask)
