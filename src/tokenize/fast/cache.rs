@@ -118,28 +118,41 @@ impl PackedKey for [u64; 2] {
 }
 
 /// Open addressing over packed keys, linear probing, at most half full: key and entry in one slot, so a
-/// hit reads one cache line (a general map reads its control bytes, then the slot).
-#[derive(Default)]
+/// hit reads one cache line (a general map reads its control bytes, then the slot). Never empty (a
+/// lookup needs no check for that), and `shift` kept beside the slots so that a lookup's index is one
+/// multiply and one shift.
 struct PackedTable<K> {
     slots: Vec<(K, Entry)>,
+    shift: u32,
     len: usize,
+}
+
+impl<K: PackedKey> Default for PackedTable<K> {
+    fn default() -> Self {
+        PackedTable::with_slots(Self::FIRST)
+    }
 }
 
 impl<K: PackedKey> PackedTable<K> {
     const FIRST: usize = 1 << 12;
 
+    fn with_slots(n: usize) -> Self {
+        debug_assert!(n.is_power_of_two());
+        PackedTable {
+            slots: vec![(K::default(), Entry::default()); n],
+            shift: 64 - n.trailing_zeros(),
+            len: 0,
+        }
+    }
+
     #[inline(always)]
     fn home(&self, key: K) -> usize {
         // Fibonacci hashing: the top bits of the product, which every key bit reaches.
-        let bits = self.slots.len().trailing_zeros();
-        (key.mix().wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - bits)) as usize
+        (key.mix().wrapping_mul(0x9E37_79B9_7F4A_7C15) >> self.shift) as usize
     }
 
     #[inline(always)]
     fn get(&self, key: K) -> Option<&Entry> {
-        if self.slots.is_empty() {
-            return None;
-        }
         let mask = self.slots.len() - 1;
         let mut at = self.home(key);
         loop {
@@ -156,9 +169,7 @@ impl<K: PackedKey> PackedTable<K> {
 
     fn insert(&mut self, key: K, entry: Entry) {
         if (self.len + 1) * 2 > self.slots.len() {
-            let old = std::mem::take(&mut self.slots);
-            self.slots = vec![(K::default(), Entry::default()); (old.len() * 2).max(Self::FIRST)];
-            self.len = 0;
+            let old = std::mem::replace(self, PackedTable::with_slots(self.slots.len() * 2)).slots;
             for (k, e) in old {
                 if k != K::default() {
                     self.insert(k, e);
