@@ -20,6 +20,8 @@ const SCAN_MAX: usize = 48;
 pub(crate) struct Merges {
     pairs: Pairs,
     alphabet: Alphabet,
+    /// Each one-byte word's id (a third of SFT text's words): one load, whatever the alphabet.
+    one_byte: [u32; 256],
 }
 
 /// Which pairs merge, into what, at which rank.
@@ -93,28 +95,34 @@ impl Merges {
                 (rank as u64) << 32 | merged as u64,
             )
         }));
+        Merges::with(Pairs::Table(pairs), alphabet)
+    }
+
+    fn with(pairs: Pairs, alphabet: Alphabet) -> Merges {
+        // A one-byte word is ASCII (text is UTF-8): the Chars alphabet's ASCII ids, the rest unused.
+        let one_byte = match &alphabet {
+            Alphabet::Bytes(ids) => *ids,
+            Alphabet::Chars { ascii, .. } => {
+                std::array::from_fn(|b| ascii.get(b).copied().unwrap_or(0))
+            }
+        };
         Merges {
-            pairs: Pairs::Table(pairs),
+            pairs,
             alphabet,
+            one_byte,
         }
     }
 
     /// tiktoken's merges, from the vocabulary alone (ids are ranks): any two adjacent tokens whose bytes
     /// joined are a token merge into it, with its rank.
     pub(crate) fn from_ranks(vocab: Arc<Vocab>, byte_ids: [u32; 256]) -> Merges {
-        Merges {
-            pairs: Pairs::Ranks(vocab),
-            alphabet: Alphabet::Bytes(byte_ids),
-        }
+        Merges::with(Pairs::Ranks(vocab), Alphabet::Bytes(byte_ids))
     }
 
-    /// The id of a one-byte word.
-    #[inline]
+    /// The id of a one-byte word (ASCII: a `str` of one byte).
+    #[inline(always)]
     pub(crate) fn byte_id(&self, b: u8) -> u32 {
-        match &self.alphabet {
-            Alphabet::Bytes(ids) => ids[b as usize],
-            Alphabet::Chars { ascii, .. } => ascii[b as usize],
-        }
+        self.one_byte[b as usize]
     }
 
     /// Whether a merge joins a symbol ending in anything but `c` to one starting with `c`: if none does,
@@ -351,10 +359,7 @@ mod tests {
                 }
             }
         }
-        let by_table = Merges {
-            pairs: Pairs::Table(table),
-            alphabet: Alphabet::Bytes(byte_ids),
-        };
+        let by_table = Merges::with(Pairs::Table(table), Alphabet::Bytes(byte_ids));
         (Merges::from_ranks(vocab, byte_ids), by_table)
     }
 
