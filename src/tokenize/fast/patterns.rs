@@ -517,6 +517,11 @@ impl Matcher<'_> {
         if f0 & L != 0 {
             return self.letters(next);
         }
+        // `\p{N}{1,k}` (tried later by the regex, but nothing before it matches at a number: the
+        // contractions start with `'`, the letter alternatives' prefix is not a number).
+        if f0 & N != 0 {
+            return self.run(next, N, false, digits - 1);
+        }
         // The contractions.
         if self.bytes[pos] == b'\'' {
             if let Some(end) = self.contraction(pos, true) {
@@ -529,12 +534,8 @@ impl Matcher<'_> {
             (0, 0)
         };
         // The same with a prefix: any character but CR, LF, a letter or a number, then letters.
-        if f0 & (CR | LF | N) == 0 && f1 & L != 0 {
+        if f0 & (CR | LF) == 0 && f1 & L != 0 {
             return self.letters(next + w1);
-        }
-        // `\p{N}{1,k}`.
-        if f0 & N != 0 {
-            return self.run(next, N, false, digits - 1);
         }
         // ` ?[^\s\p{L}\p{N}]+[\r\n]*`: a character of none of the three, after an optional space.
         let other = |f: u32| f & (S | L | N) == 0;
