@@ -65,6 +65,14 @@ fn bench(c: &mut Criterion) {
             }
         })
     });
+    // The padding-free layout of the same batches, each one pack.
+    group.bench_function("pack_only", |b| {
+        b.iter(|| {
+            for p in &packed {
+                std::hint::black_box(cpu::collate_pack(p, &spec).unwrap());
+            }
+        })
+    });
     group.finish();
     loader(c, &corpus, &spec);
 }

@@ -16,23 +16,6 @@ pub enum IdTensor {
 }
 
 impl IdTensor {
-    /// An empty tensor of `dtype` with room for `n` elements (the backends fill it with [`IdTensor::push`]).
-    pub(crate) fn with_capacity(dtype: IdDtype, n: usize) -> Self {
-        match dtype {
-            IdDtype::I32 => IdTensor::I32(Vec::with_capacity(n)),
-            IdDtype::I64 => IdTensor::I64(Vec::with_capacity(n)),
-        }
-    }
-
-    /// Append one id. Callers check the range first (`CollatePlan`), so the narrowing cast is exact.
-    #[inline]
-    pub(crate) fn push(&mut self, id: i64) {
-        match self {
-            IdTensor::I32(v) => v.push(id as i32),
-            IdTensor::I64(v) => v.push(id),
-        }
-    }
-
     /// The dtype of the elements.
     pub fn dtype(&self) -> IdDtype {
         match self {

@@ -120,6 +120,51 @@ fn fill<T: IdElem>(batch: &RaggedBatch, plan: &CollatePlan, attention: bool) -> 
     (input_ids, labels, response_mask, attention_mask)
 }
 
+/// The packed layout, document by document, straight into the id dtype: each document's tokens, its
+/// tokens from the second then one pad (the ignore index where a label is not trained, if set), the mask
+/// over its trained labels, positions from 0; then the padded tail of `total`.
+fn fill_pack<T: IdElem>(
+    batch: &RaggedBatch,
+    plan: &CollatePlan,
+    total: usize,
+) -> (Vec<T>, Vec<T>, Vec<T>, Vec<bool>) {
+    let pad = T::from_i64(i64::from(plan.pad_id));
+    let untrained = T::from_i64(plan.ignore_index.unwrap_or(i64::from(plan.pad_id)));
+    let id = |t: &u32| T::from_i64(i64::from(*t));
+    let (mut input_ids, mut labels) = (Vec::with_capacity(total), Vec::with_capacity(total));
+    let mut position_ids = Vec::with_capacity(total);
+    let mut response_mask = Vec::with_capacity(total);
+    for d in 0..batch.rows() {
+        let doc = batch.row(d);
+        if doc.is_empty() {
+            continue;
+        }
+        let trainable = batch.trainable_in_row(d);
+        input_ids.extend(doc.iter().map(id));
+        let trained = response_mask.len();
+        response_mask.extend((1..=doc.len()).map(|k| k < doc.len() && trainable(k)));
+        match plan.ignore_index {
+            None => labels.extend(doc[1..].iter().map(id)),
+            Some(_) => labels.extend(
+                doc[1..]
+                    .iter()
+                    .zip(&response_mask[trained..])
+                    .map(|(t, &on)| if on { id(t) } else { untrained }),
+            ),
+        }
+        // The document's last token has no next one in it: the pad id, never trained.
+        labels.push(untrained);
+        position_ids.extend((0..doc.len()).map(|p| T::from_i64(p as i64)));
+    }
+    // The padded tail: one segment of untrained pad tokens, positions from 0.
+    let tail = total - input_ids.len();
+    input_ids.resize(total, pad);
+    labels.resize(total, untrained);
+    response_mask.resize(total, false);
+    position_ids.extend((0..tail).map(|p| T::from_i64(p as i64)));
+    (input_ids, labels, position_ids, response_mask)
+}
+
 /// Collate one pack in the padding-free layout: every row of `batch` is a document, concatenated in
 /// order into one row of T tokens. Within document `d` at local position `p`:
 ///
@@ -150,30 +195,16 @@ pub fn collate_pack(batch: &RaggedBatch, spec: &CollateSpec) -> Result<Pack> {
     let plan = CollatePlan::new(batch, spec)?;
     let real = batch.tokens().len();
     let total = CollatePlan::pack_total(real, spec)?;
-    let mut input_ids = IdTensor::with_capacity(spec.id_dtype, total);
-    let mut labels = IdTensor::with_capacity(spec.id_dtype, total);
-    let mut position_ids = IdTensor::with_capacity(spec.id_dtype, total);
-    let mut response_mask = Vec::with_capacity(total);
-    let not_trained = |label: i64| plan.ignore_index.unwrap_or(label);
-    for d in 0..batch.rows() {
-        let doc = batch.row(d);
-        let trainable = batch.trainable_in_row(d);
-        for (p, &token) in doc.iter().enumerate() {
-            let is_response = p + 1 < doc.len() && trainable(p + 1);
-            let next = i64::from(doc.get(p + 1).copied().unwrap_or(plan.pad_id));
-            input_ids.push(i64::from(token));
-            labels.push(if is_response { next } else { not_trained(next) });
-            response_mask.push(is_response);
-            position_ids.push(p as i64);
+    let (input_ids, labels, position_ids, response_mask) = match spec.id_dtype {
+        IdDtype::I32 => {
+            let (i, l, p, m) = fill_pack::<i32>(batch, &plan, total);
+            (IdTensor::I32(i), IdTensor::I32(l), IdTensor::I32(p), m)
         }
-    }
-    // The padded tail: one segment of untrained pad tokens, positions from 0.
-    for p in 0..total - real {
-        input_ids.push(i64::from(plan.pad_id));
-        labels.push(not_trained(i64::from(plan.pad_id)));
-        response_mask.push(false);
-        position_ids.push(p as i64);
-    }
+        IdDtype::I64 => {
+            let (i, l, p, m) = fill_pack::<i64>(batch, &plan, total);
+            (IdTensor::I64(i), IdTensor::I64(l), IdTensor::I64(p), m)
+        }
+    };
     let (cu_seqlens, max_seqlen) = CollatePlan::pack_boundaries(batch.row_offsets(), total);
     Ok(Pack {
         input_ids,
