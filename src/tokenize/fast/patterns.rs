@@ -656,6 +656,7 @@ impl Matcher<'_> {
     /// contraction; cl100k's (`'(?i:…)`, then `P?+ \p{L}++`) after the letters. Then `\p{N}{1,3}`,
     /// ` ?[^\s\p{L}\p{N}]+` and its tail (`[\r\n/]*`, `[\r\n]*`), then the whitespace rules: cl100k
     /// takes a run that ends the text whole (`\s++$`) before it looks for the last CR or LF.
+    #[inline(always)]
     fn ascii_scan(&self, pos: usize, o200k: bool) -> Option<usize> {
         let f0 = self.ascii_at(pos).ok()??;
         if !o200k && self.bytes[pos] == b'\'' {
@@ -676,7 +677,12 @@ impl Matcher<'_> {
             if !o200k {
                 return self.ascii_range_run(q, (b'a', b'z', 0x20), L);
             }
-            let upper = self.ascii_range_run(q, (b'A', b'Z', 0), LU)?;
+            // Most words start lower-case: their upper-case run is empty, no block test needed.
+            let upper = if self.bytes[q].is_ascii_lowercase() {
+                q
+            } else {
+                self.ascii_range_run(q, (b'A', b'Z', 0), LU)?
+            };
             let end = self.ascii_range_run(upper, (b'a', b'z', 0), LL)?;
             return Some(self.contraction(end, true).unwrap_or(end));
         }
@@ -790,10 +796,17 @@ impl Matcher<'_> {
     }
 
     /// `'s|'t|'re|'ve|'m|'ll|'d` at `pos`: the end of the one that matches (they exclude each other).
+    /// The test for the `'` inlined where it is called (after every o200k word), the rest a call.
+    #[inline(always)]
     fn contraction(&self, pos: usize, case_insensitive: bool) -> Option<usize> {
         if self.bytes.get(pos) != Some(&b'\'') {
             return None;
         }
+        self.contraction_after_quote(pos, case_insensitive)
+    }
+
+    #[inline(never)]
+    fn contraction_after_quote(&self, pos: usize, case_insensitive: bool) -> Option<usize> {
         // Each letter's flag, and the letter itself for the case-sensitive form.
         let letter = |at: usize, flag: u32, ch: u8| -> Option<usize> {
             if at >= self.bytes.len() {
