@@ -7,6 +7,7 @@
 //!   warm caches (both engines keep one); `fast_cold_cache` starts each pass from an empty cache.
 //! - `all_threads/*`: both engines' batch call, on every core (rayon).
 //! - `threads/N`: the fast engine on a pool of N threads, for scaling.
+//! - `builtins/*`: the built-in o200k_base and cl100k_base on the same texts, one thread and all threads.
 //! - `sentencepiece/*`: one core, the same texts, on the SentencePiece-style files of `tests/data/spm`
 //!   (3,000-token vocabularies made as `transformers` converts Llama 2 and Gemma): `llama-legacy`, whose
 //!   texts the fast engine cuts into words at `▁`, and `gemma`, whose merges cross `▁`, so that each text
@@ -180,5 +181,41 @@ fn sentencepiece(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench, sentencepiece);
+/// The built-in vocabularies (o200k_base, cl100k_base) on the same texts: one thread and all threads, the
+/// fast engine only (`scripts/tokenize-peers.py --tokenizer o200k_base` times the peers on them).
+fn builtins(c: &mut Criterion) {
+    let corpus = corpus();
+    let texts: Vec<&str> = corpus.texts.iter().map(String::as_str).collect();
+    let bytes: usize = texts.iter().map(|t| t.len()).sum();
+    let mut group = c.benchmark_group(format!("tokenize/{}/builtins", corpus.name));
+    group.throughput(Throughput::Bytes(bytes as u64));
+    group.sample_size(10);
+    for &name in sft_collate::BUILTIN_TOKENIZERS {
+        let fast = Tokenizer::builtin_with(name, EngineChoice::Fast).unwrap();
+        let hf = fast.inner().unwrap();
+        let ids = fast.encode_batch(&texts).unwrap();
+        let want: Vec<Vec<u32>> = hf
+            .encode_batch_fast(texts.clone(), false)
+            .unwrap()
+            .iter()
+            .map(|e| e.get_ids().to_vec())
+            .collect();
+        assert!(ids == want, "{name}: the engines disagree");
+        let tokens: usize = ids.iter().map(Vec::len).sum();
+        eprintln!("{name}: {tokens} tokens per pass");
+        group.bench_function(format!("{name}/one_thread"), |b| {
+            b.iter(|| {
+                for t in &texts {
+                    std::hint::black_box(fast.encode(t).unwrap());
+                }
+            })
+        });
+        group.bench_function(format!("{name}/all_threads"), |b| {
+            b.iter(|| std::hint::black_box(fast.encode_batch(&texts).unwrap()))
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench, sentencepiece, builtins);
 criterion_main!(benches);

@@ -4,9 +4,12 @@
 `tokenizers` gives. Run it beside `cargo bench --bench tokenize -- one_thread` and compare in the same
 window (this machine's speed varies between windows; ratios within a run hold).
 
-    python scripts/tokenize-peers.py [--shared ../shared]
+    python scripts/tokenize-peers.py [--shared ../shared] [--tokenizer o200k_base]
 
-Needs `tokenizers`; gigatoken (`pip install gigatoken`) is measured when installed.
+`--tokenizer` is a `tokenizer.json` path (default: the Qwen2 fixture) or a built-in name (o200k_base,
+cl100k_base), which the `sft_collate` package writes as a `tokenizer.json` (`Tokenizer.to_json()`) so that
+every engine runs the same vocabulary. Needs `tokenizers`; gigatoken (`pip install gigatoken`) is
+measured when installed.
 """
 
 import argparse
@@ -47,14 +50,21 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     default = os.environ.get("SFT_COLLATE_SHARED", str(pathlib.Path(__file__).parent.parent.parent / "shared"))
     parser.add_argument("--shared", default=default)
+    parser.add_argument("--tokenizer", help="a tokenizer.json path or a built-in name (default: Qwen2)")
     args = parser.parse_args()
     shared = pathlib.Path(args.shared)
     texts = corpus(shared)
     size = sum(len(t.encode()) for t in texts)
-    hf = Tokenizer.from_file(str(shared / "fixtures/qwen2/tokenizer.json"))
+    source = args.tokenizer or str(shared / "fixtures/qwen2/tokenizer.json")
+    if pathlib.Path(source).is_file():
+        hf, label = Tokenizer.from_file(source), "Qwen2" if args.tokenizer is None else source
+    else:
+        import sft_collate
+
+        hf, label = Tokenizer.from_str(sft_collate.Tokenizer(source).to_json()), source
     want = [e.ids for e in hf.encode_batch_fast(texts, add_special_tokens=False)]
     tokens = sum(map(len, want))
-    print(f"GSM8K train, Qwen2: {len(texts)} texts, {size / 1e6:.2f} MB, {tokens} tokens; one thread")
+    print(f"GSM8K train, {label}: {len(texts)} texts, {size / 1e6:.2f} MB, {tokens} tokens; one thread")
 
     def report(name, best, median, same):
         print(

@@ -162,3 +162,24 @@ fn builtins_match_tiktoken_on_gsm8k() {
         }
     }
 }
+
+/// A built-in written as a `tokenizer.json` (`to_json`) loads back on the fast engine, in `tokenizers`
+/// too, and all three give the built-in's ids on the corpus.
+#[test]
+fn builtins_written_as_tokenizer_json_load_back() {
+    let corpus = corpus();
+    let refs: Vec<&str> = corpus.iter().map(String::as_str).collect();
+    for &name in sft_collate::BUILTIN_TOKENIZERS {
+        let builtin = Tokenizer::builtin(name).unwrap();
+        let json = builtin.to_json().unwrap();
+        let again = Tokenizer::from_json_str(&json, name, EngineChoice::Fast)
+            .unwrap_or_else(|e| panic!("{name}'s tokenizer.json on the fast engine: {e}"));
+        let hf: tokenizers::Tokenizer = json.parse().unwrap();
+        let want = builtin.encode_batch(&refs).unwrap();
+        assert_eq!(again.encode_batch(&refs).unwrap(), want, "{name}");
+        for (text, ids) in refs.iter().zip(&want) {
+            let got = hf.encode_fast(*text, false).unwrap();
+            assert_eq!(got.get_ids(), &ids[..], "{name} in tokenizers on {text:?}");
+        }
+    }
+}

@@ -338,6 +338,27 @@ impl Tokenizer {
         self.fast().and_then(FastBpe::cache_use)
     }
 
+    /// This tokenizer as a `tokenizer.json` text, as Hugging Face `tokenizers` writes one: for a
+    /// built-in, the `tokenizers` form of its tiktoken ranks. Load it in `tokenizers`, `transformers`
+    /// or another engine to compare them on the same vocabulary (`scripts/tokenize-peers.py` does).
+    ///
+    /// ```
+    /// # fn main() -> sft_collate::Result<()> {
+    /// let o200k = sft_collate::Tokenizer::load("o200k_base")?;
+    /// let json = o200k.to_json()?;
+    /// let again = sft_collate::Tokenizer::from_json_str(&json, "o200k (json)", Default::default())?;
+    /// assert_eq!(again.encode("Hello, world!")?, o200k.encode("Hello, world!")?);
+    /// # Ok(()) }
+    /// ```
+    pub fn to_json(&self) -> Result<String> {
+        self.inner()?
+            .to_string(false)
+            .map_err(|e| Error::Tokenizer {
+                name: self.name.clone(),
+                reason: e.to_string(),
+            })
+    }
+
     /// The `tokenizers::Tokenizer` of the same file or built-in, built on first use.
     pub fn inner(&self) -> Result<&tokenizers::Tokenizer> {
         let built = self.hf.get_or_init(|| match &*self.source {

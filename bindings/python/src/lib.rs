@@ -101,6 +101,12 @@ impl Tokenizer {
         self.inner.token_to_id(token)
     }
 
+    /// This tokenizer as a `tokenizer.json` text (`tokenizers.Tokenizer.from_str` reads it); for a
+    /// built-in, the `tokenizers` form of its tiktoken ranks.
+    fn to_json(&self, py: Python<'_>) -> PyResult<String> {
+        py.detach(|| self.inner.to_json()).map_err(py_err)
+    }
+
     fn encode(&self, py: Python<'_>, text: &str) -> PyResult<Vec<u32>> {
         py.detach(|| self.inner.encode(text)).map_err(py_err)
     }

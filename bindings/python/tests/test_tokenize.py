@@ -95,6 +95,16 @@ def test_the_load_cache_gives_the_same_tokenizer(qwen2_path, tmp_path, monkeypat
     assert sft_collate.Tokenizer("o200k_base").load_cache is None
 
 
+def test_builtins_as_tokenizer_json():
+    """A built-in written as a tokenizer.json loads in `tokenizers` and gives the built-in's ids."""
+    texts = ["Hello, world!", "  spaces\n\nand 12345 東京 😀", "don't <|endoftext|> x"]
+    for name in sft_collate.BUILTIN_TOKENIZERS:
+        builtin = sft_collate.Tokenizer(name)
+        hf = tokenizers.Tokenizer.from_str(builtin.to_json())
+        for text in texts:
+            assert hf.encode(text, add_special_tokens=False).ids == builtin.encode(text), (name, text)
+
+
 def test_transformers_tokenizer_and_its_pad_id(qwen2_path):
     transformers = pytest.importorskip("transformers")
     tok = transformers.PreTrainedTokenizerFast(tokenizer_file=qwen2_path, pad_token="<|im_end|>")
