@@ -333,14 +333,33 @@ impl Pattern {
             Some(Scanner::Gpt2) => return m.pieces(&mut piece, Matcher::gpt2),
             _ => {}
         }
-        let ascii = match self.scanner {
-            Some(Scanner::O200kAscii) => Some(true),
-            Some(Scanner::Cl100kAscii) => Some(false),
-            _ => None,
-        };
+        // The loop instantiated once per scanner, so that o200k's and cl100k's differences are decided
+        // at compile time.
+        match self.scanner {
+            Some(Scanner::O200kAscii) => {
+                self.matches(&m, piece, |m, pos| m.ascii_scan::<true>(pos))
+            }
+            Some(Scanner::Cl100kAscii) => {
+                self.matches(&m, piece, |m, pos| m.ascii_scan::<false>(pos))
+            }
+            _ => self.matches(&m, piece, |_, _| None),
+        }
+    }
+
+    /// `piece` with every match of the alternatives, and every stretch between matches (the gaps),
+    /// in order; `decide` gives a match's end where it can (a scanner), else the alternatives are
+    /// tried in turn. Returns the number of pieces.
+    #[inline(always)]
+    fn matches(
+        &self,
+        m: &Matcher,
+        mut piece: impl FnMut(usize, usize),
+        decide: impl Fn(&Matcher, usize) -> Option<usize>,
+    ) -> usize {
+        let len = m.bytes.len();
         let (mut pos, mut gap_start, mut pieces) = (0usize, 0usize, 0usize);
-        while pos < bytes.len() {
-            let decided = ascii.and_then(|o200k| m.ascii_scan(pos, o200k));
+        while pos < len {
+            let decided = decide(m, pos);
             match decided.or_else(|| self.alternatives.iter().find_map(|alt| m.seq(alt, pos))) {
                 Some(end) if end > pos => {
                     if gap_start < pos {
@@ -356,8 +375,8 @@ impl Pattern {
                 _ => pos += m.decode(pos).1,
             }
         }
-        if gap_start < bytes.len() {
-            piece(gap_start, bytes.len());
+        if gap_start < len {
+            piece(gap_start, len);
             pieces += 1;
         }
         pieces
@@ -657,7 +676,8 @@ impl Matcher<'_> {
     /// ` ?[^\s\p{L}\p{N}]+` and its tail (`[\r\n/]*`, `[\r\n]*`), then the whitespace rules: cl100k
     /// takes a run that ends the text whole (`\s++$`) before it looks for the last CR or LF.
     #[inline(always)]
-    fn ascii_scan(&self, pos: usize, o200k: bool) -> Option<usize> {
+    fn ascii_scan<const O200K: bool>(&self, pos: usize) -> Option<usize> {
+        let o200k = O200K;
         let f0 = self.ascii_at(pos).ok()??;
         if !o200k && self.bytes[pos] == b'\'' {
             if let Some(end) = self.contraction(pos, true) {
