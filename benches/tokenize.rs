@@ -37,6 +37,35 @@ fn corpus() -> Corpus {
     }
 }
 
+/// A group over the corpus's texts, named `tokenize/{corpus}/{what}`, throughput in input bytes.
+fn bench_group<'c>(
+    c: &'c mut Criterion,
+    corpus: &Corpus,
+    what: &str,
+) -> criterion::BenchmarkGroup<'c, criterion::measurement::WallTime> {
+    let bytes: usize = corpus.texts.iter().map(String::len).sum();
+    let mut group = c.benchmark_group(format!("tokenize/{}/{what}", corpus.name));
+    group.throughput(Throughput::Bytes(bytes as u64));
+    group.sample_size(10);
+    group
+}
+
+/// Each text encoded in turn, on this thread.
+fn encode_each(tokenizer: &Tokenizer, texts: &[&str]) {
+    for t in texts {
+        std::hint::black_box(tokenizer.encode(t).unwrap());
+    }
+}
+
+/// `tokenizers`' ids for each text (no special tokens added), the reference every case is checked against.
+fn reference_ids(hf: &tokenizers::Tokenizer, texts: &[&str]) -> Vec<Vec<u32>> {
+    hf.encode_batch_fast(texts.to_vec(), false)
+        .unwrap()
+        .iter()
+        .map(|e| e.get_ids().to_vec())
+        .collect()
+}
+
 fn bench(c: &mut Criterion) {
     let corpus = corpus();
     let fast = Tokenizer::load_with(&corpus.source, EngineChoice::Fast).unwrap();
@@ -45,13 +74,10 @@ fn bench(c: &mut Criterion) {
     let bytes: usize = texts.iter().map(|t| t.len()).sum();
     let ids = fast.encode_batch(&texts).unwrap();
     let tokens: usize = ids.iter().map(Vec::len).sum();
-    let want: Vec<Vec<u32>> = hf
-        .encode_batch_fast(texts.clone(), false)
-        .unwrap()
-        .iter()
-        .map(|e| e.get_ids().to_vec())
-        .collect();
-    assert!(ids == want, "the engines disagree on this corpus");
+    assert!(
+        ids == reference_ids(&hf, &texts),
+        "the engines disagree on this corpus"
+    );
     eprintln!(
         "{}: {} texts, {:.2} MB, {} tokens; engine {}",
         corpus.name,
@@ -61,9 +87,7 @@ fn bench(c: &mut Criterion) {
         fast.engine()
     );
 
-    let mut group = c.benchmark_group(format!("tokenize/{}/one_thread", corpus.name));
-    group.throughput(Throughput::Bytes(bytes as u64));
-    group.sample_size(10);
+    let mut group = bench_group(c, &corpus, "one_thread");
     group.bench_function("tokenizers", |b| {
         b.iter(|| {
             for t in &texts {
@@ -72,22 +96,12 @@ fn bench(c: &mut Criterion) {
         })
     });
     let before = fast.cache_stats().unwrap();
-    group.bench_function("fast", |b| {
-        b.iter(|| {
-            for t in &texts {
-                std::hint::black_box(fast.encode(t).unwrap());
-            }
-        })
-    });
+    group.bench_function("fast", |b| b.iter(|| encode_each(&fast, &texts)));
     let after = fast.cache_stats().unwrap();
     group.bench_function("fast_cold_cache", |b| {
         b.iter_batched(
             || Tokenizer::load_with(&corpus.source, EngineChoice::Fast).unwrap(),
-            |cold| {
-                for t in &texts {
-                    std::hint::black_box(cold.encode(t).unwrap());
-                }
-            },
+            |cold| encode_each(&cold, &texts),
             BatchSize::PerIteration,
         )
     });
@@ -109,9 +123,7 @@ fn bench(c: &mut Criterion) {
         100.0 * warm.hit_rate()
     );
 
-    let mut group = c.benchmark_group(format!("tokenize/{}/all_threads", corpus.name));
-    group.throughput(Throughput::Bytes(bytes as u64));
-    group.sample_size(10);
+    let mut group = bench_group(c, &corpus, "all_threads");
     group.bench_function("tokenizers", |b| {
         b.iter(|| std::hint::black_box(hf.encode_batch_fast(texts.clone(), false).unwrap()))
     });
@@ -121,9 +133,7 @@ fn bench(c: &mut Criterion) {
     group.finish();
 
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let mut group = c.benchmark_group(format!("tokenize/{}/threads", corpus.name));
-    group.throughput(Throughput::Bytes(bytes as u64));
-    group.sample_size(10);
+    let mut group = bench_group(c, &corpus, "threads");
     let mut n = 1;
     while n <= cores {
         let pool = rayon::ThreadPoolBuilder::new()
@@ -146,20 +156,13 @@ fn bench(c: &mut Criterion) {
 fn sentencepiece(c: &mut Criterion) {
     let corpus = corpus();
     let texts: Vec<&str> = corpus.texts.iter().map(String::as_str).collect();
-    let bytes: usize = texts.iter().map(|t| t.len()).sum();
-    let mut group = c.benchmark_group(format!("tokenize/{}/sentencepiece", corpus.name));
-    group.throughput(Throughput::Bytes(bytes as u64));
-    group.sample_size(10);
+    let mut group = bench_group(c, &corpus, "sentencepiece");
     for name in ["llama-legacy", "gemma"] {
         let path = format!("{}/tests/data/spm/{name}.json", env!("CARGO_MANIFEST_DIR"));
         let fast = Tokenizer::from_file_with(&path, EngineChoice::Fast).unwrap();
         let hf = fast.inner().unwrap().clone();
-        let want: Vec<Vec<u32>> = texts
-            .iter()
-            .map(|t| hf.encode_fast(*t, false).unwrap().get_ids().to_vec())
-            .collect();
         assert!(
-            fast.encode_batch(&texts).unwrap() == want,
+            fast.encode_batch(&texts).unwrap() == reference_ids(&hf, &texts),
             "{name}: the engines disagree"
         );
         eprintln!("{name}: engine {}", fast.engine());
@@ -171,11 +174,7 @@ fn sentencepiece(c: &mut Criterion) {
             })
         });
         group.bench_function(format!("{name}/fast"), |b| {
-            b.iter(|| {
-                for t in &texts {
-                    std::hint::black_box(fast.encode(t).unwrap());
-                }
-            })
+            b.iter(|| encode_each(&fast, &texts))
         });
     }
     group.finish();
@@ -186,29 +185,19 @@ fn sentencepiece(c: &mut Criterion) {
 fn builtins(c: &mut Criterion) {
     let corpus = corpus();
     let texts: Vec<&str> = corpus.texts.iter().map(String::as_str).collect();
-    let bytes: usize = texts.iter().map(|t| t.len()).sum();
-    let mut group = c.benchmark_group(format!("tokenize/{}/builtins", corpus.name));
-    group.throughput(Throughput::Bytes(bytes as u64));
-    group.sample_size(10);
+    let mut group = bench_group(c, &corpus, "builtins");
     for &name in sft_collate::BUILTIN_TOKENIZERS {
         let fast = Tokenizer::builtin_with(name, EngineChoice::Fast).unwrap();
         let hf = fast.inner().unwrap();
         let ids = fast.encode_batch(&texts).unwrap();
-        let want: Vec<Vec<u32>> = hf
-            .encode_batch_fast(texts.clone(), false)
-            .unwrap()
-            .iter()
-            .map(|e| e.get_ids().to_vec())
-            .collect();
-        assert!(ids == want, "{name}: the engines disagree");
+        assert!(
+            ids == reference_ids(hf, &texts),
+            "{name}: the engines disagree"
+        );
         let tokens: usize = ids.iter().map(Vec::len).sum();
         eprintln!("{name}: {tokens} tokens per pass");
         group.bench_function(format!("{name}/one_thread"), |b| {
-            b.iter(|| {
-                for t in &texts {
-                    std::hint::black_box(fast.encode(t).unwrap());
-                }
-            })
+            b.iter(|| encode_each(&fast, &texts))
         });
         group.bench_function(format!("{name}/all_threads"), |b| {
             b.iter(|| std::hint::black_box(fast.encode_batch(&texts).unwrap()))
