@@ -79,7 +79,7 @@ fn main() {
         let source_file = out_dir.join(format!("{name}.cu"));
         std::fs::write(&source_file, &source).unwrap();
         let ptx = if nvrtc.is_ok() {
-            let ptx = compile(&name, &source, &arch);
+            let ptx = compile(&name, &source, &family_arch(&name, &arch));
             let ptx_file = out_dir.join(format!("{name}.ptx"));
             std::fs::write(&ptx_file, ptx).unwrap();
             format!("Some(include_str!({:?}))", ptx_file.display().to_string())
@@ -88,7 +88,8 @@ fn main() {
         };
         writeln!(
             table,
-            "    KernelSource {{ name: {name:?}, source: include_str!({:?}), ptx: {ptx} }},",
+            "    KernelSource {{ name: {name:?}, arch: {:?}, source: include_str!({:?}), ptx: {ptx} }},",
+            family_arch(&name, &arch),
             source_file.display().to_string()
         )
         .unwrap();
@@ -247,6 +248,17 @@ fn inline_includes(path: &Path, seen: &mut Vec<PathBuf>) -> String {
         out.push('\n');
     }
     out
+}
+
+/// The virtual architecture a kernel family's PTX is made for: `arch`, or the family's minimum where it
+/// needs a newer one (thread-block clusters: sm_90).
+fn family_arch(name: &str, arch: &str) -> String {
+    const MINIMUM: &[(&str, u32)] = &[("masked_ce_cluster", 90)];
+    let number = |a: &str| a.trim_start_matches("compute_").parse::<u32>().unwrap_or(0);
+    match MINIMUM.iter().find(|(family, _)| *family == name) {
+        Some((_, minimum)) if number(arch) < *minimum => format!("compute_{minimum}"),
+        _ => arch.to_string(),
+    }
 }
 
 fn compile(name: &str, source: &str, arch: &str) -> String {

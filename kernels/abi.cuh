@@ -14,6 +14,7 @@
 #define COLLATE_BLOCK 256  // threads per block of the collation kernels
 #define COLLATE_VEC 4      // positions each thread writes
 #define CE_BLOCK 256       // threads per block of the cross-entropy kernels
+#define CE_CLUSTER_HEAD 1152  // bytes of a one-read CTA's dynamic shared memory before its slice of the row
 #define CE_NORM_SUM 0            // normalization: none
 #define CE_NORM_TOKEN_MEAN 1     // normalization: divided by the number of trained rows
 #define CE_NORM_FIXED 2          // normalization: a fixed denominator (CS336's nc · B · gas)
@@ -116,6 +117,7 @@ struct CeArgs {
     u64 documents;             // cu_seqlens has documents + 1 entries
     u64 row_offset;            // the first row's index in the batch (a launch over a chunk of rows)
     u64 column_start;          // vocabulary-parallel: the first column's index in the whole vocabulary
+    u64 cluster_slice;         // one-read kernels (masked_ce_cluster.cu): columns per CTA of a cluster
     i64 ignore_index;
     float norm_fixed;          // the denominator of CE_NORM_FIXED
     float upstream;            // d final loss / d this loss

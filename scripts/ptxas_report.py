@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Assemble every kernel's PTX for sm_80 and sm_90 with `ptxas -v` and check the resources it reports.
+"""Assemble every kernel's PTX for sm_80 and sm_90 (sm_90 only for PTX made for it) with `ptxas -v` and check the resources it reports.
 
     python3 scripts/ptxas_report.py PTX_DIR [--check]
 
@@ -80,7 +80,10 @@ def main():
     if not ptx_files:
         sys.exit(f"no .ptx files in {ptx_dir}")
     for ptx in ptx_files:
-        for arch in ARCHS:
+        # A family made for a newer architecture (thread-block clusters: sm_90) is assembled for it only.
+        target = re.search(r"^\.target sm_(\d+)", ptx.read_text(), re.M)
+        minimum = int(target.group(1)) if target else 0
+        for arch in [a for a in ARCHS if int(a[3:]) >= minimum]:
             for name, r in sorted(assemble(ptxas, ptx, arch).items()):
                 budget = REGISTER_BUDGET.get(name, REGISTER_BUDGET["default"])
                 lines.append(

@@ -1,11 +1,14 @@
 //! The kernel sources and their prebuilt PTX, as build.rs embedded them.
 
 /// One `kernels/*.cu` file: its self-contained source (local includes inlined) and, when NVRTC was
-/// available at build time, its PTX for [`PTX_ARCH`].
+/// available at build time, its PTX for `arch`.
 #[derive(Debug)]
 pub struct KernelSource {
     /// The file stem (`collate`).
     pub name: &'static str,
+    /// The virtual architecture of its PTX: [`PTX_ARCH`], or the family's minimum where it needs a newer
+    /// one (`masked_ce_cluster`: thread-block clusters, `compute_90`).
+    pub arch: &'static str,
     /// The source, compiled at run time when there is no PTX or the driver refuses it.
     pub source: &'static str,
     /// PTX made at build time.

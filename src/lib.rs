@@ -106,7 +106,7 @@ pub mod loss_file;
 
 pub mod show;
 
-pub use backend::{Device, DeviceChoice, DeviceKind, Placed};
+pub use backend::{CeRowKernel, Device, DeviceChoice, DeviceKind, Placed};
 pub use collate::{Batch, BatchStats, CollateSpec, IdDtype, IdTensor, LabelFormat, Pack};
 pub use cs336::tokenize_prompt_and_output;
 pub use error::{Error, Result};

@@ -34,6 +34,19 @@ device_tests!(
     cross_entropy_sequence_mean_of_a_packed_batch,
 );
 
+// Not `cross_entropy_hundreds_of_rows`: on the emulator it costs two minutes and checks nothing the
+// others do not (its vocabulary takes one CTA; the random cases have weights and many rows).
+one_read_tests!(
+    cross_entropy_matches_the_oracle,
+    cross_entropy_extreme_rows,
+    cross_entropy_all_or_nothing_masked,
+    cross_entropy_strided_rows,
+    cross_entropy_bad_labels,
+    cross_entropy_non_finite_logits,
+    cross_entropy_options_on_extreme_rows,
+    cross_entropy_sequence_mean_of_a_packed_batch,
+);
+
 /// Random cases per property: many where a case is cheap (CPU, GPU), fewer on the emulator (a thread
 /// per CUDA thread).
 fn runner(device: &Device, cheap: u32, emulated: u32) -> TestRunner {

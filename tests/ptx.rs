@@ -18,6 +18,11 @@ fn ce_kernels() -> Vec<String> {
 /// The entry points of `family`, as the Rust side loads them.
 fn entries(family: &str, listed: &[&str]) -> Vec<String> {
     let mut all: Vec<String> = listed.iter().map(|e| e.to_string()).collect();
+    if family == "masked_ce_cluster" {
+        for suffix in ["f32", "f16", "bf16"] {
+            all.extend(CeVariant::ALL.map(|v| v.cluster_kernel(suffix)));
+        }
+    }
     if family == "masked_ce" {
         all.extend(ce_kernels());
         // Vocabulary-parallel partials and gradient (launched by the emulator; compiled for the GPU).
@@ -52,6 +57,8 @@ const EXPECTED: &[(&str, &[&str])] = &[
         "masked_ce",
         &["masked_ce_count", "masked_ce_documents", "masked_ce_reduce"],
     ),
+    // The one-read forward+backward kernels (thread-block clusters: PTX for sm_90).
+    ("masked_ce_cluster", &[]),
     (
         "unfused_ce",
         &[
@@ -82,8 +89,15 @@ fn embedded_ptx_holds_every_entry_point() {
         };
         assert!(ptx.contains(&format!(
             ".target {}",
-            kernels::PTX_ARCH.replace("compute_", "sm_")
+            kernel.arch.replace("compute_", "sm_")
         )));
+        let number = |arch: &str| arch.trim_start_matches("compute_").parse::<u32>().unwrap();
+        let expected_arch = match *family {
+            // Clusters need sm_90: never less, whatever the build's architecture.
+            "masked_ce_cluster" if number(kernels::PTX_ARCH) < 90 => "compute_90",
+            _ => kernels::PTX_ARCH,
+        };
+        assert_eq!(kernel.arch, expected_arch, "{family}");
         for entry in entries(family, entries_listed) {
             assert!(
                 ptx.contains(&format!(".visible .entry {entry}(")),
@@ -123,6 +137,7 @@ const ABI_ENTRIES: &[(&str, &[&str], &str)] = &[
         &["masked_ce_count", "masked_ce_documents", "masked_ce_reduce"],
         "CeArgs",
     ),
+    ("masked_ce_cluster", &[], "CeArgs"),
 ];
 
 #[test]

@@ -4,6 +4,11 @@
 // between threads. Launches are serialized (one at a time per process), which is what lets __shared__
 // variables be plain statics.
 //
+// Thread-block clusters (kernels/cluster.cuh) run by launch_cluster: the CTAs of one cluster run at once,
+// each with its own barriers and its own dynamic shared memory (filled with 0xff bytes at the start of each
+// cluster, as garbage: a float read before it is written is NaN), which the others reach through
+// cluster_map; cluster_sync is a barrier over all their threads. Clusters run one after another.
+//
 // Faithfulness notes: blocks do not run concurrently (kernels must not rely on inter-block progress,
 // which CUDA does not promise either); warps do not run in lock-step, so warp-synchronous code without
 // *_sync primitives would be caught as a race rather than silently working.
@@ -15,7 +20,10 @@
 #include <condition_variable>
 #include <cstddef>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
+#include <new>
 #include <memory>
 #include <mutex>
 #include <thread>
@@ -102,7 +110,18 @@ struct Block {
     std::unique_ptr<Warp[]> warps;
 };
 
+// The CTAs of a cluster: a barrier over all their threads and each CTA's dynamic shared memory.
+struct Cluster {
+    Barrier barrier;
+    std::vector<unsigned char *> smem;
+    unsigned long long smem_bytes = 0;
+};
+
 inline thread_local Block *current_block = nullptr;
+inline thread_local Cluster *current_cluster = nullptr;
+inline thread_local unsigned cluster_rank = 0;
+inline thread_local unsigned cluster_index = 0;
+inline thread_local unsigned cluster_count = 0;
 inline thread_local unsigned lane = 0;
 inline thread_local unsigned warp_index = 0;
 // Exchanges this thread has made in the current block (all lanes of a warp make the same ones).
@@ -215,6 +234,29 @@ inline float __uint_as_float(unsigned v) { return emu::from_bits<float>(emu::to_
 inline float ex2_approx(float x) { return std::exp2(x); }
 inline unsigned __float_as_uint(float v) { return emu::from_bits<unsigned>(emu::to_bits(v)); }
 
+// Clusters (kernels/cluster.cuh on the GPU).
+inline unsigned cluster_ctarank() { return emu::cluster_rank; }
+inline unsigned cluster_nctarank() { return (unsigned)emu::current_cluster->smem.size(); }
+inline unsigned cluster_index() { return emu::cluster_index; }
+inline unsigned cluster_count() { return emu::cluster_count; }
+inline void cluster_sync() { emu::current_cluster->barrier.wait(); }
+inline unsigned char *dynamic_smem() {
+    return emu::current_cluster ? emu::current_cluster->smem[emu::cluster_rank] : nullptr;
+}
+// A shared-memory address of this CTA as the same address in CTA `rank`'s (the GPU's mapa); anything
+// else is a bug the GPU would not forgive either.
+template <typename T>
+inline const T *cluster_map(const T *p, unsigned rank) {
+    emu::Cluster &c = *emu::current_cluster;
+    const unsigned char *own = c.smem[emu::cluster_rank];
+    const unsigned char *q = reinterpret_cast<const unsigned char *>(p);
+    if (rank >= c.smem.size() || q < own || q + sizeof(T) > own + c.smem_bytes) {
+        std::fprintf(stderr, "cluster_map: not this CTA's shared memory, or no CTA %u\n", rank);
+        std::abort();
+    }
+    return reinterpret_cast<const T *>(c.smem[rank] + (q - own));
+}
+
 // The launch shape, as the Rust side passes it.
 struct EmuLaunch {
     unsigned grid[3];
@@ -268,6 +310,73 @@ void launch(const EmuLaunch &cfg, Body &&body) {
     pool.reserve(threads);
     for (unsigned t = 0; t < threads; ++t) pool.emplace_back(run_thread, t);
     for (auto &th : pool) th.join();
+}
+
+// Run `body` for every thread of every block of a grid of clusters of `cluster_size` CTAs along x
+// (gridDim.x a multiple of it; y and z 1), each CTA with `smem_bytes` of dynamic shared memory.
+template <typename Body>
+void launch_cluster(const EmuLaunch &cfg, unsigned cluster_size, unsigned long long smem_bytes, Body &&body) {
+    const dim3 block_dim{cfg.block[0], cfg.block[1], cfg.block[2]};
+    const dim3 grid_dim{cfg.grid[0], cfg.grid[1], cfg.grid[2]};
+    const unsigned threads = block_dim.x * block_dim.y * block_dim.z;
+    const unsigned warps = (threads + 31) / 32;
+    if (threads == 0 || grid_dim.x == 0) return;
+    if (cluster_size == 0 || grid_dim.x % cluster_size != 0 || grid_dim.y != 1 || grid_dim.z != 1) {
+        std::fprintf(stderr, "launch_cluster: a grid of %u x %u x %u in clusters of %u\n", grid_dim.x,
+                     grid_dim.y, grid_dim.z, cluster_size);
+        std::abort();
+    }
+    const unsigned clusters = grid_dim.x / cluster_size;
+    const std::size_t alignment = 128;
+    const unsigned long long allocated = smem_bytes == 0 ? alignment : smem_bytes;
+    Cluster cluster;
+    cluster.smem_bytes = smem_bytes;
+    std::vector<Block> blocks(cluster_size);
+    for (unsigned r = 0; r < cluster_size; ++r) {
+        blocks[r].warps.reset(new Warp[warps]);
+        cluster.smem.push_back(static_cast<unsigned char *>(::operator new[](allocated, std::align_val_t(alignment))));
+    }
+    const unsigned all = threads * cluster_size;
+    Barrier between_clusters;
+    between_clusters.reset((int)all);
+
+    auto run_thread = [&](unsigned t) {
+        const unsigned rank = t / threads, local = t % threads;
+        Block &block = blocks[rank];
+        current_block = &block;
+        current_cluster = &cluster;
+        cluster_rank = rank;
+        cluster_count = clusters;
+        lane = local % 32;
+        warp_index = local / 32;
+        threadIdx = {local % block_dim.x, local / block_dim.x % block_dim.y, local / (block_dim.x * block_dim.y)};
+        blockDim = block_dim;
+        gridDim = grid_dim;
+        for (unsigned c = 0; c < clusters; ++c) {
+            between_clusters.wait();
+            if (local == 0) {
+                block.barrier.reset((int)threads);
+                for (unsigned w = 0; w < warps; ++w)
+                    block.warps[w].barrier.reset((int)std::min(32u, threads - 32 * w));
+                std::memset(cluster.smem[rank], 0xff, allocated);
+            }
+            if (t == 0) cluster.barrier.reset((int)all);
+            between_clusters.wait();
+            exchanges = 0;
+            cluster_index = c;
+            blockIdx = {c * cluster_size + rank, 0, 0};
+            body();
+            block.barrier.drop();
+            block.warps[warp_index].barrier.drop();
+            cluster.barrier.drop();
+        }
+        current_cluster = nullptr;
+    };
+    std::vector<std::thread> pool;
+    pool.reserve(all);
+    for (unsigned t = 0; t < all; ++t) pool.emplace_back(run_thread, t);
+    for (auto &th : pool) th.join();
+    for (unsigned char *p : cluster.smem) ::operator delete[](p, std::align_val_t(alignment));
 }
 
 }  // namespace emu

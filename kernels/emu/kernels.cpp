@@ -5,6 +5,7 @@
 
 #include "collate.cu"
 #include "masked_ce.cu"
+#include "masked_ce_cluster.cu"
 
 // Every kernel takes its argument struct (abi.cuh); the wrapper takes a pointer to the same struct the
 // Rust side fills for cuLaunchKernel, with host addresses in place of device ones.
@@ -29,6 +30,19 @@ EMU_WRAPPER(collate_pack_i64, CollatePackArgs)
 EMU_CE_WRAPPERS(f32)
 EMU_CE_WRAPPERS(f16)
 EMU_CE_WRAPPERS(bf16)
+// Cluster kernels: also the cluster size (CTAs along x) and each CTA's dynamic shared memory.
+#define EMU_CLUSTER_WRAPPER(kernel, Args)                                                            \
+    extern "C" void emu_##kernel(const EmuLaunch *cfg, unsigned cluster, unsigned long long smem,    \
+                                 const Args *args) {                                                 \
+        emu::launch_cluster(*cfg, cluster, smem, [&] { kernel(*args); });                           \
+    }
+#define EMU_CE_CLUSTER_WRAPPERS(suffix)                                 \
+    EMU_CLUSTER_WRAPPER(masked_ce_fwd_bwd_##suffix##_lean_cluster, CeArgs)    \
+    EMU_CLUSTER_WRAPPER(masked_ce_fwd_bwd_##suffix##_entropy_cluster, CeArgs) \
+    EMU_CLUSTER_WRAPPER(masked_ce_fwd_bwd_##suffix##_full_cluster, CeArgs)
+EMU_CE_CLUSTER_WRAPPERS(f32)
+EMU_CE_CLUSTER_WRAPPERS(f16)
+EMU_CE_CLUSTER_WRAPPERS(bf16)
 EMU_WRAPPER(masked_ce_count, CeArgs)
 EMU_WRAPPER(masked_ce_documents, CeArgs)
 EMU_WRAPPER(masked_ce_reduce, CeArgs)

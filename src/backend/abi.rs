@@ -136,6 +136,59 @@ impl CeVariant {
     }
 }
 
+/// How the one-read forward+backward kernels (`kernels/masked_ce_cluster.cu`) hold a row: a cluster of
+/// `ctas` CTAs, each keeping `slice` columns of it in `smem_bytes` of dynamic shared memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClusterPlan {
+    /// CTAs per cluster: 1, 2, 4 or 8 (the portable cluster sizes).
+    pub ctas: u32,
+    /// Columns per CTA: a multiple of 8, so that each slice of a 16-byte aligned row is aligned.
+    pub slice: u64,
+    /// Dynamic shared memory per CTA: the head (reduction scratch and the exchanged partial) and the
+    /// slice.
+    pub smem_bytes: u32,
+}
+
+/// The largest portable cluster (more needs the non-portable attribute, and fewer SMs can hold it).
+pub const MAX_CLUSTER_CTAS: u32 = 8;
+
+impl ClusterPlan {
+    /// The smallest cluster whose CTAs hold a row of `vocab` elements of `elem_bytes` each within
+    /// `smem_per_cta` bytes of shared memory each; `None` when even 8 CTAs cannot (the two-pass kernels
+    /// serve such rows).
+    pub fn for_row(vocab: usize, elem_bytes: usize, smem_per_cta: usize) -> Option<Self> {
+        let head = CE_CLUSTER_HEAD as usize;
+        let mut ctas = 1u32;
+        while ctas <= MAX_CLUSTER_CTAS {
+            let slice = vocab.div_ceil(ctas as usize).max(1).next_multiple_of(8);
+            let bytes = slice.checked_mul(elem_bytes)?.checked_add(head)?;
+            if bytes <= smem_per_cta {
+                return Some(ClusterPlan {
+                    ctas,
+                    slice: slice as u64,
+                    smem_bytes: u32::try_from(bytes).ok()?,
+                });
+            }
+            ctas *= 2;
+        }
+        None
+    }
+
+    /// The grid: one cluster per row up to a cap (then clusters walk rows grid-stride), `CE_BLOCK`
+    /// threads per CTA.
+    pub fn launch(&self, rows: usize) -> Launch {
+        let clusters = rows.clamp(1, (1 << 20) / self.ctas as usize) as u32;
+        Launch::blocks(clusters * self.ctas, CE_BLOCK)
+    }
+}
+
+impl CeVariant {
+    /// The one-read forward+backward kernel's name (`masked_ce_cluster.cu`) for the dtype `suffix`.
+    pub fn cluster_kernel(self, suffix: &str) -> String {
+        format!("masked_ce_fwd_bwd_{suffix}_{}_cluster", self.name())
+    }
+}
+
 /// The scalar fields of [`CeArgs`] (addresses are the launcher's): shape, options, the number of
 /// documents `cu_seqlens` describes.
 pub fn ce_args(options: &CeOptions, shape: &LogitsShape, documents: usize) -> CeArgs {

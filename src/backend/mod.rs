@@ -102,6 +102,22 @@ crate::names::named_enum!(DeviceKind {
     Emulated = "emulated",
 });
 
+/// Which kernel computes the cross-entropy's forward+backward on a GPU (and on the emulator, which runs
+/// the same kernels). The forward alone reads each row once on every kernel.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CeRowKernel {
+    /// One block per row; the row is read twice (statistics, then the gradient, the second read from L2
+    /// when it is still there). Every architecture.
+    #[default]
+    TwoPass,
+    /// One read of each row (`kernels/masked_ce_cluster.cu`): a thread-block cluster of up to 8 CTAs holds
+    /// the row in shared memory, at most `smem_per_cta` bytes each (`None`: as much as the device allows
+    /// a block; the emulator then assumes an H100's 227 KiB), and writes the gradient from there. On GPUs
+    /// before sm_90 (no clusters) and for rows that do not fit, the two-pass kernel runs. Checked
+    /// against the oracle on the emulator; on a GPU it has not yet run here (docs/gpu-results.md).
+    OneRead { smem_per_cta: Option<usize> },
+}
+
 /// A device, chosen once, that collates and computes the cross-entropy. Every backend gives the same
 /// results (bit for bit for collation; within the documented tolerances for the loss).
 pub struct Device {
@@ -160,6 +176,28 @@ impl Device {
             description: "emulated (CUDA kernels on CPU threads)".into(),
             fallback: None,
         }
+    }
+
+    /// This device with `kernel` for the cross-entropy's forward+backward (CUDA and the emulator; the CPU
+    /// oracle has no kernels and ignores it).
+    pub fn with_ce_row_kernel(mut self, kernel: CeRowKernel) -> Device {
+        match &mut self.backend {
+            Backend::Cpu => {
+                let _ = kernel; // the oracle has no kernels
+            }
+            #[cfg(feature = "cuda")]
+            Backend::Cuda(device) => device.set_ce_row_kernel(kernel),
+            #[cfg(feature = "emulation")]
+            Backend::Emulated(emulator) => {
+                emulator.one_read_smem = match kernel {
+                    CeRowKernel::TwoPass => None,
+                    CeRowKernel::OneRead { smem_per_cta } => {
+                        Some(smem_per_cta.unwrap_or(emulation::H100_SMEM_PER_BLOCK))
+                    }
+                }
+            }
+        }
+        self
     }
 
     /// GPU `ordinal` on its default stream, with the collation kernels loaded (so a device that cannot

@@ -165,6 +165,19 @@ fn cuda_typed<T: sft_collate::loss::LogitElem>(
             100.0 * bytes / seconds / report.peak
         );
     }
+    match report.one_read_forward_backward {
+        Some(seconds) => println!(
+            "{:<26} {:>10.3} {:>10.3} {:>9.0} {:>9.1}%",
+            "one-read forward+backward",
+            seconds * 1e3,
+            both / 1e9,
+            both / seconds / 1e9,
+            100.0 * both / seconds / report.peak
+        ),
+        None => println!(
+            "one-read forward+backward: not run (needs sm_90+ clusters, and a row within 8 CTAs' shared memory)"
+        ),
+    }
     println!("fused, by what is asked for (forward | forward+backward):");
     for (case, forward, both_time) in &report.cases {
         println!(

@@ -27,6 +27,42 @@ macro_rules! device_tests {
     };
 }
 
+/// The cross-entropy properties again on the one-read forward+backward kernels (a thread-block cluster
+/// per row, `kernels/masked_ce_cluster.cu`): `on_emulator_one_read::name`, `on_cuda_one_read::name`
+/// (ignored without a GPU). Each CTA gets `ONE_READ_TEST_SMEM` bytes of shared memory, so that the
+/// properties' vocabularies take clusters of 1, 2, 4 and 8 CTAs, and the two-pass kernel beyond.
+#[macro_export]
+macro_rules! one_read_tests {
+    ($($name:ident),* $(,)?) => {
+        #[cfg(feature = "emulation")]
+        mod on_emulator_one_read {
+            $(#[test] fn $name() { super::$name(&$crate::common::one_read(sft_collate::Device::emulated())); })*
+        }
+        #[cfg(feature = "cuda")]
+        mod on_cuda_one_read {
+            $(
+                #[test]
+                #[ignore = "needs a CUDA device"]
+                fn $name() {
+                    let device = sft_collate::Device::cuda(0).expect("a CUDA device");
+                    super::$name(&$crate::common::one_read(device));
+                }
+            )*
+        }
+    };
+}
+
+/// Per-CTA shared memory of the one-read tests: the head and 1,024 bytes of the row (256 f32 columns,
+/// 512 bf16 or f16), so 8 CTAs hold rows of up to 2,048 f32 or 4,096 16-bit columns.
+pub const ONE_READ_TEST_SMEM: usize = sft_collate::backend::abi::CE_CLUSTER_HEAD as usize + 1024;
+
+/// `device` on the one-read kernels with [`ONE_READ_TEST_SMEM`] per CTA.
+pub fn one_read(device: sft_collate::Device) -> sft_collate::Device {
+    device.with_ce_row_kernel(sft_collate::CeRowKernel::OneRead {
+        smem_per_cta: Some(ONE_READ_TEST_SMEM),
+    })
+}
+
 use std::path::PathBuf;
 
 /// `$SFT_COLLATE_SHARED`, else `../shared` beside the crate. `None` (after saying so on stderr) when it is

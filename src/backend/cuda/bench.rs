@@ -128,6 +128,8 @@ impl LossCase {
 pub struct LossBench<T> {
     stream: Arc<CudaStream>,
     fused: MaskedCrossEntropy,
+    /// The same kernels with the one-read forward+backward (sm_90+: clusters; `None` elsewhere).
+    one_read: Option<MaskedCrossEntropy>,
     /// The unfused baseline's kernels for `T`, looked up once: log-softmax, gather, sum, backward.
     unfused: [CudaFunction; 4],
     logits: CudaSlice<T>,
@@ -148,6 +150,9 @@ impl<T: LogitElem> LossBench<T> {
         masked_fraction: f64,
     ) -> Result<Self> {
         let fused = MaskedCrossEntropy::new(stream.clone())?;
+        let one_read = MaskedCrossEntropy::new(stream.clone())?
+            .with_row_kernel(crate::backend::CeRowKernel::OneRead { smem_per_cta: None })?;
+        let one_read = one_read.has_one_read().then_some(one_read);
         let (unfused_module, _) = module::load(
             stream.context(),
             crate::kernels::kernel("unfused_ce").expect("embedded"),
@@ -192,6 +197,7 @@ impl<T: LogitElem> LossBench<T> {
             mask: stream.clone_htod(&mask).map_err(cuda_err)?,
             stream,
             fused,
+            one_read,
             unfused: [
                 format!("unfused_log_softmax_{}", T::SUFFIX),
                 "unfused_gather_nll".to_string(),
@@ -243,6 +249,18 @@ impl<T: LogitElem> LossBench<T> {
     /// The fused forward+backward into a new gradient buffer (lean), not synchronized.
     pub fn fused_forward_backward(&self) -> Result<()> {
         self.fused_forward_backward_case(LossCase::Lean)
+    }
+
+    /// The one-read forward+backward (lean) into a new gradient buffer, not synchronized; `None` where
+    /// the device has no clusters.
+    pub fn one_read_forward_backward(&self) -> Option<Result<()>> {
+        let (options, request) = LossCase::Lean.options_and_request(&self.options);
+        let kernels = self.one_read.as_ref()?;
+        Some(
+            kernels
+                .forward_backward(&self.logits, &self.targets(), &options, request)
+                .map(drop),
+        )
     }
 
     /// The fused forward with what `case` asks for, not synchronized.
@@ -333,6 +351,8 @@ impl<T: LogitElem> LossBench<T> {
 pub struct LossBenchReport {
     pub fused_forward: f64,
     pub fused_forward_backward: f64,
+    /// The one-read forward+backward (lean; sm_90+ where the row fits in a cluster, else `None`).
+    pub one_read_forward_backward: Option<f64>,
     /// The fused forward and forward+backward of every [`LossCase`] (the lean one again, measured beside
     /// the others).
     pub cases: Vec<(LossCase, f64, f64)>,
@@ -360,6 +380,10 @@ impl<T: LogitElem> LossBench<T> {
         Ok(LossBenchReport {
             fused_forward: time(&|| self.fused_forward())?,
             fused_forward_backward: time(&|| self.fused_forward_backward())?,
+            one_read_forward_backward: match self.one_read_forward_backward() {
+                Some(_) => Some(time(&|| self.one_read_forward_backward().expect("loaded"))?),
+                None => None,
+            },
             cases: LossCase::ALL
                 .into_iter()
                 .map(|case| {

@@ -9,7 +9,8 @@ use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, PushKernelArg, SyncOnD
 use super::memory::{DeviceRead, DeviceWrite};
 use super::module::{self, ModuleOrigin};
 use super::{cuda_err, launch_config};
-use crate::backend::abi::{self, CeArgs, CeVariant};
+use crate::backend::abi::{self, CeArgs, CeVariant, ClusterPlan};
+use crate::backend::CeRowKernel;
 use crate::loss::{CeOptions, CeOutput, CeRequest, LogitElem, LogitsShape};
 use crate::{Error, Result};
 
@@ -213,6 +214,14 @@ pub struct MaskedCrossEntropy {
     /// `masked_ce_shard_{fwd,bwd}_{suffix}` (vocabulary-parallel, `super::parallel`).
     pub(super) shard: std::collections::HashMap<String, CudaFunction>,
     origin: ModuleOrigin,
+    /// The one-read forward+backward kernels, when asked for and the device has clusters (sm_90+).
+    one_read: Option<OneRead>,
+}
+
+/// `masked_ce_fwd_bwd_{suffix}_{variant}_cluster` and the shared memory they may use per CTA.
+struct OneRead {
+    kernels: std::collections::HashMap<String, CudaFunction>,
+    smem_per_cta: usize,
 }
 
 impl std::fmt::Debug for MaskedCrossEntropy {
@@ -256,7 +265,46 @@ impl MaskedCrossEntropy {
             kernels,
             stream,
             origin,
+            one_read: None,
         })
+    }
+
+    /// These kernels with `kernel` for forward+backward: [`CeRowKernel::OneRead`] loads the cluster
+    /// kernels on sm_90+ (elsewhere the two-pass kernels stay).
+    pub fn with_row_kernel(mut self, kernel: CeRowKernel) -> Result<Self> {
+        self.one_read = None;
+        let CeRowKernel::OneRead { smem_per_cta } = kernel else {
+            return Ok(self);
+        };
+        let ctx = self.stream.context();
+        if ctx.compute_capability().map_err(cuda_err)?.0 < 9 {
+            return Ok(self);
+        }
+        use cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN;
+        let most = ctx
+            .attribute(CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+            .map_err(cuda_err)? as usize;
+        let source =
+            crate::kernels::kernel("masked_ce_cluster").expect("masked_ce_cluster.cu is embedded");
+        let (module, _) = module::load(ctx, source)?;
+        let mut kernels = std::collections::HashMap::new();
+        for suffix in ["f32", "f16", "bf16"] {
+            for variant in CeVariant::ALL {
+                let name = variant.cluster_kernel(suffix);
+                let function = module.load_function(&name).map_err(cuda_err)?;
+                kernels.insert(name, function);
+            }
+        }
+        self.one_read = Some(OneRead {
+            kernels,
+            smem_per_cta: smem_per_cta.map_or(most, |s| s.min(most)),
+        });
+        Ok(self)
+    }
+
+    /// Whether forward+backward runs the one-read kernels (asked for, and the device has clusters).
+    pub fn has_one_read(&self) -> bool {
+        self.one_read.is_some()
     }
 
     pub fn origin(&self) -> &ModuleOrigin {
@@ -555,7 +603,8 @@ impl MaskedCrossEntropy {
             argmax: outputs.argmax.is_some(),
             ..CeRequest::NONE
         };
-        let function = &self.kernels[&CeVariant::of(options, &request).kernel(backward, T::SUFFIX)];
+        let variant = CeVariant::of(options, &request);
+        let function = &self.kernels[&variant.kernel(backward, T::SUFFIX)];
         // Addresses for the argument struct; each guard records this stream's use of its buffer when
         // dropped after the launches.
         let mut guards: Vec<SyncOnDrop<'_>> = Vec::new();
@@ -630,11 +679,34 @@ impl MaskedCrossEntropy {
                     .launch(launch_config(abi::ce_documents_launch(documents)))
                     .map_err(cuda_err)?;
             }
-            stream
-                .launch_builder(function)
-                .arg(&args)
-                .launch(launch_config(abi::ce_rows_launch(n)))
-                .map_err(cuda_err)?;
+            let one_read = match (&self.one_read, backward) {
+                (Some(one), true) => {
+                    ClusterPlan::for_row(shape.vocab, std::mem::size_of::<T>(), one.smem_per_cta)
+                        .map(|plan| (&one.kernels[&variant.cluster_kernel(T::SUFFIX)], plan))
+                }
+                _ => None,
+            };
+            match one_read {
+                // The cluster kernel's CTAs keep `slice` columns each in the shared memory sized for
+                // them; everything else is the two-pass kernel's contract above.
+                Some((kernel, plan)) => launch_cluster(
+                    stream,
+                    kernel,
+                    plan,
+                    n,
+                    &CeArgs {
+                        cluster_slice: plan.slice,
+                        ..args
+                    },
+                )?,
+                None => {
+                    stream
+                        .launch_builder(function)
+                        .arg(&args)
+                        .launch(launch_config(abi::ce_rows_launch(n)))
+                        .map_err(cuda_err)?;
+                }
+            }
             stream
                 .launch_builder(&self.reduce)
                 .arg(&args)
@@ -644,4 +716,59 @@ impl MaskedCrossEntropy {
         drop(guards);
         Ok(())
     }
+}
+
+/// Launch a one-read kernel on `stream` in clusters of `plan.ctas` CTAs with `plan.smem_bytes` of dynamic
+/// shared memory each (cudarc's launch builder sets neither, so this is `cuLaunchKernelEx` itself).
+///
+/// # Safety
+/// `args` must satisfy the kernel's contract (`kernels/masked_ce_cluster.cu`) for `rows` rows.
+unsafe fn launch_cluster(
+    stream: &Arc<CudaStream>,
+    kernel: &CudaFunction,
+    plan: ClusterPlan,
+    rows: usize,
+    args: &CeArgs,
+) -> Result<()> {
+    use cudarc::driver::sys;
+    kernel
+        .set_attribute(
+            sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            plan.smem_bytes as i32,
+        )
+        .map_err(cuda_err)?;
+    stream.context().bind_to_thread().map_err(cuda_err)?;
+    let launch = plan.launch(rows);
+    // SAFETY: an all-zero attribute is a valid "ignored" attribute; the cluster dimension is set below.
+    let mut attribute: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+    attribute.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
+    attribute.value.clusterDim.x = plan.ctas;
+    attribute.value.clusterDim.y = 1;
+    attribute.value.clusterDim.z = 1;
+    let config = sys::CUlaunchConfig {
+        gridDimX: launch.grid[0],
+        gridDimY: launch.grid[1],
+        gridDimZ: launch.grid[2],
+        blockDimX: launch.block[0],
+        blockDimY: launch.block[1],
+        blockDimZ: launch.block[2],
+        sharedMemBytes: plan.smem_bytes,
+        hStream: stream.cu_stream(),
+        attrs: &mut attribute,
+        numAttrs: 1,
+    };
+    // The kernel's one parameter, the struct by value: a pointer to it, as cuLaunchKernel takes.
+    let mut params = [args as *const CeArgs as *mut std::ffi::c_void];
+    // SAFETY: the config, its one attribute and the parameter array outlive the call, which copies them;
+    // the caller vouches for what the kernel reads and writes.
+    unsafe {
+        sys::cuLaunchKernelEx(
+            &config,
+            kernel.cu_function(),
+            params.as_mut_ptr(),
+            std::ptr::null_mut(),
+        )
+    }
+    .result()
+    .map_err(cuda_err)
 }

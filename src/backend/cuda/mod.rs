@@ -57,6 +57,7 @@ pub struct CudaDevice {
     stream: Arc<CudaStream>,
     collator: OnceLock<CudaCollator>,
     cross_entropy: OnceLock<MaskedCrossEntropy>,
+    ce_row_kernel: crate::backend::CeRowKernel,
 }
 
 impl std::fmt::Debug for CudaDevice {
@@ -74,7 +75,14 @@ impl CudaDevice {
             stream,
             collator: OnceLock::new(),
             cross_entropy: OnceLock::new(),
+            ce_row_kernel: Default::default(),
         })
+    }
+
+    /// The cross-entropy's forward+backward kernel from now on (the kernels load again at next use).
+    pub fn set_ce_row_kernel(&mut self, kernel: crate::backend::CeRowKernel) {
+        self.ce_row_kernel = kernel;
+        self.cross_entropy = OnceLock::new();
     }
 
     /// The stream every copy and launch goes on.
@@ -96,7 +104,8 @@ impl CudaDevice {
         if let Some(kernels) = self.cross_entropy.get() {
             return Ok(kernels);
         }
-        let loaded = MaskedCrossEntropy::new(self.stream.clone())?;
+        let loaded =
+            MaskedCrossEntropy::new(self.stream.clone())?.with_row_kernel(self.ce_row_kernel)?;
         Ok(self.cross_entropy.get_or_init(|| loaded))
     }
 

@@ -1,7 +1,7 @@
 //! The fused masked cross-entropy kernels on the emulator.
 
-use super::{addr, ce_kernel, DeviceLikeBuffer, Emulator};
-use crate::backend::abi::{self, CeArgs, CeVariant};
+use super::{addr, ce_kernel, cluster_kernel, DeviceLikeBuffer, Emulator};
+use crate::backend::abi::{self, CeArgs, CeVariant, ClusterPlan};
 use crate::loss::{CeInput, CeOptions, CeOutput, CeRequest, LogitElem};
 use crate::Result;
 
@@ -42,6 +42,8 @@ fn out_addr<T>(v: &mut [T]) -> u64 {
 pub(crate) struct CeRun<'a, T: LogitElem> {
     args: CeArgs,
     kernel: super::EmuKernel<CeArgs>,
+    /// The one-read kernel and how it holds a row, when the emulator runs it and a row fits.
+    one_read: Option<(super::EmuClusterKernel<CeArgs>, ClusterPlan)>,
     request: CeRequest,
     z_loss: bool,
     // Kept alive for the addresses in `args` (the input's own buffers are borrowed for 'a).
@@ -80,6 +82,16 @@ impl<'a, T: LogitElem> CeRun<'a, T> {
         let mut run = CeRun {
             args: CeArgs::default(),
             kernel: ce_kernel(backward, T::SUFFIX, CeVariant::of(options, &request)),
+            one_read: match emulator.one_read_smem {
+                Some(smem) if backward => {
+                    let size = std::mem::size_of::<T>();
+                    ClusterPlan::for_row(input.shape.vocab, size, smem).map(|plan| {
+                        let variant = CeVariant::of(options, &request);
+                        (cluster_kernel(T::SUFFIX, variant), plan)
+                    })
+                }
+                _ => None,
+            },
             request,
             z_loss: options.z_loss != 0.0,
             _upstream: upstream,
@@ -162,8 +174,21 @@ impl<'a, T: LogitElem> CeRun<'a, T> {
         };
         // SAFETY: the caller vouches for the logits and gradient; every per-row array of `args` has one
         // entry per batch row (or is null) and `rows_chunk` offset it to `start` with `start + rows` in
-        // the batch; labels are dereferenced only after the kernel's range check.
-        unsafe { (self.kernel)(&abi::ce_rows_launch(rows), &args) };
+        // the batch; labels are dereferenced only after the kernel's range check. The one-read kernel's
+        // CTAs keep at most `slice` columns each in the `smem_bytes` the plan sized for them.
+        unsafe {
+            match self.one_read {
+                Some((kernel, plan)) => {
+                    let args = CeArgs {
+                        cluster_slice: plan.slice,
+                        ..args
+                    };
+                    let smem = u64::from(plan.smem_bytes);
+                    kernel(&plan.launch(rows), plan.ctas, smem, &args)
+                }
+                None => (self.kernel)(&abi::ce_rows_launch(rows), &args),
+            }
+        }
     }
 
     /// Reduce (sums, loss, correct rows), check the error flag, and hand the outputs back (without a

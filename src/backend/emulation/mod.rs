@@ -14,12 +14,20 @@ use crate::backend::abi::{CeArgs, CeVariant, CollateArgs, CollatePackArgs, Launc
 pub use linear::linear_row_stride;
 pub use loss::Grad;
 
+/// The shared memory an H100 or H200 gives one block (227 KiB): the one-read kernels' default budget here.
+pub const H100_SMEM_PER_BLOCK: usize = 227 * 1024;
+
 /// The emulator: the CUDA kernels run on CPU threads. Every call is synchronous.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Emulator {
     /// Hand the cross-entropy kernel its upstream gradient through a pointer (as a trainer's device
     /// scalar) instead of by value, so both of the kernel's paths are checked.
     pub upstream_by_pointer: bool,
+    /// Run forward+backward on the one-read kernels (`kernels/masked_ce_cluster.cu`: a thread-block
+    /// cluster per row, the row held in shared memory) with this much shared memory per CTA, as the CUDA
+    /// backend does on sm_90+ where its rows fit; rows that do not fit in 8 CTAs, and `None`, take the
+    /// two-pass kernels. A small budget splits a row over more CTAs.
+    pub one_read_smem: Option<usize>,
 }
 
 impl Emulator {
@@ -79,6 +87,38 @@ ce_kernels! {
     true "bf16" Lean => emu_masked_ce_fwd_bwd_bf16_lean,
     true "bf16" Entropy => emu_masked_ce_fwd_bwd_bf16_entropy,
     true "bf16" Full => emu_masked_ce_fwd_bwd_bf16_full,
+}
+
+/// An emulated cluster launch: the launch shape, the cluster size, each CTA's dynamic shared memory
+/// and the kernel's argument struct.
+type EmuClusterKernel<Args> = unsafe extern "C" fn(*const Launch, u32, u64, *const Args);
+
+macro_rules! cluster_kernels {
+    ($($suffix:literal $variant:ident => $f:ident),* $(,)?) => {
+        extern "C" {
+            $(fn $f(cfg: *const Launch, cluster: u32, smem: u64, args: *const CeArgs);)*
+        }
+
+        /// The emulated `masked_ce_fwd_bwd_{suffix}_{variant}_cluster`.
+        fn cluster_kernel(suffix: &str, variant: CeVariant) -> EmuClusterKernel<CeArgs> {
+            match (suffix, variant) {
+                $(($suffix, CeVariant::$variant) => $f,)*
+                _ => unreachable!("a logits dtype without kernels: {suffix}"),
+            }
+        }
+    };
+}
+
+cluster_kernels! {
+    "f32" Lean => emu_masked_ce_fwd_bwd_f32_lean_cluster,
+    "f32" Entropy => emu_masked_ce_fwd_bwd_f32_entropy_cluster,
+    "f32" Full => emu_masked_ce_fwd_bwd_f32_full_cluster,
+    "f16" Lean => emu_masked_ce_fwd_bwd_f16_lean_cluster,
+    "f16" Entropy => emu_masked_ce_fwd_bwd_f16_entropy_cluster,
+    "f16" Full => emu_masked_ce_fwd_bwd_f16_full_cluster,
+    "bf16" Lean => emu_masked_ce_fwd_bwd_bf16_lean_cluster,
+    "bf16" Entropy => emu_masked_ce_fwd_bwd_bf16_entropy_cluster,
+    "bf16" Full => emu_masked_ce_fwd_bwd_bf16_full_cluster,
 }
 
 extern "C" {
