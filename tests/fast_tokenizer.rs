@@ -2,7 +2,8 @@
 //! tokenizer of the fixtures, on variants of it that exercise the other supported configurations (Llama 3
 //! and GPT-2 split patterns, no normalizer, normalized added tokens, `ignore_merges`), on the built-in
 //! o200k_base and cl100k_base, and on SentencePiece-style files (`tests/data/spm`, Llama 2 / newer Llama /
-//! Gemma as `transformers` converts them) and variants of them. Texts: GSM8K train and test (raw and templated), hand-written hard cases
+//! Gemma as `transformers` converts them) and variants of them, and 22 real hub files when
+//! `scripts/fetch-hub-tokenizers.py` has fetched them. Texts: GSM8K train and test (raw and templated), hand-written hard cases
 //! (scripts, code, digit and whitespace runs, CR/LF mixes, emoji, combining marks, special-token
 //! look-alikes), and random unicode (proptest).
 
@@ -250,6 +251,19 @@ fn all_pairs(test: &str, dir: &Path) -> Option<Vec<Pair>> {
             }),
         ),
         (
+            // Split with Removed and invert: the matches are the pieces, the rest is dropped (here
+            // whitespace and punctuation, which no alternative matches).
+            "letters-digits-removed-inverted",
+            Box::new(|j| {
+                j["pre_tokenizer"] = serde_json::json!({"type": "Sequence", "pretokenizers": [
+                    {"type": "Split", "pattern": {"Regex": r"\p{L}+| ?\p{N}{1,3}"}, "behavior": "Removed",
+                        "invert": true},
+                    {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true,
+                        "use_regex": false}
+                ]})
+            }),
+        ),
+        (
             "llama3-split+gpt2-regex",
             Box::new(|j| j["pre_tokenizer"] = split_then_byte_level(LLAMA3, true)),
         ),
@@ -412,6 +426,17 @@ fn sentencepiece_pairs(dir: &Path) -> Vec<Pair> {
     };
     let variants: Vec<(&str, &str, Edit)> = vec![
         (
+            // Gemma's vocabulary: a tab token, and no <0x09> (no character can need it).
+            "spm-tab-token-without-its-byte-token",
+            "llama",
+            Box::new(|j| {
+                let vocab = j["model"]["vocab"].as_object_mut().unwrap();
+                let id = vocab.remove("<0x09>").unwrap();
+                vocab.remove("\t");
+                vocab.insert("\t".into(), id);
+            }),
+        ),
+        (
             "spm-metaspace-always-split",
             "llama",
             Box::new(move |j| j["pre_tokenizer"] = metaspace("always", true)),
@@ -525,16 +550,12 @@ fn tricky_char() -> impl Strategy<Value = char> {
     ]
 }
 
-#[test]
-fn same_ids_as_tokenizers_on_random_unicode() {
-    let dir = tempfile::tempdir().unwrap();
-    let Some(pairs) = all_pairs("same_ids_as_tokenizers_on_random_unicode", dir.path()) else {
-        return;
-    };
-    let texts = prop_oneof![
+/// Random texts: characters on the split patterns' class boundaries, any characters, and fragments of
+/// special tokens and contractions glued together.
+fn random_texts() -> impl Strategy<Value = String> {
+    prop_oneof![
         prop::collection::vec(tricky_char(), 0..40).prop_map(|c| c.into_iter().collect::<String>()),
         prop::collection::vec(any::<char>(), 0..30).prop_map(|c| c.into_iter().collect::<String>()),
-        // Fragments of special tokens and contractions glued together.
         prop::collection::vec(
             prop::sample::select(vec![
                 "<|endoftext|>",
@@ -559,11 +580,104 @@ fn same_ids_as_tokenizers_on_random_unicode() {
             0..12
         )
         .prop_map(|p| p.concat()),
-    ];
+    ]
+}
+
+#[test]
+fn same_ids_as_tokenizers_on_random_unicode() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(pairs) = all_pairs("same_ids_as_tokenizers_on_random_unicode", dir.path()) else {
+        return;
+    };
     for pair in &pairs {
         let mut runner = TestRunner::new(Config::with_cases(1500));
-        runner.run(&texts, |text| pair.agree(&text)).unwrap();
+        runner
+            .run(&random_texts(), |text| pair.agree(&text))
+            .unwrap();
     }
+}
+
+/// The real hub files `scripts/fetch-hub-tokenizers.py` fetches (its `PACKAGES`), every one of them
+/// served by the fast engine.
+const HUB_FILES: &[&str] = &[
+    "llama2",
+    "llama3",
+    "llama3_1",
+    "llama3_2",
+    "gpt2",
+    "gpt3",
+    "gpt4",
+    "gpt4o",
+    "claude",
+    "gemma",
+    "gemma2",
+    "gemma3",
+    "mistral_nemo",
+    "qwen1_5",
+    "qwen2_5",
+    "qwen3",
+    "deepseek_v3",
+    "command_r_plus",
+    "yi",
+    "baichuan2",
+    "internlm2",
+    "chatglm3",
+];
+
+/// Where the fetched hub files are (`$SFT_COLLATE_HUB_TOKENIZERS`, else `target/hub-tokenizers`), or
+/// `None` after saying how to fetch them. Not a shared fixture: a machine that cannot reach the npm
+/// registry skips, CI included.
+fn hub_dir(test: &str) -> Option<PathBuf> {
+    let dir = std::env::var_os("SFT_COLLATE_HUB_TOKENIZERS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/hub-tokenizers"));
+    if dir.join("SOURCES.md").is_file() {
+        return Some(dir);
+    }
+    eprintln!(
+        "SKIPPED {test}: no hub tokenizer files at {} (python3 scripts/fetch-hub-tokenizers.py fetches them)",
+        dir.display()
+    );
+    None
+}
+
+#[test]
+fn same_ids_as_tokenizers_on_hub_files() {
+    let test = "same_ids_as_tokenizers_on_hub_files";
+    let Some(dir) = hub_dir(test) else {
+        return;
+    };
+    let Some(shared) = common::shared_dir(test) else {
+        return;
+    };
+    let hard = hard_cases();
+    let hard: Vec<&str> = hard.iter().map(String::as_str).collect();
+    let gsm8k = gsm8k_texts(&shared);
+    let gsm8k: Vec<&str> = gsm8k.iter().take(1000).map(String::as_str).collect();
+    let mut missing = Vec::new();
+    for name in HUB_FILES {
+        let path = dir.join(name).join("tokenizer.json");
+        if !path.is_file() {
+            missing.push(*name);
+            continue;
+        }
+        // What a user gets by default: the fast engine, not the fallback.
+        let auto = Tokenizer::from_file(&path).unwrap();
+        assert_eq!(auto.engine().name(), "fast", "{name}: {:?}", auto.engine());
+        let pair = Pair::file(name, &path);
+        pair.check(&hard);
+        pair.check(&gsm8k);
+        let mut runner = TestRunner::new(Config::with_cases(300));
+        runner
+            .run(&random_texts(), |text| pair.agree(&text))
+            .unwrap();
+    }
+    // The script fetched some and not others (the registry went away half-way): say which were left out.
+    assert!(
+        missing.is_empty(),
+        "{test}: {missing:?} missing from {} (run python3 scripts/fetch-hub-tokenizers.py again)",
+        dir.display()
+    );
 }
 
 #[test]

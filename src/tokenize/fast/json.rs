@@ -228,14 +228,19 @@ fn pre_tokenizer_of(
                 .and_then(|r| r.as_str())
                 .ok_or_else(|| format!("Split pattern {} (only regexes)", step["pattern"]))?;
             let behavior = step.get("behavior").and_then(|b| b.as_str());
-            if behavior != Some("Isolated") || invert {
-                return Err(format!(
-                    "Split behaviour {behavior:?}, invert {invert} (only Isolated)"
-                ));
-            }
-            pre.patterns.push(
-                compile::pattern(regex).map_err(|why| format!("split regex {regex:?}: {why}"))?,
-            );
+            let compiled =
+                || compile::pattern(regex).map_err(|why| format!("split regex {regex:?}: {why}"));
+            pre.patterns.push(match (behavior, invert) {
+                (Some("Isolated"), false) => compiled()?,
+                // The matches are the pieces and the rest is dropped (converted tiktoken files).
+                (Some("Removed"), true) => compiled()?.dropping_gaps(),
+                _ => {
+                    return Err(format!(
+                        "Split behaviour {behavior:?}, invert {invert} (only Isolated, or Removed \
+                         with invert)"
+                    ))
+                }
+            });
         } else if is_type(step, "Digits") {
             let individual = step
                 .get("individual_digits")

@@ -133,6 +133,9 @@ pub(crate) struct Pattern {
     sets: Vec<Vec<(u32, u32)>>,
     /// A scanner written for this pattern, run instead of the alternatives (the same pieces).
     scanner: Option<Scanner>,
+    /// The stretches between matches are dropped, not pieces: `tokenizers`' `Split` with `Removed`
+    /// behaviour and `invert` (what converted tiktoken files write, e.g. Xenova's gpt-4o).
+    drop_gaps: bool,
 }
 
 /// Scanners written by hand for the most used patterns: one pass that decides, from the character at a
@@ -166,6 +169,7 @@ impl Pattern {
             alternatives,
             sets,
             scanner: None,
+            drop_gaps: false,
         }
     }
 
@@ -181,6 +185,7 @@ impl Pattern {
             )]],
             sets: Vec::new(),
             scanner: None,
+            drop_gaps: false,
         }
     }
 
@@ -275,6 +280,7 @@ impl Pattern {
             alternatives,
             sets: Vec::new(),
             scanner: Some(scanner),
+            drop_gaps: false,
         })
     }
 
@@ -283,8 +289,18 @@ impl Pattern {
         self.name
     }
 
+    /// This pattern as `Split` with `Removed` behaviour and `invert` runs it: only the matches are
+    /// pieces, what lies between them is dropped.
+    pub(crate) fn dropping_gaps(self) -> Pattern {
+        Pattern {
+            drop_gaps: true,
+            ..self
+        }
+    }
+
     /// Call `piece` with each piece of `text`, in order, as `tokenizers`' `Split` with `Isolated`
-    /// behaviour cuts it: every match, and every stretch between matches. Returns the number of pieces.
+    /// behaviour cuts it: every match, and every stretch between matches (unless the pattern drops
+    /// them). Returns the number of pieces.
     pub(crate) fn split<'t>(
         &self,
         text: &'t str,
@@ -362,7 +378,7 @@ impl Pattern {
             let decided = decide(m, pos);
             match decided.or_else(|| self.alternatives.iter().find_map(|alt| m.seq(alt, pos))) {
                 Some(end) if end > pos => {
-                    if gap_start < pos {
+                    if gap_start < pos && !self.drop_gaps {
                         piece(gap_start, pos);
                         pieces += 1;
                     }
@@ -375,7 +391,7 @@ impl Pattern {
                 _ => pos += m.decode(pos).1,
             }
         }
-        if gap_start < len {
+        if gap_start < len && !self.drop_gaps {
             piece(gap_start, len);
             pieces += 1;
         }
