@@ -351,22 +351,25 @@ impl Pattern {
         }
         // The loop instantiated once per scanner, so that o200k's and cl100k's differences are decided
         // at compile time.
+        // The scanners' patterns match at every character (nothing lies between matches), so whether
+        // gaps are dropped matters only to compiled patterns.
         match self.scanner {
             Some(Scanner::O200kAscii) => {
-                self.matches(&m, piece, |m, pos| m.ascii_scan::<true>(pos))
+                self.matches::<true>(&m, piece, |m, pos| m.ascii_scan::<true>(pos))
             }
             Some(Scanner::Cl100kAscii) => {
-                self.matches(&m, piece, |m, pos| m.ascii_scan::<false>(pos))
+                self.matches::<true>(&m, piece, |m, pos| m.ascii_scan::<false>(pos))
             }
-            _ => self.matches(&m, piece, |_, _| None),
+            _ if self.drop_gaps => self.matches::<false>(&m, piece, |_, _| None),
+            _ => self.matches::<true>(&m, piece, |_, _| None),
         }
     }
 
-    /// `piece` with every match of the alternatives, and every stretch between matches (the gaps),
+    /// `piece` with every match of the alternatives, and (with GAPS) every stretch between matches,
     /// in order; `decide` gives a match's end where it can (a scanner), else the alternatives are
     /// tried in turn. Returns the number of pieces.
     #[inline(always)]
-    fn matches(
+    fn matches<const GAPS: bool>(
         &self,
         m: &Matcher,
         mut piece: impl FnMut(usize, usize),
@@ -378,7 +381,7 @@ impl Pattern {
             let decided = decide(m, pos);
             match decided.or_else(|| self.alternatives.iter().find_map(|alt| m.seq(alt, pos))) {
                 Some(end) if end > pos => {
-                    if gap_start < pos && !self.drop_gaps {
+                    if GAPS && gap_start < pos {
                         piece(gap_start, pos);
                         pieces += 1;
                     }
@@ -391,7 +394,7 @@ impl Pattern {
                 _ => pos += m.decode(pos).1,
             }
         }
-        if gap_start < len && !self.drop_gaps {
+        if GAPS && gap_start < len {
             piece(gap_start, len);
             pieces += 1;
         }
