@@ -351,14 +351,15 @@ impl Pattern {
         }
         // The loop instantiated once per scanner, so that o200k's and cl100k's differences are decided
         // at compile time.
-        // The scanners' patterns match at every character (nothing lies between matches), so whether
-        // gaps are dropped matters only to compiled patterns.
+        // The scanners' patterns match at every character (nothing lies between matches: a character is
+        // whitespace, a letter, a number or none of these, and each kind starts an alternative), so their
+        // loops keep no gap; whether gaps are dropped matters only to compiled patterns.
         match self.scanner {
             Some(Scanner::O200kAscii) => {
-                self.matches::<true>(&m, piece, |m, pos| m.ascii_scan::<true>(pos))
+                self.matches::<false>(&m, piece, |m, pos| m.ascii_scan::<true>(pos))
             }
             Some(Scanner::Cl100kAscii) => {
-                self.matches::<true>(&m, piece, |m, pos| m.ascii_scan::<false>(pos))
+                self.matches::<false>(&m, piece, |m, pos| m.ascii_scan::<false>(pos))
             }
             _ if self.drop_gaps => self.matches::<false>(&m, piece, |_, _| None),
             _ => self.matches::<true>(&m, piece, |_, _| None),
