@@ -1,6 +1,8 @@
 //! The fused masked cross-entropy on a GPU: forward and forward+backward at N = 16,384 rows with
 //! V = 32,000, 128,256 and 151,936 (bf16), 25%, 50% and 100% of rows masked, against the unfused baseline
-//! (log-softmax written out in f32, gather, masked sum, softmax-minus-one-hot backward) in the same run.
+//! (log-softmax written out in f32, gather, masked sum, softmax-minus-one-hot backward) in the same run,
+//! and on sm_90+ the one-read forward+backward (`one_read_forward_backward`: a thread-block cluster per
+//! row, the row held in shared memory).
 //!
 //! Throughput counts the bytes the fused kernel must move: one read of the masked rows (forward), plus one
 //! write of the gradient (forward+backward). The physical limit is HBM bandwidth; time should be
@@ -58,6 +60,14 @@ fn masked_ce(c: &mut Criterion) {
             group.bench_function("fused_forward_backward", |b| {
                 b.iter_custom(|n| time(n, &|| bench.fused_forward_backward().unwrap()))
             });
+            // The one-read kernel (a cluster per row), where the device has clusters (sm_90+).
+            if bench.one_read_forward_backward().is_some() {
+                group.bench_function("one_read_forward_backward", |b| {
+                    b.iter_custom(|n| {
+                        time(n, &|| bench.one_read_forward_backward().unwrap().unwrap())
+                    })
+                });
+            }
             group.bench_function("unfused_forward_backward", |b| {
                 b.iter_custom(|n| time(n, &|| bench.unfused_forward_backward().unwrap()))
             });
