@@ -160,7 +160,9 @@ fn one_read_in_place_gradient_equals_the_separate_one() {
         let mask = vec![true, true, false, true, true, true];
         let input = strided(&logits, (rows, vocab, stride), &labels, &mask);
         let one_read = Emulator {
-            one_read_smem: Some(sft_collate::backend::abi::CE_CLUSTER_HEAD as usize + 160),
+            ce_row_kernel: sft_collate::CeRowKernel::OneRead {
+                smem_per_cta: Some(sft_collate::backend::abi::CE_CLUSTER_HEAD as usize + 160),
+            },
             ..Emulator::default()
         };
         let run = |emulator: &Emulator, grad| {

@@ -174,6 +174,30 @@ impl ClusterPlan {
         None
     }
 
+    /// The plan a forward+backward runs with under `kernel`: for [`CeRowKernel::OneRead`], the smallest
+    /// cluster that holds a row within its `smem_per_cta`, capped at `device_limit` (all of it when the
+    /// kernel names none); `None` for the two-pass kernel and rows that do not fit.
+    pub fn for_kernel(
+        kernel: crate::backend::CeRowKernel,
+        device_limit: usize,
+        vocab: usize,
+        elem_bytes: usize,
+    ) -> Option<Self> {
+        let crate::backend::CeRowKernel::OneRead { smem_per_cta } = kernel else {
+            return None;
+        };
+        let budget = smem_per_cta.map_or(device_limit, |s| s.min(device_limit));
+        ClusterPlan::for_row(vocab, elem_bytes, budget)
+    }
+
+    /// `args` for the one-read kernel: the columns each CTA holds.
+    pub fn args(&self, args: CeArgs) -> CeArgs {
+        CeArgs {
+            cluster_slice: self.slice,
+            ..args
+        }
+    }
+
     /// The grid: one cluster per row up to a cap (then clusters walk rows grid-stride), `CE_BLOCK`
     /// threads per CTA.
     pub fn launch(&self, rows: usize) -> Launch {

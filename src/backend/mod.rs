@@ -188,14 +188,7 @@ impl Device {
             #[cfg(feature = "cuda")]
             Backend::Cuda(device) => device.set_ce_row_kernel(kernel),
             #[cfg(feature = "emulation")]
-            Backend::Emulated(emulator) => {
-                emulator.one_read_smem = match kernel {
-                    CeRowKernel::TwoPass => None,
-                    CeRowKernel::OneRead { smem_per_cta } => {
-                        Some(smem_per_cta.unwrap_or(emulation::H100_SMEM_PER_BLOCK))
-                    }
-                }
-            }
+            Backend::Emulated(emulator) => emulator.ce_row_kernel = kernel,
         }
         self
     }

@@ -218,10 +218,12 @@ pub struct MaskedCrossEntropy {
     one_read: Option<OneRead>,
 }
 
-/// `masked_ce_fwd_bwd_{suffix}_{variant}_cluster` and the shared memory they may use per CTA.
+/// `masked_ce_fwd_bwd_{suffix}_{variant}_cluster`, the kernel choice, and the shared memory the device
+/// lets one block have (each function may use all of it: set once, when loaded).
 struct OneRead {
     kernels: std::collections::HashMap<String, CudaFunction>,
-    smem_per_cta: usize,
+    kernel: CeRowKernel,
+    device_limit: usize,
 }
 
 impl std::fmt::Debug for MaskedCrossEntropy {
@@ -273,17 +275,17 @@ impl MaskedCrossEntropy {
     /// kernels on sm_90+ (elsewhere the two-pass kernels stay).
     pub fn with_row_kernel(mut self, kernel: CeRowKernel) -> Result<Self> {
         self.one_read = None;
-        let CeRowKernel::OneRead { smem_per_cta } = kernel else {
+        if kernel == CeRowKernel::TwoPass {
             return Ok(self);
-        };
+        }
         let ctx = self.stream.context();
         if ctx.compute_capability().map_err(cuda_err)?.0 < 9 {
             return Ok(self);
         }
         use cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN;
-        let most = ctx
+        let device_limit = ctx
             .attribute(CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
-            .map_err(cuda_err)? as usize;
+            .map_err(cuda_err)?;
         let source =
             crate::kernels::kernel("masked_ce_cluster").expect("masked_ce_cluster.cu is embedded");
         let (module, _) = module::load(ctx, source)?;
@@ -292,12 +294,20 @@ impl MaskedCrossEntropy {
             for variant in CeVariant::ALL {
                 let name = variant.cluster_kernel(suffix);
                 let function = module.load_function(&name).map_err(cuda_err)?;
+                // More than 48 KiB of dynamic shared memory must be allowed per function, once.
+                function
+                    .set_attribute(
+                        cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        device_limit,
+                    )
+                    .map_err(cuda_err)?;
                 kernels.insert(name, function);
             }
         }
         self.one_read = Some(OneRead {
             kernels,
-            smem_per_cta: smem_per_cta.map_or(most, |s| s.min(most)),
+            kernel,
+            device_limit: device_limit as usize,
         });
         Ok(self)
     }
@@ -679,26 +689,15 @@ impl MaskedCrossEntropy {
                     .launch(launch_config(abi::ce_documents_launch(documents)))
                     .map_err(cuda_err)?;
             }
-            let one_read = match (&self.one_read, backward) {
-                (Some(one), true) => {
-                    ClusterPlan::for_row(shape.vocab, std::mem::size_of::<T>(), one.smem_per_cta)
-                        .map(|plan| (&one.kernels[&variant.cluster_kernel(T::SUFFIX)], plan))
-                }
-                _ => None,
-            };
+            let one_read = self.one_read.as_ref().filter(|_| backward).and_then(|one| {
+                let size = std::mem::size_of::<T>();
+                ClusterPlan::for_kernel(one.kernel, one.device_limit, shape.vocab, size)
+                    .map(|plan| (&one.kernels[&variant.cluster_kernel(T::SUFFIX)], plan))
+            });
             match one_read {
                 // The cluster kernel's CTAs keep `slice` columns each in the shared memory sized for
                 // them; everything else is the two-pass kernel's contract above.
-                Some((kernel, plan)) => launch_cluster(
-                    stream,
-                    kernel,
-                    plan,
-                    n,
-                    &CeArgs {
-                        cluster_slice: plan.slice,
-                        ..args
-                    },
-                )?,
+                Some((kernel, plan)) => launch_cluster(stream, kernel, plan, n, &plan.args(args))?,
                 None => {
                     stream
                         .launch_builder(function)
@@ -719,7 +718,8 @@ impl MaskedCrossEntropy {
 }
 
 /// Launch a one-read kernel on `stream` in clusters of `plan.ctas` CTAs with `plan.smem_bytes` of dynamic
-/// shared memory each (cudarc's launch builder sets neither, so this is `cuLaunchKernelEx` itself).
+/// shared memory each (cudarc's launch builder sets neither, so this is `cuLaunchKernelEx` itself; the
+/// function was allowed that much when it was loaded).
 ///
 /// # Safety
 /// `args` must satisfy the kernel's contract (`kernels/masked_ce_cluster.cu`) for `rows` rows.
@@ -731,12 +731,6 @@ unsafe fn launch_cluster(
     args: &CeArgs,
 ) -> Result<()> {
     use cudarc::driver::sys;
-    kernel
-        .set_attribute(
-            sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            plan.smem_bytes as i32,
-        )
-        .map_err(cuda_err)?;
     stream.context().bind_to_thread().map_err(cuda_err)?;
     let launch = plan.launch(rows);
     // SAFETY: an all-zero attribute is a valid "ignored" attribute; the cluster dimension is set below.

@@ -82,16 +82,17 @@ impl<'a, T: LogitElem> CeRun<'a, T> {
         let mut run = CeRun {
             args: CeArgs::default(),
             kernel: ce_kernel(backward, T::SUFFIX, CeVariant::of(options, &request)),
-            one_read: match emulator.one_read_smem {
-                Some(smem) if backward => {
-                    let size = std::mem::size_of::<T>();
-                    ClusterPlan::for_row(input.shape.vocab, size, smem).map(|plan| {
-                        let variant = CeVariant::of(options, &request);
-                        (cluster_kernel(T::SUFFIX, variant), plan)
-                    })
-                }
-                _ => None,
-            },
+            one_read: ClusterPlan::for_kernel(
+                emulator.ce_row_kernel,
+                super::H100_SMEM_PER_BLOCK,
+                input.shape.vocab,
+                std::mem::size_of::<T>(),
+            )
+            .filter(|_| backward)
+            .map(|plan| {
+                let variant = CeVariant::of(options, &request);
+                (cluster_kernel(T::SUFFIX, variant), plan)
+            }),
             request,
             z_loss: options.z_loss != 0.0,
             _upstream: upstream,
@@ -179,12 +180,8 @@ impl<'a, T: LogitElem> CeRun<'a, T> {
         unsafe {
             match self.one_read {
                 Some((kernel, plan)) => {
-                    let args = CeArgs {
-                        cluster_slice: plan.slice,
-                        ..args
-                    };
                     let smem = u64::from(plan.smem_bytes);
-                    kernel(&plan.launch(rows), plan.ctas, smem, &args)
+                    kernel(&plan.launch(rows), plan.ctas, smem, &plan.args(args))
                 }
                 None => (self.kernel)(&abi::ce_rows_launch(rows), &args),
             }

@@ -23,11 +23,11 @@ pub struct Emulator {
     /// Hand the cross-entropy kernel its upstream gradient through a pointer (as a trainer's device
     /// scalar) instead of by value, so both of the kernel's paths are checked.
     pub upstream_by_pointer: bool,
-    /// Run forward+backward on the one-read kernels (`kernels/masked_ce_cluster.cu`: a thread-block
-    /// cluster per row, the row held in shared memory) with this much shared memory per CTA, as the CUDA
-    /// backend does on sm_90+ where its rows fit; rows that do not fit in 8 CTAs, and `None`, take the
-    /// two-pass kernels. A small budget splits a row over more CTAs.
-    pub one_read_smem: Option<usize>,
+    /// The forward+backward kernel, as on a GPU with clusters whose blocks have
+    /// [`H100_SMEM_PER_BLOCK`] of shared memory: [`CeRowKernel::OneRead`] runs
+    /// `kernels/masked_ce_cluster.cu` where a row fits in 8 CTAs (a small `smem_per_cta` splits a row
+    /// over more of them), the two-pass kernels elsewhere.
+    pub ce_row_kernel: crate::backend::CeRowKernel,
 }
 
 impl Emulator {

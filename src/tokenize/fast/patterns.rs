@@ -350,10 +350,9 @@ impl Pattern {
             _ => {}
         }
         // The loop instantiated once per scanner, so that o200k's and cl100k's differences are decided
-        // at compile time.
-        // The scanners' patterns match at every character (nothing lies between matches: a character is
-        // whitespace, a letter, a number or none of these, and each kind starts an alternative), so their
-        // loops keep no gap; whether gaps are dropped matters only to compiled patterns.
+        // at compile time. Their patterns match at every character (a character is whitespace, a
+        // letter, a number or none of these, and each kind starts an alternative), so their loops keep
+        // no gap; whether gaps are dropped matters only to compiled patterns.
         match self.scanner {
             Some(Scanner::O200kAscii) => {
                 self.matches::<false>(&m, piece, |m, pos| m.ascii_scan::<true>(pos))
