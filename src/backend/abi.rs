@@ -174,7 +174,7 @@ impl ClusterPlan {
         None
     }
 
-    /// The plan a forward+backward runs with under `kernel`: for [`CeRowKernel::OneRead`], the smallest
+    /// The plan a forward+backward runs with under `kernel`: for [`crate::backend::CeRowKernel::OneRead`], the smallest
     /// cluster that holds a row within its `smem_per_cta`, capped at `device_limit` (all of it when the
     /// kernel names none); `None` for the two-pass kernel and rows that do not fit.
     pub fn for_kernel(

@@ -24,7 +24,7 @@ pub struct Emulator {
     /// scalar) instead of by value, so both of the kernel's paths are checked.
     pub upstream_by_pointer: bool,
     /// The forward+backward kernel, as on a GPU with clusters whose blocks have
-    /// [`H100_SMEM_PER_BLOCK`] of shared memory: [`CeRowKernel::OneRead`] runs
+    /// [`H100_SMEM_PER_BLOCK`] of shared memory: [`crate::backend::CeRowKernel::OneRead`] runs
     /// `kernels/masked_ce_cluster.cu` where a row fits in 8 CTAs (a small `smem_per_cta` splits a row
     /// over more of them), the two-pass kernels elsewhere.
     pub ce_row_kernel: crate::backend::CeRowKernel,
