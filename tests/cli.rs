@@ -299,6 +299,33 @@ fn help_reads_well() {
     }
 }
 
+/// A negative number given to a numeric flag is refused as that flag's bad value (clap would otherwise
+/// take `-1` for an unknown flag and print only the usage), and nothing is written.
+#[test]
+fn negative_numbers_are_refused_as_the_flags_values() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = dir.path().join("out");
+    for (flag, value) in [
+        ("--pad-id", "-1"),
+        ("--max-len", "-5"),
+        ("--batch-size", "-64"),
+    ] {
+        let out = run(bin()
+            .args(["collate", "--device", "cpu", "--input"])
+            .arg(sample())
+            .arg("--output")
+            .arg(&output)
+            .args([flag, value]));
+        assert_eq!(out.status.code(), Some(2), "{flag} {value}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains(&format!("invalid value '{value}' for '{flag}")),
+            "{flag} {value}: {stderr}"
+        );
+        assert!(!output.exists(), "{flag} {value} wrote an output");
+    }
+}
+
 #[test]
 fn loss_reads_safetensors_and_writes_what_the_library_computes() {
     use safetensors::tensor::{Dtype, TensorView};

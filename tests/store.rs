@@ -312,5 +312,7 @@ fn incomplete_mixed_or_damaged_stores_are_refused() {
     // No store at all.
     expect_store_error(dir.path(), "no shard manifests");
     assert!("3/3".parse::<Shard>().is_err() && "a/b".parse::<Shard>().is_err());
+    let zero = "0/0".parse::<Shard>().unwrap_err().to_string();
+    assert!(zero.contains("the count must be at least 1"), "{zero}");
     assert_eq!("2/5".parse::<Shard>().unwrap(), Shard::new(2, 5).unwrap());
 }

@@ -13,7 +13,7 @@ use std::process::ExitCode;
 use std::str::FromStr;
 
 use clap::builder::{PossibleValuesParser, TypedValueParser};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use sft_collate::input::{MessageFormat, RowFormat, Template};
 use sft_collate::{CollateSpec, EngineChoice, Error, IdDtype, LabelFormat, Tokenizer, Truncation};
 
@@ -103,18 +103,22 @@ struct RowArgs {
     train_roles: Vec<String>,
 }
 
-fn read_text(path: &std::path::Path) -> sft_collate::Result<String> {
-    std::fs::read_to_string(path).map_err(|e| Error::io(path, e))
+/// The text of the file a flag names; an error names the flag.
+fn read_text(flag: &'static str, path: &std::path::Path) -> sft_collate::Result<String> {
+    std::fs::read_to_string(path).map_err(|e| Error::InvalidOption {
+        name: flag,
+        reason: format!("{}: {e}", path.display()),
+    })
 }
 
 impl RowArgs {
     fn row_format(&self) -> sft_collate::Result<RowFormat> {
         let template = match &self.template {
-            Some(path) => Some(Template::parse(&read_text(path)?)?),
+            Some(path) => Some(Template::parse(&read_text("template", path)?)?),
             None => None,
         };
         let message_template = match &self.message_template {
-            Some(path) => Some(read_text(path)?),
+            Some(path) => Some(read_text("message_template", path)?),
             None => None,
         };
         let mut messages =
@@ -230,8 +234,17 @@ fn describe(error: &Error) -> String {
     }
 }
 
+/// Every option of `command` and its subcommands takes a negative number as its value, so that
+/// `--pad-id -1` is refused as a bad value of `--pad-id` (saying why) rather than as an unknown flag `-1`.
+fn negative_numbers_are_values(command: clap::Command) -> clap::Command {
+    command
+        .mut_args(|arg| arg.allow_negative_numbers(true))
+        .mut_subcommands(negative_numbers_are_values)
+}
+
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = negative_numbers_are_values(Cli::command()).get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let result = match cli.command {
         Command::Collate(args) => collate::run(args),
         Command::Tokenize(args) => tokenize::run(args),

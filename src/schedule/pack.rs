@@ -98,7 +98,7 @@ impl PackSpec {
         if self.max_tokens < 2 {
             return Err(Error::InvalidOption {
                 name: "pack",
-                reason: "a pack needs room for at least 2 tokens".into(),
+                reason: "must be at least 2 (a pack needs room for a token and its label)".into(),
             });
         }
         Ok(())

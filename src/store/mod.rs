@@ -53,12 +53,18 @@ impl Shard {
 
     /// Shard `index` of `count` (`index < count`).
     pub fn new(index: usize, count: usize) -> Result<Shard> {
-        if count == 0 || index >= count {
+        if count == 0 {
+            return Err(Error::InvalidOption {
+                name: "shard",
+                reason: format!("{index}/0: the count must be at least 1"),
+            });
+        }
+        if index >= count {
             return Err(Error::InvalidOption {
                 name: "shard",
                 reason: format!(
                     "{index}/{count}: the index must be below the count (0/{count} to {}/{count})",
-                    count.max(1) - 1
+                    count - 1
                 ),
             });
         }
