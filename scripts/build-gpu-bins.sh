@@ -20,7 +20,7 @@ for line in sys.stdin:
         print("  " + msg["target"]["name"])
 ' "$out"
 }
-cargo test --release --all-features --no-run --message-format=json --test backends --test cuda --test cs336 --test vocab_parallel | copy_executables
+cargo test --release --all-features --no-run --message-format=json --test backends --test cuda --test cs336 --test vocab_parallel --test linear_ce | copy_executables
 cargo bench --all-features --no-run --message-format=json --bench collate --bench masked_ce --bench tokenize | copy_executables
 strip --strip-debug "$out"/*
 # The Python package as a wheel (abi3: any CPython 3.9+), for the GPU tests of bindings/python/tests.

@@ -61,11 +61,18 @@ if [ -n "$nccl_lib" ] && [ -f "$nccl_lib/libnccl.so.2" ]; then
     ln -s "$nccl_lib/libnccl.so.2" "$nccl_link/libnccl.so"
     export LD_LIBRARY_PATH="$nccl_link${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 fi
-for t in backends cuda cs336 vocab_parallel; do
+# cuBLAS for the fused linear cross-entropy (tests/linear_ce.rs): cudarc loads libcublas.so.12 (or
+# libcublas.so), which PyTorch's nvidia-cublas-cu12 wheel ships outside the loader's path.
+cublas_lib=$(python3 -c 'import nvidia.cublas, os; print(os.path.join(list(nvidia.cublas.__path__)[0], "lib"))' 2>/dev/null || true)
+if [ -n "$cublas_lib" ] && ls "$cublas_lib"/libcublas.so* >/dev/null 2>&1; then
+    ls "$cublas_lib"
+    export LD_LIBRARY_PATH="$cublas_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+fi
+for t in backends cuda cs336 vocab_parallel linear_ce; do
     step "gpu-tests-$t" "$bin_dir/$t" --ignored --test-threads=1
 done
 if command -v compute-sanitizer >/dev/null; then
-    for t in backends cuda vocab_parallel; do
+    for t in backends cuda vocab_parallel linear_ce; do
         step "sanitizer-memcheck-$t" compute-sanitizer --tool memcheck --error-exitcode 1 \
             "$bin_dir/$t" --ignored --test-threads=1
     done

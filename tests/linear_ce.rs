@@ -660,3 +660,161 @@ mod emulated {
         assert_eq!(only_b.grad_bias, all.grad_bias);
     }
 }
+
+/// The CUDA path (cuBLAS GEMMs around the same kernels, feature `cublas`) on a GPU: f32 against the f64
+/// oracle as tightly as the emulated path; every dtype against the emulated chunked path at the same
+/// chunk size (the same kernel; the GEMMs sum in another order, so the logits may round one ulp apart:
+/// within 2% for f16/bf16); a gradient asked for alone (bad input and empty batches: `on_cuda::*`). Run
+/// by `scripts/gpu-check.sh`.
+#[cfg(all(feature = "cublas", feature = "emulation"))]
+mod cuda_linear {
+    use super::*;
+    use common::ce::check;
+    use proptest::strategy::ValueTree;
+    use proptest::test_runner::TestRunner;
+    use sft_collate::loss::linear::LinearCeOutput;
+
+    fn run<T: LogitElem>(
+        device: &Device,
+        c: &LinearCase,
+        grads: LinearCeGrads,
+    ) -> LinearCeOutput<T> {
+        let (hidden, weight) = (convert::<T>(&c.hidden), convert::<T>(&c.weight));
+        let bias = c.bias.as_ref().map(|b| convert::<T>(b));
+        let config = LinearCeConfig {
+            chunk_rows: c.chunk_rows,
+            grads,
+            ..LinearCeConfig::default()
+        };
+        device
+            .linear_cross_entropy(
+                &c.input(&hidden, &weight, bias.as_deref()),
+                &c.case.options,
+                CeRequest::default(),
+                &config,
+            )
+            .unwrap()
+    }
+
+    fn f64s<T: sft_collate::loss::Float>(v: &[T]) -> Vec<f64> {
+        v.iter().map(|x| x.to_f64()).collect()
+    }
+
+    fn like_the_emulator<T: LogitElem>(cuda: &Device, c: &LinearCase, tol: f64) {
+        let got = run::<T>(cuda, c, LinearCeGrads::ALL);
+        let want = run::<T>(&Device::emulated(), c, LinearCeGrads::ALL);
+        let what = format!("{} chunk {:?}", T::SUFFIX, c.chunk_rows);
+        assert_eq!(got.chunk_rows, want.chunk_rows, "{what}");
+        assert_eq!(
+            (got.ce.count, got.ce.documents),
+            (want.ce.count, want.ce.documents),
+            "{what}: counts"
+        );
+        for (name, g, w) in [
+            ("log_probs", &got.ce.log_probs, &want.ce.log_probs),
+            ("row_loss", &got.ce.row_loss, &want.ce.row_loss),
+            ("lse", &got.ce.lse, &want.ce.lse),
+        ] {
+            check_vec(&f64s(g), &f64s(w), tol, tol, &format!("{what}: {name}"));
+        }
+        check_vec(
+            &f64s(&[got.ce.loss]),
+            &f64s(&[want.ce.loss]),
+            tol,
+            1e-6,
+            &what,
+        );
+        for (name, g, w) in [
+            (
+                "d hidden",
+                got.grad_hidden.map(|g| f64s(&g)),
+                want.grad_hidden.map(|g| f64s(&g)),
+            ),
+            (
+                "d weight",
+                got.grad_weight.map(|g| f64s(&g)),
+                want.grad_weight.map(|g| f64s(&g)),
+            ),
+            (
+                "d bias",
+                got.grad_bias.map(|g| f64s(&g)),
+                want.grad_bias.map(|g| f64s(&g)),
+            ),
+        ] {
+            assert_eq!(g.is_some(), w.is_some(), "{what}: {name}");
+            if let (Some(g), Some(w)) = (g, w) {
+                check_vec(&g, &w, tol, tol, &format!("{what}: {name}"));
+            }
+        }
+    }
+
+    #[test]
+    #[ignore = "needs a CUDA device"]
+    fn cuda_is_the_oracle_and_the_emulated_path() {
+        let cuda = Device::cuda(0).expect("a CUDA device and cuBLAS");
+        let mut runner = TestRunner::deterministic();
+        for _ in 0..24 {
+            let c = linear_case().new_tree(&mut runner).unwrap().current();
+            let got = run::<f32>(&cuda, &c, LinearCeGrads::ALL);
+            let bias = c.bias.as_deref();
+            let want = cpu::linear::linear_cross_entropy(
+                &c.input(&c.hidden, &c.weight, bias),
+                &c.case.options,
+                LinearCeGrads::ALL,
+            )
+            .unwrap();
+            check(&got.ce, &want.ce, "cuda linear f32");
+            let hidden = want.grad_hidden.as_ref().unwrap();
+            check_vec(
+                &f64s(got.grad_hidden.as_ref().unwrap()),
+                hidden,
+                1e-4,
+                1e-5,
+                "d hidden",
+            );
+            let weight = want.grad_weight.as_ref().unwrap();
+            check_vec(
+                &f64s(got.grad_weight.as_ref().unwrap()),
+                weight,
+                1e-4,
+                1e-5,
+                "d weight",
+            );
+            if let Some(db) = &want.grad_bias {
+                check_vec(
+                    &f64s(got.grad_bias.as_ref().unwrap()),
+                    db,
+                    1e-4,
+                    1e-5,
+                    "d bias",
+                );
+            }
+            like_the_emulator::<f32>(&cuda, &c, 1e-4);
+            like_the_emulator::<half::bf16>(&cuda, &c, 2e-2);
+            like_the_emulator::<half::f16>(&cuda, &c, 2e-2);
+        }
+    }
+
+    /// Each gradient alone equals the same gradient made with the others, and forward only makes none.
+    #[test]
+    #[ignore = "needs a CUDA device"]
+    fn cuda_gradients_come_only_when_asked_for() {
+        let cuda = Device::cuda(0).expect("a CUDA device and cuBLAS");
+        let mut runner = TestRunner::deterministic();
+        let c = linear_case().new_tree(&mut runner).unwrap().current();
+        let all = run::<f32>(&cuda, &c, LinearCeGrads::ALL);
+        let none = run::<f32>(&cuda, &c, LinearCeGrads::NONE);
+        assert_eq!(none.ce.loss.to_bits(), all.ce.loss.to_bits());
+        assert!(none.grad_hidden.is_none() && none.grad_weight.is_none());
+        let only_w = run::<f32>(
+            &cuda,
+            &c,
+            LinearCeGrads {
+                weight: true,
+                ..LinearCeGrads::NONE
+            },
+        );
+        assert_eq!(only_w.grad_weight, all.grad_weight);
+        assert!(only_w.grad_hidden.is_none());
+    }
+}

@@ -325,8 +325,9 @@ impl Device {
     /// The fused linear cross-entropy of host inputs (see [`crate::loss::linear`]): the loss of
     /// `hidden · weightᵀ + bias` and the gradients `config` asks for, one chunk of logits at a time. The
     /// CPU is the oracle (unfused, f64, the whole `[N, V]` logits: small shapes); the emulator runs the
-    /// chunked path with the cross-entropy kernel. The CUDA path (cuBLAS GEMMs around the same kernel)
-    /// is not built yet: on CUDA this is an [`Error::Unsupported`].
+    /// chunked path with the cross-entropy kernel and CPU GEMMs; CUDA the same with cuBLAS GEMMs
+    /// (cargo feature `cublas`, on by default; without it, [`Error::Unsupported`]). Not yet run on a
+    /// GPU: see `docs/gpu-results.md`.
     pub fn linear_cross_entropy<T: LogitElem>(
         &self,
         input: &crate::loss::linear::LinearCeInput<'_, T>,
@@ -338,12 +339,17 @@ impl Device {
             Backend::Cpu => {
                 // The oracle runs unfused, but refuses the configurations every backend refuses.
                 config.validate()?;
-                Ok(cpu::linear::linear_cross_entropy(input, options, config.grads)?.to_output(request))
+                Ok(
+                    cpu::linear::linear_cross_entropy(input, options, config.grads)?
+                        .to_output(request),
+                )
             }
-            #[cfg(feature = "cuda")]
+            #[cfg(feature = "cublas")]
+            Backend::Cuda(cuda) => cuda.linear_cross_entropy(input, options, request, config),
+            #[cfg(all(feature = "cuda", not(feature = "cublas")))]
             Backend::Cuda(_) => Err(Error::Unsupported(
-                "the fused linear cross-entropy runs on the cpu and emulated devices; its CUDA path \
-                 (cuBLAS) is not built yet"
+                "the fused linear cross-entropy on CUDA needs cuBLAS: this build lacks the cargo \
+                 feature `cublas`"
                     .into(),
             )),
             #[cfg(feature = "emulation")]

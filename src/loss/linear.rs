@@ -247,3 +247,10 @@ pub struct LinearCeOutput<T> {
     /// The rows per chunk it ran with (N on the unfused CPU oracle).
     pub chunk_rows: usize,
 }
+
+/// The row stride of a chunk of `v` logits of `T` in the fused path: rows padded to a multiple of 16
+/// bytes, so that every row is aligned for the kernel's 16-byte loads (the emulated and CUDA paths lay
+/// their chunk out alike).
+pub fn linear_row_stride<T>(v: usize) -> usize {
+    v.next_multiple_of((16 / std::mem::size_of::<T>()).max(1))
+}

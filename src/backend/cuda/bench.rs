@@ -402,3 +402,164 @@ impl<T: LogitElem> LossBench<T> {
         })
     }
 }
+
+/// The fused linear cross-entropy's benchmark (feature `cublas`): hidden states `[N, H]` and an LM head
+/// `[V, H]` made on the device, random labels, a fraction of the rows masked; forward+backward with
+/// `d hidden` and `d weight` at any chunk size. A chunk of all `N` rows is the unfused computation (the
+/// whole `[N, V]` logits made by one GEMM, the kernel over them, two GEMMs): the baseline, by the same
+/// code.
+#[cfg(feature = "cublas")]
+pub struct LinearBench<T> {
+    stream: Arc<CudaStream>,
+    ce: MaskedCrossEntropy,
+    linear: super::LinearCrossEntropy,
+    hidden: CudaSlice<T>,
+    weight: CudaSlice<T>,
+    labels: CudaSlice<i64>,
+    mask: CudaSlice<u8>,
+    d_hidden: CudaSlice<T>,
+    d_weight: CudaSlice<f32>,
+    row_loss: CudaSlice<f32>,
+    scalars: CudaSlice<f32>,
+    count: CudaSlice<u32>,
+    error_flag: CudaSlice<u32>,
+    shape: LogitsShape,
+    hidden_size: usize,
+}
+
+#[cfg(feature = "cublas")]
+impl<T: LogitElem> LinearBench<T> {
+    /// Hidden states uniform in [-2, 2), the head in ±1/√H (logits of a few units), `masked_fraction` of
+    /// the rows trained.
+    pub fn new(
+        stream: Arc<CudaStream>,
+        rows: usize,
+        hidden_size: usize,
+        vocab: usize,
+        masked_fraction: f64,
+    ) -> Result<Self> {
+        let (fill, _) = module::load(
+            stream.context(),
+            crate::kernels::kernel("fill").expect("embedded"),
+        )?;
+        let fill_fn = fill
+            .load_function(&format!("fill_logits_{}", T::SUFFIX))
+            .map_err(cuda_err)?;
+        let made = |n: usize, seed: u64, spread: f32| -> Result<CudaSlice<T>> {
+            // SAFETY: the fill kernel writes all n elements (grid-stride) before any use.
+            let mut out = unsafe { stream.alloc::<T>(n.max(1)) }.map_err(cuda_err)?;
+            let n64 = n as u64;
+            // SAFETY: out[i] for i < n only, and `out` holds n elements.
+            unsafe {
+                stream
+                    .launch_builder(&fill_fn)
+                    .arg(&mut out)
+                    .arg(&n64)
+                    .arg(&seed)
+                    .arg(&spread)
+                    .launch(blocks_of_256(4096))
+            }
+            .map_err(cuda_err)?;
+            Ok(out)
+        };
+        let hidden = made(rows * hidden_size, 0x41, 2.0)?;
+        let weight = made(vocab * hidden_size, 0x42, 1.0 / (hidden_size as f32).sqrt())?;
+        let mut state = 0x2545_F491_4F6C_DD1Du64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let labels: Vec<i64> = (0..rows).map(|_| (next() % vocab as u64) as i64).collect();
+        let mask: Vec<u8> = (0..rows)
+            .map(|_| u8::from(((next() >> 11) as f64 / (1u64 << 53) as f64) < masked_fraction))
+            .collect();
+        // SAFETY (all four): written by every run before they are read (d hidden by its GEMMs, the
+        // outputs by the kernels); d weight is zeroed.
+        let alloc_f32 = |n| unsafe { stream.alloc::<f32>(n) }.map_err(cuda_err);
+        Ok(LinearBench {
+            ce: MaskedCrossEntropy::new(stream.clone())?,
+            linear: super::LinearCrossEntropy::new(stream.clone())?,
+            labels: stream.clone_htod(&labels).map_err(cuda_err)?,
+            mask: stream.clone_htod(&mask).map_err(cuda_err)?,
+            d_hidden: unsafe { stream.alloc::<T>(rows * hidden_size) }.map_err(cuda_err)?,
+            d_weight: stream
+                .alloc_zeros::<f32>(vocab * hidden_size)
+                .map_err(cuda_err)?,
+            row_loss: alloc_f32(rows)?,
+            scalars: alloc_f32(3)?,
+            count: unsafe { stream.alloc::<u32>(3) }.map_err(cuda_err)?,
+            error_flag: unsafe { stream.alloc::<u32>(1) }.map_err(cuda_err)?,
+            hidden,
+            weight,
+            shape: LogitsShape::dense(rows, vocab),
+            hidden_size,
+            stream,
+        })
+    }
+
+    /// Liger's chunk rule at this shape (what `Device::linear_cross_entropy` takes by default).
+    pub fn default_chunk(&self) -> usize {
+        crate::loss::linear::LinearCeConfig::default()
+            .chunk_rows(
+                self.shape.rows,
+                self.shape.vocab,
+                self.hidden_size,
+                std::mem::size_of::<T>(),
+            )
+            .expect("a valid default")
+    }
+
+    /// The bytes of the chunk of logits a run at `chunk` rows allocates (its extra memory beside
+    /// cuBLAS's workspace).
+    pub fn chunk_bytes(&self, chunk: usize) -> usize {
+        chunk.min(self.shape.rows)
+            * crate::loss::linear::linear_row_stride::<T>(self.shape.vocab)
+            * std::mem::size_of::<T>()
+    }
+
+    /// One forward+backward (`d hidden`, `d weight` accumulated) at `chunk` rows, enqueued on the
+    /// stream (not synchronized).
+    pub fn run(&mut self, chunk: usize) -> Result<()> {
+        use super::memory::{DeviceRead, DeviceWrite};
+        let targets = DeviceCeTargets::new(self.shape, DeviceLabels::I64(&self.labels), &self.mask);
+        let input = super::LinearCeDeviceInput {
+            hidden: &self.hidden as &dyn DeviceRead<T>,
+            weight: &self.weight,
+            bias: None,
+            hidden_size: self.hidden_size,
+        };
+        let grads = super::LinearCeDeviceGrads {
+            hidden: Some(&mut self.d_hidden as &mut dyn DeviceWrite<T>),
+            weight: Some(&mut self.d_weight),
+            bias: None,
+        };
+        let mut outputs = super::CeBuffers {
+            row_loss: &mut self.row_loss,
+            row_z: None,
+            log_probs: None,
+            entropy: None,
+            lse: None,
+            argmax: None,
+            scalars: &mut self.scalars,
+            count: &mut self.count,
+            doc_trained: None,
+            error_flag: &mut self.error_flag,
+        };
+        self.linear.compute(
+            &self.ce,
+            &input,
+            &targets,
+            &CeOptions::default(),
+            grads,
+            &mut outputs,
+            chunk,
+        )
+    }
+
+    /// The loss of the last run (synchronizes).
+    pub fn loss(&self) -> Result<f32> {
+        Ok(self.stream.clone_dtoh(&self.scalars).map_err(cuda_err)?[1])
+    }
+}

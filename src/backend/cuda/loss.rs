@@ -414,6 +414,33 @@ impl MaskedCrossEntropy {
         grad: CeGrad<'_, T>,
         forward_only: bool,
     ) -> Result<DeviceCeOutput<T>> {
+        let new_grad = matches!(grad, CeGrad::None) && !forward_only;
+        let vocab = targets.shape.vocab;
+        self.with_outputs(
+            targets,
+            options,
+            request,
+            new_grad,
+            |buffers, new_grad| match (grad, new_grad) {
+                (CeGrad::None, Some(buffer)) => {
+                    let grad = CeGrad::Into(buffer, vocab);
+                    self.compute(logits, targets, options, grad, buffers)
+                }
+                (grad, _) => self.compute(logits, targets, options, grad, buffers),
+            },
+        )
+    }
+
+    /// New output buffers for `targets` and `request` (with `new_grad`, a dense `[N, vocab]` gradient
+    /// buffer too), filled by `compute`.
+    pub(crate) fn with_outputs<T: LogitElem>(
+        &self,
+        targets: &DeviceCeTargets<'_>,
+        options: &CeOptions,
+        request: CeRequest,
+        new_grad: bool,
+        compute: impl FnOnce(&mut CeBuffers<'_>, Option<&mut CudaSlice<T>>) -> Result<()>,
+    ) -> Result<DeviceCeOutput<T>> {
         let stream = &self.stream;
         let n = targets.shape.rows;
         // An empty batch gets empty (null) per-row outputs, as the other backends give.
@@ -441,9 +468,9 @@ impl MaskedCrossEntropy {
             row_z: optional(options.z_loss != 0.0)?,
             scalars: alloc(stream, 3)?,
             count: alloc(stream, 3)?,
-            grad: match (&grad, forward_only) {
-                (CeGrad::None, false) => Some(alloc::<T>(stream, n * targets.shape.vocab)?),
-                _ => None,
+            grad: match new_grad {
+                true => Some(alloc::<T>(stream, n * targets.shape.vocab)?),
+                false => None,
             },
             doc_trained: targets
                 .cu_seqlens
@@ -454,7 +481,6 @@ impl MaskedCrossEntropy {
             row_loss_requested: request.row_loss,
             stream: stream.clone(),
         };
-        let vocab = targets.shape.vocab;
         let DeviceCeOutput {
             log_probs,
             entropy,
@@ -464,7 +490,7 @@ impl MaskedCrossEntropy {
             row_z,
             scalars,
             count,
-            grad: new_grad,
+            grad,
             doc_trained,
             error_flag,
             ..
@@ -481,13 +507,7 @@ impl MaskedCrossEntropy {
             doc_trained: doc_trained.as_mut().map(|b| b as &mut dyn DeviceWrite<u32>),
             error_flag,
         };
-        match (grad, new_grad.as_mut()) {
-            (CeGrad::None, Some(buffer)) => {
-                let grad = CeGrad::Into(buffer, vocab);
-                self.compute(logits, targets, options, grad, &mut buffers)?
-            }
-            (grad, _) => self.compute(logits, targets, options, grad, &mut buffers)?,
-        }
+        compute(&mut buffers, grad.as_mut())?;
         Ok(out)
     }
 
@@ -514,8 +534,185 @@ impl MaskedCrossEntropy {
             targets.mask.map_or(shape.rows, |m| m.len()),
             targets.weights.map(|w| w.len()),
         )?;
-        options.validate()?;
+        Self::validate_outputs(targets, options, outputs)?;
         let n = shape.rows;
+        match (&logits, &grad) {
+            (CeLogits::InPlace(_), CeGrad::InPlace) | (CeLogits::Read(_), _) => {}
+            _ => {
+                return Err(Error::InvalidOption {
+                    name: "grad",
+                    reason: "logits given for writing are for an in-place gradient only".into(),
+                })
+            }
+        }
+        if let CeGrad::InPlace = &grad {
+            if !matches!(logits, CeLogits::InPlace(_)) {
+                return Err(Error::InvalidOption {
+                    name: "grad",
+                    reason: "an in-place gradient needs the logits given for writing".into(),
+                });
+            }
+        }
+        if let CeGrad::Into(buffer, stride) = &grad {
+            let rows_fit = match n {
+                0 => Some(0),
+                r => (r - 1)
+                    .checked_mul(*stride)
+                    .and_then(|x| x.checked_add(shape.vocab)),
+            };
+            if *stride < shape.vocab || rows_fit.is_none_or(|x| x > buffer.len()) {
+                return Err(Error::Shape(format!(
+                    "a gradient buffer of {} elements, rows {stride} apart, cannot hold {n} rows of {}",
+                    buffer.len(),
+                    shape.vocab
+                )));
+            }
+        }
+        let backward = !matches!(grad, CeGrad::None);
+        // Addresses for the argument struct; each guard records this stream's use of its buffer when
+        // dropped after the launches.
+        let mut guards: Vec<SyncOnDrop<'_>> = Vec::new();
+        let g = &mut guards;
+        let logits_addr = match &mut logits {
+            CeLogits::Read(l) => keep(g, l.read_addr(stream)),
+            // In place: logits and gradient are one buffer, read then overwritten row by row.
+            CeLogits::InPlace(l) => keep(g, l.write_addr(stream)),
+        };
+        let (grad_addr, grad_stride) = match &mut grad {
+            CeGrad::None => (0, 0),
+            CeGrad::Into(buffer, stride) => (keep(g, buffer.write_addr(stream)), *stride as u64),
+            CeGrad::InPlace => (logits_addr, shape.row_stride as u64),
+        };
+        let launch = self.launcher::<T>(targets, options, outputs, backward);
+        let args = CeArgs {
+            logits: logits_addr,
+            grad: grad_addr,
+            grad_stride,
+            ..self.batch_args(targets, options, outputs, g)
+        };
+        // SAFETY: `validate` checked that the logits hold `rows` rows of `row_stride` with `vocab`
+        // elements, and that labels, mask and weights have one entry per row; `validate_outputs` the
+        // rest of `batch_args`' contract; the gradient `rows` rows of `grad_stride` (checked above; the
+        // logits' own layout in place).
+        unsafe {
+            launch.counts(&args)?;
+            launch.rows(&args)?;
+            launch.reduce(&args)?;
+        }
+        drop(guards);
+        Ok(())
+    }
+
+    /// The cross-entropy of `targets.shape.rows` rows whose logits exist a chunk at a time (the fused
+    /// linear cross-entropy): the trained rows counted once over the batch; then for each chunk of up to
+    /// `chunk_rows` rows, `fill(start, rows)` makes their logits in `chunk` (rows `targets.shape
+    /// .row_stride` apart), the row kernel runs over them with the batch's counters (the gradient, with
+    /// `backward`, over the logits in place), and `consume(start, rows)` uses that gradient; then the
+    /// reduction. `fill` and `consume` enqueue on this stream; nothing synchronizes the host.
+    #[cfg(feature = "cublas")]
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn compute_chunked<T: LogitElem>(
+        &self,
+        chunk: &mut dyn DeviceWrite<T>,
+        chunk_rows: usize,
+        targets: &DeviceCeTargets<'_>,
+        options: &CeOptions,
+        backward: bool,
+        outputs: &mut CeBuffers<'_>,
+        fill: &mut dyn FnMut(usize, usize) -> Result<()>,
+        consume: &mut dyn FnMut(usize, usize) -> Result<()>,
+    ) -> Result<()> {
+        let stream = &self.stream;
+        let shape = targets.shape;
+        let n = shape.rows;
+        if chunk_rows == 0 {
+            return Err(Error::InvalidOption {
+                name: "chunk_rows",
+                reason: "a chunk must hold at least one row".into(),
+            });
+        }
+        // The chunk's own layout: what `validate` checks of a batch's logits, for one chunk.
+        let chunk_shape = LogitsShape {
+            rows: chunk_rows.min(n),
+            ..shape
+        };
+        chunk_shape.validate(chunk.len(), chunk_shape.rows, chunk_shape.rows, None)?;
+        LogitsShape {
+            row_stride: shape.vocab,
+            ..shape
+        }
+        .validate(
+            n.saturating_mul(shape.vocab),
+            targets.labels.len(),
+            targets.mask.map_or(n, |m| m.len()),
+            targets.weights.map(|w| w.len()),
+        )?;
+        Self::validate_outputs(targets, options, outputs)?;
+        let mut guards: Vec<SyncOnDrop<'_>> = Vec::new();
+        let chunk_addr = keep(&mut guards, chunk.write_addr(stream));
+        let launch = self.launcher::<T>(targets, options, outputs, backward);
+        let args = self.batch_args(targets, options, outputs, &mut guards);
+        // SAFETY: as in `compute`, with the logits of rows `start..start + rows` in `chunk` (validated
+        // above for `chunk_rows` rows of `row_stride`) and the per-row inputs and outputs offset to the
+        // chunk by `rows_chunk`.
+        unsafe { launch.counts(&args)? };
+        for start in (0..n).step_by(chunk_rows) {
+            let rows = chunk_rows.min(n - start);
+            fill(start, rows)?;
+            let grad = if backward { chunk_addr } else { 0 };
+            let chunk_args = CeArgs {
+                grad_stride: if backward { shape.row_stride as u64 } else { 0 },
+                ..args
+            }
+            .rows_chunk(start, rows, chunk_addr, grad);
+            // SAFETY: see above.
+            unsafe { launch.rows(&chunk_args)? };
+            consume(start, rows)?;
+        }
+        // SAFETY: see above.
+        unsafe { launch.reduce(&args)? };
+        drop(guards);
+        Ok(())
+    }
+
+    /// The kernels one cross-entropy of `targets` launches: the variant follows the outputs given and
+    /// the options; forward+backward takes the one-read kernel where it was loaded and a row fits.
+    fn launcher<T: LogitElem>(
+        &self,
+        targets: &DeviceCeTargets<'_>,
+        options: &CeOptions,
+        outputs: &CeBuffers<'_>,
+        backward: bool,
+    ) -> CeLaunch<'_> {
+        let request = CeRequest {
+            entropy: outputs.entropy.is_some(),
+            argmax: outputs.argmax.is_some(),
+            ..CeRequest::NONE
+        };
+        let variant = CeVariant::of(options, &request);
+        let one_read = self.one_read.as_ref().filter(|_| backward).and_then(|one| {
+            let size = std::mem::size_of::<T>();
+            ClusterPlan::for_kernel(one.kernel, one.device_limit, targets.shape.vocab, size)
+                .map(|plan| (&one.kernels[&variant.cluster_kernel(T::SUFFIX)], plan))
+        });
+        CeLaunch {
+            ce: self,
+            row_kernel: &self.kernels[&variant.kernel(backward, T::SUFFIX)],
+            one_read,
+            documents: targets.documents(),
+        }
+    }
+
+    /// Check the outputs `outputs` against `targets` and `options`: every per-row output at least
+    /// `rows` long, `row_z` present with a z-loss, `doc_trained` with `cu_seqlens`, the fixed-size ones
+    /// their size.
+    fn validate_outputs(
+        targets: &DeviceCeTargets<'_>,
+        options: &CeOptions,
+        outputs: &CeBuffers<'_>,
+    ) -> Result<()> {
+        options.validate()?;
+        let n = targets.shape.rows;
         let documents = targets.documents();
         let short = |what: &str, len: usize, needed: usize| {
             (len < needed)
@@ -572,69 +769,29 @@ impl MaskedCrossEntropy {
             },
             short("error_flag", outputs.error_flag.len(), 1),
         ];
-        if let Some(error) = checks.into_iter().flatten().next() {
-            return Err(error);
+        match checks.into_iter().flatten().next() {
+            Some(error) => Err(error),
+            None => Ok(()),
         }
-        match (&logits, &grad) {
-            (CeLogits::InPlace(_), CeGrad::InPlace) | (CeLogits::Read(_), _) => {}
-            _ => {
-                return Err(Error::InvalidOption {
-                    name: "grad",
-                    reason: "logits given for writing are for an in-place gradient only".into(),
-                })
-            }
-        }
-        if let CeGrad::InPlace = &grad {
-            if !matches!(logits, CeLogits::InPlace(_)) {
-                return Err(Error::InvalidOption {
-                    name: "grad",
-                    reason: "an in-place gradient needs the logits given for writing".into(),
-                });
-            }
-        }
-        if let CeGrad::Into(buffer, stride) = &grad {
-            let rows_fit = match n {
-                0 => Some(0),
-                r => (r - 1)
-                    .checked_mul(*stride)
-                    .and_then(|x| x.checked_add(shape.vocab)),
-            };
-            if *stride < shape.vocab || rows_fit.is_none_or(|x| x > buffer.len()) {
-                return Err(Error::Shape(format!(
-                    "a gradient buffer of {} elements, rows {stride} apart, cannot hold {n} rows of {}",
-                    buffer.len(),
-                    shape.vocab
-                )));
-            }
-        }
-        let backward = !matches!(grad, CeGrad::None);
-        let request = CeRequest {
-            entropy: outputs.entropy.is_some(),
-            argmax: outputs.argmax.is_some(),
-            ..CeRequest::NONE
-        };
-        let variant = CeVariant::of(options, &request);
-        let function = &self.kernels[&variant.kernel(backward, T::SUFFIX)];
-        // Addresses for the argument struct; each guard records this stream's use of its buffer when
-        // dropped after the launches.
-        let mut guards: Vec<SyncOnDrop<'_>> = Vec::new();
-        let g = &mut guards;
-        let logits_addr = match &mut logits {
-            CeLogits::Read(l) => keep(g, l.read_addr(stream)),
-            // In place: logits and gradient are one buffer, read then overwritten row by row.
-            CeLogits::InPlace(l) => keep(g, l.write_addr(stream)),
-        };
-        let (grad_addr, grad_stride) = match &mut grad {
-            CeGrad::None => (0, 0),
-            CeGrad::Into(buffer, stride) => (keep(g, buffer.write_addr(stream)), *stride as u64),
-            CeGrad::InPlace => (logits_addr, shape.row_stride as u64),
-        };
+    }
+
+    /// The kernels' argument struct for `targets` and `outputs` (validated), everything but the
+    /// logits and the gradient; the buffers' guards go to `guards`.
+    fn batch_args<'s>(
+        &'s self,
+        targets: &DeviceCeTargets<'s>,
+        options: &CeOptions,
+        outputs: &'s mut CeBuffers<'_>,
+        guards: &mut Vec<SyncOnDrop<'s>>,
+    ) -> CeArgs {
+        let stream = &*self.stream;
+        let g = guards;
+        let documents = targets.documents();
         let (labels, labels_are_i64) = match targets.labels {
             DeviceLabels::I32(l) => (keep(g, l.read_addr(stream)), 0),
             DeviceLabels::I64(l) => (keep(g, l.read_addr(stream)), 1),
         };
-        let args = CeArgs {
-            logits: logits_addr,
+        CeArgs {
             labels,
             mask: targets.mask.map_or(0, |m| keep(g, m.read_addr(stream))),
             weights: targets.weights.map_or(0, |w| keep(g, w.read_addr(stream))),
@@ -656,64 +813,96 @@ impl MaskedCrossEntropy {
                 Some(b) => keep(g, b.write_addr(stream)),
                 None => 0,
             },
-            grad: grad_addr,
             scalars: keep(g, outputs.scalars.write_addr(stream)),
             error_flag: keep(g, outputs.error_flag.write_addr(stream)),
-            grad_stride,
             labels_are_i64,
-            ..abi::ce_args(options, &shape, documents)
-        };
-        // SAFETY: `validate` checked that the logits hold `rows` rows of `row_stride` with `vocab`
-        // elements, and that labels, mask and weights have one entry per row (the upstream gradient one
-        // element, cu_seqlens documents + 1 entries, doc_trained at least documents); per-row outputs
-        // have at least `rows` entries (absent ones are null, which the kernels check; the argmax buffer
-        // selects the full variant, the only one that writes it), the gradient `rows` rows of
-        // `grad_stride` (checked above; the logits' own layout in place). The main kernel dereferences a
-        // label only after checking it is in [0, vocab), and finds a row's document by bisection within
-        // the documents + 1 boundaries (whatever their values; the documents kernel flags bad ones and
-        // clamps the rows it counts to [0, rows)). The count kernel reads `rows` mask bytes and labels
-        // and writes three counts and the flag; the reduce kernel reads `rows` row losses (row z,
-        // argmax and labels when given) and writes three floats and one count. With no rows, the
-        // kernels write only the counts, the flag and the scalars. The struct is every kernel's one
-        // parameter (abi.cuh).
+            ..abi::ce_args(options, &targets.shape, documents)
+        }
+    }
+}
+
+/// The launches of one cross-entropy ([`MaskedCrossEntropy::launcher`]): the count (and documents)
+/// kernels, the row kernel over all rows or one chunk at a time, the reduction.
+struct CeLaunch<'k> {
+    ce: &'k MaskedCrossEntropy,
+    row_kernel: &'k CudaFunction,
+    one_read: Option<(&'k CudaFunction, ClusterPlan)>,
+    documents: usize,
+}
+
+impl CeLaunch<'_> {
+    /// Count the trained rows (and each document's) of the batch `args` describes.
+    ///
+    /// # Safety
+    /// `args` must satisfy the kernels' contract (`kernels/masked_ce.cu`): labels, mask and weights one
+    /// entry per row, cu_seqlens documents + 1 entries, the counters and the flag writable.
+    unsafe fn counts(&self, args: &CeArgs) -> Result<()> {
+        let stream = &self.ce.stream;
+        // SAFETY: the count kernel reads `rows` mask bytes and labels and writes three counts and the
+        // flag; the documents kernel finds each document's rows by bisection within the documents + 1
+        // boundaries (whatever their values; it flags bad ones and clamps the rows it counts to
+        // [0, rows)). The struct is every kernel's one parameter (abi.cuh).
         unsafe {
             stream
-                .launch_builder(&self.count)
-                .arg(&args)
+                .launch_builder(&self.ce.count)
+                .arg(args)
                 .launch(launch_config(abi::ce_one_block()))
                 .map_err(cuda_err)?;
-            if documents > 0 {
+            if self.documents > 0 {
                 stream
-                    .launch_builder(&self.documents)
-                    .arg(&args)
-                    .launch(launch_config(abi::ce_documents_launch(documents)))
+                    .launch_builder(&self.ce.documents)
+                    .arg(args)
+                    .launch(launch_config(abi::ce_documents_launch(self.documents)))
                     .map_err(cuda_err)?;
             }
-            let one_read = self.one_read.as_ref().filter(|_| backward).and_then(|one| {
-                let size = std::mem::size_of::<T>();
-                ClusterPlan::for_kernel(one.kernel, one.device_limit, shape.vocab, size)
-                    .map(|plan| (&one.kernels[&variant.cluster_kernel(T::SUFFIX)], plan))
-            });
-            match one_read {
-                // The cluster kernel's CTAs keep `slice` columns each in the shared memory sized for
-                // them; everything else is the two-pass kernel's contract above.
-                Some((kernel, plan)) => launch_cluster(stream, kernel, plan, n, &plan.args(args))?,
-                None => {
-                    stream
-                        .launch_builder(function)
-                        .arg(&args)
-                        .launch(launch_config(abi::ce_rows_launch(n)))
-                        .map_err(cuda_err)?;
-                }
-            }
-            stream
-                .launch_builder(&self.reduce)
-                .arg(&args)
-                .launch(launch_config(abi::ce_one_block()))
-                .map_err(cuda_err)?;
         }
-        drop(guards);
         Ok(())
+    }
+
+    /// The row kernel over the `args.rows` rows `args` points at (a whole batch, or one chunk of it).
+    ///
+    /// # Safety
+    /// `args` must satisfy the row kernel's contract: logits `rows` rows of `logits_stride` with `vocab`
+    /// elements, the gradient (when not null) `rows` rows of `grad_stride`, per-row inputs and outputs
+    /// `rows` entries (absent ones null; the argmax buffer selects the full variant, the only one that
+    /// writes it). The kernel dereferences a label only after checking it is in [0, vocab), and finds a
+    /// row's document by bisection within the documents + 1 boundaries.
+    unsafe fn rows(&self, args: &CeArgs) -> Result<()> {
+        let stream = &self.ce.stream;
+        let rows = args.rows as usize;
+        match self.one_read {
+            // The cluster kernel's CTAs keep `slice` columns each in the shared memory sized for them;
+            // everything else is the two-pass kernel's contract above.
+            Some((kernel, plan)) => unsafe {
+                launch_cluster(stream, kernel, plan, rows, &plan.args(*args))
+            },
+            None => unsafe {
+                stream
+                    .launch_builder(self.row_kernel)
+                    .arg(args)
+                    .launch(launch_config(abi::ce_rows_launch(rows)))
+                    .map(|_| ())
+                    .map_err(cuda_err)
+            },
+        }
+    }
+
+    /// Reduce the row losses into the scalars.
+    ///
+    /// # Safety
+    /// `args` as for [`CeLaunch::counts`], with every row's outputs written: the reduce kernel reads
+    /// `rows` row losses (row z, argmax and labels when given) and writes three floats and one count.
+    unsafe fn reduce(&self, args: &CeArgs) -> Result<()> {
+        // SAFETY: as documented above.
+        unsafe {
+            self.ce
+                .stream
+                .launch_builder(&self.ce.reduce)
+                .arg(args)
+                .launch(launch_config(abi::ce_one_block()))
+                .map(|_| ())
+                .map_err(cuda_err)
+        }
     }
 }
 

@@ -17,6 +17,8 @@
 
 pub mod bench;
 mod collate;
+#[cfg(feature = "cublas")]
+mod linear;
 mod loss;
 pub mod memory;
 mod module;
@@ -31,6 +33,8 @@ pub use collate::{
     DeviceRaggedBatch, PackBuffers, PackLayout,
 };
 pub use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
+#[cfg(feature = "cublas")]
+pub use linear::{LinearCeDeviceGrads, LinearCeDeviceInput, LinearCrossEntropy};
 pub use loss::{
     CeBuffers, CeGrad, CeLogits, DeviceCeOutput, DeviceCeTargets, DeviceLabels, MaskedCrossEntropy,
 };
@@ -57,6 +61,8 @@ pub struct CudaDevice {
     stream: Arc<CudaStream>,
     collator: OnceLock<CudaCollator>,
     cross_entropy: OnceLock<MaskedCrossEntropy>,
+    #[cfg(feature = "cublas")]
+    linear: OnceLock<LinearCrossEntropy>,
     ce_row_kernel: crate::backend::CeRowKernel,
 }
 
@@ -75,6 +81,8 @@ impl CudaDevice {
             stream,
             collator: OnceLock::new(),
             cross_entropy: OnceLock::new(),
+            #[cfg(feature = "cublas")]
+            linear: OnceLock::new(),
             ce_row_kernel: Default::default(),
         })
     }
@@ -119,60 +127,75 @@ impl CudaDevice {
     ) -> Result<DeviceCeOutput<T>> {
         input.validate()?;
         let kernels = self.masked_cross_entropy()?;
-        let stream = &self.stream;
-        let up = HostCopy::upload(stream, input)?;
-        let upload = |v: Option<&[_]>| v.map(|v| cuda_result(stream.clone_htod(v))).transpose();
-        let weights = upload(input.weights)?;
-        let cu_seqlens = match input.cu_seqlens {
-            Some(cu) => Some(cuda_result(stream.clone_htod(cu))?),
-            None => None,
-        };
-        let targets = DeviceCeTargets {
-            mask: up.mask.as_ref().map(|m| m as &dyn DeviceRead<u8>),
-            weights: weights.as_ref().map(|w| w as &dyn DeviceRead<f32>),
-            cu_seqlens: cu_seqlens.as_ref().map(|c| c as &dyn DeviceRead<i32>),
-            ..DeviceCeTargets::unmasked(input.shape, up.labels())
-        };
+        let up = HostCopy::upload(&self.stream, input)?;
+        let targets = up.targets.device(input.shape);
         match with_grad {
             true => kernels.forward_backward(&up.logits, &targets, options, request),
             false => kernels.forward(&up.logits, &targets, options, request),
         }
     }
-}
 
-/// A host problem's logits, labels and mask copied to the device: what every launcher of host inputs
-/// uploads.
-pub(crate) struct HostCopy<T> {
-    pub logits: CudaSlice<T>,
-    labels: (Option<CudaSlice<i32>>, Option<CudaSlice<i64>>),
-    /// The mask as bytes (0 or 1), when there is one.
-    pub mask: Option<CudaSlice<u8>>,
-}
+    /// cuBLAS for the fused linear cross-entropy (loaded on first use).
+    #[cfg(feature = "cublas")]
+    pub fn linear_cross_entropy_kernels(&self) -> Result<&LinearCrossEntropy> {
+        if let Some(linear) = self.linear.get() {
+            return Ok(linear);
+        }
+        let loaded = LinearCrossEntropy::new(self.stream.clone())?;
+        Ok(self.linear.get_or_init(|| loaded))
+    }
 
-impl<T: crate::loss::LogitElem> HostCopy<T> {
-    /// Copy `input`'s logits (as they lie, rows `row_stride` apart), labels and mask to `stream`'s device.
-    pub(crate) fn upload(
-        stream: &Arc<CudaStream>,
-        input: &crate::loss::CeInput<'_, T>,
-    ) -> Result<Self> {
-        use crate::loss::Labels;
-        Ok(HostCopy {
-            logits: cuda_result(stream.clone_htod(input.logits))?,
-            labels: match input.labels {
-                Labels::I32(l) => (Some(cuda_result(stream.clone_htod(l))?), None),
-                Labels::I64(l) => (None, Some(cuda_result(stream.clone_htod(l))?)),
-            },
-            mask: match input.mask {
-                Some(m) => Some(cuda_result(
-                    stream.clone_htod(crate::collate::bool_bytes(m)),
-                )?),
-                None => None,
-            },
-        })
+    /// The fused linear cross-entropy of host inputs: copied up, computed a chunk at a time, read back.
+    #[cfg(feature = "cublas")]
+    pub(crate) fn linear_cross_entropy<T: crate::loss::LogitElem>(
+        &self,
+        input: &crate::loss::linear::LinearCeInput<'_, T>,
+        options: &crate::loss::CeOptions,
+        request: crate::loss::CeRequest,
+        config: &crate::loss::linear::LinearCeConfig,
+    ) -> Result<crate::loss::linear::LinearCeOutput<T>> {
+        let ce = self.masked_cross_entropy()?;
+        self.linear_cross_entropy_kernels()?
+            .host(ce, input, options, request, config)
     }
 }
 
-impl<T> HostCopy<T> {
+/// A host problem's targets copied to the device: labels, and the mask (as bytes), row weights and
+/// `cu_seqlens` when given.
+pub(crate) struct HostTargets {
+    labels: (Option<CudaSlice<i32>>, Option<CudaSlice<i64>>),
+    /// The mask as bytes (0 or 1), when there is one.
+    pub mask: Option<CudaSlice<u8>>,
+    weights: Option<CudaSlice<f32>>,
+    cu_seqlens: Option<CudaSlice<i32>>,
+}
+
+impl HostTargets {
+    pub(crate) fn upload(
+        stream: &Arc<CudaStream>,
+        labels: crate::loss::Labels<'_>,
+        mask: Option<&[bool]>,
+        weights: Option<&[f32]>,
+        cu_seqlens: Option<&[i32]>,
+    ) -> Result<Self> {
+        use crate::loss::Labels;
+        Ok(HostTargets {
+            labels: match labels {
+                Labels::I32(l) => (Some(cuda_result(stream.clone_htod(l))?), None),
+                Labels::I64(l) => (None, Some(cuda_result(stream.clone_htod(l))?)),
+            },
+            mask: mask
+                .map(|m| cuda_result(stream.clone_htod(crate::collate::bool_bytes(m))))
+                .transpose()?,
+            weights: weights
+                .map(|w| cuda_result(stream.clone_htod(w)))
+                .transpose()?,
+            cu_seqlens: cu_seqlens
+                .map(|c| cuda_result(stream.clone_htod(c)))
+                .transpose()?,
+        })
+    }
+
     /// The labels, as the launchers take them.
     pub(crate) fn labels(&self) -> DeviceLabels<'_> {
         match &self.labels {
@@ -180,6 +203,42 @@ impl<T> HostCopy<T> {
             (_, Some(l)) => DeviceLabels::I64(l),
             _ => unreachable!("one of the two was uploaded"),
         }
+    }
+
+    /// The targets of a problem of `shape`, as the launchers take them.
+    pub(crate) fn device(&self, shape: crate::loss::LogitsShape) -> DeviceCeTargets<'_> {
+        DeviceCeTargets {
+            mask: self.mask.as_ref().map(|m| m as &dyn DeviceRead<u8>),
+            weights: self.weights.as_ref().map(|w| w as &dyn DeviceRead<f32>),
+            cu_seqlens: self.cu_seqlens.as_ref().map(|c| c as &dyn DeviceRead<i32>),
+            ..DeviceCeTargets::unmasked(shape, self.labels())
+        }
+    }
+}
+
+/// A host problem's logits and targets copied to the device: what every launcher of host inputs
+/// uploads.
+pub(crate) struct HostCopy<T> {
+    pub logits: CudaSlice<T>,
+    pub targets: HostTargets,
+}
+
+impl<T: crate::loss::LogitElem> HostCopy<T> {
+    /// Copy `input`'s logits (as they lie, rows `row_stride` apart) and targets to `stream`'s device.
+    pub(crate) fn upload(
+        stream: &Arc<CudaStream>,
+        input: &crate::loss::CeInput<'_, T>,
+    ) -> Result<Self> {
+        Ok(HostCopy {
+            logits: cuda_result(stream.clone_htod(input.logits))?,
+            targets: HostTargets::upload(
+                stream,
+                input.labels,
+                input.mask,
+                input.weights,
+                input.cu_seqlens,
+            )?,
+        })
     }
 }
 

@@ -24,7 +24,7 @@ fn args_of<'a, T>(
     g: &mut Vec<SyncOnDrop<'a>>,
     base: CeArgs,
 ) -> CeArgs {
-    let (labels, labels_are_i64) = match up.labels() {
+    let (labels, labels_are_i64) = match up.targets.labels() {
         DeviceLabels::I32(l) => (keep(g, l.read_addr(stream)), 0),
         DeviceLabels::I64(l) => (keep(g, l.read_addr(stream)), 1),
     };
@@ -32,7 +32,11 @@ fn args_of<'a, T>(
         logits: keep(g, up.logits.read_addr(stream)),
         labels,
         labels_are_i64,
-        mask: up.mask.as_ref().map_or(0, |m| keep(g, m.read_addr(stream))),
+        mask: up
+            .targets
+            .mask
+            .as_ref()
+            .map_or(0, |m| keep(g, m.read_addr(stream))),
         ..base
     }
 }

@@ -22,11 +22,7 @@ fn as_f32<'s, T: LogitElem>(src: &'s [T], scratch: &'s mut Vec<f32>) -> &'s [f32
     scratch
 }
 
-/// The row stride of a chunk of `v` logits of `T`: rows padded to a multiple of 16 bytes, so that every
-/// row is aligned for the kernel's 16-byte loads (the CUDA path lays its chunk out the same way).
-pub fn linear_row_stride<T>(v: usize) -> usize {
-    v.next_multiple_of((16 / std::mem::size_of::<T>()).max(1))
-}
+pub use crate::loss::linear::linear_row_stride;
 
 impl Emulator {
     /// The fused linear cross-entropy of `input` (see [`crate::loss::linear`]).
