@@ -61,12 +61,19 @@ if [ -n "$nccl_lib" ] && [ -f "$nccl_lib/libnccl.so.2" ]; then
     ln -s "$nccl_lib/libnccl.so.2" "$nccl_link/libnccl.so"
     export LD_LIBRARY_PATH="$nccl_link${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 fi
-# cuBLAS for the fused linear cross-entropy (tests/linear_ce.rs): cudarc loads libcublas.so.12 (or
-# libcublas.so), which PyTorch's nvidia-cublas-cu12 wheel ships outside the loader's path.
-cublas_lib=$(python3 -c 'import nvidia.cublas, os; print(os.path.join(list(nvidia.cublas.__path__)[0], "lib"))' 2>/dev/null || true)
-if [ -n "$cublas_lib" ] && ls "$cublas_lib"/libcublas.so* >/dev/null 2>&1; then
-    ls "$cublas_lib"
-    export LD_LIBRARY_PATH="$cublas_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+# cuBLAS for the fused linear cross-entropy (tests/linear_ce.rs, the linear_ce bench): cudarc loads
+# libcublas.so (or .so.12), which PyTorch's NVIDIA wheels ship outside the loader's path (nvidia/cublas/lib
+# for CUDA 12, nvidia/cu13/lib for CUDA 13, whose libcublas.so.13 keeps the cublasGemmEx this calls): the
+# first one found, linked as libcublas.so, with its directory (libcublasLt beside it) on the path.
+cublas_so=$(python3 -c '
+import glob, os, nvidia
+hits = [h for base in nvidia.__path__ for h in sorted(glob.glob(os.path.join(base, "**", "libcublas.so.*"), recursive=True))]
+print(hits[0] if hits else "")' 2>/dev/null || true)
+if [ -n "$cublas_so" ]; then
+    echo "cuBLAS: $cublas_so"
+    cublas_link=$(mktemp -d)
+    ln -s "$cublas_so" "$cublas_link/libcublas.so"
+    export LD_LIBRARY_PATH="$cublas_link:$(dirname "$cublas_so")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 fi
 for t in backends cuda cs336 vocab_parallel linear_ce; do
     step "gpu-tests-$t" "$bin_dir/$t" --ignored --test-threads=1
