@@ -54,6 +54,54 @@ fn blocks_of_256(blocks: usize) -> LaunchConfig {
     }
 }
 
+/// `n` elements of `T` uniform in [-spread, spread), made on the device by `kernels/fill.cu` from `seed`.
+fn filled<T: LogitElem>(
+    stream: &Arc<CudaStream>,
+    n: usize,
+    seed: u64,
+    spread: f32,
+) -> Result<CudaSlice<T>> {
+    let (fill, _) = module::load(
+        stream.context(),
+        crate::kernels::kernel("fill").expect("embedded"),
+    )?;
+    let function = fill
+        .load_function(&format!("fill_logits_{}", T::SUFFIX))
+        .map_err(cuda_err)?;
+    // SAFETY: the fill kernel below writes all n elements before any use.
+    let mut out = unsafe { stream.alloc::<T>(n.max(1)) }.map_err(cuda_err)?;
+    let n64 = n as u64;
+    // SAFETY: the kernel writes out[i] for i < n only (grid-stride), and `out` holds n elements.
+    unsafe {
+        stream
+            .launch_builder(&function)
+            .arg(&mut out)
+            .arg(&n64)
+            .arg(&seed)
+            .arg(&spread)
+            .launch(blocks_of_256(4096))
+    }
+    .map_err(cuda_err)?;
+    Ok(out)
+}
+
+/// Random labels in `[0, vocab)` for `rows` rows, and a mask that trains each row with probability
+/// `masked_fraction` (a uniform draw from the top 53 bits of xorshift64), always the same.
+fn random_targets(rows: usize, vocab: usize, masked_fraction: f64) -> (Vec<i64>, Vec<u8>) {
+    let mut state = 0x2545_F491_4F6C_DD1Du64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let labels = (0..rows).map(|_| (next() % vocab as u64) as i64).collect();
+    let mask = (0..rows)
+        .map(|_| u8::from(((next() >> 11) as f64 / (1u64 << 53) as f64) < masked_fraction))
+        .collect();
+    (labels, mask)
+}
+
 /// What a benchmarked call computes beyond the loss and the per-token log-probs (each picks a kernel
 /// variant: the work not asked for is left out).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -157,40 +205,8 @@ impl<T: LogitElem> LossBench<T> {
             stream.context(),
             crate::kernels::kernel("unfused_ce").expect("embedded"),
         )?;
-        let (fill, _) = module::load(
-            stream.context(),
-            crate::kernels::kernel("fill").expect("embedded"),
-        )?;
-        let n = rows * vocab;
-        // SAFETY: the fill kernel below writes all n elements before any use.
-        let mut logits = unsafe { stream.alloc::<T>(n.max(1)) }.map_err(cuda_err)?;
-        let fill_fn = fill
-            .load_function(&format!("fill_logits_{}", T::SUFFIX))
-            .map_err(cuda_err)?;
-        let (n64, seed, spread) = (n as u64, 0x5eed_u64, 8.0f32);
-        // SAFETY: the kernel writes out[i] for i < n only (grid-stride), and `logits` holds n elements.
-        unsafe {
-            stream
-                .launch_builder(&fill_fn)
-                .arg(&mut logits)
-                .arg(&n64)
-                .arg(&seed)
-                .arg(&spread)
-                .launch(blocks_of_256(4096))
-        }
-        .map_err(cuda_err)?;
-        let mut state = 0x2545_F491_4F6C_DD1Du64;
-        let mut next = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
-        let labels: Vec<i64> = (0..rows).map(|_| (next() % vocab as u64) as i64).collect();
-        // Each row is masked with probability `masked_fraction` (uniform draw from the top 53 bits).
-        let mask: Vec<u8> = (0..rows)
-            .map(|_| u8::from(((next() >> 11) as f64 / (1u64 << 53) as f64) < masked_fraction))
-            .collect();
+        let logits = filled::<T>(&stream, rows * vocab, 0x5eed, 8.0)?;
+        let (labels, mask) = random_targets(rows, vocab, masked_fraction);
         let masked_rows = mask.iter().filter(|&&m| m == 1).count();
         Ok(LossBench {
             labels: stream.clone_htod(&labels).map_err(cuda_err)?,
@@ -438,43 +454,14 @@ impl<T: LogitElem> LinearBench<T> {
         vocab: usize,
         masked_fraction: f64,
     ) -> Result<Self> {
-        let (fill, _) = module::load(
-            stream.context(),
-            crate::kernels::kernel("fill").expect("embedded"),
+        let hidden = filled::<T>(&stream, rows * hidden_size, 0x41, 2.0)?;
+        let weight = filled::<T>(
+            &stream,
+            vocab * hidden_size,
+            0x42,
+            1.0 / (hidden_size as f32).sqrt(),
         )?;
-        let fill_fn = fill
-            .load_function(&format!("fill_logits_{}", T::SUFFIX))
-            .map_err(cuda_err)?;
-        let made = |n: usize, seed: u64, spread: f32| -> Result<CudaSlice<T>> {
-            // SAFETY: the fill kernel writes all n elements (grid-stride) before any use.
-            let mut out = unsafe { stream.alloc::<T>(n.max(1)) }.map_err(cuda_err)?;
-            let n64 = n as u64;
-            // SAFETY: out[i] for i < n only, and `out` holds n elements.
-            unsafe {
-                stream
-                    .launch_builder(&fill_fn)
-                    .arg(&mut out)
-                    .arg(&n64)
-                    .arg(&seed)
-                    .arg(&spread)
-                    .launch(blocks_of_256(4096))
-            }
-            .map_err(cuda_err)?;
-            Ok(out)
-        };
-        let hidden = made(rows * hidden_size, 0x41, 2.0)?;
-        let weight = made(vocab * hidden_size, 0x42, 1.0 / (hidden_size as f32).sqrt())?;
-        let mut state = 0x2545_F491_4F6C_DD1Du64;
-        let mut next = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
-        let labels: Vec<i64> = (0..rows).map(|_| (next() % vocab as u64) as i64).collect();
-        let mask: Vec<u8> = (0..rows)
-            .map(|_| u8::from(((next() >> 11) as f64 / (1u64 << 53) as f64) < masked_fraction))
-            .collect();
+        let (labels, mask) = random_targets(rows, vocab, masked_fraction);
         // SAFETY (all four): written by every run before they are read (d hidden by its GEMMs, the
         // outputs by the kernels); d weight is zeroed.
         let alloc_f32 = |n| unsafe { stream.alloc::<f32>(n) }.map_err(cuda_err);
