@@ -172,7 +172,9 @@ impl LinearCrossEntropy {
     /// The fused linear cross-entropy of device inputs: `targets` for `N` rows of `V` columns (its
     /// `row_stride` is ignored: the chunk's layout is this function's), the outputs into `outputs` (as
     /// [`MaskedCrossEntropy::compute`] writes them), the gradients into `grads`, `chunk_rows` rows of
-    /// logits at a time in a buffer of its own. All on the stream; nothing synchronizes the host.
+    /// logits at a time in a buffer of its own. All on the stream; nothing synchronizes the host, except
+    /// the first call with a bias or a `d bias` (or a larger chunk than before), which uploads a vector
+    /// of ones.
     #[allow(clippy::too_many_arguments)]
     pub fn compute<T: LogitElem>(
         &self,
