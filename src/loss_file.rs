@@ -120,7 +120,8 @@ pub fn run_loss_file(
     }
     .validate()?;
     let bytes = std::fs::read(input).map_err(|e| Error::io(input, e))?;
-    let st = SafeTensors::deserialize(&bytes).map_err(|e| bad(format!("not safetensors: {e}")))?;
+    let st = SafeTensors::deserialize(&bytes)
+        .map_err(|e| bad(format!("{}: not safetensors ({e})", input.display())))?;
     let logits = tensor(&st, "logits")?;
     match logits.dtype() {
         Dtype::F32 => run_typed::<f32>(&st, output, job, device),

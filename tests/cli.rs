@@ -326,6 +326,23 @@ fn negative_numbers_are_refused_as_the_flags_values() {
     }
 }
 
+/// `loss` given a file that is not safetensors names the file and the flag, and writes nothing.
+#[test]
+fn loss_names_an_input_that_is_not_safetensors() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = dir.path().join("out.safetensors");
+    let out = run(bin()
+        .args(["loss", "--device", "cpu", "--input"])
+        .arg(sample())
+        .arg("--output")
+        .arg(&output));
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let want = format!("--input {}: not safetensors", sample().display());
+    assert!(stderr.contains(&want), "{stderr}");
+    assert!(!output.exists());
+}
+
 #[test]
 fn loss_reads_safetensors_and_writes_what_the_library_computes() {
     use safetensors::tensor::{Dtype, TensorView};
