@@ -105,6 +105,31 @@ fn convert<T: LogitElem>(x: &[f32]) -> Vec<T> {
     x.iter().map(|&v| T::from_f32(v)).collect()
 }
 
+/// The fused path of `c` on `device` (inputs in `T`, the case's options and chunk, every output
+/// requested), with `grads`.
+#[cfg(feature = "emulation")]
+fn fused_on<T: LogitElem>(
+    device: &Device,
+    c: &LinearCase,
+    grads: LinearCeGrads,
+) -> sft_collate::loss::linear::LinearCeOutput<T> {
+    let (hidden, weight) = (convert::<T>(&c.hidden), convert::<T>(&c.weight));
+    let bias = c.bias.as_ref().map(|b| convert::<T>(b));
+    let config = LinearCeConfig {
+        chunk_rows: c.chunk_rows,
+        grads,
+        ..LinearCeConfig::default()
+    };
+    device
+        .linear_cross_entropy(
+            &c.input(&hidden, &weight, bias.as_deref()),
+            &c.case.options,
+            CeRequest::default(),
+            &config,
+        )
+        .unwrap()
+}
+
 /// The largest magnitude in `v` (a scale for absolute tolerances of sums that may cancel).
 fn max_abs(v: &[f64]) -> f64 {
     v.iter().fold(0.0, |m, x| m.max(x.abs()))
@@ -424,7 +449,6 @@ mod emulated {
     use common::ce::{check, options_of};
     use sft_collate::backend::cpu::gemm::{gemm, Mat, MatMut};
     use sft_collate::backend::emulation::{linear_row_stride, Emulator, Grad};
-    use sft_collate::loss::linear::LinearCeOutput;
     use sft_collate::loss::Float;
     use sft_collate::loss::{CeInput, LogitsShape};
 
@@ -514,29 +538,12 @@ mod emulated {
         (out, dh, dw)
     }
 
-    fn fused<T: LogitElem>(
-        c: &LinearCase,
-        options: &CeOptions,
-        request: CeRequest,
-    ) -> LinearCeOutput<T> {
-        let (hidden, weight) = (convert::<T>(&c.hidden), convert::<T>(&c.weight));
-        let bias = c.bias.as_ref().map(|b| convert::<T>(b));
-        let input = c.input(&hidden, &weight, bias.as_deref());
-        let config = LinearCeConfig {
-            chunk_rows: c.chunk_rows,
-            ..LinearCeConfig::default()
-        };
-        Device::emulated()
-            .linear_cross_entropy(&input, options, request, &config)
-            .unwrap()
-    }
-
     /// At every chunk size the fused path gives what the unfused kernel gives on the same logits: every
     /// per-row output, the sums, loss and counts bit for bit (the batch is normalized once, whatever the
     /// chunks), `d hidden` bit for bit, `d weight` up to f32 summation order.
     fn fused_equals_unfused<T: LogitElem>(c: &LinearCase) {
         let (options, request) = (c.case.options, CeRequest::default());
-        let got = fused::<T>(c, &options, request);
+        let got = fused_on::<T>(&Device::emulated(), c, LinearCeGrads::ALL);
         let (want, dh, dw) = unfused::<T>(c, got.chunk_rows, &options, request);
         let what = format!("{} chunk {:?}", T::SUFFIX, c.chunk_rows);
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
@@ -592,7 +599,7 @@ mod emulated {
         #[test]
         fn fused_f32_is_the_oracle(c in linear_case()) {
             let options = c.case.options;
-            let got = fused::<f32>(&c, &options, CeRequest::default());
+            let got = fused_on::<f32>(&Device::emulated(), &c, LinearCeGrads::ALL);
             let bias = c.bias.as_deref();
             let want = cpu::linear::linear_cross_entropy(&c.input(&c.hidden, &c.weight, bias), &options, LinearCeGrads::ALL).unwrap();
             check(&got.ce, &want.ce, "linear f32");
@@ -672,37 +679,14 @@ mod cuda_linear {
     use common::ce::check;
     use proptest::strategy::ValueTree;
     use proptest::test_runner::TestRunner;
-    use sft_collate::loss::linear::LinearCeOutput;
-
-    fn run<T: LogitElem>(
-        device: &Device,
-        c: &LinearCase,
-        grads: LinearCeGrads,
-    ) -> LinearCeOutput<T> {
-        let (hidden, weight) = (convert::<T>(&c.hidden), convert::<T>(&c.weight));
-        let bias = c.bias.as_ref().map(|b| convert::<T>(b));
-        let config = LinearCeConfig {
-            chunk_rows: c.chunk_rows,
-            grads,
-            ..LinearCeConfig::default()
-        };
-        device
-            .linear_cross_entropy(
-                &c.input(&hidden, &weight, bias.as_deref()),
-                &c.case.options,
-                CeRequest::default(),
-                &config,
-            )
-            .unwrap()
-    }
 
     fn f64s<T: sft_collate::loss::Float>(v: &[T]) -> Vec<f64> {
         v.iter().map(|x| x.to_f64()).collect()
     }
 
     fn like_the_emulator<T: LogitElem>(cuda: &Device, c: &LinearCase, tol: f64) {
-        let got = run::<T>(cuda, c, LinearCeGrads::ALL);
-        let want = run::<T>(&Device::emulated(), c, LinearCeGrads::ALL);
+        let got = fused_on::<T>(cuda, c, LinearCeGrads::ALL);
+        let want = fused_on::<T>(&Device::emulated(), c, LinearCeGrads::ALL);
         let what = format!("{} chunk {:?}", T::SUFFIX, c.chunk_rows);
         assert_eq!(got.chunk_rows, want.chunk_rows, "{what}");
         assert_eq!(
@@ -755,7 +739,7 @@ mod cuda_linear {
         let mut runner = TestRunner::deterministic();
         for _ in 0..24 {
             let c = linear_case().new_tree(&mut runner).unwrap().current();
-            let got = run::<f32>(&cuda, &c, LinearCeGrads::ALL);
+            let got = fused_on::<f32>(&cuda, &c, LinearCeGrads::ALL);
             let bias = c.bias.as_deref();
             let want = cpu::linear::linear_cross_entropy(
                 &c.input(&c.hidden, &c.weight, bias),
@@ -802,11 +786,11 @@ mod cuda_linear {
         let cuda = Device::cuda(0).expect("a CUDA device and cuBLAS");
         let mut runner = TestRunner::deterministic();
         let c = linear_case().new_tree(&mut runner).unwrap().current();
-        let all = run::<f32>(&cuda, &c, LinearCeGrads::ALL);
-        let none = run::<f32>(&cuda, &c, LinearCeGrads::NONE);
+        let all = fused_on::<f32>(&cuda, &c, LinearCeGrads::ALL);
+        let none = fused_on::<f32>(&cuda, &c, LinearCeGrads::NONE);
         assert_eq!(none.ce.loss.to_bits(), all.ce.loss.to_bits());
         assert!(none.grad_hidden.is_none() && none.grad_weight.is_none());
-        let only_w = run::<f32>(
+        let only_w = fused_on::<f32>(
             &cuda,
             &c,
             LinearCeGrads {

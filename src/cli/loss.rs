@@ -46,26 +46,16 @@ pub struct LossArgs {
     grad: bool,
     /// Rows whose label is this are not trained (PyTorch's ignore_index, -100 there); the input then
     /// needs no response_mask.
-    #[arg(long, value_name = "I", allow_negative_numbers = true)]
+    #[arg(long, value_name = "I")]
     ignore_index: Option<i64>,
     /// z-loss scale s: + s · logsumexp² per trained token (PaLM uses 1e-4).
-    #[arg(
-        long,
-        value_name = "S",
-        default_value_t = 0.0,
-        allow_negative_numbers = true
-    )]
+    #[arg(long, value_name = "S", default_value_t = 0.0)]
     z_loss: f32,
     /// Label smoothing ε in [0, 1], PyTorch's definition.
-    #[arg(
-        long,
-        value_name = "E",
-        default_value_t = 0.0,
-        allow_negative_numbers = true
-    )]
+    #[arg(long, value_name = "E", default_value_t = 0.0)]
     label_smoothing: f32,
     /// Logit softcap C: C · tanh(logits / C) first (Gemma 2 uses 30).
-    #[arg(long, value_name = "C", allow_negative_numbers = true)]
+    #[arg(long, value_name = "C")]
     softcap: Option<f32>,
 }
 

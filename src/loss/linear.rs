@@ -105,6 +105,22 @@ impl<'a, T> LinearCeInput<'a, T> {
         }
     }
 
+    /// [`LinearCeInput::validate`], then the chunk `config` gives this input (what every chunked
+    /// backend does first).
+    pub fn checked_chunk_rows(
+        &self,
+        options: &CeOptions,
+        config: &LinearCeConfig,
+    ) -> Result<usize> {
+        self.validate(options)?;
+        config.chunk_rows(
+            self.rows(),
+            self.vocab(),
+            self.hidden_size,
+            std::mem::size_of::<T>(),
+        )
+    }
+
     /// Check the shapes (hidden `N × H`, weight `V × H`, bias `V`, one target per row, `cu_seqlens`),
     /// the options, and that every trained row's label is in `[0, V)`: nothing is computed on bad input.
     pub fn validate(&self, options: &CeOptions) -> Result<()> {

@@ -243,9 +243,6 @@ impl LinearCrossEntropy {
         let d_hidden = d_hidden.map(|b| keep(g, b.write_addr(stream)));
         let d_weight = d_weight.map(|b| keep(g, b.write_addr(stream)));
         let d_bias = d_bias.map(|b| keep(g, b.write_addr(stream)));
-        // The chunk buffer's address is stable (cudarc records its uses at each launch).
-        let (chunk_addr, chunk_guard) = logits.read_addr(stream);
-        drop(chunk_guard);
         let matrix = |addr: u64, dtype, ld: c_int, transposed| Operand {
             addr,
             dtype,
@@ -253,9 +250,8 @@ impl LinearCrossEntropy {
             transposed,
         };
         let f32_type = blas_sys::cudaDataType::CUDA_R_32F;
-        let rows_at = |base: u64, start: usize, row_elems: usize, size: u64| {
-            base + start as u64 * row_elems as u64 * size
-        };
+        // Row `start` of a `[N, H]` matrix of `T`.
+        let row_at = |base: u64, start: usize| base + (start * h) as u64 * elem;
         cuda_result(stream.context().bind_to_thread())?;
         let chunked_targets = DeviceCeTargets {
             shape: LogitsShape {
@@ -265,7 +261,7 @@ impl LinearCrossEntropy {
             },
             ..*targets
         };
-        let mut fill = |start: usize, rows: usize| -> Result<()> {
+        let mut fill = |start: usize, rows: usize, chunk_addr: u64| -> Result<()> {
             let r = dim("rows", rows)?;
             let z = matrix(chunk_addr, dtype, si, false);
             // SAFETY (both): the weight is `[V, H]` (`Wᵀ` `[H, V]`, ld H, checked above), the chunk's
@@ -286,13 +282,13 @@ impl LinearCrossEntropy {
                 self.gemm(
                     (vi, r, hi),
                     matrix(weight, dtype, hi, true),
-                    matrix(rows_at(hidden, start, h, elem), dtype, hi, false),
+                    matrix(row_at(hidden, start), dtype, hi, false),
                     if bias.is_some() { 1.0 } else { 0.0 },
                     z,
                 )
             }
         };
-        let mut consume = |start: usize, rows: usize| -> Result<()> {
+        let mut consume = |start: usize, rows: usize, chunk_addr: u64| -> Result<()> {
             let r = dim("rows", rows)?;
             let grad = matrix(chunk_addr, dtype, si, false);
             // SAFETY: the gradient of the chunk is `[V, rows]` (ld `stride`) over its logits; d hidden
@@ -305,13 +301,13 @@ impl LinearCrossEntropy {
                         matrix(weight, dtype, hi, false),
                         grad,
                         0.0,
-                        matrix(rows_at(dh, start, h, elem), dtype, hi, false),
+                        matrix(row_at(dh, start), dtype, hi, false),
                     )?;
                 }
                 if let Some(dw) = d_weight {
                     self.gemm(
                         (hi, vi, r),
-                        matrix(rows_at(hidden, start, h, elem), dtype, hi, false),
+                        matrix(row_at(hidden, start), dtype, hi, false),
                         Operand {
                             transposed: true,
                             ..grad
@@ -357,18 +353,19 @@ impl LinearCrossEntropy {
         request: CeRequest,
         config: &LinearCeConfig,
     ) -> Result<LinearCeOutput<T>> {
-        input.validate(options)?;
         let stream = &self.stream;
-        let (n, v, h) = (input.rows(), input.vocab(), input.hidden_size);
         let max_chunk_bytes = match config.max_chunk_bytes {
             Some(bytes) => Some(bytes),
             None => Some(cuda_result(stream.context().mem_get_info())?.0 / 4),
         };
-        let chunk = LinearCeConfig {
-            max_chunk_bytes,
-            ..*config
-        }
-        .chunk_rows(n, v, h, std::mem::size_of::<T>())?;
+        let chunk = input.checked_chunk_rows(
+            options,
+            &LinearCeConfig {
+                max_chunk_bytes,
+                ..*config
+            },
+        )?;
+        let (n, v, h) = (input.rows(), input.vocab(), input.hidden_size);
         let up = |x: &[T]| cuda_result(stream.clone_htod(x));
         let hidden = up(input.hidden)?;
         let weight = up(input.weight)?;
@@ -388,12 +385,10 @@ impl LinearCrossEntropy {
             }
         };
         let grads = config.grads;
-        let mut d_hidden = match (grads.hidden, n * h) {
-            (false, _) => None,
-            (true, 0) => Some(stream.null::<T>().map_err(cuda_err)?),
-            // SAFETY: every chunk's rows are written by its `d hidden` GEMM, and the chunks cover
-            // every row.
-            (true, len) => Some(unsafe { stream.alloc::<T>(len) }.map_err(cuda_err)?),
+        // SAFETY: every chunk's rows are written by its `d hidden` GEMM, and the chunks cover every row.
+        let mut d_hidden = match grads.hidden {
+            true => Some(unsafe { super::loss::uninit_or_null::<T>(stream, n * h) }?),
+            false => None,
         };
         let mut d_weight = zeros(v * h, grads.weight)?;
         let mut d_bias = zeros(v, grads.bias && input.bias.is_some())?;

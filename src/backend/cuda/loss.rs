@@ -146,6 +146,23 @@ impl<T: LogitElem> DeviceCeOutput<T> {
     }
 }
 
+/// `len` elements of `E` on `stream`, uninitialized; a null slice when `len` is 0 (cudarc allocates
+/// nothing then).
+///
+/// # Safety
+/// Every element must be written before it is read.
+pub(super) unsafe fn uninit_or_null<E: cudarc::driver::DeviceRepr>(
+    stream: &Arc<CudaStream>,
+    len: usize,
+) -> Result<CudaSlice<E>> {
+    if len == 0 {
+        stream.null::<E>().map_err(cuda_err)
+    } else {
+        // SAFETY: the caller writes every element before reading it.
+        unsafe { stream.alloc::<E>(len) }.map_err(cuda_err)
+    }
+}
+
 /// Keep the guard of an address a kernel is about to use (it records the use when dropped after the
 /// launch) and return the address.
 pub(super) fn keep<'a>(
@@ -448,12 +465,8 @@ impl MaskedCrossEntropy {
             stream: &Arc<CudaStream>,
             len: usize,
         ) -> Result<CudaSlice<E>> {
-            if len == 0 {
-                stream.null::<E>().map_err(cuda_err)
-            } else {
-                // SAFETY: the kernels write every element (see `compute`).
-                unsafe { stream.alloc::<E>(len) }.map_err(cuda_err)
-            }
+            // SAFETY: the kernels write every element of each output (see `compute`).
+            unsafe { uninit_or_null(stream, len) }
         }
         let optional = |wanted: bool| wanted.then(|| alloc::<f32>(stream, n)).transpose();
         let mut out = DeviceCeOutput {
@@ -605,10 +618,11 @@ impl MaskedCrossEntropy {
 
     /// The cross-entropy of `targets.shape.rows` rows whose logits exist a chunk at a time (the fused
     /// linear cross-entropy): the trained rows counted once over the batch; then for each chunk of up to
-    /// `chunk_rows` rows, `fill(start, rows)` makes their logits in `chunk` (rows `targets.shape
-    /// .row_stride` apart), the row kernel runs over them with the batch's counters (the gradient, with
-    /// `backward`, over the logits in place), and `consume(start, rows)` uses that gradient; then the
-    /// reduction. `fill` and `consume` enqueue on this stream; nothing synchronizes the host.
+    /// `chunk_rows` rows (at least 1), `fill(start, rows, at)` makes their logits in `chunk` (at address
+    /// `at`, rows `targets.shape.row_stride` apart), the row kernel runs over them with the batch's
+    /// counters (the gradient, with `backward`, over the logits in place), and `consume(start, rows, at)`
+    /// uses that gradient; then the reduction. `fill` and `consume` enqueue on this stream; nothing
+    /// synchronizes the host.
     #[cfg(feature = "cublas")]
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn compute_chunked<T: LogitElem>(
@@ -619,18 +633,16 @@ impl MaskedCrossEntropy {
         options: &CeOptions,
         backward: bool,
         outputs: &mut CeBuffers<'_>,
-        fill: &mut dyn FnMut(usize, usize) -> Result<()>,
-        consume: &mut dyn FnMut(usize, usize) -> Result<()>,
+        fill: &mut dyn FnMut(usize, usize, u64) -> Result<()>,
+        consume: &mut dyn FnMut(usize, usize, u64) -> Result<()>,
     ) -> Result<()> {
         let stream = &self.stream;
         let shape = targets.shape;
         let n = shape.rows;
-        if chunk_rows == 0 {
-            return Err(Error::InvalidOption {
-                name: "chunk_rows",
-                reason: "a chunk must hold at least one row".into(),
-            });
-        }
+        debug_assert!(
+            chunk_rows > 0,
+            "the caller's chunk rule gives at least one row"
+        );
         // The chunk's own layout: what `validate` checks of a batch's logits, for one chunk.
         let chunk_shape = LogitsShape {
             rows: chunk_rows.min(n),
@@ -656,18 +668,22 @@ impl MaskedCrossEntropy {
         // above for `chunk_rows` rows of `row_stride`) and the per-row inputs and outputs offset to the
         // chunk by `rows_chunk`.
         unsafe { launch.counts(&args)? };
+        // The gradient over the logits in place, or none.
+        let (grad, grad_stride) = match backward {
+            true => (chunk_addr, shape.row_stride as u64),
+            false => (0, 0),
+        };
         for start in (0..n).step_by(chunk_rows) {
             let rows = chunk_rows.min(n - start);
-            fill(start, rows)?;
-            let grad = if backward { chunk_addr } else { 0 };
+            fill(start, rows, chunk_addr)?;
             let chunk_args = CeArgs {
-                grad_stride: if backward { shape.row_stride as u64 } else { 0 },
+                grad_stride,
                 ..args
             }
             .rows_chunk(start, rows, chunk_addr, grad);
             // SAFETY: see above.
             unsafe { launch.rows(&chunk_args)? };
-            consume(start, rows)?;
+            consume(start, rows, chunk_addr)?;
         }
         // SAFETY: see above.
         unsafe { launch.reduce(&args)? };

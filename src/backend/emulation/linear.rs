@@ -33,9 +33,8 @@ impl Emulator {
         request: CeRequest,
         config: &LinearCeConfig,
     ) -> Result<LinearCeOutput<T>> {
-        input.validate(options)?;
+        let chunk = input.checked_chunk_rows(options, config)?;
         let (n, v, h) = (input.rows(), input.vocab(), input.hidden_size);
-        let chunk = config.chunk_rows(n, v, h, std::mem::size_of::<T>())?;
         let grads = config.grads;
         let backward = grads.any();
         let mut run = CeRun::start(
