@@ -14,10 +14,12 @@ use pyo3::types::PyDict;
 use sft_collate::backend::cpu;
 use sft_collate::backend::cuda::{
     self, BatchBuffers, CeBuffers, CeGrad, CeLogits, CudaCollator, CudaStream, DeviceCeTargets,
-    DeviceIdsMut, DeviceLabels, DeviceWrite, ForeignSlice, MaskedCrossEntropy, PackBuffers,
+    DeviceIdsMut, DeviceLabels, DeviceRead, DeviceWrite, ForeignSlice, LinearCeDeviceGrads,
+    LinearCeDeviceInput, LinearCrossEntropy, MaskedCrossEntropy, PackBuffers,
 };
 use sft_collate::collate::CollatePlan;
 use sft_collate::input::MessageFormat;
+use sft_collate::loss::linear::{LinearCeConfig, LinearCeGrads, LinearCeInput};
 use sft_collate::loss::{CeInput, CeOptions, Labels, LogitElem, LogitsShape, Normalization};
 use sft_collate::schedule::{bucket_order as bucket, plan_packs, Overflow, PackSpec, PackStrategy};
 use sft_collate::{
@@ -248,6 +250,7 @@ struct Loaded {
     stream: Arc<CudaStream>,
     collator: OnceLock<Arc<CudaCollator>>,
     cross_entropy: OnceLock<Arc<MaskedCrossEntropy>>,
+    linear: OnceLock<Arc<LinearCrossEntropy>>,
 }
 
 /// [`Loaded`] per (device, stream handle).
@@ -267,6 +270,7 @@ fn loaded(device_index: usize, stream: u64) -> PyResult<Arc<Loaded>> {
         stream: borrowed,
         collator: OnceLock::new(),
         cross_entropy: OnceLock::new(),
+        linear: OnceLock::new(),
     });
     cache.insert((device_index, stream), entry.clone());
     Ok(entry)
@@ -287,6 +291,14 @@ impl Loaded {
         }
         let c = Arc::new(MaskedCrossEntropy::new(self.stream.clone()).map_err(py_err)?);
         Ok(self.cross_entropy.get_or_init(|| c).clone())
+    }
+
+    fn linear(&self) -> PyResult<Arc<LinearCrossEntropy>> {
+        if let Some(c) = self.linear.get() {
+            return Ok(c.clone());
+        }
+        let c = Arc::new(LinearCrossEntropy::new(self.stream.clone()).map_err(py_err)?);
+        Ok(self.linear.get_or_init(|| c).clone())
     }
 
     /// `len` elements at `ptr` on this device.
@@ -690,29 +702,12 @@ fn masked_cross_entropy(
     grad: u64,
     grad_stride: usize,
 ) -> PyResult<()> {
-    let normalization = match normalization {
-        "mean" => Normalization::TokenMean,
-        "sum" => Normalization::Sum,
-        "cs336" => Normalization::Cs336 {
-            normalize_constant,
-            batch_size,
-            gradient_accumulation_steps,
-        },
-        other => {
-            return Err(PyValueError::new_err(format!(
-                "normalization {other:?}: mean, sum or cs336"
-            )))
-        }
-    };
-    let options = CeOptions {
+    let options = ce_options(
         normalization,
+        (normalize_constant, batch_size, gradient_accumulation_steps),
         upstream,
-        z_loss,
-        label_smoothing,
-        softcap: (softcap != 0.0).then_some(softcap),
-        ignore_index: None,
-    };
-    options.validate().map_err(py_err)?;
+        (z_loss, label_smoothing, softcap),
+    )?;
     let shape = LogitsShape {
         rows,
         vocab,
@@ -762,6 +757,41 @@ fn masked_cross_entropy(
             "logits of {dtype} on {device}: f32, f16 or bf16 (and f64 on the CPU)"
         ))),
     }
+}
+
+/// The cross-entropy's options from the Python layer's arguments: the normalization by name
+/// (`mean`, `sum`, or `cs336` with its constant, batch size and accumulation steps), the upstream
+/// gradient, and (z-loss, label smoothing, softcap or 0 for none).
+fn ce_options(
+    normalization: &str,
+    (normalize_constant, batch_size, gradient_accumulation_steps): (f64, usize, usize),
+    upstream: f32,
+    (z_loss, label_smoothing, softcap): (f32, f32, f32),
+) -> PyResult<CeOptions> {
+    let normalization = match normalization {
+        "mean" => Normalization::TokenMean,
+        "sum" => Normalization::Sum,
+        "cs336" => Normalization::Cs336 {
+            normalize_constant,
+            batch_size,
+            gradient_accumulation_steps,
+        },
+        other => {
+            return Err(PyValueError::new_err(format!(
+                "normalization {other:?}: mean, sum or cs336"
+            )))
+        }
+    };
+    let options = CeOptions {
+        normalization,
+        upstream,
+        z_loss,
+        label_smoothing,
+        softcap: (softcap != 0.0).then_some(softcap),
+        ignore_index: None,
+    };
+    options.validate().map_err(py_err)?;
+    Ok(options)
 }
 
 /// The output addresses of a cross-entropy call.
@@ -822,6 +852,26 @@ impl HostFloat for half::bf16 {
 }
 
 impl Host {
+    /// The labels, the mask (as bools) and the weights.
+    ///
+    /// # Safety
+    /// The Python layer passes contiguous CPU tensors of these lengths and types, alive for the call.
+    unsafe fn targets(&self) -> (Labels<'_>, Vec<bool>, Option<&[f32]>) {
+        let rows = self.shape.rows;
+        unsafe {
+            let labels = match self.labels_i64 {
+                true => Labels::I64(host::<i64>(self.labels, rows)),
+                false => Labels::I32(host::<i32>(self.labels, rows)),
+            };
+            let mask = host::<u8>(self.mask, rows)
+                .iter()
+                .map(|&m| m != 0)
+                .collect();
+            let weights = (self.weights != 0).then(|| host::<f32>(self.weights, rows));
+            (labels, mask, weights)
+        }
+    }
+
     fn cross_entropy<T: HostFloat>(
         &self,
         logits: u64,
@@ -831,26 +881,8 @@ impl Host {
         let rows = self.shape.rows;
         // SAFETY: the Python layer passes contiguous CPU tensors of these lengths and types, alive for
         // the call (the logits as rows `row_stride` apart).
-        let (logits, mask_bytes, weights) = unsafe {
-            (
-                host::<T>(logits, self.logits_len),
-                host::<u8>(self.mask, rows),
-                (self.weights != 0).then(|| host::<f32>(self.weights, rows)),
-            )
-        };
-        let mask: Vec<bool> = mask_bytes.iter().map(|&m| m != 0).collect();
-        // SAFETY: as above.
-        let (labels32, labels64) = unsafe {
-            match self.labels_i64 {
-                true => (None, Some(host::<i64>(self.labels, rows))),
-                false => (Some(host::<i32>(self.labels, rows)), None),
-            }
-        };
-        let labels = match (labels32, labels64) {
-            (Some(l), _) => Labels::I32(l),
-            (_, Some(l)) => Labels::I64(l),
-            _ => unreachable!("one of the two"),
-        };
+        let (logits, (labels, mask, weights)) =
+            unsafe { (host::<T>(logits, self.logits_len), self.targets()) };
         let options = CeOptions {
             // SAFETY: one f32 on the host when given.
             upstream: match self.upstream_ptr {
@@ -872,30 +904,7 @@ impl Host {
         // SAFETY: the Python layer allocated each output with the lengths and types documented on
         // `masked_cross_entropy` (f64 outputs beside f64 logits).
         unsafe {
-            let write = |ptr: u64, values: &[f64]| {
-                if ptr == 0 {
-                    return;
-                }
-                if T::F64_OUTPUTS {
-                    host_mut::<f64>(ptr, values.len()).copy_from_slice(values);
-                } else {
-                    for (d, &v) in host_mut::<f32>(ptr, values.len()).iter_mut().zip(values) {
-                        *d = v as f32;
-                    }
-                }
-            };
-            write(out.row_loss, &result.row_loss);
-            write(out.log_probs, &result.log_probs);
-            write(out.entropy, &result.entropy);
-            write(out.lse, &result.lse);
-            write(out.scalars, &[result.sum, result.loss, result.z_sum]);
-            if out.argmax != 0 {
-                host_mut::<i32>(out.argmax, rows).copy_from_slice(&result.argmax);
-            }
-            let counts = [result.count, result.correct, result.documents];
-            for (d, c) in host_mut::<i32>(out.count, 3).iter_mut().zip(counts) {
-                *d = c as i32;
-            }
+            out.write_reference::<T>(&result, rows);
             if let Some(grad) = &result.grad {
                 let vocab = self.shape.vocab;
                 for r in 0..rows {
@@ -913,6 +922,152 @@ impl Host {
     }
 }
 
+impl Outputs {
+    /// Write the oracle's per-row outputs, scalars and counts (f64 beside f64 logits, f32 otherwise),
+    /// each output given (not 0); not the gradient.
+    ///
+    /// # Safety
+    /// The Python layer allocated each output with the lengths and types documented on
+    /// `masked_cross_entropy`.
+    unsafe fn write_reference<T: HostFloat>(&self, result: &cpu::loss::CeReference, rows: usize) {
+        unsafe {
+            write_floats::<T>(self.row_loss, &result.row_loss);
+            write_floats::<T>(self.log_probs, &result.log_probs);
+            write_floats::<T>(self.entropy, &result.entropy);
+            write_floats::<T>(self.lse, &result.lse);
+            write_floats::<T>(self.scalars, &[result.sum, result.loss, result.z_sum]);
+            if self.argmax != 0 {
+                host_mut::<i32>(self.argmax, rows).copy_from_slice(&result.argmax);
+            }
+            let counts = [result.count, result.correct, result.documents];
+            for (d, c) in host_mut::<i32>(self.count, 3).iter_mut().zip(counts) {
+                *d = c as i32;
+            }
+        }
+    }
+}
+
+/// Write `values` at `ptr` (nothing for 0) as f64 beside f64 inputs (`T::F64_OUTPUTS`), else as f32.
+///
+/// # Safety
+/// `ptr` is 0 or holds `values.len()` writable elements of that type.
+unsafe fn write_floats<T: HostFloat>(ptr: u64, values: &[f64]) {
+    if ptr == 0 {
+        return;
+    }
+    unsafe {
+        if T::F64_OUTPUTS {
+            host_mut::<f64>(ptr, values.len()).copy_from_slice(values);
+        } else {
+            for (d, &v) in host_mut::<f32>(ptr, values.len()).iter_mut().zip(values) {
+                *d = v as f32;
+            }
+        }
+    }
+}
+
+/// The foreign buffers of a cross-entropy call on the GPU, targets and outputs, for the unfused and the
+/// linear paths.
+struct ForeignCe {
+    labels32: ForeignSlice<i32>,
+    labels64: ForeignSlice<i64>,
+    mask: ForeignSlice<u8>,
+    weights: ForeignSlice<f32>,
+    upstream: ForeignSlice<f32>,
+    row_loss: ForeignSlice<f32>,
+    log_probs: ForeignSlice<f32>,
+    entropy: ForeignSlice<f32>,
+    lse: ForeignSlice<f32>,
+    row_z: ForeignSlice<f32>,
+    argmax: ForeignSlice<i32>,
+    scalars: ForeignSlice<f32>,
+    count: ForeignSlice<u32>,
+    flag: ForeignSlice<u32>,
+}
+
+impl ForeignCe {
+    /// # Safety
+    /// As [`Loaded::foreign`]: the Python layer passes contiguous tensors of these lengths and types on
+    /// this device, alive for the call (and until the stream has run it: torch's caching allocator keeps
+    /// memory on its stream).
+    unsafe fn new(loaded: &Loaded, host: &Host, out: &Outputs) -> ForeignCe {
+        let rows = host.shape.rows;
+        unsafe {
+            ForeignCe {
+                labels32: loaded.foreign(host.labels, rows),
+                labels64: loaded.foreign(host.labels, rows),
+                mask: loaded.foreign(host.mask, rows),
+                weights: loaded.foreign(host.weights, rows),
+                upstream: loaded.foreign(host.upstream_ptr, 1),
+                row_loss: loaded.foreign(out.row_loss, rows),
+                log_probs: loaded.foreign(out.log_probs, rows),
+                entropy: loaded.foreign(out.entropy, rows),
+                lse: loaded.foreign(out.lse, rows),
+                row_z: loaded.foreign(out.row_z, rows),
+                argmax: loaded.foreign(out.argmax, rows),
+                scalars: loaded.foreign(out.scalars, 3),
+                count: loaded.foreign(out.count, 3),
+                flag: loaded.foreign(out.error_flag, 1),
+            }
+        }
+    }
+
+    fn targets<'a>(
+        labels32: &'a ForeignSlice<i32>,
+        labels64: &'a ForeignSlice<i64>,
+        mask: &'a ForeignSlice<u8>,
+        weights: &'a ForeignSlice<f32>,
+        upstream: &'a ForeignSlice<f32>,
+        host: &Host,
+    ) -> DeviceCeTargets<'a> {
+        DeviceCeTargets {
+            shape: host.shape,
+            labels: match host.labels_i64 {
+                true => DeviceLabels::I64(labels64),
+                false => DeviceLabels::I32(labels32),
+            },
+            mask: Some(mask),
+            weights: (host.weights != 0).then_some(weights as _),
+            cu_seqlens: None,
+            upstream: (host.upstream_ptr != 0).then_some(upstream as _),
+        }
+    }
+
+    /// The targets and the output buffers (those given), borrowed together.
+    fn split<'a>(&'a mut self, host: &Host, out: &Outputs) -> (DeviceCeTargets<'a>, CeBuffers<'a>) {
+        let ForeignCe {
+            labels32,
+            labels64,
+            mask,
+            weights,
+            upstream,
+            row_loss,
+            log_probs,
+            entropy,
+            lse,
+            row_z,
+            argmax,
+            scalars,
+            count,
+            flag,
+        } = self;
+        let targets = ForeignCe::targets(labels32, labels64, mask, weights, upstream, host);
+        let buffers = CeBuffers {
+            row_loss,
+            row_z: (out.row_z != 0).then_some(row_z as _),
+            log_probs: (out.log_probs != 0).then_some(log_probs as _),
+            entropy: (out.entropy != 0).then_some(entropy as _),
+            lse: (out.lse != 0).then_some(lse as _),
+            argmax: (out.argmax != 0).then_some(argmax as _),
+            scalars,
+            count,
+            doc_trained: None,
+            error_flag: flag,
+        };
+        (targets, buffers)
+    }
+}
+
 fn cuda_ce<T: LogitElem>(
     device_index: usize,
     stream: u64,
@@ -923,53 +1078,16 @@ fn cuda_ce<T: LogitElem>(
 ) -> PyResult<()> {
     let loaded = loaded(device_index, stream)?;
     let rows = host.shape.rows;
-    // SAFETY: the Python layer passes contiguous tensors of these lengths and types on this device,
-    // alive for the call (and until the stream has run it: torch's caching allocator keeps memory on its
-    // stream).
+    // SAFETY: as `ForeignCe::new`, for the logits and the gradient too.
     unsafe {
         let mut logits_buffer = loaded.foreign::<T>(logits, host.logits_len);
-        let labels32 = loaded.foreign::<i32>(host.labels, rows);
-        let labels64 = loaded.foreign::<i64>(host.labels, rows);
-        let mask = loaded.foreign::<u8>(host.mask, rows);
-        let weights = loaded.foreign::<f32>(host.weights, rows);
-        let upstream = loaded.foreign::<f32>(host.upstream_ptr, 1);
-        let mut row_loss = loaded.foreign::<f32>(out.row_loss, rows);
-        let mut log_probs = loaded.foreign::<f32>(out.log_probs, rows);
-        let mut entropy = loaded.foreign::<f32>(out.entropy, rows);
-        let mut lse = loaded.foreign::<f32>(out.lse, rows);
-        let mut row_z = loaded.foreign::<f32>(out.row_z, rows);
-        let mut argmax = loaded.foreign::<i32>(out.argmax, rows);
-        let mut scalars = loaded.foreign::<f32>(out.scalars, 3);
-        let mut count = loaded.foreign::<u32>(out.count, 3);
-        let mut flag = loaded.foreign::<u32>(out.error_flag, 1);
         let grad_len = match rows {
             0 => 0,
             r => (r - 1) * out.grad_stride + host.shape.vocab,
         };
         let mut grad = loaded.foreign::<T>(out.grad, grad_len);
-        let targets = DeviceCeTargets {
-            shape: host.shape,
-            labels: match host.labels_i64 {
-                true => DeviceLabels::I64(&labels64),
-                false => DeviceLabels::I32(&labels32),
-            },
-            mask: Some(&mask),
-            weights: (host.weights != 0).then_some(&weights as _),
-            cu_seqlens: None,
-            upstream: (host.upstream_ptr != 0).then_some(&upstream as _),
-        };
-        let mut buffers = CeBuffers {
-            row_loss: &mut row_loss,
-            row_z: (out.row_z != 0).then_some(&mut row_z as _),
-            log_probs: (out.log_probs != 0).then_some(&mut log_probs as _),
-            entropy: (out.entropy != 0).then_some(&mut entropy as _),
-            lse: (out.lse != 0).then_some(&mut lse as _),
-            argmax: (out.argmax != 0).then_some(&mut argmax as _),
-            scalars: &mut scalars,
-            count: &mut count,
-            doc_trained: None,
-            error_flag: &mut flag,
-        };
+        let mut foreign = ForeignCe::new(&loaded, host, out);
+        let (targets, mut buffers) = foreign.split(host, out);
         let kernels = loaded.cross_entropy()?;
         let result = if out.grad == 0 {
             kernels.compute(
@@ -997,6 +1115,238 @@ fn cuda_ce<T: LogitElem>(
             )
         };
         result.map_err(py_err)
+    }
+}
+
+/// The fused linear cross-entropy of `hidden [rows, hidden_size]` and the LM head's `weight [vocab,
+/// hidden_size]` (+ `bias [vocab]`, 0 for none), contiguous, of `dtype`; the targets and options as for
+/// `masked_cross_entropy`. Outputs: `row_loss`, `log_probs` (0 for none), `scalars` (sum, loss, z_sum),
+/// `count`, `error_flag` as there; `grad_hidden` (`dtype`, written), `grad_weight` and `grad_bias` (f32,
+/// or f64 beside f64 inputs on the CPU; added to: pass zeros), each 0 when not wanted. On a GPU the rows
+/// go a chunk at a time (`chunk_rows`, 0 for the default rule capped at a quarter of free memory)
+/// through cuBLAS and the cross-entropy kernels on `stream`; on the CPU the f64 oracle runs unfused.
+/// Returns the rows per chunk.
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+#[pyo3(signature = (device, device_index, stream, dtype, rows, hidden_size, vocab, hidden, weight, bias, labels, labels_i64, mask, weights, normalization, normalize_constant, batch_size, gradient_accumulation_steps, z_loss, label_smoothing, softcap, chunk_rows, row_loss, log_probs, scalars, count, error_flag, grad_hidden, grad_weight, grad_bias))]
+fn linear_cross_entropy(
+    py: Python<'_>,
+    device: &str,
+    device_index: usize,
+    stream: u64,
+    dtype: &str,
+    rows: usize,
+    hidden_size: usize,
+    vocab: usize,
+    hidden: u64,
+    weight: u64,
+    bias: u64,
+    labels: u64,
+    labels_i64: bool,
+    mask: u64,
+    weights: u64,
+    normalization: &str,
+    normalize_constant: f64,
+    batch_size: usize,
+    gradient_accumulation_steps: usize,
+    z_loss: f32,
+    label_smoothing: f32,
+    softcap: f32,
+    chunk_rows: usize,
+    row_loss: u64,
+    log_probs: u64,
+    scalars: u64,
+    count: u64,
+    error_flag: u64,
+    grad_hidden: u64,
+    grad_weight: u64,
+    grad_bias: u64,
+) -> PyResult<usize> {
+    let options = ce_options(
+        normalization,
+        (normalize_constant, batch_size, gradient_accumulation_steps),
+        1.0,
+        (z_loss, label_smoothing, softcap),
+    )?;
+    let linear = Linear {
+        host: Host {
+            shape: LogitsShape::dense(rows, vocab),
+            logits_len: 0,
+            labels,
+            labels_i64,
+            mask,
+            weights,
+            upstream_ptr: 0,
+        },
+        out: Outputs {
+            row_loss,
+            row_z: 0,
+            log_probs,
+            entropy: 0,
+            lse: 0,
+            argmax: 0,
+            scalars,
+            count,
+            error_flag,
+            grad: 0,
+            grad_stride: 0,
+        },
+        hidden_size,
+        hidden,
+        weight,
+        bias,
+        grads: (grad_hidden, grad_weight, grad_bias),
+        config: LinearCeConfig {
+            grads: LinearCeGrads {
+                hidden: grad_hidden != 0,
+                weight: grad_weight != 0,
+                bias: grad_bias != 0,
+            },
+            chunk_rows: (chunk_rows != 0).then_some(chunk_rows),
+            max_chunk_bytes: None,
+        },
+    };
+    linear.config.validate().map_err(py_err)?;
+    if hidden_size == 0 {
+        return Err(PyValueError::new_err("the hidden size must be at least 1"));
+    }
+    match (device, dtype) {
+        ("cpu", "f64") => py.detach(|| linear.on_host::<f64>(&options)),
+        ("cpu", "f32") => py.detach(|| linear.on_host::<f32>(&options)),
+        ("cpu", "f16") => py.detach(|| linear.on_host::<half::f16>(&options)),
+        ("cpu", "bf16") => py.detach(|| linear.on_host::<half::bf16>(&options)),
+        ("cuda", "f32") => linear.on_cuda::<f32>(device_index, stream, &options),
+        ("cuda", "f16") => linear.on_cuda::<half::f16>(device_index, stream, &options),
+        ("cuda", "bf16") => linear.on_cuda::<half::bf16>(device_index, stream, &options),
+        (device, dtype) => Err(PyValueError::new_err(format!(
+            "inputs of {dtype} on {device}: f32, f16 or bf16 (and f64 on the CPU)"
+        ))),
+    }
+}
+
+/// The addresses of a fused linear cross-entropy call.
+struct Linear {
+    host: Host,
+    out: Outputs,
+    hidden_size: usize,
+    hidden: u64,
+    weight: u64,
+    bias: u64,
+    /// `d hidden`, `d weight`, `d bias` (0: not wanted).
+    grads: (u64, u64, u64),
+    config: LinearCeConfig,
+}
+
+impl Linear {
+    fn on_host<T: HostFloat>(&self, options: &CeOptions) -> PyResult<usize> {
+        let (n, v, h) = (
+            self.host.shape.rows,
+            self.host.shape.vocab,
+            self.hidden_size,
+        );
+        // SAFETY: the Python layer passes contiguous CPU tensors of these lengths and types, alive for
+        // the call.
+        let (hidden, weight, bias, (labels, mask, weights)) = unsafe {
+            (
+                host::<T>(self.hidden, n * h),
+                host::<T>(self.weight, v * h),
+                (self.bias != 0).then(|| host::<T>(self.bias, v)),
+                self.host.targets(),
+            )
+        };
+        let input = LinearCeInput {
+            hidden,
+            weight,
+            bias,
+            hidden_size: h,
+            labels,
+            mask: Some(&mask),
+            weights,
+            cu_seqlens: None,
+        };
+        let result = cpu::linear::linear_cross_entropy(&input, options, self.config.grads)
+            .map_err(py_err)?;
+        let (d_hidden, d_weight, d_bias) = self.grads;
+        // SAFETY: the Python layer allocated each output as `linear_cross_entropy` documents.
+        unsafe {
+            self.out.write_reference::<T>(&result.ce, n);
+            if let Some(g) = &result.grad_hidden {
+                for (d, &x) in host_mut::<T>(d_hidden, g.len()).iter_mut().zip(g) {
+                    *d = T::from_f64(x);
+                }
+            }
+            // Added to, as on the GPU.
+            for (ptr, g) in [(d_weight, &result.grad_weight), (d_bias, &result.grad_bias)] {
+                match (g, T::F64_OUTPUTS) {
+                    (Some(g), true) => {
+                        for (d, &x) in host_mut::<f64>(ptr, g.len()).iter_mut().zip(g) {
+                            *d += x;
+                        }
+                    }
+                    (Some(g), false) => {
+                        for (d, &x) in host_mut::<f32>(ptr, g.len()).iter_mut().zip(g) {
+                            *d += x as f32;
+                        }
+                    }
+                    (None, _) => {}
+                }
+            }
+        }
+        Ok(n)
+    }
+
+    fn on_cuda<T: LogitElem>(
+        &self,
+        device_index: usize,
+        stream: u64,
+        options: &CeOptions,
+    ) -> PyResult<usize> {
+        let loaded = loaded(device_index, stream)?;
+        let (n, v, h) = (
+            self.host.shape.rows,
+            self.host.shape.vocab,
+            self.hidden_size,
+        );
+        let (free, _) = loaded
+            .stream
+            .context()
+            .mem_get_info()
+            .map_err(|e| PyRuntimeError::new_err(format!("CUDA: {e:?}")))?;
+        let config = LinearCeConfig {
+            max_chunk_bytes: Some(free / 4),
+            ..self.config
+        };
+        let chunk = config
+            .chunk_rows(n, v, h, std::mem::size_of::<T>())
+            .map_err(py_err)?;
+        let (ce, linear) = (loaded.cross_entropy()?, loaded.linear()?);
+        let (d_hidden, d_weight, d_bias) = self.grads;
+        // SAFETY: as `ForeignCe::new`, for the inputs and the gradients too.
+        unsafe {
+            let hidden = loaded.foreign::<T>(self.hidden, n * h);
+            let weight = loaded.foreign::<T>(self.weight, v * h);
+            let bias = loaded.foreign::<T>(self.bias, v);
+            let mut grad_hidden = loaded.foreign::<T>(d_hidden, n * h);
+            let mut grad_weight = loaded.foreign::<f32>(d_weight, v * h);
+            let mut grad_bias = loaded.foreign::<f32>(d_bias, v);
+            let mut foreign = ForeignCe::new(&loaded, &self.host, &self.out);
+            let (targets, mut buffers) = foreign.split(&self.host, &self.out);
+            let input = LinearCeDeviceInput {
+                hidden: &hidden,
+                weight: &weight,
+                bias: (self.bias != 0).then_some(&bias as &dyn DeviceRead<T>),
+                hidden_size: h,
+            };
+            let grads = LinearCeDeviceGrads {
+                hidden: (d_hidden != 0).then_some(&mut grad_hidden as _),
+                weight: (d_weight != 0).then_some(&mut grad_weight as _),
+                bias: (d_bias != 0).then_some(&mut grad_bias as _),
+            };
+            linear
+                .compute(&ce, &input, &targets, options, grads, &mut buffers, chunk)
+                .map_err(py_err)?;
+        }
+        Ok(chunk)
     }
 }
 
@@ -1349,6 +1699,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(bucket_order, m)?)?;
     m.add_function(wrap_pyfunction!(masked_cross_entropy, m)?)?;
     m.add_function(wrap_pyfunction!(vocab_parallel_cross_entropy, m)?)?;
+    m.add_function(wrap_pyfunction!(linear_cross_entropy, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_status, m)?)?;
     m.add(
         "BUILTIN_TOKENIZERS",

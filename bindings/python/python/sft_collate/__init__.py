@@ -6,6 +6,8 @@ masked cross-entropy, in Rust and CUDA, for PyTorch.
   :class:`Loader`: a training loop's batches from it, every epoch, every rank, resumable;
   :func:`export_megatron`: it as Megatron-Bridge packed-sequence Parquet
 - :func:`masked_cross_entropy` (autograd; on CUDA the fused kernel on torch's current stream)
+- :func:`linear_cross_entropy`: the loss of an LM head's output without the ``[N, V]`` logits in memory
+  (autograd; on CUDA chunks through cuBLAS and the fused kernel)
 - :func:`vocab_parallel_cross_entropy`: the same loss over a vocabulary split across ranks (CPU tensors)
 - :class:`Tokenizer`, :func:`load_tokenizer` (a path, a built-in, ``tokenizers`` or ``transformers``)
 - :mod:`sft_collate.cs336`: CS336's functions with CS336's signatures
@@ -34,7 +36,7 @@ def __getattr__(name):
     # The cross-entropy needs torch; importing it lazily keeps `import sft_collate` working without.
     import importlib
 
-    if name in ("masked_cross_entropy", "vocab_parallel_cross_entropy"):
+    if name in ("masked_cross_entropy", "linear_cross_entropy", "vocab_parallel_cross_entropy"):
         return getattr(importlib.import_module("._loss", __name__), name)
     if name == "cs336":
         return importlib.import_module(".cs336", __name__)
@@ -49,6 +51,7 @@ __all__ = [
     "bucket_order",
     "cuda_available",
     "export_megatron",
+    "linear_cross_entropy",
     "load_tokenizer",
     "masked_cross_entropy",
     "pack",

@@ -144,6 +144,23 @@ def masked_cross_entropy(
     return_entropy: bool = False,
     return_accuracy: bool = False,
 ) -> Any: ...
+def linear_cross_entropy(
+    hidden: Any,
+    weight: Any,
+    labels: Any,
+    response_mask: Any = None,
+    *,
+    bias: Any = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    normalization: Optional[Tuple[float, int, int]] = None,
+    weights: Any = None,
+    z_loss: float = 0.0,
+    label_smoothing: float = 0.0,
+    softcap: Optional[float] = None,
+    chunk_rows: Optional[int] = None,
+    return_log_probs: bool = False,
+) -> Any: ...
 def vocab_parallel_cross_entropy(
     logits: Any,
     labels: Any,

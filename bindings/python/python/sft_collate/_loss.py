@@ -46,12 +46,7 @@ def _run(
     argmax = new(rows if with_argmax else 0, torch.int32)
     row_z = new(rows if z_loss != 0.0 else 0, torch.float32)
     count, flag = new(3, torch.int32), new(1, torch.int32)
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        stream = int(torch.cuda.current_stream(index).cuda_stream)
-        kind = "cuda"
-    else:
-        index, stream, kind = 0, 0, "cpu"
+    kind, index, stream = _launch(device)
     address = lambda t: t.data_ptr() if t.numel() > 0 else 0  # noqa: E731
     _native.masked_cross_entropy(
         kind,
@@ -88,6 +83,69 @@ def _run(
         grad.stride(0) if grad is not None and rows > 1 else vocab,
     )
     return scalars, row_loss, log_probs, entropy, count, argmax
+
+
+def _targets(
+    labels: torch.Tensor,
+    response_mask: Optional[torch.Tensor],
+    weights: Optional[torch.Tensor],
+    ignore_index: int,
+    device: torch.device,
+    what: str,
+) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """The labels, the trained positions (``response_mask``, else ``labels != ignore_index``) and the
+    weights, flat and contiguous, checked against the labels' shape and ``device`` (that of ``what``)."""
+    lead = labels.shape
+    flat_labels = labels.reshape(-1)
+    if flat_labels.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"labels of {labels.dtype}: int32 or int64")
+    flat_labels = flat_labels.contiguous()
+    if response_mask is None:
+        mask = (flat_labels != ignore_index).contiguous()
+    else:
+        if response_mask.shape != lead:
+            raise ValueError(f"response_mask {tuple(response_mask.shape)} does not match labels {tuple(lead)}")
+        mask = response_mask.reshape(-1).to(torch.bool).contiguous()
+    flat_weights = None
+    if weights is not None:
+        if weights.shape != lead:
+            raise ValueError(f"weights {tuple(weights.shape)} do not match labels {tuple(lead)}")
+        flat_weights = weights.reshape(-1).to(torch.float32).contiguous()
+    for name, t in (("labels", flat_labels), ("response_mask", mask), ("weights", flat_weights)):
+        if t is not None and t.device != device:
+            raise ValueError(f"{name} is on {t.device}, the {what} on {device}")
+    return flat_labels, mask, flat_weights
+
+
+def _reduction(
+    reduction: str, normalization: Optional[Tuple[float, int, int]], allow_none: bool
+) -> Tuple[str, Tuple[float, int, int]]:
+    """The native normalization's name and (constant, batch size, accumulation steps)."""
+    if normalization is not None:
+        nc, batch_size, gas = normalization
+        return "cs336", (float(nc), int(batch_size), int(gas))
+    if reduction == "mean":
+        return "mean", (1.0, 1, 1)
+    if reduction == "sum" or (reduction == "none" and allow_none):
+        return "sum", (1.0, 1, 1)
+    raise ValueError(f"reduction={reduction!r}: mean, sum" + (" or none" if allow_none else ""))
+
+
+def _options(z_loss: float, label_smoothing: float, softcap: Optional[float]) -> Tuple[float, float, float]:
+    """(z_loss, label_smoothing, softcap or 0), checked."""
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing={label_smoothing}: in [0, 1]")
+    if softcap is not None and not softcap > 0.0:
+        raise ValueError(f"softcap={softcap}: a positive number")
+    return float(z_loss), float(label_smoothing), float(softcap or 0.0)
+
+
+def _launch(device: torch.device) -> Tuple[str, int, int]:
+    """The native call's device kind, index and stream (torch's current stream on CUDA)."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return "cuda", index, int(torch.cuda.current_stream(index).cuda_stream)
+    return "cpu", 0, 0
 
 
 @torch.library.custom_op("sft_collate::masked_ce", mutates_args=())
@@ -237,38 +295,9 @@ def masked_cross_entropy(
     logits2d = logits.reshape(-1, vocab)
     if logits2d.stride(-1) != 1:
         logits2d = logits2d.contiguous()
-    flat_labels = labels.reshape(-1)
-    if flat_labels.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"labels of {labels.dtype}: int32 or int64")
-    flat_labels = flat_labels.contiguous()
-    if response_mask is None:
-        mask = (flat_labels != ignore_index).contiguous()
-    else:
-        if response_mask.shape != lead:
-            raise ValueError(f"response_mask {tuple(response_mask.shape)} does not match labels {tuple(lead)}")
-        mask = response_mask.reshape(-1).to(torch.bool).contiguous()
-    flat_weights = None
-    if weights is not None:
-        if weights.shape != lead:
-            raise ValueError(f"weights {tuple(weights.shape)} do not match labels {tuple(lead)}")
-        flat_weights = weights.reshape(-1).to(torch.float32).contiguous()
-    for name, t in (("labels", flat_labels), ("response_mask", mask), ("weights", flat_weights)):
-        if t is not None and t.device != logits.device:
-            raise ValueError(f"{name} is on {t.device}, the logits on {logits.device}")
-    if normalization is not None:
-        nc, batch_size, gas = normalization
-        kind, args = "cs336", (float(nc), int(batch_size), int(gas))
-    elif reduction == "mean":
-        kind, args = "mean", (1.0, 1, 1)
-    elif reduction in ("sum", "none"):
-        kind, args = "sum", (1.0, 1, 1)
-    else:
-        raise ValueError(f"reduction={reduction!r}: mean, sum or none")
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"label_smoothing={label_smoothing}: in [0, 1]")
-    if softcap is not None and not softcap > 0.0:
-        raise ValueError(f"softcap={softcap}: a positive number")
-    options = (float(z_loss), float(label_smoothing), float(softcap or 0.0))
+    flat_labels, mask, flat_weights = _targets(labels, response_mask, weights, ignore_index, logits.device, "logits")
+    kind, args = _reduction(reduction, normalization, allow_none=True)
+    options = _options(z_loss, label_smoothing, softcap)
     loss, row_loss, log_probs, entropy, counts, argmax, z_sum = _masked_ce(
         logits2d, flat_labels, mask, flat_weights, kind, *args, *options, return_entropy, return_accuracy
     )
@@ -289,6 +318,126 @@ def masked_cross_entropy(
     if z_loss != 0.0:
         extras["z_loss"] = z_sum.detach()  # Σ w · s · lse², before the reduction
     return loss, extras
+
+
+class _LinearCE(torch.autograd.Function):
+    """The fused linear cross-entropy: forward computes the loss and, for the inputs that need them, its
+    gradients (as Liger's and Cut Cross-Entropy's do: the logits never exist whole, so there is nothing
+    to keep for a later backward); backward scales them by the upstream gradient, on the device."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, mask, weights, kind, args, options, chunk_rows, log_probs_wanted):
+        rows, hidden_size = hidden.shape
+        vocab = weight.shape[0]
+        device = hidden.device
+        out_dtype = _out_dtype(hidden)
+        wants = ctx.needs_input_grad
+        grad_hidden = torch.empty_like(hidden) if wants[0] else None
+        grad_weight = torch.zeros(weight.shape, dtype=out_dtype, device=device) if wants[1] else None
+        grad_bias = torch.zeros(vocab, dtype=out_dtype, device=device) if bias is not None and wants[2] else None
+        row_loss = torch.empty(rows, dtype=out_dtype, device=device)
+        log_probs = torch.empty(rows if log_probs_wanted else 0, dtype=out_dtype, device=device)
+        scalars = torch.empty(3, dtype=out_dtype, device=device)
+        count = torch.empty(3, dtype=torch.int32, device=device)
+        flag = torch.empty(1, dtype=torch.int32, device=device)
+        kind_, index, stream = _launch(device)
+        address = lambda t: t.data_ptr() if t is not None and t.numel() > 0 else 0  # noqa: E731
+        _native.linear_cross_entropy(
+            kind_, index, stream, _DTYPES[hidden.dtype], rows, hidden_size, vocab,
+            hidden.data_ptr(), weight.data_ptr(), address(bias), labels.data_ptr(), labels.dtype == torch.int64,
+            mask.data_ptr(), address(weights), kind, *args, *options, int(chunk_rows or 0),
+            row_loss.data_ptr(), address(log_probs), scalars.data_ptr(), count.data_ptr(), flag.data_ptr(),
+            address(grad_hidden), address(grad_weight), address(grad_bias),
+        )
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
+        ctx.mark_non_differentiable(row_loss, log_probs, count, scalars)
+        return scalars[1].clone(), row_loss, log_probs, count, scalars
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_):
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        scale = lambda g, dtype: None if g is None else (g * grad_loss.to(g.dtype)).to(dtype)  # noqa: E731
+        return (
+            scale(grad_hidden, ctx.dtypes[0]),
+            scale(grad_weight, ctx.dtypes[1]),
+            scale(grad_bias, ctx.dtypes[2]),
+        ) + (None,) * 8
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    response_mask: Optional[torch.Tensor] = None,
+    *,
+    bias: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    normalization: Optional[Tuple[float, int, int]] = None,
+    weights: Optional[torch.Tensor] = None,
+    z_loss: float = 0.0,
+    label_smoothing: float = 0.0,
+    softcap: Optional[float] = None,
+    chunk_rows: Optional[int] = None,
+    return_log_probs: bool = False,
+) -> Union[torch.Tensor, Tuple[torch.Tensor, Dict[str, torch.Tensor]]]:
+    """The masked cross-entropy of ``hidden [..., H] @ weight.T (+ bias)`` (an LM head: ``weight [V, H]``
+    as ``nn.Linear`` stores it) without the ``[N, V]`` logits in memory: on CUDA the rows go a chunk at a
+    time through cuBLAS (f32 accumulation) and the fused kernels, on torch's current stream, and the
+    gradients of ``hidden``, ``weight`` and ``bias`` are computed in the same pass (``d weight`` and
+    ``d bias`` accumulated in f32, then cast to the parameters' dtype). On CPU tensors the library's f64
+    oracle runs unfused (for small shapes and checking; float64 inputs give float64 results, so
+    ``gradcheck`` works).
+
+    Targets and options as :func:`masked_cross_entropy`: ``response_mask`` or ``labels != ignore_index``,
+    ``reduction`` ``"mean"`` or ``"sum"`` (a per-position loss with gradients would need the logits
+    again: use :func:`masked_cross_entropy`), ``normalization=(nc, B, gas)``, ``weights``, ``z_loss``,
+    ``label_smoothing``, ``softcap``. ``chunk_rows`` overrides the rows per chunk (default: about N / ⌈V /
+    H⌉, as Liger, capped at a quarter of the free GPU memory). The gradients are computed only for the
+    inputs that require them, and are scaled by the upstream gradient on the device (no host sync).
+
+    With ``return_log_probs``, also ``(loss, extras)`` with the per-position log-probability of the label
+    (``extras["log_probs"]``, detached), the per-position loss term (``extras["row_loss"]``, detached)
+    and the number of trained positions (``extras["count"]``). A label outside ``[0, V)`` at a trained
+    position raises on CPU tensors and makes the loss NaN on CUDA tensors, as in
+    :func:`masked_cross_entropy`."""
+    if hidden.dim() < 1 or weight.dim() != 2:
+        raise ValueError(f"hidden must be [..., H] and weight [V, H], not {tuple(hidden.shape)} and {tuple(weight.shape)}")
+    vocab, hidden_size = weight.shape
+    if hidden.shape[-1] != hidden_size:
+        raise ValueError(f"hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)}: the hidden sizes differ")
+    lead = hidden.shape[:-1]
+    if labels.shape != lead:
+        raise ValueError(f"labels {tuple(labels.shape)} do not match hidden {tuple(hidden.shape)}")
+    if hidden.dtype not in _DTYPES:
+        raise ValueError(f"hidden of {hidden.dtype}: float32, float16, bfloat16 (or float64 on the CPU)")
+    for name, t, shape in (("weight", weight, weight.shape), ("bias", bias, (vocab,))):
+        if t is None:
+            continue
+        if t.dtype != hidden.dtype:
+            raise ValueError(f"{name} of {t.dtype}, hidden of {hidden.dtype}: one dtype for all")
+        if t.device != hidden.device:
+            raise ValueError(f"{name} is on {t.device}, hidden on {hidden.device}")
+        if tuple(t.shape) != tuple(shape):
+            raise ValueError(f"bias {tuple(t.shape)}: [V] = ({vocab},)")
+    if chunk_rows is not None and chunk_rows < 1:
+        raise ValueError(f"chunk_rows={chunk_rows}: at least 1")
+    flat_labels, mask, flat_weights = _targets(labels, response_mask, weights, ignore_index, hidden.device, "hidden")
+    kind, args = _reduction(reduction, normalization, allow_none=False)
+    options = _options(z_loss, label_smoothing, softcap)
+    hidden2d = hidden.reshape(-1, hidden_size).contiguous()
+    loss, row_loss, log_probs, counts, _ = _LinearCE.apply(
+        hidden2d, weight.contiguous(), bias.contiguous() if bias is not None else None, flat_labels, mask,
+        flat_weights, kind, args, options, chunk_rows, return_log_probs,
+    )
+    if not return_log_probs:
+        return loss
+    return loss, {
+        "log_probs": log_probs.reshape(lead),
+        "row_loss": row_loss.reshape(lead),
+        "count": counts[0],
+    }
 
 
 class _VocabParallelCE(torch.autograd.Function):
