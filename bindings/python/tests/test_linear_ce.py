@@ -88,7 +88,7 @@ def test_gradcheck_in_float64_with_every_option():
     assert torch.autograd.gradcheck(fn, tuple(leaves(h, w, b)))
 
 
-def test_only_the_gradients_asked_for_and_the_extras():
+def test_only_the_gradients_asked_for_and_the_extras(monkeypatch):
     h, w, b, labels, mask = case()
     w_in = w.clone().requires_grad_()
     loss, extras = sft_collate.linear_cross_entropy(h, w_in, labels, mask, bias=b, return_log_probs=True)
@@ -99,8 +99,14 @@ def test_only_the_gradients_asked_for_and_the_extras():
     assert torch.allclose(extras["log_probs"][mask].double(), want[mask], atol=1e-5)
     assert torch.allclose(extras["row_loss"][mask].double(), -want[mask], atol=1e-5)
     assert int(extras["count"]) == int(mask.sum())
+    # In evaluation no gradient is computed, though the weight requires one.
+    computed = []
+    native = sft_collate._native.linear_cross_entropy
+    spy = lambda *a: computed.append([p != 0 for p in a[-3:]]) or native(*a)  # noqa: E731
+    monkeypatch.setattr(sft_collate._native, "linear_cross_entropy", spy)
     with torch.no_grad():
-        assert torch.allclose(sft_collate.linear_cross_entropy(h, w, labels, mask, bias=b), loss)
+        assert torch.allclose(sft_collate.linear_cross_entropy(h, w_in, labels, mask, bias=b), loss)
+    assert computed == [[False, False, False]]
     # Leading dimensions as in a trainer: [B, T, H] hidden states, [B, T] labels.
     batched = sft_collate.linear_cross_entropy(h.reshape(4, 6, -1), w, labels.reshape(4, 6), mask.reshape(4, 6), bias=b)
     assert torch.allclose(batched, loss)

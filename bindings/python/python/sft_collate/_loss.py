@@ -326,12 +326,12 @@ class _LinearCE(torch.autograd.Function):
     to keep for a later backward); backward scales them by the upstream gradient, on the device."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, mask, weights, kind, args, options, chunk_rows, log_probs_wanted):
+    def forward(ctx, hidden, weight, bias, labels, mask, weights, kind, args, options, chunk_rows, log_probs_wanted,
+                wants):
         rows, hidden_size = hidden.shape
         vocab = weight.shape[0]
         device = hidden.device
         out_dtype = _out_dtype(hidden)
-        wants = ctx.needs_input_grad
         grad_hidden = torch.empty_like(hidden) if wants[0] else None
         grad_weight = torch.zeros(weight.shape, dtype=out_dtype, device=device) if wants[1] else None
         grad_bias = torch.zeros(vocab, dtype=out_dtype, device=device) if bias is not None and wants[2] else None
@@ -362,7 +362,7 @@ class _LinearCE(torch.autograd.Function):
             scale(grad_hidden, ctx.dtypes[0]),
             scale(grad_weight, ctx.dtypes[1]),
             scale(grad_bias, ctx.dtypes[2]),
-        ) + (None,) * 8
+        ) + (None,) * 9
 
 
 def linear_cross_entropy(
@@ -427,9 +427,11 @@ def linear_cross_entropy(
     kind, args = _reduction(reduction, normalization, allow_none=False)
     options = _options(z_loss, label_smoothing, softcap)
     hidden2d = hidden.reshape(-1, hidden_size).contiguous()
+    # The gradients to compute: none in evaluation (`torch.no_grad`), where a parameter still requires one.
+    wants = tuple(torch.is_grad_enabled() and t is not None and t.requires_grad for t in (hidden, weight, bias))
     loss, row_loss, log_probs, counts, _ = _LinearCE.apply(
         hidden2d, weight.contiguous(), bias.contiguous() if bias is not None else None, flat_labels, mask,
-        flat_weights, kind, args, options, chunk_rows, return_log_probs,
+        flat_weights, kind, args, options, chunk_rows, return_log_probs, wants,
     )
     if not return_log_probs:
         return loss
