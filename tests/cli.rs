@@ -343,6 +343,20 @@ fn loss_names_an_input_that_is_not_safetensors() {
     assert!(!output.exists());
 }
 
+/// An output whose lock file cannot be made beside it (a directory no one can create files in, even
+/// root: `/proc`) is named as the user gave it, the lock file as the reason's detail.
+#[test]
+fn an_output_that_cannot_be_locked_is_named() {
+    let out = run(bin()
+        .args(["collate", "--device", "cpu", "--input"])
+        .arg(sample())
+        .args(["--output", "/proc/sft-collate-out"]));
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let want = "/proc/sft-collate-out: cannot create the lock file /proc/.sft-collate-out.sft-collate.lock beside it";
+    assert!(stderr.contains(want), "{stderr}");
+}
+
 #[test]
 fn loss_reads_safetensors_and_writes_what_the_library_computes() {
     use safetensors::tensor::{Dtype, TensorView};

@@ -113,7 +113,14 @@ impl OutputDir {
             .create(true)
             .truncate(false)
             .open(&path)
-            .map_err(|e| Error::io(&path, e))?;
+            .map_err(|e| {
+                // Named after the output the user gave, with the lock file as the reason's detail.
+                let reason = format!(
+                    "cannot create the lock file {} beside it: {e}",
+                    path.display()
+                );
+                Error::io(&self.output, std::io::Error::new(e.kind(), reason))
+            })?;
         let mode = if wait {
             libc::LOCK_EX
         } else {
