@@ -112,13 +112,28 @@ def test_only_the_gradients_asked_for_and_the_extras(monkeypatch):
     assert torch.allclose(batched, loss)
 
 
+def test_float32_master_weights_get_float32_gradients_without_rounding():
+    h, w, b, labels, mask = case()
+    h = h.to(torch.bfloat16)
+    ours_in = leaves(h, w, b)  # bfloat16 hidden states, float32 weight and bias
+    loss = sft_collate.linear_cross_entropy(ours_in[0], ours_in[1], labels, mask, bias=ours_in[2])
+    loss.backward()
+    # PyTorch in float64 on what was computed: the weight and bias rounded to bfloat16.
+    ref_in = leaves(h.double(), w.to(torch.bfloat16).double(), b.to(torch.bfloat16).double())
+    unfused(*ref_in, labels, mask).backward()
+    assert ours_in[1].grad.dtype == ours_in[2].grad.dtype == torch.float32
+    for a, r in zip(ours_in[1:], ref_in[1:]):
+        # Within float32's rounding, not bfloat16's (about 4e-3).
+        assert torch.allclose(a.grad.double(), r.grad.double(), rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
         (dict(weight=torch.zeros(97, 15)), "hidden sizes differ"),
         (dict(labels=torch.zeros(23, dtype=torch.long)), "labels"),
         (dict(bias=torch.zeros(96)), "bias"),
-        (dict(weight=torch.zeros(97, 16, dtype=torch.float64)), "one dtype"),
+        (dict(weight=torch.zeros(97, 16, dtype=torch.float64)), "the same dtype"),
         (dict(reduction="none"), "reduction"),
         (dict(chunk_rows=0), "chunk_rows"),
         (dict(label_smoothing=2.0), "label_smoothing"),

@@ -340,11 +340,14 @@ class _LinearCE(torch.autograd.Function):
         scalars = torch.empty(3, dtype=out_dtype, device=device)
         count = torch.empty(3, dtype=torch.int32, device=device)
         flag = torch.empty(1, dtype=torch.int32, device=device)
+        # float32 master weights with half-precision hidden states: computed in the hidden states' dtype,
+        # `d weight` and `d bias` handed back in float32 as accumulated, never rounded to half precision.
+        weight_in, bias_in = weight.to(hidden.dtype), bias.to(hidden.dtype) if bias is not None else None
         kind_, index, stream = _launch(device)
         address = lambda t: t.data_ptr() if t is not None and t.numel() > 0 else 0  # noqa: E731
         _native.linear_cross_entropy(
             kind_, index, stream, _DTYPES[hidden.dtype], rows, hidden_size, vocab,
-            hidden.data_ptr(), weight.data_ptr(), address(bias), labels.data_ptr(), labels.dtype == torch.int64,
+            hidden.data_ptr(), weight_in.data_ptr(), address(bias_in), labels.data_ptr(), labels.dtype == torch.int64,
             mask.data_ptr(), address(weights), kind, *args, *options, int(chunk_rows or 0),
             row_loss.data_ptr(), address(log_probs), scalars.data_ptr(), count.data_ptr(), flag.data_ptr(),
             address(grad_hidden), address(grad_weight), address(grad_bias),
@@ -386,7 +389,9 @@ def linear_cross_entropy(
     as ``nn.Linear`` stores it) without the ``[N, V]`` logits in memory: on CUDA the rows go a chunk at a
     time through cuBLAS (f32 accumulation) and the fused kernels, on torch's current stream, and the
     gradients of ``hidden``, ``weight`` and ``bias`` are computed in the same pass (``d weight`` and
-    ``d bias`` accumulated in f32, then cast to the parameters' dtype). On CPU tensors the library's f64
+    ``d bias`` accumulated in f32, then cast to the parameters' dtype). float32 master weights with
+    bfloat16 or float16 hidden states are taken as they are: the product runs in the hidden states'
+    dtype, and their gradients come back in float32 as accumulated, never rounded to half precision. On CPU tensors the library's f64
     oracle runs unfused (for small shapes and checking; float64 inputs give float64 results, so
     ``gradcheck`` works).
 
@@ -415,8 +420,12 @@ def linear_cross_entropy(
     for name, t, shape in (("weight", weight, weight.shape), ("bias", bias, (vocab,))):
         if t is None:
             continue
-        if t.dtype != hidden.dtype:
-            raise ValueError(f"{name} of {t.dtype}, hidden of {hidden.dtype}: one dtype for all")
+        master = t.dtype == torch.float32 and hidden.dtype in (torch.bfloat16, torch.float16)
+        if t.dtype != hidden.dtype and not master:
+            raise ValueError(
+                f"{name} of {t.dtype}, hidden of {hidden.dtype}: the same dtype, or float32 master weights with "
+                "bfloat16 or float16 hidden states"
+            )
         if t.device != hidden.device:
             raise ValueError(f"{name} is on {t.device}, hidden on {hidden.device}")
         if tuple(t.shape) != tuple(shape):
