@@ -391,9 +391,9 @@ def linear_cross_entropy(
     gradients of ``hidden``, ``weight`` and ``bias`` are computed in the same pass (``d weight`` and
     ``d bias`` accumulated in f32, then cast to the parameters' dtype). float32 master weights with
     bfloat16 or float16 hidden states are taken as they are: the product runs in the hidden states'
-    dtype, and their gradients come back in float32 as accumulated, never rounded to half precision. On CPU tensors the library's f64
-    oracle runs unfused (for small shapes and checking; float64 inputs give float64 results, so
-    ``gradcheck`` works).
+    dtype, and their gradients come back in float32 as accumulated, never rounded to half precision. On
+    CPU tensors the library's f64 oracle runs unfused (for small shapes and checking; float64 inputs give
+    float64 results, so ``gradcheck`` works).
 
     Targets and options as :func:`masked_cross_entropy`: ``response_mask`` or ``labels != ignore_index``,
     ``reduction`` ``"mean"`` or ``"sum"`` (a per-position loss with gradients would need the logits
@@ -417,7 +417,9 @@ def linear_cross_entropy(
         raise ValueError(f"labels {tuple(labels.shape)} do not match hidden {tuple(hidden.shape)}")
     if hidden.dtype not in _DTYPES:
         raise ValueError(f"hidden of {hidden.dtype}: float32, float16, bfloat16 (or float64 on the CPU)")
-    for name, t, shape in (("weight", weight, weight.shape), ("bias", bias, (vocab,))):
+    if bias is not None and tuple(bias.shape) != (vocab,):
+        raise ValueError(f"bias {tuple(bias.shape)}: [V] = ({vocab},)")
+    for name, t in (("weight", weight), ("bias", bias)):
         if t is None:
             continue
         master = t.dtype == torch.float32 and hidden.dtype in (torch.bfloat16, torch.float16)
@@ -428,8 +430,6 @@ def linear_cross_entropy(
             )
         if t.device != hidden.device:
             raise ValueError(f"{name} is on {t.device}, hidden on {hidden.device}")
-        if tuple(t.shape) != tuple(shape):
-            raise ValueError(f"bias {tuple(t.shape)}: [V] = ({vocab},)")
     if chunk_rows is not None and chunk_rows < 1:
         raise ValueError(f"chunk_rows={chunk_rows}: at least 1")
     flat_labels, mask, flat_weights = _targets(labels, response_mask, weights, ignore_index, hidden.device, "hidden")
