@@ -112,7 +112,7 @@ pub use cs336::tokenize_prompt_and_output;
 pub use error::{Error, Result};
 pub use ragged::{LengthLimit, RaggedBatch, Truncation};
 pub use tokenize::{
-    tokenize_pairs, tokenize_rows, CacheUse, Engine, EngineChoice, LoadCache, Tokenizer,
+    tokenize_pairs, tokenize_rows, CacheUse, Encodings, Engine, EngineChoice, LoadCache, Tokenizer,
     BUILTIN_TOKENIZERS,
 };
 

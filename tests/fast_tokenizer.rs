@@ -56,6 +56,12 @@ impl Pair {
     /// Panics with the first text whose ids differ, shown escaped, and both id lists.
     fn check(&self, texts: &[&str]) {
         let got = self.fast.encode_batch(texts).unwrap();
+        let flat = self.fast.encode_batch_flat(texts).unwrap();
+        assert!(
+            flat.iter().eq(got.iter().map(Vec::as_slice)),
+            "{}: encode_batch_flat differs from encode_batch",
+            self.label
+        );
         let want = self.reference_ids(texts);
         for ((text, g), w) in texts.iter().zip(&got).zip(&want) {
             assert!(
@@ -863,4 +869,41 @@ fn cache_counts_every_word_once() {
     assert_eq!(counts(), (4, 1));
     tokenizer.encode("a ab ab ab!").unwrap();
     assert_eq!(counts(), (9, 1));
+}
+
+/// `encode_batch_flat` holds what `encode_batch` gives, text by text, on both engines, on one thread (one
+/// buffer, no join) and on several (runs of texts joined), with empty texts at the ends and between.
+#[test]
+fn flat_batches_hold_each_texts_ids() {
+    let mut texts: Vec<String> = vec![String::new()];
+    texts.extend(hard_cases());
+    texts.push(String::new());
+    texts.extend(hard_cases().into_iter().rev());
+    texts.push(String::new());
+    let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
+    for engine in [EngineChoice::Fast, EngineChoice::Tokenizers] {
+        let tokenizer = Tokenizer::builtin_with("o200k_base", engine).unwrap();
+        for threads in [1, 3] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            for n in [0, 1, 2, 7, texts.len()] {
+                let (flat, each) = pool.install(|| {
+                    (
+                        tokenizer.encode_batch_flat(&texts[..n]).unwrap(),
+                        tokenizer.encode_batch(&texts[..n]).unwrap(),
+                    )
+                });
+                let label = format!("{engine:?}, {threads} threads, {n} texts");
+                assert_eq!(flat.len(), n, "{label}");
+                assert_eq!(flat.offsets().len(), n + 1, "{label}");
+                assert_eq!(flat.offsets()[n], flat.ids().len(), "{label}");
+                for (i, ids) in each.iter().enumerate() {
+                    assert_eq!(flat.get(i), Some(&ids[..]), "{label}: text {i}");
+                }
+                assert_eq!(flat.get(n), None, "{label}");
+            }
+        }
+    }
 }

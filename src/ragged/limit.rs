@@ -85,21 +85,24 @@ impl LengthLimit {
     /// Apply `max_len` to a multi-segment row: `Error` refuses it, `PromptLeft` drops tokens from the
     /// start (the oldest turns of a conversation go first), `OutputRight` drops tokens from the end.
     /// Returns the segments that remain (empty ones dropped). `row` only names the row in an error.
-    pub fn truncate_segments(
+    pub fn truncate_segments<S: AsRef<[u32]>>(
         &self,
         row: usize,
-        segments: &[(Vec<u32>, bool)],
+        segments: &[(S, bool)],
     ) -> Result<Vec<(Vec<u32>, bool)>> {
-        let len: usize = segments.iter().map(|(t, _)| t.len()).sum();
+        let len: usize = segments.iter().map(|(t, _)| t.as_ref().len()).sum();
         let Some(max_len) = self.max_len.filter(|&m| len > m) else {
-            return Ok(segments.to_vec());
+            return Ok(segments
+                .iter()
+                .map(|(t, f)| (t.as_ref().to_vec(), *f))
+                .collect());
         };
         let (mut skip, keep) = match self.truncation {
             Truncation::Error => {
                 let leading: usize = segments
                     .iter()
                     .take_while(|(_, t)| !t)
-                    .map(|(s, _)| s.len())
+                    .map(|(s, _)| s.as_ref().len())
                     .sum();
                 return Err(Error::SequenceTooLong {
                     len,
@@ -116,6 +119,7 @@ impl LengthLimit {
         let mut left = keep;
         let mut out = Vec::new();
         for (tokens, trained) in segments {
+            let tokens = tokens.as_ref();
             let from = skip.min(tokens.len());
             skip -= from;
             let take = (tokens.len() - from).min(left);

@@ -192,15 +192,16 @@ impl RaggedBatch {
     /// [`LengthLimit::truncate_pair`]); any other row by [`LengthLimit::truncate_segments`]. `row` names
     /// the row in an error. This is the one rule by which tokenized text becomes rows, whether it was
     /// just tokenized or read back from a token store.
-    pub fn push_limited(
+    pub fn push_limited<S: AsRef<[u32]>>(
         &mut self,
         row: usize,
-        segments: &[(Vec<u32>, bool)],
+        segments: &[(S, bool)],
         limit: &LengthLimit,
     ) -> Result<()> {
         match segments {
             [(prompt, false), (output, true)] => {
-                let (prompt, output) = limit.truncate_pair(row, prompt, output)?;
+                let (prompt, output) =
+                    limit.truncate_pair(row, prompt.as_ref(), output.as_ref())?;
                 self.push_row(prompt, output);
                 Ok(())
             }
@@ -211,10 +212,10 @@ impl RaggedBatch {
     /// Append a row of segments cut by the segments' policy ([`LengthLimit::truncate_segments`]),
     /// whatever their pattern: how a conversation's tokens are cut (even one whose flags form a single
     /// untrained then trained run).
-    pub fn push_segments_limited(
+    pub fn push_segments_limited<S: AsRef<[u32]>>(
         &mut self,
         row: usize,
-        segments: &[(Vec<u32>, bool)],
+        segments: &[(S, bool)],
         limit: &LengthLimit,
     ) -> Result<()> {
         let kept = limit.truncate_segments(row, segments)?;

@@ -3,6 +3,7 @@
 //! (`add_special_tokens = false`), as CS336 does, so no BPE merge crosses the prompt/output boundary.
 
 mod builtin;
+mod encodings;
 pub(crate) mod fast;
 mod rows;
 
@@ -12,6 +13,7 @@ use std::sync::{Arc, OnceLock};
 use rayon::prelude::*;
 
 pub use builtin::{builtin_tokenizer, BUILTIN_TOKENIZERS};
+pub use encodings::Encodings;
 pub use fast::{CacheStats, CacheUse, LoadCache};
 pub use rows::{tokenize_pairs, tokenize_rows};
 
@@ -431,6 +433,39 @@ impl Tokenizer {
             .into_iter()
             .map(|e| e.get_ids().to_vec())
             .collect())
+    }
+
+    /// [`Tokenizer::encode_batch`] into one buffer ([`Encodings`]): the same ids, with no vector per
+    /// text. In parallel over the CPU cores, each thread encoding a run of texts into a buffer of its own
+    /// (joined at the end); on one thread straight into the result.
+    pub fn encode_batch_flat(&self, texts: &[&str]) -> Result<Encodings> {
+        let Some(fast) = self.fast() else {
+            let ids = self.encode_batch(texts)?;
+            let mut ends = Vec::with_capacity(ids.len());
+            let flat = ids.iter().flatten().copied().collect();
+            ends.extend(ids.iter().scan(0, |end, t| {
+                *end += t.len();
+                Some(*end)
+            }));
+            return Ok(Encodings::from_ends(flat, ends));
+        };
+        let encode = |texts: &[&str]| {
+            let bytes: usize = texts.iter().map(|t| t.len()).sum();
+            // About 4 bytes a token in English; a guess, the buffer grows when it is short.
+            let mut ids = Vec::with_capacity(bytes / 3 + 16);
+            let mut ends = Vec::with_capacity(texts.len());
+            fast.encode_each(texts.iter().copied(), &mut ids, |end| ends.push(end));
+            Encodings::from_ends(ids, ends)
+        };
+        let threads = rayon::current_num_threads();
+        if threads == 1 || texts.len() < 2 {
+            return Ok(encode(texts));
+        }
+        // Several runs per thread, so that a thread given long texts does not hold up the rest.
+        let run = texts.len().div_ceil(threads * 4);
+        Ok(Encodings::concat(
+            texts.par_chunks(run).map(encode).collect(),
+        ))
     }
 
     /// Encode one text without special tokens.

@@ -51,14 +51,17 @@ where
         .iter()
         .flat_map(|row| row.as_ref().iter().map(|(text, _)| text.as_ref()))
         .collect();
-    let mut ids = tokenizer.encode_batch(&texts)?.into_iter();
-    let mut batch = RaggedBatch::new();
+    let encodings = tokenizer.encode_batch_flat(&texts)?;
+    let mut ids = encodings.iter();
+    let mut batch = RaggedBatch::with_capacity(rows.len(), encodings.ids().len());
+    let mut segments = Vec::new();
     for (r, row) in rows.iter().enumerate() {
-        let segments: Vec<(Vec<u32>, bool)> = row
-            .as_ref()
-            .iter()
-            .map(|(_, trained)| (ids.next().expect("one encoding per text"), *trained))
-            .collect();
+        segments.clear();
+        segments.extend(
+            row.as_ref()
+                .iter()
+                .map(|(_, trained)| (ids.next().expect("one encoding per text"), *trained)),
+        );
         batch.push_limited(r, &segments, &limit)?;
     }
     Ok(batch)

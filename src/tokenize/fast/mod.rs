@@ -281,38 +281,58 @@ impl FastBpe {
     /// Encode one text (no special tokens added, as everywhere in this crate).
     pub(crate) fn encode(&self, text: &str) -> Vec<u32> {
         let mut out = Vec::with_capacity(text.len() / 2 + 8);
+        self.encode_each([text], &mut out, |_| {});
+        out
+    }
+
+    /// Encode each text onto `out`, one after the other, calling `done` with `out`'s length after each:
+    /// one flat buffer and one cache lookup for a whole batch, not a vector and a lookup per text.
+    pub(crate) fn encode_each<'t>(
+        &self,
+        texts: impl IntoIterator<Item = &'t str>,
+        out: &mut Vec<u32>,
+        mut done: impl FnMut(usize),
+    ) {
         cache::with_cache(self.key, |cache| {
             let m0 = cache.misses;
             let mut words = 0;
-            split_added(text, self.added_raw.as_ref(), |piece| match piece {
-                Piece::Added(id) => out.push(id),
-                // `tokenizers` drops empty pieces before normalizing (a `Prepend` adds nothing to them).
-                Piece::Text("") => {}
-                Piece::Text(raw) => {
-                    let normalized = normalize(&self.normalizers, raw);
-                    split_added(
-                        &normalized,
-                        self.added_normalized.as_ref(),
-                        |piece| match piece {
-                            Piece::Added(id) => out.push(id),
-                            Piece::Text("") => {}
-                            Piece::Text(t) => {
-                                // Metaspace's `first`: the piece that starts the input.
-                                let at_start = std::ptr::eq(raw.as_ptr(), text.as_ptr())
-                                    && std::ptr::eq(t.as_ptr(), normalized.as_ptr());
-                                words +=
-                                    self.pre_tokenize(t, at_start, &self.patterns, cache, &mut out)
-                            }
-                        },
-                    );
-                }
-            });
+            for text in texts {
+                words += self.encode_text(text, cache, out);
+                done(out.len());
+            }
             // Every word is looked up (a one-byte word's lookup is its byte's id) and missed at most once.
             let misses = cache.misses - m0;
             self.hits.fetch_add(words - misses, Ordering::Relaxed);
             self.misses.fetch_add(misses, Ordering::Relaxed);
         });
-        out
+    }
+
+    /// One text's ids onto `out`; returns its number of words.
+    fn encode_text(&self, text: &str, cache: &mut Cache, out: &mut Vec<u32>) -> u64 {
+        let mut words = 0;
+        split_added(text, self.added_raw.as_ref(), |piece| match piece {
+            Piece::Added(id) => out.push(id),
+            // `tokenizers` drops empty pieces before normalizing (a `Prepend` adds nothing to them).
+            Piece::Text("") => {}
+            Piece::Text(raw) => {
+                let normalized = normalize(&self.normalizers, raw);
+                split_added(
+                    &normalized,
+                    self.added_normalized.as_ref(),
+                    |piece| match piece {
+                        Piece::Added(id) => out.push(id),
+                        Piece::Text("") => {}
+                        Piece::Text(t) => {
+                            // Metaspace's `first`: the piece that starts the input.
+                            let at_start = std::ptr::eq(raw.as_ptr(), text.as_ptr())
+                                && std::ptr::eq(t.as_ptr(), normalized.as_ptr());
+                            words += self.pre_tokenize(t, at_start, &self.patterns, cache, out)
+                        }
+                    },
+                );
+            }
+        });
+        words
     }
 
     /// The words of `text` encoded onto `out`; returns their number.
