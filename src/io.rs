@@ -28,6 +28,24 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// The whole of a file a flag names (a tokenizer, a template, a tensor file). A device is refused
+/// before it is read: `/dev/zero` or `/dev/urandom` given by mistake would otherwise be read until memory
+/// runs out. Pipes and sockets are read (`<(curl ...)`, `/dev/stdin` from a pipe).
+pub fn read_file(path: &Path) -> std::io::Result<Vec<u8>> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt;
+        let kind = std::fs::metadata(path)?.file_type();
+        if kind.is_char_device() || kind.is_block_device() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "a device, not a file",
+            ));
+        }
+    }
+    std::fs::read(path)
+}
+
 /// What the job tells its caller as it goes (a progress bar, a log).
 pub trait Progress: Sync {
     /// Input consumed so far, in bytes (when known: not for standard input).

@@ -119,7 +119,7 @@ pub fn run_loss_file(
         ..CeOptions::default()
     }
     .validate()?;
-    let bytes = std::fs::read(input).map_err(|e| Error::io(input, e))?;
+    let bytes = crate::io::read_file(input).map_err(|e| Error::io(input, e))?;
     let st = SafeTensors::deserialize(&bytes)
         .map_err(|e| bad(format!("{}: not safetensors ({e})", input.display())))?;
     let logits = tensor(&st, "logits")?;

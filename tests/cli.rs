@@ -281,6 +281,27 @@ fn show_draws_the_position_table() {
 
     let out = run(bin().args(["show", "--prompt", "x"]));
     assert!(!out.status.success(), "--output is required with --prompt");
+
+    // A row to show from a file: asked for, and one the file has.
+    let out = run(bin().arg("show").arg("--input").arg(sample()));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr.contains("error: --row is needed with --input"),
+        "{stderr}"
+    );
+    let out = run(bin()
+        .arg("show")
+        .arg("--input")
+        .arg(sample())
+        .args(["--row", "100000"]));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    let want = format!(
+        "error: --row 100000: {} has no such row (rows count from 0)",
+        sample().display()
+    );
+    assert!(stderr.contains(&want), "{stderr}");
 }
 
 #[test]
@@ -341,6 +362,60 @@ fn loss_names_an_input_that_is_not_safetensors() {
     let want = format!("--input {}: not safetensors", sample().display());
     assert!(stderr.contains(&want), "{stderr}");
     assert!(!output.exists());
+}
+
+/// Files that never end, given where a file belongs, fail at once with the flag named (not read until
+/// memory runs out): a device for a whole-file flag is refused before it is read, and JSONL input
+/// without line breaks fails at its first line's length limit.
+#[test]
+fn endless_inputs_are_refused_not_read_until_memory_runs_out() {
+    let zero = Path::new("/dev/zero");
+    if !zero.exists() {
+        eprintln!("SKIPPED: no /dev/zero on this system");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = dir.path().join("out");
+    let line_limit =
+        "/dev/zero:1: longer than 256 MiB (is the input JSONL, one JSON object per line?)";
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["collate", "--input", "/dev/zero"], line_limit),
+        (vec!["tokenize", "--input", "/dev/zero"], line_limit),
+        (
+            vec!["show", "--input", "/dev/zero", "--row", "0"],
+            line_limit,
+        ),
+        (
+            vec!["collate", "--tokenizer", "/dev/zero"],
+            "tokenizer /dev/zero: a device, not a file",
+        ),
+        (
+            vec!["collate", "--template", "/dev/zero"],
+            "--template /dev/zero: a device, not a file",
+        ),
+        (
+            vec!["loss", "--input", "/dev/zero"],
+            "/dev/zero: a device, not a file",
+        ),
+    ];
+    for (args, want) in cases {
+        let mut cmd = bin();
+        cmd.args(&args);
+        if matches!(args[0], "collate" | "loss") {
+            cmd.args(["--device", "cpu"]);
+        }
+        if !args.contains(&"--input") {
+            cmd.arg("--input").arg(sample());
+        }
+        if args[0] != "show" {
+            cmd.arg("--output").arg(&out_dir);
+        }
+        let out = run(&mut cmd);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(stderr.contains(want), "{args:?}: {stderr}");
+        assert!(!out_dir.exists(), "{args:?} left an output");
+    }
 }
 
 /// An output whose lock file cannot be made beside it (a directory no one can create files in, even

@@ -105,9 +105,16 @@ struct RowArgs {
 
 /// The text of the file a flag names; an error names the flag.
 fn read_text(flag: &'static str, path: &std::path::Path) -> sft_collate::Result<String> {
-    std::fs::read_to_string(path).map_err(|e| Error::InvalidOption {
+    let invalid = |reason: String| Error::InvalidOption {
         name: flag,
-        reason: format!("{}: {e}", path.display()),
+        reason: format!("{}: {reason}", path.display()),
+    };
+    let bytes = sft_collate::io::read_file(path).map_err(|e| invalid(e.to_string()))?;
+    String::from_utf8(bytes).map_err(|e| {
+        invalid(format!(
+            "not UTF-8 text (at byte {})",
+            e.utf8_error().valid_up_to() + 1
+        ))
     })
 }
 

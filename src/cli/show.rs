@@ -73,14 +73,18 @@ pub fn run(args: ShowArgs) -> Result<()> {
             let rows = read_rows(path, &args.rows.row_format()?, row, 1)?;
             let segments = rows.first().ok_or_else(|| Error::InvalidOption {
                 name: "row",
-                reason: format!("{} has no row {row} (rows count from 0)", path.display()),
+                reason: format!(
+                    "{row}: {} has no such row (rows count from 0)",
+                    path.display()
+                ),
             })?;
             row_table(&tokenizer, &spec, segments, options)?
         }
         (Some(_), None, None) => {
             return Err(Error::InvalidOption {
                 name: "row",
-                reason: "--input needs --row N (or --pack MAX_TOKENS)".into(),
+                reason: "is needed with --input: the row to show, from 0 (or --pack MAX_TOKENS to show a pack)"
+                    .into(),
             })
         }
         (None, _, _) => {

@@ -73,8 +73,7 @@ impl RowFormat {
 
     /// Parse one JSONL line into (prompt, output). The error is a reason; the caller adds the path and line.
     pub fn parse_line(&self, line: &str) -> std::result::Result<(String, String), String> {
-        let value: Value =
-            serde_json::from_str(line).map_err(|e| format!("malformed JSON: {e}"))?;
+        let value: Value = serde_json::from_str(line).map_err(malformed)?;
         let Value::Object(row) = value else {
             return Err(format!(
                 "expected a JSON object, found {}",
@@ -93,8 +92,7 @@ impl RowFormat {
     /// conversation's messages (see [`MessageFormat`]).
     pub fn parse_segments(&self, line: &str) -> std::result::Result<Vec<Segment>, String> {
         if let Some(format) = &self.messages {
-            let value: Value =
-                serde_json::from_str(line).map_err(|e| format!("malformed JSON: {e}"))?;
+            let value: Value = serde_json::from_str(line).map_err(malformed)?;
             if let Some(messages) = value.get(&format.key) {
                 let Value::Array(messages) = messages else {
                     return Err(format!("\"{}\" is not a list", format.key));
@@ -127,6 +125,19 @@ impl RowFormat {
             line,
             reason,
         })
+    }
+}
+
+/// A JSON error as a row's reason. A lone UTF-16 surrogate escape (`"\ud800"`, which Python's
+/// `json.dumps` writes for a string holding one) gets a plain word: it is no character, so no text.
+fn malformed(e: serde_json::Error) -> String {
+    let text = e.to_string();
+    if text.contains("surrogate") || text.contains("end of hex escape") {
+        format!(
+            "malformed JSON: {text} (a \\uD800-\\uDFFF escape outside a surrogate pair is not a character)"
+        )
+    } else {
+        format!("malformed JSON: {text}")
     }
 }
 
@@ -201,6 +212,20 @@ mod tests {
         let f = RowFormat::default();
         assert!(f.parse_line("{").unwrap_err().contains("malformed"));
         assert!(f.parse_line("[1]").unwrap_err().contains("object"));
+        for lone in [r#""\ud800""#, r#""\udc00x""#, r#""a\ud800b""#] {
+            let line = format!(r#"{{"prompt": {lone}, "output": "b"}}"#);
+            let reason = f.parse_line(&line).unwrap_err();
+            assert!(
+                reason.contains("outside a surrogate pair"),
+                "{line}: {reason}"
+            );
+        }
+        assert_eq!(
+            f.parse_line(r#"{"prompt": "\ud83d\ude00", "output": "b"}"#)
+                .unwrap()
+                .0,
+            "😀"
+        );
         assert!(f
             .parse_line(r#"{"prompt": "a"}"#)
             .unwrap_err()

@@ -188,7 +188,7 @@ impl Tokenizer {
                 None,
             )?,
             _ => {
-                let bytes = std::fs::read(&path).map_err(|e| Error::Tokenizer {
+                let bytes = crate::io::read_file(&path).map_err(|e| Error::Tokenizer {
                     name: name.clone(),
                     reason: e.to_string(),
                 })?;
