@@ -41,7 +41,7 @@ struct BenchLossArgs {
     #[arg(long, default_value_t = 0.5)]
     masked: f64,
     /// cuda, cuda:N; or cpu / emulated, which time one f32 run through the same interface, for scale.
-    #[arg(long, default_value = "cuda")]
+    #[arg(long, default_value = "cuda", value_parser = super::parsed::<DeviceChoice>)]
     device: DeviceChoice,
     /// Timed repetitions of each case (after one warm-up).
     #[arg(long, default_value_t = 10)]

@@ -38,7 +38,7 @@ pub struct CollateArgs {
     spec: SpecArgs,
     /// Where to collate: auto (GPU 0 when usable, else the CPU; stderr says which), cpu, cuda, cuda:N,
     /// emulated.
-    #[arg(long, default_value = "auto")]
+    #[arg(long, default_value = "auto", value_parser = super::parsed::<DeviceChoice>)]
     device: DeviceChoice,
     /// Padding-free packing: documents packed into rows of at most MAX_TOKENS tokens, with position_ids
     /// and cu_seqlens (one pack per file, shape [1, T]).

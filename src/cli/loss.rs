@@ -21,7 +21,7 @@ pub struct LossArgs {
     #[arg(long, value_name = "FILE")]
     output: PathBuf,
     /// auto, cpu, cuda, cuda:N or emulated.
-    #[arg(long, default_value = "auto")]
+    #[arg(long, default_value = "auto", value_parser = super::parsed::<DeviceChoice>)]
     device: DeviceChoice,
     /// token-mean, sum, none (the per-token row_loss; the scalar and gradient of their sum),
     /// sequence-mean (per document, then over documents; a [B, T] batch without cu_seqlens has one

@@ -58,6 +58,15 @@ where
     PossibleValuesParser::new(names).map(|name| name.parse().expect("one of the names"))
 }
 
+/// A flag's value parsed by the library's `FromStr`, its error as the reason alone (clap already says
+/// "invalid value 'X' for '--flag'": the library's "invalid option flag:" would say it twice).
+fn parsed<T: FromStr<Err = Error>>(value: &str) -> std::result::Result<T, String> {
+    value.parse().map_err(|e| match e {
+        Error::InvalidOption { reason, .. } => reason,
+        other => other.to_string(),
+    })
+}
+
 /// Where the tokenizer comes from.
 #[derive(Args, Debug, Clone)]
 struct TokenizerArgs {

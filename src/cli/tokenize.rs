@@ -25,7 +25,7 @@ pub struct TokenizeArgs {
     rows: RowArgs,
     /// Tokenize only shard I of N: the rows on input lines l (from 0) with l % N == I. N processes
     /// with I = 0..N-1 write the whole store together.
-    #[arg(long, value_name = "I/N", default_value = "0/1")]
+    #[arg(long, value_name = "I/N", default_value = "0/1", value_parser = super::parsed::<Shard>)]
     shard: Shard,
     /// Skip malformed lines, missing keys and non-string fields (counted in the manifest) instead of
     /// failing.
