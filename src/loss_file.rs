@@ -37,7 +37,7 @@ pub enum NormalizationKind {
     Cs336,
 }
 
-crate::names::named_enum!(NormalizationKind {
+crate::names::named_enum!(NormalizationKind as "reduction" {
     TokenMean = "token-mean",
     Sum = "sum",
     None = "none",

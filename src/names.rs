@@ -2,8 +2,9 @@
 //! serde), the CLI (its possible values) and the docs: `prompt-left`, `exact-fill`, `i64`, ...
 
 /// Give a fieldless enum its names: `NAMES`, `name()`, `FromStr`, `Display`, and serde as the name.
+/// `option` is what an error calls the value: the option's name as the library and Python spell it.
 macro_rules! named_enum {
-    ($ty:ident { $($variant:ident = $name:literal),+ $(,)? }) => {
+    ($ty:ident as $option:literal { $($variant:ident = $name:literal),+ $(,)? }) => {
         impl $ty {
             /// Every value's name, as the CLI, the manifest and the docs spell it.
             pub const NAMES: &'static [&'static str] = &[$($name),+];
@@ -23,7 +24,7 @@ macro_rules! named_enum {
                 match s {
                     $($name => Ok($ty::$variant),)+
                     _ => Err(crate::Error::InvalidOption {
-                        name: stringify!($ty),
+                        name: $option,
                         reason: format!("{s:?} is not one of: {}", Self::NAMES.join(", ")),
                     }),
                 }

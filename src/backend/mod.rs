@@ -96,7 +96,7 @@ pub enum DeviceKind {
     Emulated,
 }
 
-crate::names::named_enum!(DeviceKind {
+crate::names::named_enum!(DeviceKind as "device" {
     Cpu = "cpu",
     Cuda = "cuda",
     Emulated = "emulated",

@@ -67,7 +67,7 @@ impl IdDtype {
     }
 }
 
-crate::names::named_enum!(IdDtype {
+crate::names::named_enum!(IdDtype as "id_dtype" {
     I32 = "i32",
     I64 = "i64",
 });

@@ -18,7 +18,7 @@ pub enum Truncation {
     OutputRight,
 }
 
-crate::names::named_enum!(Truncation {
+crate::names::named_enum!(Truncation as "truncation" {
     Error = "error",
     PromptLeft = "prompt-left",
     OutputRight = "output-right",

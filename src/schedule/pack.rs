@@ -26,7 +26,7 @@ pub enum PackStrategy {
     ExactFill,
 }
 
-crate::names::named_enum!(PackStrategy {
+crate::names::named_enum!(PackStrategy as "strategy" {
     BestFitDecreasing = "best-fit-decreasing",
     FirstFitDecreasing = "first-fit-decreasing",
     Greedy = "greedy",
@@ -46,7 +46,7 @@ pub enum Overflow {
     Split,
 }
 
-crate::names::named_enum!(Overflow {
+crate::names::named_enum!(Overflow as "overflow" {
     Error = "error",
     Truncate = "truncate",
     Split = "split",

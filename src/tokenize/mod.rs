@@ -42,7 +42,7 @@ pub enum EngineChoice {
     Tokenizers,
 }
 
-crate::names::named_enum!(EngineChoice {
+crate::names::named_enum!(EngineChoice as "engine" {
     Auto = "auto",
     Fast = "fast",
     Tokenizers = "tokenizers",

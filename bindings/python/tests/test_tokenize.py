@@ -6,6 +6,7 @@ import random
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from conftest import DEVICES, needs_cuda
@@ -131,7 +132,7 @@ def test_options_and_bad_input():
         sft_collate.tokenize_prompt_and_output(["a b c d e f"], ["g h"], "o200k_base", max_len=4)
     with pytest.raises(ValueError, match="2 prompts but 1 outputs"):
         sft_collate.tokenize_prompt_and_output(["a", "b"], ["c"], "o200k_base")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match='invalid option truncation: "sideways" is not one of'):
         sft_collate.tokenize_prompt_and_output(["a"], ["b"], "o200k_base", truncation="sideways")
     with pytest.raises(ValueError):
         sft_collate.tokenize_prompt_and_output(["a"], ["b"], "no-such-tokenizer")
@@ -139,6 +140,42 @@ def test_options_and_bad_input():
         sft_collate.tokenize_prompt_and_output(["a"], ["b"], "o200k_base", labels="nope")
     with pytest.raises(TypeError):
         sft_collate.tokenize_prompt_and_output(["a"], ["b"], 42)
+
+
+def test_arguments_that_cannot_mean_anything_are_named():
+    """A string where a list of strings belongs (each character would be a row), a count below 0 or a
+    float, a pad id outside u32, a conversation given as one dict: each refused with its parameter named,
+    not an overflow from the native call or a batch of characters."""
+    tpo = sft_collate.tokenize_prompt_and_output
+    with pytest.raises(TypeError, match=r"prompt_strs: expected a list of strings, got one str \(wrap it"):
+        tpo("What is 2+2?", "4", "o200k_base")
+    with pytest.raises(TypeError, match="output_strs: expected a list of strings, got one bytes"):
+        tpo(["a"], b"4", "o200k_base")
+    with pytest.raises(ValueError, match=r"max_len=-1: must be at least 0"):
+        tpo(["a"], ["b"], "o200k_base", max_len=-1)
+    with pytest.raises(ValueError, match="invalid option max_len: must be at least 1"):
+        tpo(["a"], ["b"], "o200k_base", max_len=0)
+    with pytest.raises(TypeError, match=r"max_len=2.5: expected an int"):
+        tpo(["a"], ["b"], "o200k_base", max_len=2.5)
+    with pytest.raises(ValueError, match=r"pad_to_multiple_of=-8: must be at least 0"):
+        tpo(["a"], ["b"], "o200k_base", pad_to_multiple_of=-8)
+    for pad_id in (-1, 2**32):
+        with pytest.raises(ValueError, match=rf"pad_id={pad_id}: must be in \[0, 4294967296\)"):
+            tpo(["a"], ["b"], "o200k_base", pad_id=pad_id)
+    with pytest.raises(ValueError, match=r"max_tokens=-1: must be at least 0"):
+        sft_collate.pack(["a"], ["b"], "o200k_base", -1)
+    with pytest.raises(TypeError, match="prompt_strs: expected a list of strings"):
+        sft_collate.pack("a", ["b"], "o200k_base", 64)
+    message = {"role": "user", "content": "hi"}
+    with pytest.raises(TypeError, match="conversations: expected a list of conversations"):
+        sft_collate.tokenize_conversations("hi", "o200k_base")
+    with pytest.raises(TypeError, match="conversation 0: expected a list of messages"):
+        sft_collate.tokenize_conversations([message], "o200k_base")
+    with pytest.raises(TypeError, match="train_roles: expected a list of strings"):
+        sft_collate.tokenize_conversations([[message]], "o200k_base", train_roles="assistant")
+    # numpy integers are ints.
+    got = tpo(["a"], ["b"], "o200k_base", max_len=np.int64(8), pad_id=np.uint32(0))
+    assert got["input_ids"].shape[0] == 1
 
 
 def test_conversations_pack_and_buckets():

@@ -5,6 +5,7 @@ and shapes, allocates outputs, and turns results into tensors."""
 from __future__ import annotations
 
 import json
+import numbers
 import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -23,6 +24,51 @@ _ID_DTYPES = {"int32": "i32", "int64": "i64"}
 def _require_torch(what: str) -> None:
     if torch is None:
         raise ImportError(f"{what} needs PyTorch (pip install torch)")
+
+
+# ---- arguments
+
+
+def _texts(name: str, texts: Any) -> List[str]:
+    """A list of the strings of any sequence of them. A single string is refused: iterating it would make
+    each of its characters a row."""
+    if isinstance(texts, (str, bytes)):
+        raise TypeError(f"{name}: expected a list of strings, got one {type(texts).__name__} (wrap it: [text])")
+    return list(texts)
+
+
+def _conversations(conversations: Any) -> List[List[Any]]:
+    """A list of conversations, each a list of messages; a string or a single dict where a list belongs is
+    refused before it is taken apart."""
+    if isinstance(conversations, (str, bytes, dict)):
+        raise TypeError(
+            f"conversations: expected a list of conversations (each a list of messages), "
+            f"got one {type(conversations).__name__}"
+        )
+    out = []
+    for i, conversation in enumerate(conversations):
+        if isinstance(conversation, (str, bytes, dict)):
+            raise TypeError(
+                f"conversation {i}: expected a list of messages ({{'role', 'content'}} dicts), "
+                f"got one {type(conversation).__name__}"
+            )
+        out.append(list(conversation))
+    return out
+
+
+def _int(name: str, value: Any, low: int, high: Optional[int] = None) -> Optional[int]:
+    """``value`` as an int in ``[low, high)`` (``None`` passes): what the native call cannot even take
+    (a negative count, a float) named in the error rather than an overflow. What the values mean (``0`` is
+    no length) the library checks."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}={value!r}: expected an int")
+    value = int(value)
+    if value < low or (high is not None and value >= high):
+        bound = f"at least {low}" if high is None else f"in [{low}, {high})"
+        raise ValueError(f"{name}={value}: must be {bound}")
+    return value
 
 
 # ---- tokenizers
@@ -130,6 +176,7 @@ def _collate(
     id_dtype = _id_dtype(dtype)
     ignore = _labels(labels, ignore_index)
     code = _ID_DTYPES[id_dtype]
+    pad_to_multiple_of = _int("pad_to_multiple_of", pad_to_multiple_of, 0)
     rows, width = ragged.padded_shape(pad_id, pad_to_multiple_of, ignore, code, attention_mask)
     out = {
         "input_ids": _empty((rows, width), id_dtype, kind, index),
@@ -156,6 +203,7 @@ def _collate(
 
 
 def _pad_id(tokenizer: _native.Tokenizer, configured: Optional[int], explicit: Optional[int]) -> int:
+    _int("pad_id", explicit, 0, 2**32)
     for candidate in (explicit, configured, tokenizer.pad_id):
         if candidate is not None:
             return int(candidate)
@@ -184,10 +232,11 @@ def tokenize_prompt_and_output(
     an output token), and ``attention_mask`` on request. ``labels="ignore_index"`` writes
     ``ignore_index`` wherever the mask is false. On a CUDA ``device`` the collation kernel runs on
     torch's current stream and writes straight into the returned tensors; nothing waits."""
+    prompts, outputs = _texts("prompt_strs", prompt_strs), _texts("output_strs", output_strs)
+    if len(prompts) != len(outputs):
+        raise ValueError(f"{len(prompts)} prompts but {len(outputs)} outputs")
     native, configured = load_tokenizer(tokenizer, engine)
-    if len(prompt_strs) != len(output_strs):
-        raise ValueError(f"{len(prompt_strs)} prompts but {len(output_strs)} outputs")
-    ragged = _native.tokenize_pairs(native, list(prompt_strs), list(output_strs), max_len, truncation)
+    ragged = _native.tokenize_pairs(native, prompts, outputs, _int("max_len", max_len, 0), truncation)
     return _collate(
         ragged,
         _pad_id(native, configured, pad_id),
@@ -209,9 +258,11 @@ def _conversation_ragged(
     truncation: str,
 ) -> _native.Ragged:
     rows = _native.conversation_segments(
-        [json.dumps(list(c)) for c in conversations], message_template, list(train_roles)
+        [json.dumps(c) for c in _conversations(conversations)],
+        message_template,
+        _texts("train_roles", train_roles),
     )
-    return _native.tokenize_rows(native, rows, max_len, truncation)
+    return _native.tokenize_rows(native, rows, _int("max_len", max_len, 0), truncation)
 
 
 def tokenize_conversations(
@@ -272,8 +323,10 @@ def pack(
     (restarting per document) and what flash-attention's varlen API takes: ``cu_seqlens`` (int32) and
     ``max_seqlen``; plus ``rows``, the input rows in the pack. The shift is done per document, so no token
     is trained to predict the next document."""
+    prompts, outputs = _texts("prompt_strs", prompt_strs), _texts("output_strs", output_strs)
+    max_tokens = _int("max_tokens", max_tokens, 0)
     native, configured = load_tokenizer(tokenizer, engine)
-    ragged = _native.tokenize_pairs(native, list(prompt_strs), list(output_strs), max_len, truncation)
+    ragged = _native.tokenize_pairs(native, prompts, outputs, _int("max_len", max_len, 0), truncation)
     documents, source = _native.pack_documents(ragged, max_tokens, overflow, truncation)
     plan = _native.pack_plan(documents.row_lens(), max_tokens, strategy)
     kind, index = _device(device)
@@ -281,6 +334,7 @@ def pack(
     code = _ID_DTYPES[id_dtype]
     ignore = _labels(labels, ignore_index)
     resolved_pad = _pad_id(native, configured, pad_id)
+    pad_to_multiple_of = _int("pad_to_multiple_of", pad_to_multiple_of, 0)
     packs = []
     for docs in plan:
         out = _collate_pack(documents.select(docs), resolved_pad, kind, index, pad_to_multiple_of, ignore, id_dtype)
