@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
+use pyo3::types::{PyByteArray, PyDict};
 use sft_collate::backend::cpu;
 use sft_collate::backend::cuda::{
     self, BatchBuffers, CeBuffers, CeGrad, CeLogits, CudaCollator, CudaStream, DeviceCeTargets,
@@ -119,6 +119,39 @@ impl Tokenizer {
             self.inner.encode_batch(&refs)
         })
         .map_err(py_err)
+    }
+
+    /// `encode_batch` into one buffer: `(ids, offsets)`, numpy `uint32` and `int64` arrays; text `i`'s
+    /// ids are `ids[offsets[i]:offsets[i + 1]]` (the library's `Encodings`: no list per text).
+    fn encode_batch_flat<'py>(
+        &self,
+        py: Python<'py>,
+        texts: Vec<String>,
+    ) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>)> {
+        let flat = py
+            .detach(|| {
+                let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+                self.inner.encode_batch_flat(&refs)
+            })
+            .map_err(py_err)?;
+        let numpy = py.import("numpy")?;
+        // A bytearray, so that the array numpy makes over it is writable.
+        let array = |bytes: Bound<'py, PyByteArray>, dtype: &str| {
+            numpy.call_method1("frombuffer", (bytes, dtype))
+        };
+        let ids = PyByteArray::new_with(py, flat.ids().len() * 4, |out| {
+            for (o, id) in out.chunks_exact_mut(4).zip(flat.ids()) {
+                o.copy_from_slice(&id.to_le_bytes());
+            }
+            Ok(())
+        })?;
+        let offsets = PyByteArray::new_with(py, flat.offsets().len() * 8, |out| {
+            for (o, &at) in out.chunks_exact_mut(8).zip(flat.offsets()) {
+                o.copy_from_slice(&(at as i64).to_le_bytes());
+            }
+            Ok(())
+        })?;
+        Ok((array(ids, "<u4")?, array(offsets, "<i8")?))
     }
 
     fn __repr__(&self) -> String {

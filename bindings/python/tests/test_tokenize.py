@@ -142,6 +142,22 @@ def test_options_and_bad_input():
         sft_collate.tokenize_prompt_and_output(["a"], ["b"], 42)
 
 
+def test_flat_batches_hold_each_texts_ids():
+    """``encode_batch_flat``: one uint32 array and its int64 offsets, the same ids as ``encode_batch``."""
+    tokenizer = sft_collate.Tokenizer("o200k_base")
+    texts = ["", "Hello, world!", "naïve café 東京 12345", "", "<|endoftext|> is text here"]
+    ids, offsets = tokenizer.encode_batch_flat(texts)
+    assert ids.dtype == np.uint32 and offsets.dtype == np.int64
+    assert offsets.tolist()[0] == 0 and offsets[-1] == len(ids) and len(offsets) == len(texts) + 1
+    want = tokenizer.encode_batch(texts)
+    assert [ids[offsets[i] : offsets[i + 1]].tolist() for i in range(len(texts))] == want
+    ids[:1] = 7  # writable: the caller owns the buffer
+    empty_ids, empty_offsets = tokenizer.encode_batch_flat([])
+    assert len(empty_ids) == 0 and empty_offsets.tolist() == [0]
+    with pytest.raises(TypeError):
+        tokenizer.encode_batch_flat("one string")
+
+
 def test_arguments_that_cannot_mean_anything_are_named():
     """A string where a list of strings belongs (each character would be a row), a count below 0 or a
     float, a pad id outside u32, a conversation given as one dict: each refused with its parameter named,
