@@ -333,7 +333,10 @@ impl Loader {
     /// error now, not at some step.
     pub fn new(store: Arc<Store>, config: LoaderConfig, device: Device) -> Result<Loader> {
         let bad = |name: &'static str, reason: String| Err(Error::InvalidOption { name, reason });
-        if config.world_size == 0 || config.rank >= config.world_size {
+        if config.world_size == 0 {
+            return bad("world_size", "must be at least 1".into());
+        }
+        if config.rank >= config.world_size {
             return bad(
                 "rank",
                 format!(

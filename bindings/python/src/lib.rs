@@ -31,10 +31,16 @@ use sft_collate::{
 fn py_err(e: sft_collate::Error) -> PyErr {
     use sft_collate::Error as E;
     let message = e.to_string();
+    use pyo3::exceptions::{PyFileNotFoundError, PyOSError, PyPermissionError};
+    use std::io::ErrorKind;
     match e.innermost() {
-        E::Cuda(_) | E::NoDevice(_) | E::KernelCompile { .. } | E::Io { .. } => {
-            PyRuntimeError::new_err(message)
-        }
+        // A file's problem as Python's own OSError subclasses, so `except FileNotFoundError` works.
+        E::Io { source, .. } => match source.kind() {
+            ErrorKind::NotFound => PyFileNotFoundError::new_err(message),
+            ErrorKind::PermissionDenied => PyPermissionError::new_err(message),
+            _ => PyOSError::new_err(message),
+        },
+        E::Cuda(_) | E::NoDevice(_) | E::KernelCompile { .. } => PyRuntimeError::new_err(message),
         _ => PyValueError::new_err(message),
     }
 }

@@ -79,6 +79,28 @@ def test_the_loader_gives_every_row_once_per_epoch_on_every_rank(tmp_path):
             assert sorted(seen) == list(range(len(rows)))
 
 
+def test_the_loader_and_the_store_name_bad_arguments(tmp_path):
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"prompt": "a", "output": "b"}\n' * 4)
+    store = tmp_path / "store"
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+        sft_collate.tokenize_to_store(tmp_path / "nope.jsonl", store, "cl100k_base")
+    assert not store.exists(), "a failed first shard leaves no store behind"
+    with pytest.raises(ValueError, match=r"shard\[0\]=-1: must be at least 0"):
+        sft_collate.tokenize_to_store(source, store, "cl100k_base", shard=(-1, 2))
+    sft_collate.tokenize_to_store(source, store, "cl100k_base")
+    with pytest.raises(ValueError, match=r"batch_rows=-1: must be at least 0"):
+        sft_collate.Loader(store, batch_rows=-1)
+    with pytest.raises(ValueError, match=r"seed=-3: must be in"):
+        sft_collate.Loader(store, batch_rows=2, seed=-3)
+    with pytest.raises(ValueError, match="invalid option world_size: must be at least 1"):
+        sft_collate.Loader(store, batch_rows=2, world_size=0)
+    with pytest.raises(ValueError, match="invalid option rank: 2 is not a rank of a world of 2"):
+        sft_collate.Loader(store, batch_rows=2, rank=2, world_size=2)
+    with pytest.raises(ValueError, match=r"pack_size=-5: must be at least 0"):
+        sft_collate.export_megatron(store, tmp_path / "megatron", -5)
+
+
 def test_the_megatron_export_reads_back_as_megatron_bridge_collates_it(tmp_path):
     import pyarrow.parquet as pq
 

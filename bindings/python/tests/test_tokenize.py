@@ -189,6 +189,10 @@ def test_arguments_that_cannot_mean_anything_are_named():
         sft_collate.tokenize_conversations([message], "o200k_base")
     with pytest.raises(TypeError, match="train_roles: expected a list of strings"):
         sft_collate.tokenize_conversations([[message]], "o200k_base", train_roles="assistant")
+    with pytest.raises(ValueError, match=r"seed=-1: must be in \[0, 18446744073709551616\)"):
+        sft_collate.bucket_order([3, 1, 2], 2, seed=-1)
+    with pytest.raises(ValueError, match=r"window=-1: must be at least 0"):
+        sft_collate.bucket_order([3, 1, 2], -1)
     # numpy integers are ints.
     got = tpo(["a"], ["b"], "o200k_base", max_len=np.int64(8), pad_id=np.uint32(0))
     assert got["input_ids"].shape[0] == 1

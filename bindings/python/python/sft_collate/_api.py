@@ -419,21 +419,21 @@ class Loader:
     ) -> None:
         self._native = _native.Loader(
             os.fspath(store),
-            batch_rows,
-            batch_tokens,
-            pack_tokens,
-            window,
+            _int("batch_rows", batch_rows, 0),
+            _int("batch_tokens", batch_tokens, 0),
+            _int("pack_tokens", pack_tokens, 0),
+            _int("window", window, 0),
             strategy,
             overflow,
-            max_len,
+            _int("max_len", max_len, 0),
             truncation,
-            pad_to_multiple_of,
+            _int("pad_to_multiple_of", pad_to_multiple_of, 0),
             shuffle,
-            seed,
-            rank,
-            world_size,
-            prefetch,
-            pad_id,
+            _int("seed", seed, 0, 2**64),
+            _int("rank", rank, 0),
+            _int("world_size", world_size, 0),
+            _int("prefetch", prefetch, 0),
+            _int("pad_id", pad_id, 0, 2**32),
         )
         self._packed = pack_tokens is not None
         self._device = device
@@ -502,8 +502,8 @@ def tokenize_to_store(
         native,
         os.fspath(input),
         os.fspath(store),
-        int(index),
-        int(count),
+        _int("shard[0]", index, 0),
+        _int("shard[1]", count, 0),
         prompt_key,
         output_key,
         template,
@@ -535,10 +535,10 @@ def export_megatron(
     text = _native.export_megatron(
         os.fspath(store),
         os.fspath(output),
-        int(pack_size),
+        _int("pack_size", pack_size, 0),
         truncation,
-        int(window),
-        int(packs_per_file),
+        _int("window", window, 0),
+        _int("packs_per_file", packs_per_file, 0),
         bool(overwrite),
     )
     return json.loads(text)
@@ -547,7 +547,9 @@ def export_megatron(
 def bucket_order(lengths: Sequence[int], window: int, seed: int = 0) -> List[int]:
     """Length bucketing: a seeded shuffle of the row indices, then each window of ``window`` rows sorted
     by length, so consecutive batches hold rows of similar length."""
-    return _native.bucket_order([int(n) for n in lengths], int(window), int(seed))
+    return _native.bucket_order(
+        [_int("lengths[]", n, 0) for n in lengths], _int("window", window, 0), _int("seed", seed, 0, 2**64)
+    )
 
 
 Tensor = Any
