@@ -418,6 +418,20 @@ fn endless_inputs_are_refused_not_read_until_memory_runs_out() {
     }
 }
 
+/// `bench loss` with an empty shape is refused by name (it divided by the vocabulary size).
+#[test]
+fn bench_refuses_an_empty_shape() {
+    for flag in ["--rows", "--vocab"] {
+        let out = run(bin().args(["bench", "loss", "--device", "cpu", flag, "0"]));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{flag}: {stderr}");
+        assert!(
+            stderr.contains(&format!("error: {flag} must be at least 1")),
+            "{stderr}"
+        );
+    }
+}
+
 /// An output whose lock file cannot be made beside it (a directory no one can create files in, even
 /// root: `/proc`) is named as the user gave it, the lock file as the reason's detail.
 #[test]

@@ -276,6 +276,18 @@ fn incomplete_mixed_or_damaged_stores_are_refused() {
     };
     let cl100k = tokenizer();
     let o200k = Tokenizer::load("o200k_base").unwrap();
+    // Not a store at all: nothing there, a file (the JSONL itself, say), an empty directory.
+    expect_store_error(&dir.path().join("nothing"), "no such directory");
+    expect_store_error(&input, "a file, not a store");
+    expect_store_error(dir.path(), "no shard manifests");
+    // A first shard that fails (its input missing) leaves no store directory behind.
+    let failed = dir.path().join("failed");
+    let config = StoreConfig {
+        rows: format(),
+        ..StoreConfig::new(dir.path().join("no-input.jsonl"), &failed)
+    };
+    assert!(write_store(&config, &cl100k, &Quiet).is_err());
+    assert!(!failed.exists());
     // A shard missing.
     let store = dir.path().join("missing");
     write(&store, Shard::new(0, 3).unwrap(), &cl100k, false).unwrap();

@@ -50,6 +50,14 @@ struct BenchLossArgs {
 
 pub fn run(args: BenchArgs) -> Result<()> {
     let BenchWhat::Loss(args) = args.what;
+    for (name, value) in [("rows", args.rows), ("vocab", args.vocab)] {
+        if value == 0 {
+            return Err(Error::InvalidOption {
+                name,
+                reason: "must be at least 1".into(),
+            });
+        }
+    }
     if !(0.0..=1.0).contains(&args.masked) {
         return Err(Error::InvalidOption {
             name: "masked",

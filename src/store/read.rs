@@ -100,6 +100,14 @@ impl Store {
     pub fn open(dir: impl AsRef<Path>) -> Result<Store> {
         let dir = dir.as_ref().to_path_buf();
         let bad = |reason: String| store_error(&dir, reason);
+        if !dir.exists() {
+            return Err(bad("no such directory".into()));
+        }
+        if !dir.is_dir() {
+            return Err(bad(
+                "a file, not a store (a store is the directory `tokenize` writes)".into(),
+            ));
+        }
         let paths = shard_manifest_paths(&dir)?;
         if paths.is_empty() {
             return Err(bad(
