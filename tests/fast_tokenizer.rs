@@ -771,6 +771,29 @@ fn engine_choice_is_visible_and_falls_back() {
     let wl = Tokenizer::from_file(&wordlevel).unwrap();
     assert_eq!(wl.engine().name(), "tokenizers");
     assert_eq!(wl.encode("hi there").unwrap(), vec![1, 0]);
+    assert!(wl
+        .engine()
+        .to_string()
+        .contains("model WordLevel (only BPE)"));
+
+    // A Unigram model (T5, ALBERT, XLNet; its vocabulary a list of [token, score]): named as such, not
+    // as the JSON shape the fast engine's reader stopped at.
+    let unigram = dir.path().join("unigram.json");
+    std::fs::write(
+        &unigram,
+        r#"{"version":"1.0","added_tokens":[],"normalizer":null,
+           "pre_tokenizer":{"type":"Metaspace","replacement":"▁","prepend_scheme":"always","split":true},
+           "post_processor":null,"decoder":null,"truncation":null,"padding":null,
+           "model":{"type":"Unigram","unk_id":0,"byte_fallback":false,
+                    "vocab":[["<unk>",0.0],["▁hi",-1.0],["▁",-2.0],["h",-3.0],["i",-3.0]]}}"#,
+    )
+    .unwrap();
+    let uni = Tokenizer::from_file(&unigram).unwrap();
+    assert_eq!(
+        uni.engine().to_string(),
+        "tokenizers (fallback: model Unigram (only BPE))"
+    );
+    assert_eq!(uni.encode("hi").unwrap(), vec![1]);
 
     // SentencePiece-style files: the token texts and ids collation asks for agree with `tokenizers`'
     // vocabulary; and each construct outside the fast path is named.

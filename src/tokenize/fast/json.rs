@@ -295,7 +295,7 @@ pub(super) type Save<'s> = &'s mut dyn FnMut(&str, &Model);
 /// is called with the file's rest (as JSON, vocabulary and merges left empty) and its [`Model`] before
 /// they are assembled: what the load cache stores.
 pub(super) fn spec_from_json(json: &str, save: Option<Save<'_>>) -> Result<BpeSpec, String> {
-    let t: TokenizerJson = serde_json::from_str(json).map_err(|e| e.to_string())?;
+    let t: TokenizerJson = serde_json::from_str(json).map_err(|e| unreadable(json, e))?;
     let config = config_of(&t, t.model.merges.len())?;
     let model = model_of(&t.model, config.symbols)?;
     if let Some(save) = save {
@@ -305,6 +305,17 @@ pub(super) fn spec_from_json(json: &str, save: Option<Save<'_>>) -> Result<BpeSp
         );
     }
     Ok(assemble(&t, config, model))
+}
+
+/// Why the engine's reader refused a file, in the user's terms: a model other than BPE by its name (a
+/// Unigram's vocabulary is a list of pairs, which the reader stops at first), else the JSON error.
+fn unreadable(json: &str, e: serde_json::Error) -> String {
+    let value: Option<serde_json::Value> = serde_json::from_str(json).ok();
+    let kind = value.as_ref().and_then(|v| v["model"]["type"].as_str());
+    match kind {
+        Some(kind) if kind != "BPE" => format!("model {kind} (only BPE)"),
+        _ => e.to_string(),
+    }
 }
 
 /// The spec from a file's rest (see [`spec_from_json`]) and its [`Model`], read back.
