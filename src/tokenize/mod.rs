@@ -451,7 +451,7 @@ impl Tokenizer {
         };
         let encode = |texts: &[&str]| {
             let bytes: usize = texts.iter().map(|t| t.len()).sum();
-            // About 4 bytes a token in English; a guess, the buffer grows when it is short.
+            // English runs about 4 bytes a token: a third of the bytes rarely needs to grow.
             let mut ids = Vec::with_capacity(bytes / 3 + 16);
             let mut ends = Vec::with_capacity(texts.len());
             fast.encode_each(texts.iter().copied(), &mut ids, |end| ends.push(end));
