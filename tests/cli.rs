@@ -414,7 +414,11 @@ fn endless_inputs_are_refused_not_read_until_memory_runs_out() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
         assert!(stderr.contains(want), "{args:?}: {stderr}");
-        assert!(!out_dir.exists(), "{args:?} left an output");
+        // (`tokenize` keeps its store's directory, empty: other shards may be writing into it.)
+        let left = out_dir
+            .exists()
+            .then(|| std::fs::read_dir(&out_dir).unwrap().count());
+        assert!(matches!(left, None | Some(0)), "{args:?} left an output");
     }
 }
 

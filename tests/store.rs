@@ -280,14 +280,15 @@ fn incomplete_mixed_or_damaged_stores_are_refused() {
     expect_store_error(&dir.path().join("nothing"), "no such directory");
     expect_store_error(&input, "a file, not a store");
     expect_store_error(dir.path(), "no shard manifests");
-    // A first shard that fails (its input missing) leaves no store directory behind.
+    // A shard that fails (its input missing) leaves nothing in the store: no shard, no manifest.
     let failed = dir.path().join("failed");
     let config = StoreConfig {
         rows: format(),
         ..StoreConfig::new(dir.path().join("no-input.jsonl"), &failed)
     };
     assert!(write_store(&config, &cl100k, &Quiet).is_err());
-    assert!(!failed.exists());
+    assert_eq!(std::fs::read_dir(&failed).unwrap().count(), 0);
+    expect_store_error(&failed, "no shard manifests");
     // A shard missing.
     let store = dir.path().join("missing");
     write(&store, Shard::new(0, 3).unwrap(), &cl100k, false).unwrap();

@@ -207,25 +207,9 @@ pub fn write_store(
 ) -> Result<ShardManifest> {
     let shard = Shard::new(config.shard.index, config.shard.count)?;
     let dir = &config.output;
-    let created = !dir.exists();
+    // The directory stays when this shard fails, even empty: other shards' processes may be about to
+    // write into it (removing it under them would fail them too). Without a manifest it is no store.
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let written = write_shard(config, shard, tokenizer, progress);
-    if written.is_err() && created {
-        // A store this run made and left empty goes (`remove_dir` keeps it when another shard's
-        // process has written into it meanwhile).
-        let _ = std::fs::remove_dir(dir);
-    }
-    written
-}
-
-/// [`write_store`] once the store's directory is there.
-fn write_shard(
-    config: &StoreConfig,
-    shard: Shard,
-    tokenizer: &Tokenizer,
-    progress: &dyn Progress,
-) -> Result<ShardManifest> {
-    let dir = &config.output;
     let stem = shard.stem();
     let manifest_path = dir.join(format!("{stem}.json"));
     if manifest_path.exists() && !config.overwrite {

@@ -85,7 +85,7 @@ def test_the_loader_and_the_store_name_bad_arguments(tmp_path):
     store = tmp_path / "store"
     with pytest.raises(FileNotFoundError, match="nope.jsonl"):
         sft_collate.tokenize_to_store(tmp_path / "nope.jsonl", store, "cl100k_base")
-    assert not store.exists(), "a failed first shard leaves no store behind"
+    assert not store.exists() or not any(store.iterdir()), "a failed shard leaves nothing in the store"
     with pytest.raises(ValueError, match=r"shard\[0\]=-1: must be at least 0"):
         sft_collate.tokenize_to_store(source, store, "cl100k_base", shard=(-1, 2))
     sft_collate.tokenize_to_store(source, store, "cl100k_base")
