@@ -31,12 +31,13 @@ impl Default for Encodings {
 }
 
 impl Encodings {
-    /// From the ids of each text, one after the other, and where each text's ids end.
-    pub(crate) fn from_ends(ids: Vec<u32>, mut ends: Vec<usize>) -> Encodings {
-        debug_assert!(ends.windows(2).all(|w| w[0] <= w[1]));
-        debug_assert_eq!(ends.last().copied().unwrap_or(0), ids.len());
-        ends.insert(0, 0);
-        Encodings { ids, offsets: ends }
+    /// From the ids of each text, one after the other, and their offsets: `0`, then where each text's
+    /// ids end.
+    pub(crate) fn from_offsets(ids: Vec<u32>, offsets: Vec<usize>) -> Encodings {
+        debug_assert_eq!(offsets.first(), Some(&0));
+        debug_assert!(offsets.windows(2).all(|w| w[0] <= w[1]));
+        debug_assert_eq!(offsets.last(), Some(&ids.len()));
+        Encodings { ids, offsets }
     }
 
     /// Join parts encoded apart (one per thread), in order.
@@ -103,9 +104,9 @@ mod tests {
 
     #[test]
     fn parts_join_in_order() {
-        let a = Encodings::from_ends(vec![1, 2, 3], vec![2, 2, 3]);
+        let a = Encodings::from_offsets(vec![1, 2, 3], vec![0, 2, 2, 3]);
         let b = Encodings::default();
-        let c = Encodings::from_ends(vec![4, 5], vec![0, 2]);
+        let c = Encodings::from_offsets(vec![4, 5], vec![0, 0, 2]);
         let all = Encodings::concat(vec![a, b, c]);
         let texts: Vec<&[u32]> = all.iter().collect();
         assert_eq!(texts, [&[1, 2][..], &[], &[3], &[], &[4, 5]]);

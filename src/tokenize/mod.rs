@@ -440,22 +440,23 @@ impl Tokenizer {
     /// (joined at the end); on one thread straight into the result.
     pub fn encode_batch_flat(&self, texts: &[&str]) -> Result<Encodings> {
         let Some(fast) = self.fast() else {
-            let ids = self.encode_batch(texts)?;
-            let mut ends = Vec::with_capacity(ids.len());
-            let flat = ids.iter().flatten().copied().collect();
-            ends.extend(ids.iter().scan(0, |end, t| {
-                *end += t.len();
-                Some(*end)
-            }));
-            return Ok(Encodings::from_ends(flat, ends));
+            let each = self.encode_batch(texts)?;
+            let offsets = std::iter::once(0)
+                .chain(each.iter().scan(0, |end, t| {
+                    *end += t.len();
+                    Some(*end)
+                }))
+                .collect();
+            return Ok(Encodings::from_offsets(each.concat(), offsets));
         };
         let encode = |texts: &[&str]| {
             let bytes: usize = texts.iter().map(|t| t.len()).sum();
             // English runs about 4 bytes a token: a third of the bytes rarely needs to grow.
             let mut ids = Vec::with_capacity(bytes / 3 + 16);
-            let mut ends = Vec::with_capacity(texts.len());
-            fast.encode_each(texts.iter().copied(), &mut ids, |end| ends.push(end));
-            Encodings::from_ends(ids, ends)
+            let mut offsets = Vec::with_capacity(texts.len() + 1);
+            offsets.push(0);
+            fast.encode_each(texts.iter().copied(), &mut ids, |end| offsets.push(end));
+            Encodings::from_offsets(ids, offsets)
         };
         let threads = rayon::current_num_threads();
         if threads == 1 || texts.len() < 2 {

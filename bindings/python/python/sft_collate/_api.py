@@ -203,7 +203,7 @@ def _collate(
 
 
 def _pad_id(tokenizer: _native.Tokenizer, configured: Optional[int], explicit: Optional[int]) -> int:
-    _int("pad_id", explicit, 0, 2**32)
+    explicit = _int("pad_id", explicit, 0, 2**32)
     for candidate in (explicit, configured, tokenizer.pad_id):
         if candidate is not None:
             return int(candidate)
