@@ -96,14 +96,19 @@ pub enum Error {
     #[error("tokenizer {name}: {reason}")]
     Tokenizer { name: String, reason: String },
 
-    /// A bad line of JSONL input (malformed JSON, missing key, non-string field, template placeholder
-    /// without a value). `line` counts from 1.
+    /// A bad line of JSONL input, or a bad row of a table (malformed JSON, missing key, non-string field,
+    /// template placeholder without a value). `line` counts from 1 (a table's row number from 1).
     #[error("{path}:{line}: {reason}")]
     BadInput {
         path: String,
         line: usize,
         reason: String,
     },
+
+    /// An input file that cannot be read as rows: a Parquet or Arrow file that is damaged, cannot be
+    /// read as it is given (a pipe), or has none of the columns the row format reads.
+    #[error("{path}: {reason}")]
+    Input { path: String, reason: String },
 
     /// A template file that cannot be parsed.
     #[error("template: {0}")]

@@ -8,7 +8,7 @@ use std::path::Path;
 
 use crate::collate::CollateSpec;
 use crate::input::jsonl::Lines;
-use crate::input::{RowFormat, Segment};
+use crate::input::{RowFormat, Segment, Source};
 use crate::schedule::{plan_packs, PackSpec};
 use crate::{backend::cpu, tokenize_rows, Error, RaggedBatch, Result, Tokenizer};
 
@@ -61,7 +61,7 @@ impl Part {
     }
 }
 
-/// The rows `first..first + count` of a JSONL file (counting rows, i.e. non-blank lines, from 0), as
+/// The rows `first..first + count` of a JSONL (or Parquet, Arrow) file (counting rows, i.e. non-blank lines, from 0), as
 /// segments; fewer when the file ends first. A bad line is an error naming it.
 pub fn read_rows(
     path: &Path,
@@ -69,11 +69,11 @@ pub fn read_rows(
     first: usize,
     count: usize,
 ) -> Result<Vec<Vec<Segment>>> {
-    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let name = path.display().to_string();
+    let source = Source::open(path, format)?;
+    let name = source.name.clone();
     let mut rows = Vec::new();
     let mut seen = 0;
-    for line in Lines::new(std::io::BufReader::new(file)) {
+    for line in Lines::new(std::io::BufReader::new(source.into_reader())) {
         let line = line.map_err(|e| Error::io(path, e))?;
         if line.is_blank() {
             continue;

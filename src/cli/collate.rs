@@ -14,7 +14,8 @@ use super::{choice, RowArgs, SpecArgs, TokenizerArgs};
 
 #[derive(Args, Debug)]
 pub struct CollateArgs {
-    /// JSONL input, one object per line ("-" reads standard input).
+    /// JSONL input, one object per line, or a Parquet or Arrow (IPC) table, told by its first bytes
+    /// ("-" reads standard input)
     #[arg(long, value_name = "FILE", required_unless_present = "from")]
     input: Option<PathBuf>,
     /// Read the rows from a token store (`sft-collate tokenize`) instead of text: the same batches as

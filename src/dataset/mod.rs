@@ -30,14 +30,13 @@ pub mod commit;
 pub mod manifest;
 
 use std::collections::HashMap;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 
 use crate::backend::Device;
 use crate::collate::{Batch, BatchStats, CollatePlan, CollateSpec, Pack};
 use crate::error::Location;
-use crate::input::{read_rows, ReadReport, RowChunk, RowFormat};
+use crate::input::{read_rows, ReadReport, RowChunk, RowFormat, Source};
 use crate::io::write_atomically;
 pub use crate::io::{Progress, Quiet};
 use crate::schedule::{bucket_order, plan_packs, PackSpec};
@@ -74,7 +73,7 @@ pub enum Layout {
 /// Everything the job needs besides the tokenizer and the device.
 #[derive(Clone, Debug)]
 pub struct DatasetConfig {
-    /// The JSONL input; `-` reads standard input.
+    /// The input: JSONL, Parquet or Arrow ([`crate::input::Source`]); `-` reads standard input.
     pub input: PathBuf,
     /// The dataset directory.
     pub output: PathBuf,
@@ -191,23 +190,13 @@ pub fn write_dataset(
             path.display()
         ));
     }
-    let (input_name, input_size, reader): (String, Option<u64>, Option<Box<dyn Read + Send>>) =
-        match rows {
-            Rows::Store(store) => (store.dir().display().to_string(), Some(store.bytes()), None),
-            Rows::Text(_) if config.input.as_os_str() == "-" => {
-                ("-".into(), None, Some(Box::new(std::io::stdin())))
-            }
-            Rows::Text(_) => {
-                let file =
-                    std::fs::File::open(&config.input).map_err(|e| Error::io(&config.input, e))?;
-                let size = file.metadata().ok().map(|m| m.len());
-                (
-                    config.input.display().to_string(),
-                    size,
-                    Some(Box::new(file)),
-                )
-            }
-        };
+    let (input_name, input_size, source) = match rows {
+        Rows::Store(store) => (store.dir().display().to_string(), Some(store.bytes()), None),
+        Rows::Text(_) => {
+            let source = Source::open(&config.input, &config.rows)?;
+            (source.name.clone(), source.size, Some(source))
+        }
+    };
     progress.input_size(input_size);
     let staging = output.staging()?;
     let chunk_rows = match config.layout {
@@ -228,8 +217,8 @@ pub fn write_dataset(
         progress,
     };
     let (read_report, written, collated) = std::thread::scope(|scope| {
-        let reader = scope.spawn(|| match (reader, rows) {
-            (Some(reader), _) => stages.read(reader, chunk_rows, raw_tx),
+        let reader = scope.spawn(|| match (source, rows) {
+            (Some(source), _) => stages.read(source, chunk_rows, raw_tx),
             (None, Rows::Store(store)) => stages.read_store(store, chunk_rows, raw_tx),
             (None, Rows::Text(_)) => unreachable!("text rows come with a reader"),
         });
@@ -374,7 +363,7 @@ impl Stages<'_> {
     /// error is sent down the channel so the collating stage stops too.
     fn read(
         &self,
-        input: Box<dyn Read + Send>,
+        input: Source,
         chunk_rows: usize,
         tx: SyncSender<Result<SourceChunk>>,
     ) -> ReadReport {
@@ -388,7 +377,6 @@ impl Stages<'_> {
         };
         match read_rows(
             input,
-            self.input_name,
             &self.config.rows,
             self.config.skip_bad_lines,
             chunk_rows,

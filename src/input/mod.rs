@@ -1,9 +1,10 @@
-//! The input stage: JSONL lines ([`jsonl`]) become rows of segments ([`RowFormat`]): a (prompt, output)
+//! The input stage: JSONL lines ([`jsonl`]), or a Parquet or Arrow table's rows ([`Source`]), become rows of segments ([`RowFormat`]): a (prompt, output)
 //! pair from keys or a [`Template`], or a conversation's messages ([`MessageFormat`]).
 
 pub mod jsonl;
 mod messages;
 pub mod read;
+pub mod source;
 mod template;
 
 use serde_json::{Map, Value};
@@ -12,6 +13,7 @@ use crate::{Error, Result};
 
 pub use messages::MessageFormat;
 pub use read::{read_rows, BadLine, ReadReport, RowChunk, MAX_RECORDED_BAD_LINES};
+pub use source::{InputFormat, Source};
 pub use template::Template;
 
 /// One segment of a row: its text and whether its tokens are trained on.
@@ -89,11 +91,13 @@ impl RowFormat {
     }
 
     /// Parse one JSONL line into segments: `[(prompt, false), (output, true)]` for a pair, or a
-    /// conversation's messages (see [`MessageFormat`]).
+    /// conversation's messages (see [`MessageFormat`]) when the conversation key holds a list (a row
+    /// without it, or with `null` there, is a pair).
     pub fn parse_segments(&self, line: &str) -> std::result::Result<Vec<Segment>, String> {
         if let Some(format) = &self.messages {
             let value: Value = serde_json::from_str(line).map_err(malformed)?;
-            if let Some(messages) = value.get(&format.key) {
+            // A null conversation is none (a table's pair rows beside its conversation rows).
+            if let Some(messages) = value.get(&format.key).filter(|v| !v.is_null()) {
                 let Value::Array(messages) = messages else {
                     return Err(format!("\"{}\" is not a list", format.key));
                 };
@@ -196,6 +200,12 @@ mod tests {
         assert_eq!(
             format
                 .parse_segments(r#"{"prompt": "a", "output": "b"}"#)
+                .unwrap(),
+            vec![("a".to_string(), false), ("b".to_string(), true)]
+        );
+        assert_eq!(
+            format
+                .parse_segments(r#"{"messages": null, "prompt": "a", "output": "b"}"#)
                 .unwrap(),
             vec![("a".to_string(), false), ("b".to_string(), true)]
         );

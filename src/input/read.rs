@@ -1,10 +1,11 @@
 //! JSONL read in chunks of rows: what the dataset job and the token store both read text through. Bad
 //! lines stop the read, or are skipped and counted.
 
-use std::io::{BufReader, Read};
+use std::io::BufReader;
+use std::sync::atomic::Ordering;
 
 use super::jsonl::Lines;
-use super::{RowFormat, Segment};
+use super::{RowFormat, Segment, Source};
 use crate::{Error, Result};
 
 /// At most this many bad lines are recorded with their reasons (all are counted).
@@ -35,12 +36,11 @@ pub struct ReadReport {
     pub recorded: Vec<BadLine>,
 }
 
-/// Read `input` as JSONL rows of `format`, handing chunks of `chunk_rows` rows to `sink` (which returns
-/// false to stop the read early). A bad line is an error naming `input_name` and the line, unless
-/// `skip_bad_lines`; blank lines hold no row.
+/// Read `input`'s rows of `format`, handing chunks of `chunk_rows` rows to `sink` (which returns false to
+/// stop the read early). A bad line is an error naming the input and the line, unless `skip_bad_lines`;
+/// blank lines hold no row.
 pub fn read_rows(
-    input: impl Read,
-    input_name: &str,
+    input: Source,
     format: &RowFormat,
     skip_bad_lines: bool,
     chunk_rows: usize,
@@ -57,9 +57,19 @@ pub fn read_rows(
     };
     let mut chunk = new_chunk();
     let mut bytes_read = 0;
-    for line in Lines::new(BufReader::with_capacity(1 << 20, input)) {
+    let Source {
+        name,
+        reader,
+        consumed,
+        ..
+    } = input;
+    let input_name = name.as_str();
+    for line in Lines::new(BufReader::with_capacity(1 << 20, reader)) {
         let line = line.map_err(|e| Error::io(input_name, e))?;
-        bytes_read = line.bytes_read;
+        // A table's progress is in the file's bytes, not in those of the JSON text its rows became.
+        bytes_read = consumed
+            .as_ref()
+            .map_or(line.bytes_read, |c| c.load(Ordering::Relaxed));
         if line.is_blank() {
             continue; // Blank lines (a trailing newline, say) hold no row.
         }

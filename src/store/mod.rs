@@ -22,13 +22,12 @@
 mod read;
 mod table;
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::sync_channel;
 
 pub use read::{Store, StoreRow};
 
-use crate::input::{read_rows, BadLine, FormatInfo, ReadReport, RowChunk, RowFormat};
+use crate::input::{read_rows, BadLine, FormatInfo, ReadReport, RowChunk, RowFormat, Source};
 use crate::io::{write_atomically, Progress};
 use crate::ragged::LengthLimit;
 use crate::{tokenize_rows, Error, Result, Tokenizer};
@@ -163,7 +162,7 @@ impl ShardManifest {
 /// What `sft-collate tokenize` runs.
 #[derive(Clone, Debug)]
 pub struct StoreConfig {
-    /// The JSONL input; `-` reads standard input.
+    /// The input: JSONL, Parquet or Arrow ([`crate::input::Source`]); `-` reads standard input.
     pub input: PathBuf,
     /// The store directory (made when missing).
     pub output: PathBuf,
@@ -232,14 +231,9 @@ pub fn write_store(
             ));
         }
     }
-    let input_name = config.input.display().to_string();
-    let (input_size, reader): (Option<u64>, Box<dyn Read + Send>) = if input_name == "-" {
-        (None, Box::new(std::io::stdin()))
-    } else {
-        let file = std::fs::File::open(&config.input).map_err(|e| Error::io(&config.input, e))?;
-        (file.metadata().ok().map(|m| m.len()), Box::new(file))
-    };
-    progress.input_size(input_size);
+    let source = Source::open(&config.input, &config.rows)?;
+    let input_name = source.name.clone();
+    progress.input_size(source.size);
     let info = TokenizerInfo::of(tokenizer)?;
     let text = config.rows.info();
     let file_name = format!("{stem}.arrow");
@@ -248,13 +242,11 @@ pub fn write_store(
     let mut writer = table::Writer::create(&tmp, &shard, &info, &text)?;
     let (tx, rx) = sync_channel::<Result<RowChunk>>(2);
     let (report, written) = std::thread::scope(|scope| {
-        let input_name = &input_name;
         // The sender moves into the reader, so the channel closes when it is done.
         let reading = scope.spawn(move || -> ReadReport {
             let sink = |chunk: RowChunk| tx.send(Ok(chunk)).is_ok();
             let read = read_rows(
-                reader,
-                input_name,
+                source,
                 &config.rows,
                 config.skip_bad_lines,
                 CHUNK_ROWS,

@@ -144,3 +144,51 @@ def test_the_megatron_export_reads_back_as_megatron_bridge_collates_it(tmp_path)
     trained = sum(([f] * len(i) for (_, f), i in zip(parts, ids)), [])
     want.append((tuple(tokens[:-1]), tuple(tokens[1:]), tuple(trained[1:])))
     assert sorted(got) == sorted(want)
+
+
+def _store_rows(store):
+    """Every row of a store's shards, by source row."""
+    rows = {}
+    for path in sorted(store.glob("*.arrow")):
+        for r in pyarrow.ipc.open_file(pa.memory_map(str(path))).read_all().to_pylist():
+            rows[r["source_row"]] = (r["input_ids"], r["prompt_len"], r["trainable"])
+    return rows
+
+
+def test_hugging_face_datasets_files_are_read_as_they_are(shared, qwen2_path, tmp_path, monkeypatch):
+    """A dataset as `datasets` writes it (`to_parquet`, and the Arrow stream files of `save_to_disk`)
+    tokenizes to the same store as its JSONL; so do conversations in a table."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # everything here is local
+    datasets = pytest.importorskip("datasets", reason="datasets is not installed (pip install datasets)")
+    jsonl = shared / "fixtures/gsm8k/train.jsonl"
+    template = (shared / "fixtures/gsm8k/r1_zero.prompt").read_text()
+    ds = datasets.Dataset.from_json(str(jsonl), cache_dir=str(tmp_path / "cache"))
+    ds.to_parquet(str(tmp_path / "train.parquet"))
+    ds.save_to_disk(str(tmp_path / "saved"))
+    (saved,) = (tmp_path / "saved").glob("*.arrow")
+    options = dict(template=template, output_key="answer")
+    want = _store_rows_of(jsonl, qwen2_path, tmp_path / "from-jsonl", options)
+    assert len(want) == 7473
+    for source in (tmp_path / "train.parquet", saved):
+        assert _store_rows_of(source, qwen2_path, tmp_path / source.stem, options) == want, source
+
+    chat = [
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]},
+        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+                      {"role": "assistant", "content": "4"}]},
+    ]
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in chat))
+    datasets.Dataset.from_list(chat).to_parquet(str(tmp_path / "chat.parquet"))
+    options = dict(message_template="<|im_start|>{role}\n{content}<|im_end|>\n")
+    want = _store_rows_of(tmp_path / "chat.jsonl", qwen2_path, tmp_path / "chat-jsonl", options)
+    assert _store_rows_of(tmp_path / "chat.parquet", qwen2_path, tmp_path / "chat-parquet", options) == want
+
+    # A table without the columns asked for names the ones it has.
+    with pytest.raises(ValueError, match=r'no column "prompt" \(the prompt key\).*its columns are "question", "answer"'):
+        sft_collate.tokenize_to_store(tmp_path / "train.parquet", tmp_path / "none", qwen2_path)
+
+
+def _store_rows_of(source, tokenizer, store, options):
+    for i in range(2):
+        sft_collate.tokenize_to_store(source, store, tokenizer, shard=(i, 2), **options)
+    return _store_rows(store)

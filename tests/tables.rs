@@ -1,0 +1,412 @@
+//! Tables as input: Parquet (every codec the data tools write), Arrow IPC files and streams, through a
+//! pipe and from standard input. The same text as a table must give the same batch files, byte for
+//! byte, as the JSONL it came from (GSM8K with the Qwen2 tokenizer; pairs and conversations in one
+//! table); rows a table holds badly, columns it lacks and files that are damaged or cannot be read as
+//! given fail naming them, and write nothing.
+
+mod common;
+
+use std::io::{BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::Arc;
+
+use arrow_array::{ArrayRef, BinaryArray, Int64Array, LargeStringArray, RecordBatch, StringArray};
+use arrow_ipc::writer::{FileWriter, IpcWriteOptions, StreamWriter};
+use arrow_ipc::CompressionType;
+use parquet::arrow::ArrowWriter;
+use parquet::basic::{BrotliLevel, Compression, GzipLevel, ZstdLevel};
+use parquet::file::properties::WriterProperties;
+use sft_collate::dataset::Manifest;
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_sft-collate"))
+}
+
+fn repo(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
+}
+
+/// Run, and require success.
+fn ok(cmd: &mut Command) -> Output {
+    let out = cmd.output().expect("run sft-collate");
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Run, and require failure; returns stderr.
+fn fails(cmd: &mut Command) -> String {
+    let out = cmd.output().expect("run sft-collate");
+    assert!(!out.status.success(), "{cmd:?} succeeded");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// A JSONL file as one table, its schema inferred as `arrow-json` infers it (conversations become a
+/// list of structs, pairs beside them nulls there).
+fn table_of(jsonl: &Path) -> RecordBatch {
+    let file = || BufReader::new(std::fs::File::open(jsonl).unwrap());
+    let (schema, _) = arrow_json::reader::infer_json_schema(file(), None).unwrap();
+    let schema = Arc::new(schema);
+    let batches: Vec<RecordBatch> = arrow_json::ReaderBuilder::new(schema.clone())
+        .build(file())
+        .unwrap()
+        .map(|b| b.unwrap())
+        .collect();
+    arrow_select_concat(&schema, &batches)
+}
+
+fn arrow_select_concat(schema: &arrow_schema::SchemaRef, batches: &[RecordBatch]) -> RecordBatch {
+    // One batch per table keeps the writers simple; row groups and batches are still several, below.
+    let columns: Vec<ArrayRef> = (0..schema.fields().len())
+        .map(|c| {
+            let parts: Vec<&dyn arrow_array::Array> =
+                batches.iter().map(|b| b.column(c).as_ref()).collect();
+            arrow_select::concat::concat(&parts).unwrap()
+        })
+        .collect();
+    RecordBatch::try_new(schema.clone(), columns).unwrap()
+}
+
+fn write_parquet(batch: &RecordBatch, path: &Path, compression: Compression) {
+    let props = WriterProperties::builder()
+        .set_compression(compression)
+        // Several row groups and pages, as large files have.
+        .set_max_row_group_row_count(Some(1000))
+        .build();
+    let mut writer = ArrowWriter::try_new(
+        std::fs::File::create(path).unwrap(),
+        batch.schema(),
+        Some(props),
+    )
+    .unwrap();
+    writer.write(batch).unwrap();
+    writer.close().unwrap();
+}
+
+/// Slices of at most 777 rows: a file of several record batches.
+fn slices(batch: &RecordBatch) -> impl Iterator<Item = RecordBatch> + '_ {
+    (0..batch.num_rows())
+        .step_by(777)
+        .map(|at| batch.slice(at, 777.min(batch.num_rows() - at)))
+}
+
+fn write_ipc_file(batch: &RecordBatch, path: &Path, compression: Option<CompressionType>) {
+    let options = IpcWriteOptions::default()
+        .try_with_compression(compression)
+        .unwrap();
+    let file = std::fs::File::create(path).unwrap();
+    let mut writer = FileWriter::try_new_with_options(file, &batch.schema(), options).unwrap();
+    for part in slices(batch) {
+        writer.write(&part).unwrap();
+    }
+    writer.finish().unwrap();
+}
+
+fn ipc_stream(batch: &RecordBatch) -> Vec<u8> {
+    let mut writer = StreamWriter::try_new(Vec::new(), &batch.schema()).unwrap();
+    for part in slices(batch) {
+        writer.write(&part).unwrap();
+    }
+    writer.into_inner().unwrap()
+}
+
+/// `collate` of `input` into `output` with `args`.
+fn collate(input: &Path, output: &Path, args: &[&str]) -> Command {
+    let mut cmd = bin();
+    cmd.args(["collate", "--quiet", "--device", "cpu"])
+        .args(args)
+        .arg("--input")
+        .arg(input)
+        .arg("--output")
+        .arg(output);
+    cmd
+}
+
+/// Every batch file of two datasets, byte for byte (the manifests name their inputs, so differ).
+fn assert_same_batches(want: &Path, got: &Path, what: &str) {
+    let names = |dir: &Path| {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n != "manifest.json")
+            .collect();
+        names.sort();
+        names
+    };
+    let files = names(want);
+    assert!(!files.is_empty());
+    assert_eq!(files, names(got), "{what}: other files");
+    for name in files {
+        assert!(
+            std::fs::read(want.join(&name)).unwrap() == std::fs::read(got.join(&name)).unwrap(),
+            "{what}: {name} differs"
+        );
+    }
+    let (a, b) = (Manifest::read(want).unwrap(), Manifest::read(got).unwrap());
+    assert_eq!((a.rows, a.tokens), (b.rows, b.tokens), "{what}");
+}
+
+#[test]
+fn gsm8k_as_every_table_gives_the_same_batches_as_its_jsonl() {
+    let Some(shared) =
+        common::shared_dir("gsm8k_as_every_table_gives_the_same_batches_as_its_jsonl")
+    else {
+        return;
+    };
+    let fixtures = shared.join("fixtures");
+    let jsonl = fixtures.join("gsm8k/train.jsonl");
+    let tokenizer = fixtures.join("qwen2/tokenizer.json");
+    let template = fixtures.join("gsm8k/r1_zero.prompt");
+    let args = [
+        "--tokenizer",
+        tokenizer.to_str().unwrap(),
+        "--template",
+        template.to_str().unwrap(),
+        "--output-key",
+        "answer",
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let want = dir.path().join("from-jsonl");
+    ok(&mut collate(&jsonl, &want, &args));
+    let table = table_of(&jsonl);
+    assert_eq!(table.num_rows(), 7473);
+
+    let mut inputs: Vec<(String, PathBuf)> = Vec::new();
+    for (name, codec) in [
+        ("plain", Compression::UNCOMPRESSED),
+        ("snappy", Compression::SNAPPY),
+        ("zstd", Compression::ZSTD(ZstdLevel::default())),
+        ("gzip", Compression::GZIP(GzipLevel::default())),
+        ("lz4", Compression::LZ4_RAW),
+        ("brotli", Compression::BROTLI(BrotliLevel::default())),
+    ] {
+        let path = dir.path().join(format!("train-{name}.parquet"));
+        write_parquet(&table, &path, codec);
+        inputs.push((format!("Parquet ({name})"), path));
+    }
+    for (name, codec) in [
+        ("plain", None),
+        ("lz4", Some(CompressionType::LZ4_FRAME)),
+        ("zstd", Some(CompressionType::ZSTD)),
+    ] {
+        let path = dir.path().join(format!("train-{name}.arrow"));
+        write_ipc_file(&table, &path, codec);
+        inputs.push((format!("Arrow IPC file ({name})"), path));
+    }
+    let stream = dir.path().join("train-stream.arrow");
+    std::fs::write(&stream, ipc_stream(&table)).unwrap();
+    inputs.push(("Arrow IPC stream".into(), stream.clone()));
+
+    for (i, (what, input)) in inputs.iter().enumerate() {
+        let got = dir.path().join(format!("out-{i}"));
+        ok(&mut collate(input, &got, &args));
+        assert_same_batches(&want, &got, what);
+    }
+
+    // A stream through standard input.
+    let got = dir.path().join("out-stdin");
+    let mut child = collate(Path::new("-"), &got, &args)
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(&std::fs::read(&stream).unwrap())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_same_batches(&want, &got, "Arrow IPC stream on standard input");
+
+    // Tokenized once into a store, sharded, from the table: the same batches again.
+    let store = dir.path().join("store");
+    for shard in ["0/3", "1/3", "2/3"] {
+        ok(bin()
+            .args(["tokenize", "--quiet", "--shard", shard])
+            .args(args)
+            .arg("--input")
+            .arg(&inputs[2].1)
+            .arg("--output")
+            .arg(&store));
+    }
+    let got = dir.path().join("out-store");
+    ok(bin()
+        .args(["collate", "--quiet", "--device", "cpu", "--from"])
+        .arg(&store)
+        .arg("--output")
+        .arg(&got));
+    assert_same_batches(&want, &got, "a store tokenized from Parquet");
+}
+
+#[test]
+fn conversations_and_pairs_in_one_table() {
+    let jsonl = repo("examples/chat.jsonl");
+    let template = repo("examples/qwen-chat.template");
+    let args = [
+        "--batch-size",
+        "2",
+        "--message-template",
+        template.to_str().unwrap(),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let want = dir.path().join("from-jsonl");
+    ok(&mut collate(&jsonl, &want, &args));
+    let table = table_of(&jsonl);
+    // The conversation column is a list of structs, null on the pair rows.
+    let messages = table.column_by_name("messages").unwrap();
+    assert!(matches!(
+        messages.data_type(),
+        arrow_schema::DataType::List(field) if matches!(field.data_type(), arrow_schema::DataType::Struct(_))
+    ));
+    assert!(messages.null_count() > 0);
+    let parquet = dir.path().join("chat.parquet");
+    write_parquet(&table, &parquet, Compression::SNAPPY);
+    let got = dir.path().join("from-parquet");
+    ok(&mut collate(&parquet, &got, &args));
+    assert_same_batches(&want, &got, "conversations from Parquet");
+    // `show` reads a table's row too.
+    let row = |input: &Path| {
+        let out = ok(bin()
+            .args(["show", "--row", "1", "--message-template"])
+            .arg(&template)
+            .arg("--input")
+            .arg(input));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    assert_eq!(row(&jsonl), row(&parquet));
+}
+
+/// A small table with the awkward things real datasets hold: a null, a number where text belongs, an
+/// image column, a large-string column.
+fn awkward_table() -> RecordBatch {
+    let prompt: ArrayRef = Arc::new(StringArray::from(vec![
+        Some("first question"),
+        None,
+        Some("third question"),
+    ]));
+    let output: ArrayRef = Arc::new(LargeStringArray::from(vec!["one", "two", "three"]));
+    let image: ArrayRef = Arc::new(BinaryArray::from(vec![&[0u8, 159, 146][..], &[], &[255]]));
+    let id: ArrayRef = Arc::new(Int64Array::from(vec![1, 2, 3]));
+    RecordBatch::try_from_iter([
+        ("prompt", prompt),
+        ("output", output),
+        ("image", image),
+        ("id", id),
+    ])
+    .unwrap()
+}
+
+#[test]
+fn a_tables_bad_rows_and_missing_columns_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("awkward.parquet");
+    write_parquet(&awkward_table(), &input, Compression::SNAPPY);
+    let out = dir.path().join("out");
+
+    // Row 2 (from 1) has a null prompt; the image column is never read.
+    let err = fails(&mut collate(&input, &out, &[]));
+    assert!(
+        err.contains("awkward.parquet:2: field \"prompt\" is not a string (it is null)"),
+        "{err}"
+    );
+    assert!(!out.join("manifest.json").exists());
+    ok(&mut collate(&input, &out, &["--skip-bad-lines"]));
+    let manifest = Manifest::read(&out).unwrap();
+    assert_eq!((manifest.rows, manifest.skipped_lines), (2, 1));
+    assert_eq!(manifest.bad_lines[0].line, 2);
+
+    // A number where the template wants text.
+    let template = dir.path().join("t.txt");
+    std::fs::write(&template, "Q{id}: {prompt}").unwrap();
+    let err = fails(&mut collate(
+        &input,
+        &dir.path().join("out-2"),
+        &["--template", template.to_str().unwrap()],
+    ));
+    assert!(
+        err.contains("awkward.parquet:1: field \"id\" is not a string (it is a number)"),
+        "{err}"
+    );
+
+    // Keys the table does not have: its columns are listed.
+    let err = fails(&mut collate(
+        &input,
+        &dir.path().join("out-3"),
+        &["--prompt-key", "question", "--output-key", "answer"],
+    ));
+    assert!(
+        err.contains(
+            "no column \"question\" (the prompt key), \"answer\" (the output key) and no \
+             conversation column \"messages\"; its columns are \"prompt\", \"output\", \"image\", \"id\""
+        ),
+        "{err}"
+    );
+    for name in ["out-2", "out-3"] {
+        assert!(!dir.path().join(name).join("manifest.json").exists());
+    }
+}
+
+#[test]
+fn damaged_tables_and_pipes_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let table = table_of(&repo("examples/sample.jsonl"));
+    let parquet = dir.path().join("t.parquet");
+    write_parquet(&table, &parquet, Compression::SNAPPY);
+    let bytes = std::fs::read(&parquet).unwrap();
+    let cut = dir.path().join("cut.parquet");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    let out = dir.path().join("out");
+    let err = fails(&mut collate(&cut, &out, &[]));
+    assert!(
+        err.contains("cut.parquet: not a readable Parquet file"),
+        "{err}"
+    );
+
+    let ipc = dir.path().join("t.arrow");
+    write_ipc_file(&table, &ipc, None);
+    let bytes = std::fs::read(&ipc).unwrap();
+    std::fs::write(&cut, &bytes[..bytes.len() - 20]).unwrap();
+    let err = fails(&mut collate(&cut, &out, &[]));
+    assert!(err.contains("not a readable Arrow IPC file"), "{err}");
+
+    // A stream cut inside a batch: the rows handed on before it are not a dataset.
+    let stream = ipc_stream(&table);
+    let cut_stream = dir.path().join("cut-stream.arrow");
+    std::fs::write(&cut_stream, &stream[..stream.len() - 40]).unwrap();
+    let err = fails(&mut collate(&cut_stream, &out, &[]));
+    assert!(
+        err.contains("cut-stream.arrow: the rows after row 0 cannot be read"),
+        "{err}"
+    );
+    assert!(!out.join("manifest.json").exists());
+
+    // Parquet is read from its end: a pipe is refused, naming why.
+    let mut child = collate(Path::new("-"), &out, &[])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let _ = child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(&std::fs::read(&parquet).unwrap());
+    let result = child.wait_with_output().unwrap();
+    assert!(!result.status.success());
+    let err = String::from_utf8_lossy(&result.stderr);
+    assert!(
+        err.contains("-: a Parquet file is read from a regular file, not a pipe or device"),
+        "{err}"
+    );
+    assert!(!out.join("manifest.json").exists());
+}
