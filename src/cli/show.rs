@@ -24,7 +24,7 @@ pub struct ShowArgs {
     /// The output (response) text.
     #[arg(long, required_unless_present = "input", conflicts_with = "input")]
     output: Option<String>,
-    /// Take the row from this JSONL (or Parquet, Arrow) file instead.
+    /// Take the row from this JSONL (or JSON, Parquet, Arrow) file instead.
     #[arg(long, value_name = "FILE")]
     input: Option<PathBuf>,
     /// Which row of --input (counting non-blank lines from 0).

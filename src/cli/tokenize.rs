@@ -13,8 +13,9 @@ use super::{RowArgs, TokenizerArgs};
 
 #[derive(Args, Debug)]
 pub struct TokenizeArgs {
-    /// JSONL input, one object per line, or a Parquet or Arrow (IPC) table, told by its first bytes
-    /// ("-" reads standard input)
+    /// JSONL input (one object per line), a JSON array of objects, or a Parquet or Arrow (IPC) table;
+    /// JSONL and JSON also gzip- or zstd-compressed. Told by its first bytes ("-" reads standard
+    /// input)
     #[arg(long, value_name = "FILE")]
     input: PathBuf,
     /// The store directory (made when missing); shards of other processes may write beside this one.

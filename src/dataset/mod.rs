@@ -73,7 +73,8 @@ pub enum Layout {
 /// Everything the job needs besides the tokenizer and the device.
 #[derive(Clone, Debug)]
 pub struct DatasetConfig {
-    /// The input: JSONL, Parquet or Arrow ([`crate::input::Source`]); `-` reads standard input.
+    /// The input: JSONL, a JSON array, Parquet or Arrow, maybe compressed ([`crate::input::Source`]);
+    /// `-` reads standard input.
     pub input: PathBuf,
     /// The dataset directory.
     pub output: PathBuf,

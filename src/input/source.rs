@@ -1,7 +1,10 @@
-//! Where rows come from: a JSONL file (or standard input), or a table as the data ecosystem stores one
-//! (a Parquet file as the Hugging Face Hub serves datasets, an Arrow IPC file or stream as `datasets`
-//! caches and `save_to_disk` write them, Polars, DuckDB or Spark). The format is told by the file's first
-//! bytes, not its name.
+//! Where rows come from: a JSONL file (or standard input), a JSON array of rows (Alpaca's
+//! `alpaca_data.json`), or a table as the data ecosystem stores one (a Parquet file as the Hugging Face
+//! Hub serves datasets, an Arrow IPC file or stream as `datasets` caches and `save_to_disk` write them,
+//! Polars, DuckDB or Spark); JSONL, JSON and Arrow streams also gzip- or zstd-compressed as a whole. The
+//! format is told by the file's first bytes, not its name.
+//!
+//! A JSON array's elements are handed on one per line, so element `n` (from 1) is line `n`.
 //!
 //! A table's rows are read batch by batch, only the columns the [`RowFormat`] names (a dataset's image
 //! or audio columns are never read), and each row is handed on as one JSON object per line, so every
@@ -18,6 +21,7 @@ use std::sync::Arc;
 use arrow_array::RecordBatch;
 use arrow_schema::{ArrowError, Schema};
 
+use super::jsonl::MAX_LINE_BYTES;
 use super::RowFormat;
 use crate::{Error, Result};
 
@@ -32,12 +36,17 @@ pub enum InputFormat {
     ArrowFile,
     /// An Arrow IPC stream (what `datasets` writes as `.arrow`).
     ArrowStream,
+    /// One JSON array of objects (Alpaca's `alpaca_data.json`, ShareGPT dumps, `json.dump(rows)`).
+    JsonArray,
 }
 
 impl InputFormat {
-    /// Told from a file's first bytes (at least 6 when the file has them).
+    /// Told from a file's first bytes (up to 64, fewer when the file has fewer), decompressed.
     pub fn sniff(head: &[u8]) -> InputFormat {
-        if head.starts_with(b"PAR1") {
+        let text = head.strip_prefix(BOM).unwrap_or(head);
+        if text.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[') {
+            InputFormat::JsonArray
+        } else if head.starts_with(b"PAR1") {
             InputFormat::Parquet
         } else if head.starts_with(b"ARROW1") {
             InputFormat::ArrowFile
@@ -50,11 +59,62 @@ impl InputFormat {
     }
 }
 
+/// A UTF-8 byte order mark.
+const BOM: &[u8] = b"\xef\xbb\xbf";
+
+/// How a file is compressed as a whole (`train.jsonl.gz`, `train.jsonl.zst`), told by its magic bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Compression {
+    Gzip,
+    Zstd,
+}
+
+impl std::fmt::Display for Compression {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Compression::Gzip => "gzip",
+            Compression::Zstd => "zstd",
+        })
+    }
+}
+
+/// A decoder whose errors say that the compressed data is damaged or cut short (the decoders' own
+/// words, "incomplete frame", do not say which file format is meant).
+struct Damaged {
+    inner: Box<dyn Read + Send>,
+    compression: Compression,
+}
+
+impl Read for Damaged {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.inner.read(buf).map_err(|e| {
+            std::io::Error::other(format!(
+                "the {} data is damaged or cut short ({e})",
+                self.compression
+            ))
+        })
+    }
+}
+
+impl Compression {
+    pub fn sniff(head: &[u8]) -> Option<Compression> {
+        if head.starts_with(&[0x1f, 0x8b]) {
+            Some(Compression::Gzip)
+        } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+            Some(Compression::Zstd)
+        } else {
+            None
+        }
+    }
+}
+
 /// An opened input: its rows as JSONL text, with its name and size for messages and progress.
 pub struct Source {
     /// The name errors give (the path, or `-`).
     pub name: String,
     pub format: InputFormat,
+    /// How the file is compressed as a whole, if it is.
+    pub compression: Option<Compression>,
     /// The input's size in bytes, when known (progress).
     pub size: Option<u64>,
     pub(super) reader: Box<dyn Read + Send>,
@@ -68,6 +128,7 @@ impl std::fmt::Debug for Source {
         f.debug_struct("Source")
             .field("name", &self.name)
             .field("format", &self.format)
+            .field("compression", &self.compression)
             .field("size", &self.size)
             .finish_non_exhaustive()
     }
@@ -87,6 +148,7 @@ impl Source {
         Source {
             name: name.to_string(),
             format: InputFormat::Jsonl,
+            compression: None,
             size,
             reader,
             consumed: None,
@@ -108,7 +170,7 @@ impl Source {
         let meta = file.metadata().map_err(|e| Error::io(path, e))?;
         let head = read_head(&mut file).map_err(|e| Error::io(path, e))?;
         let kind = InputFormat::sniff(&head);
-        if !meta.is_file() {
+        if !meta.is_file() || Compression::sniff(&head).is_some() {
             // A pipe or device cannot seek back: the bytes already read go back in front.
             let reader = Box::new(Cursor::new(head.clone()).chain(file));
             return Source::from_stream(name, None, &head, reader, format);
@@ -122,7 +184,7 @@ impl Source {
         };
         let consumed = Arc::new(AtomicU64::new(0));
         let reader: Box<dyn Read + Send> = match kind {
-            InputFormat::Jsonl | InputFormat::ArrowStream => {
+            InputFormat::Jsonl | InputFormat::ArrowStream | InputFormat::JsonArray => {
                 return Source::from_stream(name, size, &head, Box::new(file), format)
             }
             InputFormat::Parquet => {
@@ -171,6 +233,7 @@ impl Source {
         Ok(Source {
             name,
             format: kind,
+            compression: None,
             size,
             reader,
             consumed: Some(consumed),
@@ -186,15 +249,43 @@ impl Source {
         reader: Box<dyn Read + Send>,
         format: &RowFormat,
     ) -> Result<Source> {
-        let kind = InputFormat::sniff(head);
         let error = |reason: String| Error::Input {
             path: name.clone(),
             reason,
         };
+        if let Some(compression) = Compression::sniff(head) {
+            // Progress in the compressed file's bytes; the rows come from the decompressed text.
+            let consumed = Arc::new(AtomicU64::new(0));
+            let counted = Counted::new(reader, consumed.clone());
+            let decoder: Box<dyn Read + Send> = match compression {
+                Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(counted)),
+                Compression::Zstd => Box::new(
+                    zstd::stream::read::Decoder::new(counted)
+                        .map_err(|e| error(format!("not readable as zstd: {e}")))?,
+                ),
+            };
+            let mut decoded = Damaged {
+                inner: decoder,
+                compression,
+            };
+            let head = read_head(&mut decoded).map_err(|e| error(e.to_string()))?;
+            let decoded = Box::new(Cursor::new(head.clone()).chain(decoded));
+            let inner = Source::from_stream(name.clone(), size, &head, decoded, format)?;
+            if inner.compression.is_some() {
+                return Err(error("compressed twice".into()));
+            }
+            return Ok(Source {
+                compression: Some(compression),
+                consumed: Some(consumed),
+                ..inner
+            });
+        }
+        let kind = InputFormat::sniff(head);
         match kind {
             InputFormat::Jsonl => Ok(Source::jsonl(&name, size, reader)),
             InputFormat::Parquet | InputFormat::ArrowFile => Err(error(format!(
-                "{} is read from a regular file, not a pipe or device (its index is at its end)",
+                "{} is read from a regular file, not a pipe, device or compressed file (its index is \
+                 at its end)",
                 if kind == InputFormat::Parquet {
                     "a Parquet file"
                 } else {
@@ -212,8 +303,27 @@ impl Source {
                 Ok(Source {
                     name,
                     format: kind,
+                    compression: None,
                     size,
                     reader: Box::new(JsonRows::new(projected(batches, columns))),
+                    consumed: Some(consumed),
+                })
+            }
+            InputFormat::JsonArray => {
+                let consumed = Arc::new(AtomicU64::new(0));
+                let mut reader = Counted::new(reader, consumed.clone());
+                if head.starts_with(BOM) {
+                    // serde_json reads no byte order mark.
+                    reader
+                        .read_exact(&mut [0; BOM.len()])
+                        .map_err(|e| error(e.to_string()))?;
+                }
+                Ok(Source {
+                    name,
+                    format: kind,
+                    compression: None,
+                    size,
+                    reader: Box::new(ArrayLines::spawn(reader)),
                     consumed: Some(consumed),
                 })
             }
@@ -221,10 +331,10 @@ impl Source {
     }
 }
 
-/// Up to the first 8 bytes of `reader` (fewer when it ends first).
+/// Up to the first 64 bytes of `reader` (fewer when it ends first).
 fn read_head(reader: &mut impl Read) -> std::io::Result<Vec<u8>> {
-    let mut head = Vec::with_capacity(8);
-    reader.take(8).read_to_end(&mut head)?;
+    let mut head = Vec::with_capacity(64);
+    reader.take(64).read_to_end(&mut head)?;
     Ok(head)
 }
 
@@ -360,5 +470,140 @@ impl<I: Iterator<Item = std::result::Result<RecordBatch, ArrowError>>> Read for 
         buf[..n].copy_from_slice(&self.text[self.at..self.at + n]);
         self.at += n;
         Ok(n)
+    }
+}
+
+/// A JSON array's elements as JSON lines, one per element (a compact serialization has no raw line
+/// breaks), so that element `n` (from 1) is line `n`. serde reads an array by handing each element to a
+/// visitor, so a thread of its own reads it and hands the lines over; memory stays at a few elements.
+struct ArrayLines {
+    lines: std::sync::mpsc::Receiver<std::io::Result<Vec<u8>>>,
+    text: Vec<u8>,
+    at: usize,
+}
+
+impl ArrayLines {
+    fn spawn(reader: impl Read + Send + 'static) -> ArrayLines {
+        let (tx, rx) = std::sync::mpsc::sync_channel(256);
+        std::thread::spawn(move || {
+            let since = Arc::new(AtomicU64::new(0));
+            let limited = ElementLimit {
+                inner: reader,
+                since: since.clone(),
+            };
+            let mut de = serde_json::Deserializer::from_reader(std::io::BufReader::new(limited));
+            let elements = Elements { tx: &tx, since };
+            let read =
+                serde::Deserializer::deserialize_seq(&mut de, elements).and_then(|()| de.end());
+            if let Err(e) = read {
+                let reason = match e.io_error_kind() {
+                    Some(_) => e.to_string(),
+                    None => format!("malformed JSON array: {e}"),
+                };
+                let _ = tx.send(Err(std::io::Error::other(reason)));
+            }
+        });
+        ArrayLines {
+            lines: rx,
+            text: Vec::new(),
+            at: 0,
+        }
+    }
+}
+
+impl Read for ArrayLines {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.at == self.text.len() {
+            match self.lines.recv() {
+                Ok(line) => {
+                    self.text = line?;
+                    self.at = 0;
+                }
+                Err(_) => return Ok(0), // The array ended.
+            }
+        }
+        let n = buf.len().min(self.text.len() - self.at);
+        buf[..n].copy_from_slice(&self.text[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
+    }
+}
+
+/// The visitor that hands each element of the array on as a line.
+struct Elements<'a> {
+    tx: &'a std::sync::mpsc::SyncSender<std::io::Result<Vec<u8>>>,
+    since: Arc<AtomicU64>,
+}
+
+impl<'de> serde::de::Visitor<'de> for Elements<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON array of rows")
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(
+        self,
+        mut seq: A,
+    ) -> std::result::Result<(), A::Error> {
+        while let Some(element) = seq.next_element::<serde_json::Value>()? {
+            self.since.store(0, Ordering::Relaxed);
+            let mut line = serde_json::to_vec(&element).expect("a JSON value serializes");
+            line.push(b'\n');
+            if self.tx.send(Ok(line)).is_err() {
+                // The reader stopped early (it had the rows it wanted): nothing more is read.
+                return Err(serde::de::Error::custom("the reader stopped"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A reader that fails once one element runs past [`MAX_LINE_BYTES`] (`[` followed by an endless string
+/// must not fill memory), counting from the end of the last element.
+struct ElementLimit<R> {
+    inner: R,
+    since: Arc<AtomicU64>,
+}
+
+impl<R: Read> Read for ElementLimit<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        let since = self.since.fetch_add(n as u64, Ordering::Relaxed) + n as u64;
+        if since > MAX_LINE_BYTES as u64 {
+            return Err(std::io::Error::other(format!(
+                "an element of the JSON array runs past {} MiB",
+                MAX_LINE_BYTES >> 20
+            )));
+        }
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_are_told_by_their_first_bytes() {
+        for (head, format) in [
+            (&b"{\"prompt\": 1}"[..], InputFormat::Jsonl),
+            (b"", InputFormat::Jsonl),
+            (b"PAR1\x15\x04", InputFormat::Parquet),
+            (b"ARROW1\0\0", InputFormat::ArrowFile),
+            (b"\xff\xff\xff\xff\x10\0", InputFormat::ArrowStream),
+            (b"[{", InputFormat::JsonArray),
+            (b"\xef\xbb\xbf\n  [", InputFormat::JsonArray),
+            (b"  \n\t[", InputFormat::JsonArray),
+            (b"\xef\xbb\xbf{", InputFormat::Jsonl),
+        ] {
+            assert_eq!(InputFormat::sniff(head), format, "{head:?}");
+        }
+        assert_eq!(Compression::sniff(b"\x1f\x8b\x08"), Some(Compression::Gzip));
+        assert_eq!(
+            Compression::sniff(b"\x28\xb5\x2f\xfd"),
+            Some(Compression::Zstd)
+        );
+        assert_eq!(Compression::sniff(b"{\"a\""), None);
     }
 }

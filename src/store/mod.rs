@@ -162,7 +162,8 @@ impl ShardManifest {
 /// What `sft-collate tokenize` runs.
 #[derive(Clone, Debug)]
 pub struct StoreConfig {
-    /// The input: JSONL, Parquet or Arrow ([`crate::input::Source`]); `-` reads standard input.
+    /// The input: JSONL, a JSON array, Parquet or Arrow, maybe compressed ([`crate::input::Source`]);
+    /// `-` reads standard input.
     pub input: PathBuf,
     /// The store directory (made when missing).
     pub output: PathBuf,

@@ -1495,7 +1495,7 @@ impl Loader {
     }
 }
 
-/// Tokenize a JSONL, Parquet or Arrow file (or one shard of it) into a token store; returns the shard manifest as JSON.
+/// Tokenize a JSONL, JSON, Parquet or Arrow file (or one shard of it) into a token store; returns the shard manifest as JSON.
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
 #[pyo3(signature = (tokenizer, input, output, shard_index = 0, shard_count = 1, prompt_key = "prompt", output_key = "output", template = None, messages_key = "messages", message_template = None, train_roles = vec!["assistant".to_string()], skip_bad_lines = false, overwrite = false))]

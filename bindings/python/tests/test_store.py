@@ -156,8 +156,9 @@ def _store_rows(store):
 
 
 def test_hugging_face_datasets_files_are_read_as_they_are(shared, qwen2_path, tmp_path, monkeypatch):
-    """A dataset as `datasets` writes it (`to_parquet`, and the Arrow stream files of `save_to_disk`)
-    tokenizes to the same store as its JSONL; so do conversations in a table."""
+    """A dataset as `datasets` writes it (`to_parquet`, the Arrow stream files of `save_to_disk`,
+    `to_json` as one array and gzip-compressed) tokenizes to the same store as its JSONL; so do
+    conversations in a table."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # everything here is local
     datasets = pytest.importorskip("datasets", reason="datasets is not installed (pip install datasets)")
     jsonl = shared / "fixtures/gsm8k/train.jsonl"
@@ -165,12 +166,14 @@ def test_hugging_face_datasets_files_are_read_as_they_are(shared, qwen2_path, tm
     ds = datasets.Dataset.from_json(str(jsonl), cache_dir=str(tmp_path / "cache"))
     ds.to_parquet(str(tmp_path / "train.parquet"))
     ds.save_to_disk(str(tmp_path / "saved"))
+    ds.to_json(str(tmp_path / "train.json"), lines=False, batch_size=len(ds))  # one JSON array
+    ds.to_json(str(tmp_path / "train.jsonl.gz"), compression="gzip")
     (saved,) = (tmp_path / "saved").glob("*.arrow")
     options = dict(template=template, output_key="answer")
     want = _store_rows_of(jsonl, qwen2_path, tmp_path / "from-jsonl", options)
     assert len(want) == 7473
-    for source in (tmp_path / "train.parquet", saved):
-        assert _store_rows_of(source, qwen2_path, tmp_path / source.stem, options) == want, source
+    for source in (tmp_path / "train.parquet", saved, tmp_path / "train.json", tmp_path / "train.jsonl.gz"):
+        assert _store_rows_of(source, qwen2_path, tmp_path / ("store-" + source.name), options) == want, source
 
     chat = [
         {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]},

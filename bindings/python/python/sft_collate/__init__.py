@@ -2,7 +2,7 @@
 masked cross-entropy, in Rust and CUDA, for PyTorch.
 
 - :func:`tokenize_prompt_and_output`, :func:`tokenize_conversations`, :func:`pack`, :func:`bucket_order`
-- :func:`tokenize_to_store`: a JSONL, Parquet or Arrow file tokenized once into Arrow files (sharded across processes);
+- :func:`tokenize_to_store`: a JSONL, JSON, Parquet or Arrow file tokenized once into Arrow files (sharded across processes);
   :class:`Loader`: a training loop's batches from it, every epoch, every rank, resumable;
   :func:`export_megatron`: it as Megatron-Bridge packed-sequence Parquet
 - :func:`masked_cross_entropy` (autograd; on CUDA the fused kernel on torch's current stream)

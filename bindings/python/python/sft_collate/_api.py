@@ -491,10 +491,11 @@ def tokenize_to_store(
     overwrite: bool = False,
     engine: str = "auto",
 ) -> Dict[str, Any]:
-    """Tokenize a JSONL file, or a Parquet or Arrow table (a Hugging Face dataset's ``.parquet`` or
-    ``.arrow`` file), once into a token store (what ``sft-collate tokenize`` does): shard ``(i, n)``
-    takes the rows on input lines (table rows) ``l`` (from 0) with ``l % n == i``, so ``n`` processes
-    write the whole store. The store's shards are Arrow IPC files (``pyarrow.ipc.open_file``, Polars
+    """Tokenize a JSONL file, a JSON array, or a Parquet or Arrow table (a Hugging Face dataset's
+    ``.parquet`` or ``.arrow`` file; the text formats also gzip- or zstd-compressed) once into a token
+    store (what ``sft-collate tokenize`` does): shard ``(i, n)`` takes the rows on input lines (table
+    rows, array elements) ``l`` (from 0) with ``l % n == i``, so ``n`` processes write the whole
+    store. The store's shards are Arrow IPC files (``pyarrow.ipc.open_file``, Polars
     ``read_ipc``) with columns ``input_ids``, ``prompt_len``, ``trainable`` and ``source_row``;
     ``template`` is the prompt template's text. Returns the shard's manifest."""
     native, _ = load_tokenizer(tokenizer, engine)

@@ -1,8 +1,8 @@
-//! Tables as input: Parquet (every codec the data tools write), Arrow IPC files and streams, through a
-//! pipe and from standard input. The same text as a table must give the same batch files, byte for
-//! byte, as the JSONL it came from (GSM8K with the Qwen2 tokenizer; pairs and conversations in one
-//! table); rows a table holds badly, columns it lacks and files that are damaged or cannot be read as
-//! given fail naming them, and write nothing.
+//! Every input format beside JSONL: Parquet (every codec the data tools write), Arrow IPC files and
+//! streams, JSON arrays, whole-file gzip and zstd, through a pipe and from standard input. The same rows
+//! in any of them must give the same batch files, byte for byte, as the JSONL they came from (GSM8K with
+//! the Qwen2 tokenizer; pairs and conversations in one table); bad rows, columns a table lacks and
+//! files that are damaged or cannot be read as given fail naming them, and write nothing.
 
 mod common;
 
@@ -114,6 +114,29 @@ fn ipc_stream(batch: &RecordBatch) -> Vec<u8> {
     writer.into_inner().unwrap()
 }
 
+fn gzip(bytes: &[u8]) -> Vec<u8> {
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    encoder.write_all(bytes).unwrap();
+    encoder.finish().unwrap()
+}
+
+/// Run `cmd` with the file at `input` written to its standard input.
+fn on_stdin(cmd: &mut Command, input: PathBuf) -> Output {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    // A writer of its own: the run may refuse the input before reading all of it.
+    let writer = std::thread::spawn(move || {
+        let _ = stdin.write_all(&std::fs::read(input).unwrap());
+    });
+    let out = child.wait_with_output().unwrap();
+    writer.join().unwrap();
+    out
+}
+
 /// `collate` of `input` into `output` with `args`.
 fn collate(input: &Path, output: &Path, args: &[&str]) -> Command {
     let mut cmd = bin();
@@ -200,6 +223,42 @@ fn gsm8k_as_every_table_gives_the_same_batches_as_its_jsonl() {
     let stream = dir.path().join("train-stream.arrow");
     std::fs::write(&stream, ipc_stream(&table)).unwrap();
     inputs.push(("Arrow IPC stream".into(), stream.clone()));
+    // JSON arrays (pretty as `json.dump(rows, f, indent=2)` writes them, and compact) and whole-file
+    // compression of the text formats.
+    let rows: Vec<serde_json::Value> = std::fs::read_to_string(&jsonl)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let pretty = serde_json::to_vec_pretty(&rows).unwrap();
+    for (what, name, bytes) in [
+        ("JSON array (pretty)", "train.json", pretty.clone()),
+        (
+            "JSON array (compact)",
+            "train-compact.json",
+            serde_json::to_vec(&rows).unwrap(),
+        ),
+        (
+            "gzip JSONL",
+            "train.jsonl.gz",
+            gzip(&std::fs::read(&jsonl).unwrap()),
+        ),
+        (
+            "zstd JSONL",
+            "train.jsonl.zst",
+            zstd::encode_all(&std::fs::read(&jsonl).unwrap()[..], 3).unwrap(),
+        ),
+        ("gzip JSON array", "train.json.gz", gzip(&pretty)),
+        (
+            "gzip Arrow IPC stream",
+            "train.arrow.gz",
+            gzip(&std::fs::read(&stream).unwrap()),
+        ),
+    ] {
+        let path = dir.path().join(name);
+        std::fs::write(&path, bytes).unwrap();
+        inputs.push((what.into(), path));
+    }
 
     for (i, (what, input)) in inputs.iter().enumerate() {
         let got = dir.path().join(format!("out-{i}"));
@@ -390,23 +449,67 @@ fn damaged_tables_and_pipes_are_refused() {
     );
     assert!(!out.join("manifest.json").exists());
 
-    // Parquet is read from its end: a pipe is refused, naming why.
-    let mut child = collate(Path::new("-"), &out, &[])
-        .stdin(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let _ = child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(&std::fs::read(&parquet).unwrap());
-    let result = child.wait_with_output().unwrap();
+    // Parquet is read from its end: a pipe or a compressed file is refused, naming why.
+    let result = on_stdin(&mut collate(Path::new("-"), &out, &[]), parquet.clone());
     assert!(!result.status.success());
     let err = String::from_utf8_lossy(&result.stderr);
     assert!(
-        err.contains("-: a Parquet file is read from a regular file, not a pipe or device"),
+        err.contains("-: a Parquet file is read from a regular file, not a pipe"),
+        "{err}"
+    );
+    let gz = dir.path().join("t.parquet.gz");
+    std::fs::write(&gz, gzip(&std::fs::read(&parquet).unwrap())).unwrap();
+    let err = fails(&mut collate(&gz, &out, &[]));
+    assert!(
+        err.contains("t.parquet.gz: a Parquet file is read from a regular file"),
+        "{err}"
+    );
+    // A cut gzip stream.
+    let text = gzip(&std::fs::read(repo("examples/sample.jsonl")).unwrap());
+    std::fs::write(&gz, &text[..text.len() / 2]).unwrap();
+    let err = fails(&mut collate(&gz, &out, &[]));
+    assert!(
+        err.contains("t.parquet.gz: the gzip data is damaged or cut short"),
         "{err}"
     );
     assert!(!out.join("manifest.json").exists());
+}
+
+#[test]
+fn a_json_arrays_bad_elements_are_named_by_their_number() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("rows.json");
+    let out = dir.path().join("out");
+    std::fs::write(
+        &input,
+        "\u{feff}[\n  {\"prompt\": \"a\", \"output\": \"b\"},\n  {\"prompt\": 1, \"output\": \"b\"},\n           {\"prompt\": \"c\", \"output\": \"d\"}\n]\n",
+    )
+    .unwrap();
+    let err = fails(&mut collate(&input, &out, &[]));
+    assert!(
+        err.contains("rows.json:2: field \"prompt\" is not a string (it is a number)"),
+        "{err}"
+    );
+    ok(&mut collate(&input, &out, &["--skip-bad-lines"]));
+    let manifest = Manifest::read(&out).unwrap();
+    assert_eq!((manifest.rows, manifest.skipped_lines), (2, 1));
+    assert_eq!(manifest.bad_lines[0].line, 2);
+
+    // Malformed JSON is named where it is; an empty array holds no rows.
+    std::fs::write(
+        &input,
+        "[{\"prompt\": \"a\", \"output\": \"b\"} {\"prompt\": \"c\"}]",
+    )
+    .unwrap();
+    let err = fails(&mut collate(&input, &dir.path().join("out-2"), &[]));
+    assert!(
+        err.contains("rows.json: malformed JSON array: expected `,` or `]` at line 1 column"),
+        "{err}"
+    );
+    std::fs::write(&input, " [ ] ").unwrap();
+    let err = fails(&mut collate(&input, &dir.path().join("out-3"), &[]));
+    assert!(err.contains("0 rows"), "{err}");
+    for name in ["out-2", "out-3"] {
+        assert!(!dir.path().join(name).join("manifest.json").exists());
+    }
 }
