@@ -513,3 +513,56 @@ fn a_json_arrays_bad_elements_are_named_by_their_number() {
         assert!(!dir.path().join(name).join("manifest.json").exists());
     }
 }
+
+#[test]
+fn progress_is_counted_in_the_files_own_bytes() {
+    use sft_collate::input::{read_rows, RowFormat, Source};
+    let dir = tempfile::tempdir().unwrap();
+    let jsonl = repo("examples/sample.jsonl");
+    let text = std::fs::read(&jsonl).unwrap();
+    let table = table_of(&jsonl);
+    let rows: Vec<serde_json::Value> = String::from_utf8(text.clone())
+        .unwrap()
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let files: Vec<(&str, Vec<u8>)> = vec![
+        ("a.jsonl", text.clone()),
+        ("a.jsonl.gz", gzip(&text)),
+        ("a.json", serde_json::to_vec_pretty(&rows).unwrap()),
+        ("a.arrow", ipc_stream(&table)),
+    ];
+    let parquet = dir.path().join("a.parquet");
+    write_parquet(&table, &parquet, Compression::SNAPPY);
+    let mut paths: Vec<PathBuf> = vec![parquet];
+    for (name, bytes) in files {
+        let path = dir.path().join(name);
+        std::fs::write(&path, bytes).unwrap();
+        paths.push(path);
+    }
+    for path in paths {
+        let source = Source::open(&path, &RowFormat::default()).unwrap();
+        let size = source.size.unwrap();
+        assert_eq!(size, std::fs::metadata(&path).unwrap().len());
+        let mut seen = Vec::new();
+        read_rows(source, &RowFormat::default(), false, 1, |chunk| {
+            seen.push(chunk.bytes_read);
+            true
+        })
+        .unwrap();
+        assert_eq!(seen.len(), rows.len(), "{}", path.display());
+        assert!(
+            seen.windows(2).all(|w| w[0] <= w[1]),
+            "{}: {seen:?}",
+            path.display()
+        );
+        // The end of the rows is the end of the file (a stream's trailer may follow the last batch).
+        let last = *seen.last().unwrap();
+        assert!(
+            last <= size && last * 10 >= size * 9,
+            "{}: {last} of {size}",
+            path.display()
+        );
+    }
+}

@@ -118,8 +118,8 @@ pub struct Source {
     /// The input's size in bytes, when known (progress).
     pub size: Option<u64>,
     pub(super) reader: Box<dyn Read + Send>,
-    /// For a table: how far into the file the rows handed on so far reach, in the file's bytes (the JSON
-    /// text's own byte count would not be the file's).
+    /// For a table, a JSON array or a compressed file: how far into the file the rows handed on so far
+    /// reach, in the file's bytes (the JSON lines' own byte count would not be the file's).
     pub(super) consumed: Option<Arc<AtomicU64>>,
 }
 
@@ -155,9 +155,10 @@ impl Source {
         }
     }
 
-    /// Open `path` (`-`: standard input) for rows of `format`. A Parquet or Arrow table is read for the
-    /// columns `format` uses; one that lacks them is an error naming the columns it has. An Arrow IPC
-    /// stream can come through a pipe; Parquet and the Arrow IPC file format need a regular file.
+    /// Open `path` (`-`: standard input) for rows of `format`, its format and compression told by its
+    /// first bytes. A Parquet or Arrow table is read for the columns `format` uses; one that lacks them
+    /// is an error naming the columns it has. Parquet and the Arrow IPC file format need a regular,
+    /// uncompressed file; the other formats can also come through a pipe.
     pub fn open(path: &Path, format: &RowFormat) -> Result<Source> {
         if path.as_os_str() == "-" {
             let mut stdin = std::io::stdin();
@@ -170,14 +171,14 @@ impl Source {
         let meta = file.metadata().map_err(|e| Error::io(path, e))?;
         let head = read_head(&mut file).map_err(|e| Error::io(path, e))?;
         let kind = InputFormat::sniff(&head);
+        let size = meta.is_file().then_some(meta.len());
         if !meta.is_file() || Compression::sniff(&head).is_some() {
             // A pipe or device cannot seek back: the bytes already read go back in front.
             let reader = Box::new(Cursor::new(head.clone()).chain(file));
-            return Source::from_stream(name, None, &head, reader, format);
+            return Source::from_stream(name, size, &head, reader, format);
         }
         file.seek(SeekFrom::Start(0))
             .map_err(|e| Error::io(path, e))?;
-        let size = Some(meta.len());
         let bad = |what: &str, e: &dyn std::fmt::Display| Error::Input {
             path: name.clone(),
             reason: format!("not a readable {what}: {e}"),
