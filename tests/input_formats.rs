@@ -566,3 +566,87 @@ fn progress_is_counted_in_the_files_own_bytes() {
         );
     }
 }
+
+#[test]
+fn a_sharegpt_json_array_gives_the_same_batches_as_its_messages() {
+    let dir = tempfile::tempdir().unwrap();
+    let template = repo("examples/qwen-chat.template");
+    // examples/chat.jsonl's conversations, once as `messages` JSONL, once as ShareGPT writes them.
+    let conversations: Vec<serde_json::Value> =
+        std::fs::read_to_string(repo("examples/chat.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|row| row.get("messages").is_some())
+            .collect();
+    assert!(conversations.len() >= 2);
+    let messages = dir.path().join("messages.jsonl");
+    let lines: String = conversations.iter().map(|c| format!("{c}\n")).collect();
+    std::fs::write(&messages, lines).unwrap();
+    let rename = |role: &str| match role {
+        "user" => "human".to_string(),
+        "assistant" => "gpt".to_string(),
+        other => other.to_string(),
+    };
+    let sharegpt: Vec<serde_json::Value> = conversations
+        .iter()
+        .map(|c| {
+            let turns: Vec<serde_json::Value> = c["messages"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|m| serde_json::json!({"from": rename(m["role"].as_str().unwrap()), "value": m["content"]}))
+                .collect();
+            serde_json::json!({ "conversations": turns })
+        })
+        .collect();
+    let sharegpt_path = dir.path().join("sharegpt.json");
+    std::fs::write(
+        &sharegpt_path,
+        serde_json::to_vec_pretty(&sharegpt).unwrap(),
+    )
+    .unwrap();
+
+    let args = ["--message-template", template.to_str().unwrap()];
+    let want = dir.path().join("want");
+    ok(&mut collate(&messages, &want, &args));
+    let got = dir.path().join("got");
+    let mut cmd = collate(&sharegpt_path, &got, &args);
+    cmd.args([
+        "--messages-key",
+        "conversations",
+        "--role-key",
+        "from",
+        "--content-key",
+        "value",
+        "--role-names",
+        "human=user,gpt=assistant",
+    ]);
+    ok(&mut cmd);
+    assert_same_batches(&want, &got, "ShareGPT");
+    let manifest = Manifest::read(&got).unwrap();
+    assert_eq!(manifest.options.format.role_key, "from");
+    assert_eq!(
+        manifest.options.format.role_names,
+        [
+            ("human".into(), "user".into()),
+            ("gpt".into(), "assistant".into())
+        ]
+    );
+    // Without the renames no message is an assistant's, so nothing is trained (the rows are counted as
+    // such, not refused): the roles are what the data spells.
+    let plain = dir.path().join("plain");
+    let mut cmd = collate(&sharegpt_path, &plain, &args);
+    cmd.args([
+        "--messages-key",
+        "conversations",
+        "--role-key",
+        "from",
+        "--content-key",
+        "value",
+    ]);
+    ok(&mut cmd);
+    let manifest = Manifest::read(&plain).unwrap();
+    assert_eq!(manifest.response_tokens, 0);
+    assert_eq!(manifest.empty_response_rows, manifest.rows);
+}

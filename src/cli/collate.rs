@@ -23,7 +23,8 @@ pub struct CollateArgs {
     /// from the text with the same options, without tokenizing again.
     #[arg(long, value_name = "STORE", conflicts_with_all = [
         "input", "tokenizer", "tokenizer_engine", "prompt_key", "output_key", "template",
-        "messages_key", "message_template", "train_roles", "skip_bad_lines",
+        "messages_key", "message_template", "train_roles", "role_key", "content_key", "role_names",
+        "skip_bad_lines",
     ])]
     from: Option<PathBuf>,
     /// Output directory for batch-NNNNN.safetensors and manifest.json.

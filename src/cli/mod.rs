@@ -110,6 +110,16 @@ struct RowArgs {
     /// Roles whose messages are trained (comma-separated).
     #[arg(long, default_value = "assistant", value_delimiter = ',')]
     train_roles: Vec<String>,
+    /// The key of a message's role (ShareGPT: from).
+    #[arg(long, default_value = "role")]
+    role_key: String,
+    /// The key of a message's text (ShareGPT: value).
+    #[arg(long, default_value = "content")]
+    content_key: String,
+    /// Roles renamed before the template and --train-roles see them, comma-separated FROM=TO (ShareGPT:
+    /// human=user,gpt=assistant).
+    #[arg(long, value_name = "FROM=TO", value_delimiter = ',')]
+    role_names: Vec<String>,
 }
 
 /// The text of the file a flag names; an error names the flag.
@@ -140,6 +150,13 @@ impl RowArgs {
         let mut messages =
             MessageFormat::new(message_template.as_deref(), self.train_roles.clone())?;
         messages.key = self.messages_key.clone();
+        messages.role_key = self.role_key.clone();
+        messages.content_key = self.content_key.clone();
+        messages.role_names = self
+            .role_names
+            .iter()
+            .map(|spec| MessageFormat::parse_role_name(spec))
+            .collect::<sft_collate::Result<_>>()?;
         Ok(RowFormat {
             prompt_key: self.prompt_key.clone(),
             output_key: self.output_key.clone(),

@@ -54,6 +54,22 @@ pub struct FormatInfo {
     pub messages_key: Option<String>,
     pub message_template: Option<String>,
     pub train_roles: Vec<String>,
+    /// A message's keys and the roles renamed ([`MessageFormat`]); defaults in manifests written before
+    /// they existed.
+    #[serde(default = "role_key")]
+    pub role_key: String,
+    #[serde(default = "content_key")]
+    pub content_key: String,
+    #[serde(default)]
+    pub role_names: Vec<(String, String)>,
+}
+
+fn role_key() -> String {
+    "role".into()
+}
+
+fn content_key() -> String {
+    "content".into()
 }
 
 impl RowFormat {
@@ -69,6 +85,19 @@ impl RowFormat {
                 .messages
                 .as_ref()
                 .map(|m| m.trained_roles.clone())
+                .unwrap_or_default(),
+            role_key: self
+                .messages
+                .as_ref()
+                .map_or_else(role_key, |m| m.role_key.clone()),
+            content_key: self
+                .messages
+                .as_ref()
+                .map_or_else(content_key, |m| m.content_key.clone()),
+            role_names: self
+                .messages
+                .as_ref()
+                .map(|m| m.role_names.clone())
                 .unwrap_or_default(),
         }
     }

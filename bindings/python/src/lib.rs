@@ -245,16 +245,44 @@ fn tokenize_rows(
     Ok(Ragged { inner })
 }
 
-/// Conversations (each a JSON list of `{"role", "content"}`) as segments, rendered by a message template
-/// (`{role}`, `{content}`; what precedes `{content}` is never trained) with `train_roles` trained.
+/// The message format of the Python arguments (written once for every call that reads conversations).
+fn message_format(
+    template: Option<&str>,
+    train_roles: Vec<String>,
+    key: &str,
+    role_key: &str,
+    content_key: &str,
+    role_names: Vec<(String, String)>,
+) -> PyResult<MessageFormat> {
+    let mut format = MessageFormat::new(template, train_roles).map_err(py_err)?;
+    format.key = key.to_string();
+    format.role_key = role_key.to_string();
+    format.content_key = content_key.to_string();
+    format.role_names = role_names;
+    Ok(format)
+}
+
+/// Conversations (each a JSON list of messages, by default `{"role", "content"}`) as segments, rendered
+/// by a message template (`{role}`, `{content}`; what precedes `{content}` is never trained) with
+/// `train_roles` trained.
 #[pyfunction]
-#[pyo3(signature = (conversations, template = None, train_roles = vec!["assistant".to_string()]))]
+#[pyo3(signature = (conversations, template = None, train_roles = vec!["assistant".to_string()], role_key = "role", content_key = "content", role_names = Vec::new()))]
 fn conversation_segments(
     conversations: Vec<String>,
     template: Option<&str>,
     train_roles: Vec<String>,
+    role_key: &str,
+    content_key: &str,
+    role_names: Vec<(String, String)>,
 ) -> PyResult<Vec<Vec<(String, bool)>>> {
-    let format = MessageFormat::new(template, train_roles).map_err(py_err)?;
+    let format = message_format(
+        template,
+        train_roles,
+        "messages",
+        role_key,
+        content_key,
+        role_names,
+    )?;
     conversations
         .iter()
         .enumerate()
@@ -1498,7 +1526,7 @@ impl Loader {
 /// Tokenize a JSONL, JSON, Parquet or Arrow file (or one shard of it) into a token store; returns the shard manifest as JSON.
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
-#[pyo3(signature = (tokenizer, input, output, shard_index = 0, shard_count = 1, prompt_key = "prompt", output_key = "output", template = None, messages_key = "messages", message_template = None, train_roles = vec!["assistant".to_string()], skip_bad_lines = false, overwrite = false))]
+#[pyo3(signature = (tokenizer, input, output, shard_index = 0, shard_count = 1, prompt_key = "prompt", output_key = "output", template = None, messages_key = "messages", message_template = None, train_roles = vec!["assistant".to_string()], role_key = "role", content_key = "content", role_names = Vec::new(), skip_bad_lines = false, overwrite = false))]
 fn write_store(
     py: Python<'_>,
     tokenizer: &Tokenizer,
@@ -1512,11 +1540,20 @@ fn write_store(
     messages_key: &str,
     message_template: Option<&str>,
     train_roles: Vec<String>,
+    role_key: &str,
+    content_key: &str,
+    role_names: Vec<(String, String)>,
     skip_bad_lines: bool,
     overwrite: bool,
 ) -> PyResult<String> {
-    let mut messages = MessageFormat::new(message_template, train_roles).map_err(py_err)?;
-    messages.key = messages_key.to_string();
+    let messages = message_format(
+        message_template,
+        train_roles,
+        messages_key,
+        role_key,
+        content_key,
+        role_names,
+    )?;
     let rows = sft_collate::input::RowFormat {
         prompt_key: prompt_key.to_string(),
         output_key: output_key.to_string(),

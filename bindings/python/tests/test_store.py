@@ -185,6 +185,14 @@ def test_hugging_face_datasets_files_are_read_as_they_are(shared, qwen2_path, tm
     options = dict(message_template="<|im_start|>{role}\n{content}<|im_end|>\n")
     want = _store_rows_of(tmp_path / "chat.jsonl", qwen2_path, tmp_path / "chat-jsonl", options)
     assert _store_rows_of(tmp_path / "chat.parquet", qwen2_path, tmp_path / "chat-parquet", options) == want
+    # ShareGPT's spelling, as one JSON array: the same rows.
+    names = {"user": "human", "assistant": "gpt"}
+    sharegpt = [{"conversations": [{"from": names.get(m["role"], m["role"]), "value": m["content"]}
+                                   for m in r["messages"]]} for r in chat]
+    (tmp_path / "sharegpt.json").write_text(json.dumps(sharegpt, indent=2))
+    options.update(messages_key="conversations", role_key="from", content_key="value",
+                   role_names={"human": "user", "gpt": "assistant"})
+    assert _store_rows_of(tmp_path / "sharegpt.json", qwen2_path, tmp_path / "sharegpt", options) == want
 
     # A table without the columns asked for names the ones it has.
     with pytest.raises(ValueError, match=r'no column "prompt" \(the prompt key\).*its columns are "question", "answer"'):

@@ -210,6 +210,19 @@ def test_conversations_pack_and_buckets():
     assert got["input_ids"].shape[0] == 2
     assert bool(got["response_mask"].any())
     assert torch.all(got["labels"][~got["response_mask"]] == -100)
+    # The same conversations as ShareGPT spells them: the same tensors.
+    names = {"user": "human", "assistant": "gpt"}
+    sharegpt = [[{"from": names.get(m["role"], m["role"]), "value": m["content"]} for m in c] for c in conversations]
+    same = sft_collate.tokenize_conversations(
+        sharegpt, "o200k_base", message_template="<|{role}|>{content}\n", labels="ignore_index",
+        role_key="from", content_key="value", role_names={"human": "user", "gpt": "assistant"},
+    )
+    for key in got:
+        assert torch.equal(got[key], same[key]), key
+    with pytest.raises(ValueError, match=r'missing key "from"'):
+        sft_collate.tokenize_conversations(conversations, "o200k_base", role_key="from")
+    with pytest.raises(TypeError, match="role_names must be a dict"):
+        sft_collate.tokenize_conversations(sharegpt, "o200k_base", role_names=[("human", "user")])
     packs = sft_collate.pack(["a b c", "d", "e f g h"], ["x", "y z", "w"], "o200k_base", 8)
     rows = sorted(r for p in packs for r in p["rows"])
     assert rows == [0, 1, 2]

@@ -249,6 +249,17 @@ def tokenize_prompt_and_output(
     )
 
 
+def _role_names(role_names: Optional[Dict[str, str]]) -> List[Tuple[str, str]]:
+    """``{"human": "user", ...}`` as the native calls take it, checked."""
+    if role_names is None:
+        return []
+    if not isinstance(role_names, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in role_names.items()
+    ):
+        raise TypeError(f"role_names must be a dict of str to str, e.g. {{'human': 'user'}}, not {role_names!r}")
+    return list(role_names.items())
+
+
 def _conversation_ragged(
     conversations: Sequence[Sequence[Dict[str, str]]],
     native: _native.Tokenizer,
@@ -256,11 +267,17 @@ def _conversation_ragged(
     train_roles: Sequence[str],
     max_len: Optional[int],
     truncation: str,
+    role_key: str,
+    content_key: str,
+    role_names: Optional[Dict[str, str]],
 ) -> _native.Ragged:
     rows = _native.conversation_segments(
         [json.dumps(c) for c in _conversations(conversations)],
         message_template,
         _texts("train_roles", train_roles),
+        role_key,
+        content_key,
+        _role_names(role_names),
     )
     return _native.tokenize_rows(native, rows, _int("max_len", max_len, 0), truncation)
 
@@ -271,6 +288,9 @@ def tokenize_conversations(
     *,
     message_template: Optional[str] = None,
     train_roles: Sequence[str] = ("assistant",),
+    role_key: str = "role",
+    content_key: str = "content",
+    role_names: Optional[Dict[str, str]] = None,
     device: Any = None,
     max_len: Optional[int] = None,
     truncation: str = "error",
@@ -285,9 +305,13 @@ def tokenize_conversations(
     """Conversations (lists of ``{"role", "content"}``) rendered message by message by
     ``message_template`` (``{role}``, ``{content}``; what precedes ``{content}`` is never trained), each
     piece tokenized separately; the messages of ``train_roles`` are trained. The same tensors as
-    :func:`tokenize_prompt_and_output`."""
+    :func:`tokenize_prompt_and_output`. Messages spelled otherwise are read by naming their keys and
+    renaming their roles: ShareGPT's ``{"from": "human", "value": ...}`` is ``role_key="from",
+    content_key="value", role_names={"human": "user", "gpt": "assistant"}``."""
     native, configured = load_tokenizer(tokenizer, engine)
-    ragged = _conversation_ragged(conversations, native, message_template, train_roles, max_len, truncation)
+    ragged = _conversation_ragged(
+        conversations, native, message_template, train_roles, max_len, truncation, role_key, content_key, role_names
+    )
     return _collate(
         ragged,
         _pad_id(native, configured, pad_id),
@@ -487,6 +511,9 @@ def tokenize_to_store(
     messages_key: str = "messages",
     message_template: Optional[str] = None,
     train_roles: Sequence[str] = ("assistant",),
+    role_key: str = "role",
+    content_key: str = "content",
+    role_names: Optional[Dict[str, str]] = None,
     skip_bad_lines: bool = False,
     overwrite: bool = False,
     engine: str = "auto",
@@ -497,7 +524,9 @@ def tokenize_to_store(
     rows, array elements) ``l`` (from 0) with ``l % n == i``, so ``n`` processes write the whole
     store. The store's shards are Arrow IPC files (``pyarrow.ipc.open_file``, Polars
     ``read_ipc``) with columns ``input_ids``, ``prompt_len``, ``trainable`` and ``source_row``;
-    ``template`` is the prompt template's text. Returns the shard's manifest."""
+    ``template`` is the prompt template's text; conversations are read as by
+    :func:`tokenize_conversations` (``role_key``, ``content_key``, ``role_names``). Returns the shard's
+    manifest."""
     native, _ = load_tokenizer(tokenizer, engine)
     index, count = shard
     text = _native.write_store(
@@ -512,6 +541,9 @@ def tokenize_to_store(
         messages_key,
         message_template,
         list(train_roles),
+        role_key,
+        content_key,
+        _role_names(role_names),
         bool(skip_bad_lines),
         bool(overwrite),
     )
