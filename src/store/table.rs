@@ -245,11 +245,12 @@ pub(super) fn read_file(path: &Path) -> Result<Vec<Columns>> {
     }
     let footer = arrow_ipc::root_as_footer(&buffer[trailer - footer_len..trailer])
         .map_err(|e| bad(format!("footer: {e}")))?;
-    let file_schema = arrow_ipc::convert::fb_to_schema(
-        footer
-            .schema()
-            .ok_or_else(|| bad("no schema in the footer".into()))?,
-    );
+    let fb_schema = footer
+        .schema()
+        .ok_or_else(|| bad("no schema in the footer".into()))?;
+    // A damaged type id in the schema is `unimplemented!()` in Arrow's converter: this file's error too.
+    let file_schema = std::panic::catch_unwind(|| arrow_ipc::convert::fb_to_schema(fb_schema))
+        .map_err(|_| bad("a schema that does not decode (the file is damaged)".into()))?;
     let expected = schema();
     if file_schema.fields() != expected.fields() {
         return Err(bad(format!(
