@@ -434,9 +434,19 @@ fn damaged_tables_and_pipes_are_refused() {
     let ipc = dir.path().join("t.arrow");
     write_ipc_file(&table, &ipc, None);
     let bytes = std::fs::read(&ipc).unwrap();
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    let err = fails(&mut collate(&cut, &out, &[]));
+    assert!(
+        err.contains("cut.parquet: not a readable Arrow IPC file"),
+        "{err}"
+    );
+    // Cut in its index only.
     std::fs::write(&cut, &bytes[..bytes.len() - 20]).unwrap();
     let err = fails(&mut collate(&cut, &out, &[]));
-    assert!(err.contains("not a readable Arrow IPC file"), "{err}");
+    assert!(
+        err.contains("cut.parquet: not a readable Arrow IPC file"),
+        "{err}"
+    );
 
     // A stream cut inside a batch: the rows handed on before it are not a dataset.
     let stream = ipc_stream(&table);
@@ -649,4 +659,46 @@ fn a_sharegpt_json_array_gives_the_same_batches_as_its_messages() {
     let manifest = Manifest::read(&plain).unwrap();
     assert_eq!(manifest.response_tokens, 0);
     assert_eq!(manifest.empty_response_rows, manifest.rows);
+}
+
+#[test]
+fn damaged_tables_are_errors_never_panics() {
+    use sft_collate::input::{read_rows, RowFormat, Source};
+    let dir = tempfile::tempdir().unwrap();
+    let table = table_of(&repo("examples/chat.jsonl"));
+    let parquet = dir.path().join("t.parquet");
+    write_parquet(&table, &parquet, Compression::SNAPPY);
+    let ipc = dir.path().join("t.arrow");
+    write_ipc_file(&table, &ipc, None);
+    let zstd_parquet = dir.path().join("z.parquet");
+    write_parquet(
+        &table,
+        &zstd_parquet,
+        Compression::ZSTD(ZstdLevel::default()),
+    );
+    // Not an LZ4- or zstd-compressed IPC file: Arrow's decoder allocates a compressed buffer's declared
+    // uncompressed length unchecked, so damage there can abort on allocation (README, "Input formats").
+    let files = [
+        std::fs::read(&parquet).unwrap(),
+        std::fs::read(&zstd_parquet).unwrap(),
+        std::fs::read(&ipc).unwrap(),
+        ipc_stream(&table),
+        gzip(&std::fs::read(repo("examples/chat.jsonl")).unwrap()),
+    ];
+    let damaged = dir.path().join("damaged");
+    let mut errors = 0;
+    for original in &files {
+        // Every byte flipped in turn (past the magic, which would only make it another format).
+        for at in 6..original.len() {
+            let mut bytes = original.clone();
+            bytes[at] ^= 0x5a;
+            std::fs::write(&damaged, &bytes).unwrap();
+            let format = RowFormat::default();
+            let result = Source::open(&damaged, &format)
+                .and_then(|source| read_rows(source, &format, true, 64, |_| true));
+            errors += result.is_err() as usize;
+        }
+    }
+    // Most damage is found; what is not changed only some text (a row's bytes), and read as rows.
+    assert!(errors > 0);
 }

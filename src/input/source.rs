@@ -188,10 +188,24 @@ impl Source {
             InputFormat::Jsonl | InputFormat::ArrowStream | InputFormat::JsonArray => {
                 return Source::from_stream(name, size, &head, Box::new(file), format)
             }
+            InputFormat::ArrowFile => {
+                check_ipc_index(&mut file, meta.len()).map_err(|e| bad("Arrow IPC file", &e))?;
+                let counted = Counted::new(file, consumed.clone());
+                let batches = unpanicked(|| arrow_ipc::reader::FileReader::try_new(counted, None))
+                    .and_then(|r| r.map_err(|e| e.to_string()))
+                    .map_err(|e| bad("Arrow IPC file", &e))?;
+                let columns =
+                    columns_used(&batches.schema(), format).map_err(|reason| Error::Input {
+                        path: name.clone(),
+                        reason,
+                    })?;
+                Box::new(JsonRows::new(projected(batches, columns)))
+            }
             InputFormat::Parquet => {
                 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
                 use parquet::arrow::ProjectionMask;
-                let builder = ParquetRecordBatchReaderBuilder::try_new(file)
+                let builder = unpanicked(|| ParquetRecordBatchReaderBuilder::try_new(file))
+                    .and_then(|r| r.map_err(|e| e.to_string()))
                     .map_err(|e| bad("Parquet file", &e))?;
                 let columns =
                     columns_used(builder.schema(), format).map_err(|reason| Error::Input {
@@ -200,11 +214,14 @@ impl Source {
                     })?;
                 let rows = builder.metadata().file_metadata().num_rows().max(1) as f64;
                 let mask = ProjectionMask::roots(builder.parquet_schema(), columns);
-                let batches = builder
-                    .with_projection(mask)
-                    .with_batch_size(BATCH_ROWS)
-                    .build()
-                    .map_err(|e| bad("Parquet file", &e))?;
+                let batches = unpanicked(|| {
+                    builder
+                        .with_projection(mask)
+                        .with_batch_size(BATCH_ROWS)
+                        .build()
+                })
+                .and_then(|r| r.map_err(|e| e.to_string()))
+                .map_err(|e| bad("Parquet file", &e))?;
                 // Progress pro rata by rows: the file is not read front to back.
                 let file_size = meta.len();
                 let counter = consumed.clone();
@@ -216,19 +233,6 @@ impl Source {
                     counter.store(at.min(file_size), Ordering::Relaxed);
                     Ok(batch)
                 })))
-            }
-            InputFormat::ArrowFile => {
-                let batches = arrow_ipc::reader::FileReader::try_new(
-                    Counted::new(file, consumed.clone()),
-                    None,
-                )
-                .map_err(|e| bad("Arrow IPC file", &e))?;
-                let columns =
-                    columns_used(&batches.schema(), format).map_err(|reason| Error::Input {
-                        path: name.clone(),
-                        reason,
-                    })?;
-                Box::new(JsonRows::new(projected(batches, columns)))
             }
         };
         Ok(Source {
@@ -271,12 +275,14 @@ impl Source {
             };
             let head = read_head(&mut decoded).map_err(|e| error(e.to_string()))?;
             let decoded = Box::new(Cursor::new(head.clone()).chain(decoded));
-            let inner = Source::from_stream(name.clone(), size, &head, decoded, format)?;
+            // The decompressed size is not known (the file's bounds no length inside it).
+            let inner = Source::from_stream(name.clone(), None, &head, decoded, format)?;
             if inner.compression.is_some() {
                 return Err(error("compressed twice".into()));
             }
             return Ok(Source {
                 compression: Some(compression),
+                size,
                 consumed: Some(consumed),
                 ..inner
             });
@@ -294,12 +300,13 @@ impl Source {
                 }
             ))),
             InputFormat::ArrowStream => {
-                let consumed = Arc::new(AtomicU64::new(0));
-                let batches = arrow_ipc::reader::StreamReader::try_new(
-                    Counted::new(reader, consumed.clone()),
-                    None,
-                )
-                .map_err(|e| error(format!("not a readable Arrow IPC stream: {e}")))?;
+                let skip = 0;
+                let consumed = Arc::new(AtomicU64::new(skip));
+                let checked = CheckedIpc::new(Counted::new(reader, consumed.clone()), size);
+                let batches =
+                    unpanicked(|| arrow_ipc::reader::StreamReader::try_new(checked, None))
+                        .and_then(|r| r.map_err(|e| e.to_string()))
+                        .map_err(|e| error(format!("not a readable Arrow IPC stream: {e}")))?;
                 let columns = columns_used(&batches.schema(), format).map_err(error)?;
                 Ok(Source {
                     name,
@@ -330,6 +337,50 @@ impl Source {
             }
         }
     }
+}
+
+/// An Arrow IPC file's index checked against the file before Arrow's reader trusts it: Arrow reads each
+/// block the index lists into a buffer of the block's declared length, so a damaged length would ask for
+/// hundreds of gigabytes and abort the process. Every block must lie between the magic and the index.
+fn check_ipc_index(file: &mut File, len: u64) -> std::result::Result<(), String> {
+    const TRAILER: u64 = 10; // The index's length (i32) and the closing magic.
+    if len < 8 + TRAILER {
+        return Err("too short".into());
+    }
+    let mut trailer = [0; TRAILER as usize];
+    file.seek(SeekFrom::Start(len - TRAILER))
+        .and_then(|_| file.read_exact(&mut trailer))
+        .map_err(|e| e.to_string())?;
+    let index_len = arrow_ipc::reader::read_footer_length(trailer)
+        .map_err(|e| format!("{e} (cut short?)"))? as u64;
+    let index_at = (len - TRAILER)
+        .checked_sub(index_len)
+        .filter(|&at| at >= 8)
+        .ok_or("an index longer than the file (damaged or cut short)")?;
+    let mut index = vec![0; index_len as usize];
+    file.seek(SeekFrom::Start(index_at))
+        .and_then(|_| file.read_exact(&mut index))
+        .map_err(|e| e.to_string())?;
+    let footer = arrow_ipc::root_as_footer(&index).map_err(|e| format!("its index: {e}"))?;
+    let blocks = footer.recordBatches().into_iter().flatten();
+    for block in blocks.chain(footer.dictionaries().into_iter().flatten()) {
+        let end = u64::try_from(block.offset())
+            .ok()
+            .zip(u64::try_from(block.metaDataLength()).ok())
+            .zip(u64::try_from(block.bodyLength()).ok())
+            .and_then(|((at, meta), body)| at.checked_add(meta)?.checked_add(body));
+        if end.is_none_or(|end| end > index_at) || block.offset() < 8 {
+            return Err(format!(
+                "its index lists a block at {} of {} + {} bytes, outside the file's {index_at} bytes \
+                 of data (damaged)",
+                block.offset(),
+                block.metaDataLength(),
+                block.bodyLength()
+            ));
+        }
+    }
+    file.seek(SeekFrom::Start(0)).map_err(|e| e.to_string())?;
+    Ok(())
 }
 
 /// Up to the first 64 bytes of `reader` (fewer when it ends first).
@@ -385,6 +436,20 @@ fn columns_used(schema: &Schema, format: &RowFormat) -> std::result::Result<Vec<
         .collect())
 }
 
+/// `f`'s value, or (when it panics) why: Arrow's and Parquet's decoders validate what they build, but
+/// some damaged bytes make them panic first (an `unimplemented!()` type id, a length past a buffer). A
+/// damaged input is the user's error to be told, not a crash.
+fn unpanicked<T>(f: impl FnOnce() -> T) -> std::result::Result<T, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|payload| {
+        let message = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        format!("the file is damaged (its decoder failed: {message})")
+    })
+}
+
 /// The batches with only `columns` (in the schema's order).
 fn projected(
     batches: impl Iterator<Item = std::result::Result<RecordBatch, ArrowError>>,
@@ -401,16 +466,7 @@ struct Counted<R> {
 
 impl<R> Counted<R> {
     fn new(inner: R, count: Arc<AtomicU64>) -> Self {
-        count.store(0, Ordering::Relaxed);
         Counted { inner, count }
-    }
-}
-
-impl<R: Read> Read for Counted<R> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.count.fetch_add(n as u64, Ordering::Relaxed);
-        Ok(n)
     }
 }
 
@@ -419,6 +475,14 @@ impl<R: Seek> Seek for Counted<R> {
         let at = self.inner.seek(pos)?;
         self.count.store(at, Ordering::Relaxed);
         Ok(at)
+    }
+}
+
+impl<R: Read> Read for Counted<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.count.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
     }
 }
 
@@ -446,26 +510,29 @@ impl<I> JsonRows<I> {
 impl<I: Iterator<Item = std::result::Result<RecordBatch, ArrowError>>> Read for JsonRows<I> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         while self.at == self.text.len() {
-            let Some(batch) = self.batches.next() else {
-                return Ok(0);
-            };
             let rows = self.rows;
-            let unreadable = |e: ArrowError| {
+            let unreadable = |e: String| {
                 std::io::Error::other(format!(
                     "the rows after row {rows} cannot be read (a damaged or truncated file?): {e}"
                 ))
             };
-            let batch = batch.map_err(unreadable)?;
+            let batches = &mut self.batches;
+            let Some(batch) = unpanicked(|| batches.next()).map_err(unreadable)? else {
+                return Ok(0);
+            };
+            let batch = batch.map_err(|e| unreadable(e.to_string()))?;
             self.rows += batch.num_rows() as u64;
             self.text.clear();
             self.at = 0;
-            let mut writer = arrow_json::WriterBuilder::new()
-                .with_explicit_nulls(true)
-                .build::<_, arrow_json::writer::LineDelimited>(&mut self.text);
-            writer
-                .write(&batch)
-                .and_then(|()| writer.finish())
-                .map_err(unreadable)?;
+            let text = &mut self.text;
+            unpanicked(|| {
+                let mut writer = arrow_json::WriterBuilder::new()
+                    .with_explicit_nulls(true)
+                    .build::<_, arrow_json::writer::LineDelimited>(text);
+                writer.write(&batch).and_then(|()| writer.finish())
+            })
+            .and_then(|r| r.map_err(|e| e.to_string()))
+            .map_err(unreadable)?;
         }
         let n = buf.len().min(self.text.len() - self.at);
         buf[..n].copy_from_slice(&self.text[self.at..self.at + n]);
@@ -577,6 +644,144 @@ impl<R: Read> Read for ElementLimit<R> {
                 MAX_LINE_BYTES >> 20
             )));
         }
+        Ok(n)
+    }
+}
+
+/// The IPC stream format's framing, checked as the bytes pass on to Arrow's reader: Arrow allocates a
+/// message's metadata and body by the lengths the stream declares, so one damaged length would ask for
+/// hundreds of gigabytes and abort the process. A length past what the file still holds (or, with no
+/// known size, past [`MAX_IPC_MESSAGE`]) fails the read that delivers it, before Arrow allocates.
+struct CheckedIpc<R> {
+    inner: R,
+    /// Bytes the input still holds, when known.
+    remaining: Option<u64>,
+    state: Frame,
+}
+
+/// The most a message of a stream of unknown size may declare (4 GiB).
+const MAX_IPC_MESSAGE: u64 = 4 << 30;
+
+enum Frame {
+    /// The length prefix, (`0xFFFFFFFF` and) a little-endian i32.
+    Prefix {
+        bytes: [u8; 8],
+        got: usize,
+    },
+    /// The flatbuffer metadata, whose body length is read from it.
+    Meta {
+        bytes: Vec<u8>,
+        need: usize,
+    },
+    Body {
+        left: u64,
+    },
+    /// The end-of-stream marker, or a frame Arrow's reader will refuse itself: nothing more to check.
+    Done,
+}
+
+impl<R> CheckedIpc<R> {
+    fn new(inner: R, remaining: Option<u64>) -> Self {
+        CheckedIpc {
+            inner,
+            remaining,
+            state: Frame::Prefix {
+                bytes: [0; 8],
+                got: 0,
+            },
+        }
+    }
+
+    /// Check a declared length against what may follow it.
+    fn check(&self, what: &str, len: u64) -> std::io::Result<()> {
+        let limit = self.remaining.unwrap_or(MAX_IPC_MESSAGE);
+        if len > limit {
+            return Err(std::io::Error::other(format!(
+                "a {what} of {len} bytes, past {} (the file is damaged or cut short)",
+                match self.remaining {
+                    Some(n) => format!("the {n} bytes left in the file"),
+                    None => format!("the {} GiB allowed in a stream", MAX_IPC_MESSAGE >> 30),
+                }
+            )));
+        }
+        Ok(())
+    }
+
+    /// Advance the framing over `data`, which just passed, counting it off `remaining` as it goes (so a
+    /// length is checked against the bytes after it).
+    fn advance(&mut self, mut data: &[u8]) -> std::io::Result<()> {
+        while !data.is_empty() {
+            match &mut self.state {
+                Frame::Done => return Ok(()),
+                Frame::Prefix { bytes, got } => {
+                    let want = if *got >= 4 && bytes[..4] == [0xff; 4] {
+                        8
+                    } else {
+                        4
+                    };
+                    let n = (want - *got).min(data.len());
+                    bytes[*got..*got + n].copy_from_slice(&data[..n]);
+                    *got += n;
+                    data = &data[n..];
+                    self.remaining = self.remaining.map(|r| r.saturating_sub(n as u64));
+                    if *got == 4 && bytes[..4] == [0xff; 4] {
+                        continue; // The length follows the continuation marker.
+                    }
+                    if *got < want {
+                        continue;
+                    }
+                    let len = i32::from_le_bytes(bytes[want - 4..want].try_into().expect("4"));
+                    self.state = match len {
+                        0 => Frame::Done, // End of stream.
+                        len if len < 0 => Frame::Done,
+                        len => {
+                            self.check("message header", len as u64)?;
+                            Frame::Meta {
+                                bytes: Vec::with_capacity((len as usize).min(1 << 16)),
+                                need: len as usize,
+                            }
+                        }
+                    };
+                }
+                Frame::Meta { bytes, need } => {
+                    let n = (*need - bytes.len()).min(data.len());
+                    bytes.extend_from_slice(&data[..n]);
+                    data = &data[n..];
+                    self.remaining = self.remaining.map(|r| r.saturating_sub(n as u64));
+                    if bytes.len() < *need {
+                        continue;
+                    }
+                    let body = arrow_ipc::root_as_message(bytes).map(|m| m.bodyLength());
+                    self.state = match body {
+                        Ok(len) if len >= 0 => {
+                            self.check("message body", len as u64)?;
+                            Frame::Body { left: len as u64 }
+                        }
+                        _ => Frame::Done,
+                    };
+                }
+                Frame::Body { left } => {
+                    let n = (*left).min(data.len() as u64);
+                    *left -= n;
+                    data = &data[n as usize..];
+                    self.remaining = self.remaining.map(|r| r.saturating_sub(n));
+                    if *left == 0 {
+                        self.state = Frame::Prefix {
+                            bytes: [0; 8],
+                            got: 0,
+                        };
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<R: Read> Read for CheckedIpc<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.advance(&buf[..n])?;
         Ok(n)
     }
 }
