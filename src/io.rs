@@ -59,3 +59,16 @@ pub trait Progress: Sync {
 /// A [`Progress`] that reports nothing.
 pub struct Quiet;
 impl Progress for Quiet {}
+
+/// This machine's memory in bytes (`MemTotal` of `/proc/meminfo`), when it can be read.
+pub fn memory_total() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kb: u64 = meminfo
+        .lines()
+        .find(|l| l.starts_with("MemTotal:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some(kb * 1024)
+}

@@ -107,7 +107,19 @@ fn write_ipc_file(batch: &RecordBatch, path: &Path, compression: Option<Compress
 }
 
 fn ipc_stream(batch: &RecordBatch) -> Vec<u8> {
-    let mut writer = StreamWriter::try_new(Vec::new(), &batch.schema()).unwrap();
+    write_ipc_stream(batch, IpcWriteOptions::default())
+}
+
+fn ipc_stream_compressed(batch: &RecordBatch, compression: CompressionType) -> Vec<u8> {
+    let options = IpcWriteOptions::default()
+        .try_with_compression(Some(compression))
+        .unwrap();
+    write_ipc_stream(batch, options)
+}
+
+fn write_ipc_stream(batch: &RecordBatch, options: IpcWriteOptions) -> Vec<u8> {
+    let mut writer =
+        StreamWriter::try_new_with_options(Vec::new(), &batch.schema(), options).unwrap();
     for part in slices(batch) {
         writer.write(&part).unwrap();
     }
@@ -676,13 +688,15 @@ fn damaged_tables_are_errors_never_panics() {
         &zstd_parquet,
         Compression::ZSTD(ZstdLevel::default()),
     );
-    // Not an LZ4- or zstd-compressed IPC file: Arrow's decoder allocates a compressed buffer's declared
-    // uncompressed length unchecked, so damage there can abort on allocation (README, "Input formats").
+    let lz4_ipc = dir.path().join("lz4.arrow");
+    write_ipc_file(&table, &lz4_ipc, Some(CompressionType::LZ4_FRAME));
     let files = [
         std::fs::read(&parquet).unwrap(),
         std::fs::read(&zstd_parquet).unwrap(),
         std::fs::read(&ipc).unwrap(),
+        std::fs::read(&lz4_ipc).unwrap(),
         ipc_stream(&table),
+        ipc_stream_compressed(&table, CompressionType::ZSTD),
         gzip(&std::fs::read(repo("examples/chat.jsonl")).unwrap()),
     ];
     let damaged = dir.path().join("damaged");

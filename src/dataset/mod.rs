@@ -117,16 +117,7 @@ impl DatasetConfig {
 
 /// Half the machine's memory, at most 16 GB (8 GB when it cannot be read).
 pub fn default_max_batch_bytes() -> u64 {
-    let total = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
-        let kb: u64 = m
-            .lines()
-            .find(|l| l.starts_with("MemTotal:"))?
-            .split_whitespace()
-            .nth(1)?
-            .parse()
-            .ok()?;
-        Some(kb * 1024)
-    });
+    let total = crate::io::memory_total();
     total.map_or(8 << 30, |t| (t / 2).min(16 << 30))
 }
 

@@ -379,8 +379,81 @@ fn check_ipc_index(file: &mut File, len: u64) -> std::result::Result<(), String>
             ));
         }
     }
+    for block in footer.recordBatches().into_iter().flatten() {
+        check_block_buffers(file, block).map_err(|e| e.to_string())?;
+    }
+    for block in footer.dictionaries().into_iter().flatten() {
+        check_block_buffers(file, block).map_err(|e| e.to_string())?;
+    }
     file.seek(SeekFrom::Start(0)).map_err(|e| e.to_string())?;
     Ok(())
+}
+
+/// The compressed buffers' declared uncompressed lengths of one block of an IPC file, checked. The block
+/// is read and parsed as Arrow's reader does next (the message from the whole block, the body after
+/// the declared metadata length), so that a damaged metadata length moves both alike.
+fn check_block_buffers(file: &mut File, block: &arrow_ipc::Block) -> std::io::Result<()> {
+    // In bounds of the file: checked by the caller.
+    let (meta_len, body_len) = (block.metaDataLength() as usize, block.bodyLength() as usize);
+    let mut bytes = vec![0; meta_len + body_len];
+    file.seek(SeekFrom::Start(block.offset() as u64))?;
+    file.read_exact(&mut bytes)?;
+    // The message's prefix: the continuation marker and the length, or the length alone.
+    let skip = if bytes.len() >= 8 && bytes[..4] == [0xff; 4] {
+        8
+    } else {
+        4
+    };
+    let Some(message) = bytes
+        .get(skip..)
+        .and_then(|m| arrow_ipc::root_as_message(m).ok())
+    else {
+        return Ok(()); // Arrow's reader refuses it itself.
+    };
+    let body = &bytes[meta_len.min(bytes.len())..];
+    for offset in compressed_buffers(&message) {
+        let Some(length) = body.get(offset as usize..offset as usize + 8) else {
+            continue; // Past the body: Arrow's reader refuses it itself.
+        };
+        check_uncompressed_length(length.try_into().expect("8 bytes"))?;
+    }
+    Ok(())
+}
+
+/// Where a record batch (or dictionary batch) message's compressed buffers begin in its body: each
+/// opens with its uncompressed length as an i64, which Arrow's decoder allocates unchecked.
+fn compressed_buffers(message: &arrow_ipc::Message) -> Vec<u64> {
+    let batch = message
+        .header_as_record_batch()
+        .or_else(|| message.header_as_dictionary_batch().and_then(|d| d.data()));
+    let Some(batch) = batch.filter(|b| b.compression().is_some()) else {
+        return Vec::new();
+    };
+    let mut offsets: Vec<u64> = batch
+        .buffers()
+        .into_iter()
+        .flatten()
+        .filter(|b| b.length() >= 8 && b.offset() >= 0)
+        .map(|b| b.offset() as u64)
+        .collect();
+    offsets.sort_unstable();
+    offsets.dedup();
+    offsets
+}
+
+/// A compressed buffer's declared uncompressed length (-1: stored uncompressed) must fit in this
+/// machine's memory: more is damage, and would abort the process when Arrow allocates it.
+fn check_uncompressed_length(bytes: [u8; 8]) -> std::io::Result<()> {
+    let length = i64::from_le_bytes(bytes);
+    let limit = crate::io::memory_total().unwrap_or(1 << 40);
+    if length == -1 || (0..=limit as i64).contains(&length) {
+        return Ok(());
+    }
+    Err(std::io::Error::other(format!(
+        "a compressed buffer declares {length} bytes uncompressed, more than this machine's {} GiB \
+         of memory (the file is damaged)",
+        limit >> 30
+    )))
 }
 
 /// Up to the first 64 bytes of `reader` (fewer when it ends first).
@@ -664,17 +737,16 @@ const MAX_IPC_MESSAGE: u64 = 4 << 30;
 
 enum Frame {
     /// The length prefix, (`0xFFFFFFFF` and) a little-endian i32.
-    Prefix {
-        bytes: [u8; 8],
-        got: usize,
-    },
+    Prefix { bytes: [u8; 8], got: usize },
     /// The flatbuffer metadata, whose body length is read from it.
-    Meta {
-        bytes: Vec<u8>,
-        need: usize,
-    },
+    Meta { bytes: Vec<u8>, need: usize },
     Body {
         left: u64,
+        /// Where in the body the compressed buffers' 8-byte uncompressed lengths lie (ascending), and
+        /// the bytes of the next one seen so far.
+        lengths: std::collections::VecDeque<u64>,
+        at: u64,
+        partial: Vec<u8>,
     },
     /// The end-of-stream marker, or a frame Arrow's reader will refuse itself: nothing more to check.
     Done,
@@ -751,17 +823,45 @@ impl<R> CheckedIpc<R> {
                     if bytes.len() < *need {
                         continue;
                     }
-                    let body = arrow_ipc::root_as_message(bytes).map(|m| m.bodyLength());
+                    let body = arrow_ipc::root_as_message(bytes)
+                        .map(|m| (m.bodyLength(), compressed_buffers(&m)));
                     self.state = match body {
-                        Ok(len) if len >= 0 => {
+                        Ok((len, lengths)) if len >= 0 => {
                             self.check("message body", len as u64)?;
-                            Frame::Body { left: len as u64 }
+                            Frame::Body {
+                                left: len as u64,
+                                lengths: lengths.into(),
+                                at: 0,
+                                partial: Vec::with_capacity(8),
+                            }
                         }
                         _ => Frame::Done,
                     };
                 }
-                Frame::Body { left } => {
+                Frame::Body {
+                    left,
+                    lengths,
+                    at,
+                    partial,
+                } => {
                     let n = (*left).min(data.len() as u64);
+                    // The compressed buffers' declared lengths that lie in these bytes.
+                    let end = *at + n;
+                    while let Some(&start) = lengths.front() {
+                        let from = start + partial.len() as u64;
+                        if from >= end {
+                            break;
+                        }
+                        let take = (start + 8).min(end) - from;
+                        let i = (from - *at) as usize;
+                        partial.extend_from_slice(&data[i..i + take as usize]);
+                        if partial.len() == 8 {
+                            check_uncompressed_length(partial[..].try_into().expect("8"))?;
+                            partial.clear();
+                            lengths.pop_front();
+                        }
+                    }
+                    *at = end;
                     *left -= n;
                     data = &data[n as usize..];
                     self.remaining = self.remaining.map(|r| r.saturating_sub(n));
