@@ -632,18 +632,18 @@ fn a_sharegpt_json_array_gives_the_same_batches_as_its_messages() {
     let args = ["--message-template", template.to_str().unwrap()];
     let want = dir.path().join("want");
     ok(&mut collate(&messages, &want, &args));
-    let got = dir.path().join("got");
-    let mut cmd = collate(&sharegpt_path, &got, &args);
-    cmd.args([
+    let sharegpt_keys = [
         "--messages-key",
         "conversations",
         "--role-key",
         "from",
         "--content-key",
         "value",
-        "--role-names",
-        "human=user,gpt=assistant",
-    ]);
+    ];
+    let got = dir.path().join("got");
+    let mut cmd = collate(&sharegpt_path, &got, &args);
+    cmd.args(sharegpt_keys)
+        .args(["--role-names", "human=user,gpt=assistant"]);
     ok(&mut cmd);
     assert_same_batches(&want, &got, "ShareGPT");
     let manifest = Manifest::read(&got).unwrap();
@@ -658,16 +658,7 @@ fn a_sharegpt_json_array_gives_the_same_batches_as_its_messages() {
     // Without the renames no message is an assistant's, so nothing is trained (the rows are counted as
     // such, not refused): the roles are what the data spells.
     let plain = dir.path().join("plain");
-    let mut cmd = collate(&sharegpt_path, &plain, &args);
-    cmd.args([
-        "--messages-key",
-        "conversations",
-        "--role-key",
-        "from",
-        "--content-key",
-        "value",
-    ]);
-    ok(&mut cmd);
+    ok(collate(&sharegpt_path, &plain, &args).args(sharegpt_keys));
     let manifest = Manifest::read(&plain).unwrap();
     assert_eq!(manifest.response_tokens, 0);
     assert_eq!(manifest.empty_response_rows, manifest.rows);
