@@ -707,3 +707,67 @@ fn damaged_tables_are_errors_never_panics() {
     // Most damage is found; what is not changed only some text (a row's bytes), and read as rows.
     assert!(errors > 0);
 }
+
+#[test]
+fn a_directory_of_shards_is_one_input() {
+    let Some(shared) = common::shared_dir("a_directory_of_shards_is_one_input") else {
+        return;
+    };
+    let fixtures = shared.join("fixtures");
+    let jsonl = fixtures.join("gsm8k/train.jsonl");
+    let args = [
+        "--template",
+        fixtures.join("gsm8k/r1_zero.prompt").to_str().unwrap(),
+        "--output-key",
+        "answer",
+    ]
+    .map(String::from);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let dir = tempfile::tempdir().unwrap();
+    let want = dir.path().join("want");
+    ok(&mut collate(&jsonl, &want, &args));
+
+    // Three shards in three formats, as a dataset directory holds them beside its metadata; the JSONL
+    // shard without a final line break.
+    let table = table_of(&jsonl);
+    let shards = dir.path().join("shards");
+    std::fs::create_dir(&shards).unwrap();
+    let (a, b) = (2000, 5000);
+    write_parquet(
+        &table.slice(0, a),
+        &shards.join("data-00000-of-00003.parquet"),
+        Compression::SNAPPY,
+    );
+    std::fs::write(
+        shards.join("data-00001-of-00003.arrow"),
+        ipc_stream(&table.slice(a, b - a)),
+    )
+    .unwrap();
+    let text = std::fs::read_to_string(&jsonl).unwrap();
+    let rest: Vec<&str> = text.lines().skip(b).collect();
+    std::fs::write(shards.join("data-00002-of-00003.jsonl"), rest.join("\n")).unwrap();
+    std::fs::write(shards.join("dataset_info.json"), "{\"citation\": \"\"}").unwrap();
+    std::fs::write(shards.join("state.json"), "{}").unwrap();
+    let got = dir.path().join("got");
+    ok(&mut collate(&shards, &got, &args));
+    assert_same_batches(&want, &got, "a directory of shards");
+
+    // A bad row is numbered across the files; a directory without data files is named.
+    let bad: String = (0..3)
+        .map(|i| format!("{{\"question\": \"q{i}\"}}\n"))
+        .collect();
+    std::fs::write(shards.join("data-00002-of-00003.jsonl"), bad).unwrap();
+    let err = fails(&mut collate(&shards, &dir.path().join("x"), &args));
+    assert!(
+        err.contains(&format!("shards:{}: missing key \"answer\"", b + 1)),
+        "{err}"
+    );
+    let empty = dir.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    std::fs::write(empty.join("dataset_info.json"), "{}").unwrap();
+    let err = fails(&mut collate(&empty, &dir.path().join("y"), &args));
+    assert!(
+        err.contains("empty: a directory with no data files"),
+        "{err}"
+    );
+}

@@ -15,8 +15,8 @@ use super::{choice, RowArgs, SpecArgs, TokenizerArgs};
 #[derive(Args, Debug)]
 pub struct CollateArgs {
     /// JSONL input (one object per line), a JSON array of objects, or a Parquet or Arrow (IPC) table;
-    /// JSONL and JSON also gzip- or zstd-compressed. Told by its first bytes ("-" reads standard
-    /// input)
+    /// JSONL and JSON also gzip- or zstd-compressed; or a directory of such files (`save_to_disk`).
+    /// Told by its first bytes ("-" reads standard input)
     #[arg(long, value_name = "FILE", required_unless_present = "from")]
     input: Option<PathBuf>,
     /// Read the rows from a token store (`sft-collate tokenize`) instead of text: the same batches as

@@ -14,8 +14,8 @@ use super::{RowArgs, TokenizerArgs};
 #[derive(Args, Debug)]
 pub struct TokenizeArgs {
     /// JSONL input (one object per line), a JSON array of objects, or a Parquet or Arrow (IPC) table;
-    /// JSONL and JSON also gzip- or zstd-compressed. Told by its first bytes ("-" reads standard
-    /// input)
+    /// JSONL and JSON also gzip- or zstd-compressed; or a directory of such files (`save_to_disk`).
+    /// Told by its first bytes ("-" reads standard input)
     #[arg(long, value_name = "FILE")]
     input: PathBuf,
     /// The store directory (made when missing); shards of other processes may write beside this one.

@@ -160,6 +160,9 @@ impl Source {
     /// is an error naming the columns it has. Parquet and the Arrow IPC file format need a regular,
     /// uncompressed file; the other formats can also come through a pipe.
     pub fn open(path: &Path, format: &RowFormat) -> Result<Source> {
+        if path.is_dir() {
+            return Source::open_dir(path, format);
+        }
         if path.as_os_str() == "-" {
             let mut stdin = std::io::stdin();
             let head = read_head(&mut stdin).map_err(|e| Error::io(path, e))?;
@@ -245,6 +248,67 @@ impl Source {
         })
     }
 
+    /// A directory of data files (what `datasets`' `save_to_disk` writes, a Hub dataset's `data/`
+    /// folder of Parquet shards): its files named as data (`.parquet`, `.arrow`, `.feather`, `.ipc`,
+    /// `.jsonl`, `.ndjson`, those two also `.gz`/`.zst`), in name order, as one input whose rows are
+    /// numbered on from file to file. Other files (`dataset_info.json`, `state.json`) are not rows.
+    fn open_dir(dir: &Path, format: &RowFormat) -> Result<Source> {
+        const DATA: [&str; 10] = [
+            ".parquet",
+            ".arrow",
+            ".feather",
+            ".ipc",
+            ".jsonl",
+            ".ndjson",
+            ".jsonl.gz",
+            ".jsonl.zst",
+            ".ndjson.gz",
+            ".ndjson.zst",
+        ];
+        let name = dir.display().to_string();
+        let mut files = Vec::new();
+        for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
+            let entry = entry.map_err(|e| Error::io(dir, e))?;
+            let file_name = entry.file_name().to_string_lossy().into_owned();
+            let data = DATA.iter().any(|ext| file_name.ends_with(ext));
+            if data && !file_name.starts_with('.') && entry.path().is_file() {
+                files.push(entry.path());
+            }
+        }
+        files.sort();
+        if files.is_empty() {
+            return Err(Error::Input {
+                path: name,
+                reason: format!("a directory with no data files (named {})", DATA.join(", ")),
+            });
+        }
+        // Each file is opened (and its columns checked) now, so that a bad one fails before any row is
+        // read, and again when its turn comes (a directory may hold more files than may be open).
+        let mut size = Some(0u64);
+        let mut first = None;
+        for file in &files {
+            let source = Source::open(file, format)?;
+            size = size.zip(source.size).map(|(a, b)| a + b);
+            first.get_or_insert((source.format, source.compression));
+        }
+        let (kind, compression) = first.expect("at least one file");
+        let consumed = Arc::new(AtomicU64::new(0));
+        Ok(Source {
+            name,
+            format: kind,
+            compression,
+            size,
+            reader: Box::new(Files {
+                files: files.into(),
+                format: format.clone(),
+                done: 0,
+                current: None,
+                consumed: consumed.clone(),
+            }),
+            consumed: Some(consumed),
+        })
+    }
+
     /// A source read front to back (a pipe, standard input, or a JSONL or Arrow IPC stream file), whose
     /// first bytes are `head`; `reader` reads from the start.
     fn from_stream(
@@ -300,8 +364,7 @@ impl Source {
                 }
             ))),
             InputFormat::ArrowStream => {
-                let skip = 0;
-                let consumed = Arc::new(AtomicU64::new(skip));
+                let consumed = Arc::new(AtomicU64::new(0));
                 let checked = CheckedIpc::new(Counted::new(reader, consumed.clone()), size);
                 let batches =
                     unpanicked(|| arrow_ipc::reader::StreamReader::try_new(checked, None))
@@ -529,6 +592,73 @@ fn projected(
     columns: Vec<usize>,
 ) -> impl Iterator<Item = std::result::Result<RecordBatch, ArrowError>> {
     batches.map(move |batch| batch?.project(&columns))
+}
+
+/// The sources of a directory's files read one after another, each one's rows ending in a line break
+/// (a JSONL file's last line may have none), with progress over all of them.
+struct Files {
+    files: std::collections::VecDeque<std::path::PathBuf>,
+    format: RowFormat,
+    /// Bytes of the files already read.
+    done: u64,
+    /// The file being read: its reader, its own progress, its size, and whether its last byte was a
+    /// line break.
+    current: Option<(Box<dyn Read + Send>, FileProgress, u64, bool)>,
+    consumed: Arc<AtomicU64>,
+}
+
+/// How far into one file of a directory the reading is.
+enum FileProgress {
+    /// A table's, JSON array's or compressed file's own count.
+    Counter(Arc<AtomicU64>),
+    /// A JSONL file's bytes read so far.
+    Bytes(u64),
+}
+
+impl Read for Files {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        loop {
+            let Some((reader, progress, size, ended_line)) = &mut self.current else {
+                let Some(path) = self.files.pop_front() else {
+                    return Ok(0);
+                };
+                let next = Source::open(&path, &self.format)
+                    .map_err(|e| std::io::Error::other(e.to_string()))?;
+                let progress = match next.consumed {
+                    Some(counter) => FileProgress::Counter(counter),
+                    None => FileProgress::Bytes(0),
+                };
+                self.current = Some((next.reader, progress, next.size.unwrap_or(0), true));
+                continue;
+            };
+            if buf.is_empty() {
+                return Ok(0);
+            }
+            let n = reader.read(buf)?;
+            if n == 0 {
+                let missing_break = !*ended_line;
+                self.done += *size;
+                self.current = None;
+                self.consumed.store(self.done, Ordering::Relaxed);
+                if missing_break {
+                    buf[0] = b'\n';
+                    return Ok(1);
+                }
+                continue;
+            }
+            *ended_line = buf[n - 1] == b'\n';
+            let within = match progress {
+                FileProgress::Counter(counter) => counter.load(Ordering::Relaxed),
+                FileProgress::Bytes(bytes) => {
+                    *bytes += n as u64;
+                    *bytes
+                }
+            };
+            self.consumed
+                .store(self.done + within.min(*size), Ordering::Relaxed);
+            return Ok(n);
+        }
+    }
 }
 
 /// A reader that counts the bytes read through it into a shared counter.

@@ -156,19 +156,20 @@ def _store_rows(store):
 
 
 def test_hugging_face_datasets_files_are_read_as_they_are(shared, qwen2_path, tmp_path, monkeypatch):
-    """A dataset as `datasets` writes it (`to_parquet`, the Arrow stream files of `save_to_disk`,
-    `to_json` as one array and gzip-compressed) tokenizes to the same store as its JSONL; so do
-    conversations in a table."""
+    """A dataset as `datasets` writes it (`to_parquet`, the directory of Arrow stream files of
+    `save_to_disk`, `to_json` as one array and gzip-compressed) tokenizes to the same store as its
+    JSONL; so do conversations in a table."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # everything here is local
     datasets = pytest.importorskip("datasets", reason="datasets is not installed (pip install datasets)")
     jsonl = shared / "fixtures/gsm8k/train.jsonl"
     template = (shared / "fixtures/gsm8k/r1_zero.prompt").read_text()
     ds = datasets.Dataset.from_json(str(jsonl), cache_dir=str(tmp_path / "cache"))
     ds.to_parquet(str(tmp_path / "train.parquet"))
-    ds.save_to_disk(str(tmp_path / "saved"))
+    ds.save_to_disk(str(tmp_path / "saved"), num_shards=3)  # a directory of Arrow stream files
     ds.to_json(str(tmp_path / "train.json"), lines=False, batch_size=len(ds))  # one JSON array
     ds.to_json(str(tmp_path / "train.jsonl.gz"), compression="gzip")
-    (saved,) = (tmp_path / "saved").glob("*.arrow")
+    saved = tmp_path / "saved"
+    assert len(list(saved.glob("*.arrow"))) == 3
     options = dict(template=template, output_key="answer")
     want = _store_rows_of(jsonl, qwen2_path, tmp_path / "from-jsonl", options)
     assert len(want) == 7473
