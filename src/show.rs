@@ -61,8 +61,9 @@ impl Part {
     }
 }
 
-/// The rows `first..first + count` of a JSONL (or Parquet, Arrow) file (counting rows, i.e. non-blank lines, from 0), as
-/// segments; fewer when the file ends first. A bad line is an error naming it.
+/// The rows `first..first + count` of an input (JSONL, or any [`Source`]; counting rows, i.e. non-blank
+/// lines, from 0), as segments; fewer when the input ends first. A bad line among them is an error
+/// naming it; the rows before `first` are not parsed.
 pub fn read_rows(
     path: &Path,
     format: &RowFormat,

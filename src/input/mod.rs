@@ -1,5 +1,6 @@
-//! The input stage: JSONL lines ([`jsonl`]), or a Parquet or Arrow table's rows ([`Source`]), become rows of segments ([`RowFormat`]): a (prompt, output)
-//! pair from keys or a [`Template`], or a conversation's messages ([`MessageFormat`]).
+//! The input stage: JSONL lines ([`jsonl`]), or the rows of a JSON array, a Parquet or Arrow table or a
+//! directory of them ([`Source`]), become rows of segments ([`RowFormat`]): a (prompt, output) pair from
+//! keys or a [`Template`], or a conversation's messages ([`MessageFormat`]).
 
 pub mod jsonl;
 mod messages;

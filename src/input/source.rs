@@ -143,6 +143,24 @@ impl Source {
         self.reader
     }
 
+    /// A source whose progress is `consumed`, the count of the file's bytes behind the rows handed on.
+    fn counted(
+        name: String,
+        format: InputFormat,
+        size: Option<u64>,
+        reader: Box<dyn Read + Send>,
+        consumed: Arc<AtomicU64>,
+    ) -> Source {
+        Source {
+            name,
+            format,
+            compression: None,
+            size,
+            reader,
+            consumed: Some(consumed),
+        }
+    }
+
     /// JSONL from any reader.
     pub fn jsonl(name: &str, size: Option<u64>, reader: Box<dyn Read + Send>) -> Source {
         Source {
@@ -182,9 +200,12 @@ impl Source {
         }
         file.seek(SeekFrom::Start(0))
             .map_err(|e| Error::io(path, e))?;
-        let bad = |what: &str, e: &dyn std::fmt::Display| Error::Input {
+        let input_error = |reason: String| Error::Input {
             path: name.clone(),
-            reason: format!("not a readable {what}: {e}"),
+            reason,
+        };
+        let bad = |what: &str, e: &dyn std::fmt::Display| {
+            input_error(format!("not a readable {what}: {e}"))
         };
         let consumed = Arc::new(AtomicU64::new(0));
         let reader: Box<dyn Read + Send> = match kind {
@@ -197,11 +218,7 @@ impl Source {
                 let batches = unpanicked(|| arrow_ipc::reader::FileReader::try_new(counted, None))
                     .and_then(|r| r.map_err(|e| e.to_string()))
                     .map_err(|e| bad("Arrow IPC file", &e))?;
-                let columns =
-                    columns_used(&batches.schema(), format).map_err(|reason| Error::Input {
-                        path: name.clone(),
-                        reason,
-                    })?;
+                let columns = columns_used(&batches.schema(), format).map_err(input_error)?;
                 Box::new(JsonRows::new(projected(batches, columns)))
             }
             InputFormat::Parquet => {
@@ -210,11 +227,7 @@ impl Source {
                 let builder = unpanicked(|| ParquetRecordBatchReaderBuilder::try_new(file))
                     .and_then(|r| r.map_err(|e| e.to_string()))
                     .map_err(|e| bad("Parquet file", &e))?;
-                let columns =
-                    columns_used(builder.schema(), format).map_err(|reason| Error::Input {
-                        path: name.clone(),
-                        reason,
-                    })?;
+                let columns = columns_used(builder.schema(), format).map_err(input_error)?;
                 let rows = builder.metadata().file_metadata().num_rows().max(1) as f64;
                 let mask = ProjectionMask::roots(builder.parquet_schema(), columns);
                 let batches = unpanicked(|| {
@@ -238,14 +251,7 @@ impl Source {
                 })))
             }
         };
-        Ok(Source {
-            name,
-            format: kind,
-            compression: None,
-            size,
-            reader,
-            consumed: Some(consumed),
-        })
+        Ok(Source::counted(name, kind, size, reader, consumed))
     }
 
     /// A directory of data files (what `datasets`' `save_to_disk` writes, a Hub dataset's `data/`
@@ -371,14 +377,8 @@ impl Source {
                         .and_then(|r| r.map_err(|e| e.to_string()))
                         .map_err(|e| error(format!("not a readable Arrow IPC stream: {e}")))?;
                 let columns = columns_used(&batches.schema(), format).map_err(error)?;
-                Ok(Source {
-                    name,
-                    format: kind,
-                    compression: None,
-                    size,
-                    reader: Box::new(JsonRows::new(projected(batches, columns))),
-                    consumed: Some(consumed),
-                })
+                let reader = Box::new(JsonRows::new(projected(batches, columns)));
+                Ok(Source::counted(name, kind, size, reader, consumed))
             }
             InputFormat::JsonArray => {
                 let consumed = Arc::new(AtomicU64::new(0));
@@ -389,14 +389,8 @@ impl Source {
                         .read_exact(&mut [0; BOM.len()])
                         .map_err(|e| error(e.to_string()))?;
                 }
-                Ok(Source {
-                    name,
-                    format: kind,
-                    compression: None,
-                    size,
-                    reader: Box::new(ArrayLines::spawn(reader)),
-                    consumed: Some(consumed),
-                })
+                let reader = Box::new(ArrayLines::spawn(reader));
+                Ok(Source::counted(name, kind, size, reader, consumed))
             }
         }
     }
@@ -427,6 +421,7 @@ fn check_ipc_index(file: &mut File, len: u64) -> std::result::Result<(), String>
     let footer = arrow_ipc::root_as_footer(&index).map_err(|e| format!("its index: {e}"))?;
     let blocks = footer.recordBatches().into_iter().flatten();
     for block in blocks.chain(footer.dictionaries().into_iter().flatten()) {
+        // In bounds first: the block is read next.
         let end = u64::try_from(block.offset())
             .ok()
             .zip(u64::try_from(block.metaDataLength()).ok())
@@ -441,46 +436,50 @@ fn check_ipc_index(file: &mut File, len: u64) -> std::result::Result<(), String>
                 block.bodyLength()
             ));
         }
-    }
-    for block in footer.recordBatches().into_iter().flatten() {
-        check_block_buffers(file, block).map_err(|e| e.to_string())?;
-    }
-    for block in footer.dictionaries().into_iter().flatten() {
         check_block_buffers(file, block).map_err(|e| e.to_string())?;
     }
     file.seek(SeekFrom::Start(0)).map_err(|e| e.to_string())?;
     Ok(())
 }
 
-/// The compressed buffers' declared uncompressed lengths of one block of an IPC file, checked. The block
-/// is read and parsed as Arrow's reader does next (the message from the whole block, the body after
-/// the declared metadata length), so that a damaged metadata length moves both alike.
+/// The compressed buffers' declared uncompressed lengths of one block of an IPC file (in bounds of the
+/// file: checked by the caller), checked. Arrow's reader parses the message from the whole block and
+/// takes the body after the declared metadata length: when the metadata alone parses, that is the same
+/// message, and only each compressed buffer's first 8 bytes are read; when it does not (a damaged
+/// metadata length), the whole block is read and parsed as Arrow will.
 fn check_block_buffers(file: &mut File, block: &arrow_ipc::Block) -> std::io::Result<()> {
-    // In bounds of the file: checked by the caller.
-    let (meta_len, body_len) = (block.metaDataLength() as usize, block.bodyLength() as usize);
-    let mut bytes = vec![0; meta_len + body_len];
-    file.seek(SeekFrom::Start(block.offset() as u64))?;
+    let (at, meta_len) = (block.offset() as u64, block.metaDataLength() as usize);
+    let mut bytes = vec![0; meta_len];
+    file.seek(SeekFrom::Start(at))?;
     file.read_exact(&mut bytes)?;
-    // The message's prefix: the continuation marker and the length, or the length alone.
-    let skip = if bytes.len() >= 8 && bytes[..4] == [0xff; 4] {
+    if message_of(&bytes).is_none() {
+        bytes.resize(meta_len + block.bodyLength() as usize, 0);
+        file.read_exact(&mut bytes[meta_len..])?;
+    }
+    let Some(message) = message_of(&bytes) else {
+        return Ok(()); // Arrow's reader refuses it itself.
+    };
+    for offset in compressed_buffers(&message) {
+        if offset + 8 > block.bodyLength() as u64 {
+            continue; // Past the body: Arrow's reader refuses it itself.
+        }
+        let mut length = [0; 8];
+        file.seek(SeekFrom::Start(at + meta_len as u64 + offset))?;
+        file.read_exact(&mut length)?;
+        check_uncompressed_length(length)?;
+    }
+    Ok(())
+}
+
+/// The message of an IPC block's bytes, after its prefix (the continuation marker and the length, or
+/// the length alone), as Arrow's reader parses it.
+fn message_of(bytes: &[u8]) -> Option<arrow_ipc::Message<'_>> {
+    let skip = if bytes.get(..4) == Some(&[0xff; 4]) {
         8
     } else {
         4
     };
-    let Some(message) = bytes
-        .get(skip..)
-        .and_then(|m| arrow_ipc::root_as_message(m).ok())
-    else {
-        return Ok(()); // Arrow's reader refuses it itself.
-    };
-    let body = &bytes[meta_len.min(bytes.len())..];
-    for offset in compressed_buffers(&message) {
-        let Some(length) = body.get(offset as usize..offset as usize + 8) else {
-            continue; // Past the body: Arrow's reader refuses it itself.
-        };
-        check_uncompressed_length(length.try_into().expect("8 bytes"))?;
-    }
-    Ok(())
+    arrow_ipc::root_as_message(bytes.get(skip..)?).ok()
 }
 
 /// Where a record batch (or dictionary batch) message's compressed buffers begin in its body: each
@@ -507,8 +506,9 @@ fn compressed_buffers(message: &arrow_ipc::Message) -> Vec<u64> {
 /// A compressed buffer's declared uncompressed length (-1: stored uncompressed) must fit in this
 /// machine's memory: more is damage, and would abort the process when Arrow allocates it.
 fn check_uncompressed_length(bytes: [u8; 8]) -> std::io::Result<()> {
+    static LIMIT: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    let limit = *LIMIT.get_or_init(|| crate::io::memory_total().unwrap_or(1 << 40));
     let length = i64::from_le_bytes(bytes);
-    let limit = crate::io::memory_total().unwrap_or(1 << 40);
     if length == -1 || (0..=limit as i64).contains(&length) {
         return Ok(());
     }
